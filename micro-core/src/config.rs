@@ -1,0 +1,244 @@
+//! Configuration with one precedence everywhere: command-line flag, then environment
+//! variable, then default. Binaries flatten [`RegistryArgs`] and [`ServerArgs`] into their
+//! clap parser and convert them into the plain [`RegistryConfig`] and [`ServerConfig`], so
+//! the library and its tests never read the environment.
+//!
+//! # Examples
+//! ```
+//! use clap::Parser;
+//! use micro_core::config::{RegistryArgs, RegistryKind};
+//!
+//! #[derive(Parser)]
+//! struct Cli {
+//!     #[command(flatten)]
+//!     registry: RegistryArgs,
+//! }
+//! let cli = Cli::parse_from(["demo", "--registry", "memory"]);
+//! assert_eq!(cli.registry.registry, RegistryKind::Memory);
+//! ```
+
+use std::{fmt, net::SocketAddr, sync::Arc, time::Duration};
+
+use clap::{Args, ValueEnum};
+
+use crate::{
+    Error, Result,
+    registry::{MemoryRegistry, Registry},
+};
+
+/// Default listening address: every interface, a port the system picks.
+pub const DEFAULT_SERVER_ADDRESS: &str = "0.0.0.0:0";
+/// Default registration TTL in seconds.
+pub const DEFAULT_REGISTER_TTL_SECS: u64 = 30;
+/// Default re-registration (heartbeat) interval in seconds.
+pub const DEFAULT_REGISTER_INTERVAL_SECS: u64 = 10;
+/// Default time a look-up waits for a first instance, in milliseconds.
+pub const DEFAULT_LOOKUP_TIMEOUT_MS: u64 = 3000;
+/// Default bound on draining in-flight calls at shutdown, in seconds.
+pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 10;
+
+/// Which registry backend to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RegistryKind {
+    /// Multicast DNS on the local network segment: no set-up.
+    Mdns,
+    /// A Consul agent over its HTTP API.
+    Consul,
+    /// This process only.
+    Memory,
+}
+
+impl fmt::Display for RegistryKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RegistryKind::Mdns => "mdns",
+            RegistryKind::Consul => "consul",
+            RegistryKind::Memory => "memory",
+        })
+    }
+}
+
+/// Registry flags shared by every binary.
+#[derive(Debug, Clone, Args)]
+pub struct RegistryArgs {
+    /// Registry backend.
+    #[arg(long, env = "MICRO_REGISTRY", value_enum, default_value_t = RegistryKind::Mdns)]
+    pub registry: RegistryKind,
+    /// Registry address (Consul: host:port of the agent's HTTP API); mdns and memory ignore it.
+    #[arg(long, env = "MICRO_REGISTRY_ADDRESS")]
+    pub registry_address: Option<String>,
+    /// How long a look-up waits for a first instance of a name, in milliseconds.
+    #[arg(long, env = "MICRO_LOOKUP_TIMEOUT", default_value_t = DEFAULT_LOOKUP_TIMEOUT_MS)]
+    pub lookup_timeout: u64,
+}
+
+/// Where to find the registry, as plain values.
+#[derive(Debug, Clone)]
+pub struct RegistryConfig {
+    /// The backend.
+    pub kind: RegistryKind,
+    /// The backend's address, when it has one.
+    pub address: Option<String>,
+    /// How long a look-up waits for a first instance.
+    pub lookup_timeout: Duration,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        RegistryConfig {
+            kind: RegistryKind::Mdns,
+            address: None,
+            lookup_timeout: Duration::from_millis(DEFAULT_LOOKUP_TIMEOUT_MS),
+        }
+    }
+}
+
+impl From<RegistryArgs> for RegistryConfig {
+    fn from(args: RegistryArgs) -> Self {
+        RegistryConfig {
+            kind: args.registry,
+            address: args.registry_address,
+            lookup_timeout: Duration::from_millis(args.lookup_timeout),
+        }
+    }
+}
+
+impl RegistryConfig {
+    /// Opens the configured registry. Inside a tokio runtime.
+    pub async fn connect(&self) -> Result<Arc<dyn Registry>> {
+        match self.kind {
+            RegistryKind::Memory => Ok(Arc::new(MemoryRegistry::global())),
+            #[cfg(feature = "mdns")]
+            RegistryKind::Mdns => Ok(Arc::new(crate::registry::MdnsRegistry::new(self.lookup_timeout)?)),
+            #[cfg(not(feature = "mdns"))]
+            RegistryKind::Mdns => {
+                Err(Error::invalid("registry mdns", "micro-core was built without its `mdns` feature"))
+            }
+            RegistryKind::Consul => Err(Error::invalid("registry consul", "not available in this build")),
+        }
+    }
+}
+
+/// Server flags shared by every service binary.
+#[derive(Debug, Clone, Args)]
+pub struct ServerArgs {
+    /// Address the gRPC server listens on.
+    #[arg(long, env = "MICRO_SERVER_ADDRESS", default_value = DEFAULT_SERVER_ADDRESS)]
+    pub server_address: SocketAddr,
+    /// Address announced to peers, `host:port` or `host` (the bound port is kept).
+    /// Unset: the bound address, or when bound to 0.0.0.0 the first address of an
+    /// interface that is not loopback, docker, veth or a bridge.
+    #[arg(long, env = "MICRO_SERVER_ADVERTISE")]
+    pub server_advertise: Option<String>,
+    /// Seconds a registration stays valid without a heartbeat.
+    #[arg(long, env = "MICRO_REGISTER_TTL", default_value_t = DEFAULT_REGISTER_TTL_SECS)]
+    pub register_ttl: u64,
+    /// Seconds between heartbeats (re-registrations); must be less than the TTL.
+    #[arg(long, env = "MICRO_REGISTER_INTERVAL", default_value_t = DEFAULT_REGISTER_INTERVAL_SECS)]
+    pub register_interval: u64,
+    /// Seconds in-flight calls get to finish at shutdown before the server closes anyway.
+    #[arg(long, env = "MICRO_SHUTDOWN_GRACE", default_value_t = DEFAULT_SHUTDOWN_GRACE_SECS)]
+    pub shutdown_grace: u64,
+}
+
+/// How a server binds, announces itself and stops, as plain values.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Address to listen on.
+    pub address: SocketAddr,
+    /// Address to announce instead of the bound one.
+    pub advertise: Option<String>,
+    /// Registration TTL.
+    pub register_ttl: Duration,
+    /// Heartbeat interval.
+    pub register_interval: Duration,
+    /// Drain bound at shutdown.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            address: DEFAULT_SERVER_ADDRESS.parse().expect("valid default address"),
+            advertise: None,
+            register_ttl: Duration::from_secs(DEFAULT_REGISTER_TTL_SECS),
+            register_interval: Duration::from_secs(DEFAULT_REGISTER_INTERVAL_SECS),
+            shutdown_grace: Duration::from_secs(DEFAULT_SHUTDOWN_GRACE_SECS),
+        }
+    }
+}
+
+impl TryFrom<ServerArgs> for ServerConfig {
+    type Error = Error;
+
+    fn try_from(args: ServerArgs) -> Result<Self> {
+        if args.register_interval == 0 || args.register_interval >= args.register_ttl {
+            return Err(Error::invalid(
+                format!("MICRO_REGISTER_INTERVAL={}", args.register_interval),
+                format!("must be at least 1 and less than MICRO_REGISTER_TTL={}", args.register_ttl),
+            ));
+        }
+        Ok(ServerConfig {
+            address: args.server_address,
+            advertise: args.server_advertise,
+            register_ttl: Duration::from_secs(args.register_ttl),
+            register_interval: Duration::from_secs(args.register_interval),
+            shutdown_grace: Duration::from_secs(args.shutdown_grace),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        registry: RegistryArgs,
+        #[command(flatten)]
+        server: ServerArgs,
+    }
+
+    // Each case sets the environment through clap's own lookup table, never `set_var`.
+    fn parse(args: &[&str], env: &[(&str, &str)]) -> Result<Cli, clap::Error> {
+        let mut command = <Cli as clap::CommandFactory>::command();
+        command = command.mut_args(|arg| {
+            let name = arg.get_env().map(|e| e.to_string_lossy().into_owned());
+            match name.and_then(|n| env.iter().find(|(k, _)| *k == n)) {
+                Some((_, value)) => arg.default_value(value.to_string()),
+                None => arg,
+            }
+        });
+        let matches = command.try_get_matches_from(std::iter::once("test").chain(args.iter().copied()))?;
+        <Cli as clap::FromArgMatches>::from_arg_matches(&matches)
+    }
+
+    #[test]
+    fn flag_beats_environment_beats_default() {
+        let cli = parse(&[], &[]).unwrap();
+        assert_eq!(cli.registry.registry, RegistryKind::Mdns);
+        assert_eq!(cli.server.register_ttl, DEFAULT_REGISTER_TTL_SECS);
+
+        let cli = parse(&[], &[("MICRO_REGISTRY", "memory"), ("MICRO_REGISTER_TTL", "60")]).unwrap();
+        assert_eq!(cli.registry.registry, RegistryKind::Memory);
+        assert_eq!(cli.server.register_ttl, 60);
+
+        let cli = parse(&["--registry", "consul"], &[("MICRO_REGISTRY", "memory")]).unwrap();
+        assert_eq!(cli.registry.registry, RegistryKind::Consul);
+    }
+
+    #[test]
+    fn unknown_registry_lists_the_valid_ones() {
+        let err = parse(&["--registry", "etcd"], &[]).err().expect("etcd is not a backend").to_string();
+        assert!(err.contains("mdns") && err.contains("consul") && err.contains("memory"), "{err}");
+    }
+
+    #[test]
+    fn heartbeat_must_come_before_the_ttl_runs_out() {
+        let cli = parse(&["--register-ttl", "10", "--register-interval", "10"], &[]).unwrap();
+        let err = ServerConfig::try_from(cli.server).unwrap_err().to_string();
+        assert!(err.contains("MICRO_REGISTER_INTERVAL"), "{err}");
+    }
+}

@@ -1,0 +1,129 @@
+//! The crate's one error type, and how each case maps onto a gRPC status.
+//!
+//! # Examples
+//! ```
+//! use micro_core::Error;
+//! let err = Error::NoInstance { service: "vessel-service".into(), registry: "mdns".into() };
+//! assert_eq!(tonic::Status::from(err).code(), tonic::Code::Unavailable);
+//! ```
+
+use std::{net::SocketAddr, time::Duration};
+
+/// A boxed error from a backend or transport.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// What can go wrong in registration, discovery and calls.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The registry holds no live instance of the service.
+    #[error(
+        "no instance of {service} in registry {registry}: is {service} running and registered on this network?"
+    )]
+    NoInstance {
+        /// The service name that was looked up.
+        service: String,
+        /// The registry that was asked (`mdns`, `consul`, `memory`).
+        registry: String,
+    },
+    /// The registry itself could not be reached or refused the request.
+    #[error("registry {registry} at {address}: {message}")]
+    Registry {
+        /// The registry kind.
+        registry: String,
+        /// Where the registry was expected.
+        address: String,
+        /// What happened and what to check.
+        message: String,
+        /// The underlying failure, if any.
+        #[source]
+        source: Option<BoxError>,
+    },
+    /// A name, version, metadata entry or setting is not acceptable.
+    #[error("invalid {what}: {reason}")]
+    InvalidArgument {
+        /// What was invalid, e.g. `service name "a b"`.
+        what: String,
+        /// Why, and what would be accepted.
+        reason: String,
+    },
+    /// The server could not bind its listening address.
+    #[error(
+        "could not bind {address}: {source}; is the port free and the address local? (set MICRO_SERVER_ADDRESS)"
+    )]
+    Bind {
+        /// The address that was asked for.
+        address: SocketAddr,
+        /// The operating system's reason.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An instance was picked but the call to it failed in transport.
+    #[error("{service} instance {node} at {address} (registry {registry}): {source}")]
+    Transport {
+        /// The service called.
+        service: String,
+        /// The instance id.
+        node: String,
+        /// The instance address.
+        address: SocketAddr,
+        /// The registry it came from.
+        registry: String,
+        /// The transport failure.
+        #[source]
+        source: BoxError,
+    },
+    /// The call or look-up did not finish in time.
+    #[error("{what} timed out after {after:?}")]
+    Timeout {
+        /// What timed out.
+        what: String,
+        /// The limit that was exceeded.
+        after: Duration,
+    },
+    /// The server stopped with an error while serving.
+    #[error("server error: {0}")]
+    Serve(#[source] BoxError),
+}
+
+/// Shorthand for results with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// Builds an [`Error::InvalidArgument`].
+    pub fn invalid(what: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::InvalidArgument { what: what.into(), reason: reason.into() }
+    }
+}
+
+impl From<Error> for tonic::Status {
+    fn from(err: Error) -> Self {
+        let message = error_chain(&err);
+        match err {
+            Error::NoInstance { .. } | Error::Registry { .. } | Error::Transport { .. } => {
+                tonic::Status::unavailable(message)
+            }
+            Error::InvalidArgument { .. } => tonic::Status::invalid_argument(message),
+            Error::Timeout { .. } => tonic::Status::deadline_exceeded(message),
+            Error::Bind { .. } | Error::Serve(_) => {
+                tracing::error!(error = %message, "internal error");
+                tonic::Status::internal("internal server error")
+            }
+        }
+    }
+}
+
+/// Formats an error with its sources, `outer: inner: innermost`, without repeats.
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}

@@ -1,0 +1,300 @@
+//! Multicast DNS (DNS-SD) discovery with `mdns-sd`: zero set-up on one network segment.
+//!
+//! Every instance is a plain DNS-SD service of type [`SERVICE_TYPE`] whose instance label is
+//! the node id, with key=value TXT entries `txtvers=1`, `name`, `version`, `id` and one entry
+//! per metadata key, so `avahi-browse -r _micro._tcp` or any zeroconf library can read it.
+//! One long-lived browse per registry feeds a cache, so look-ups answer from memory.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use futures::{StreamExt, stream::BoxStream};
+use mdns_sd::{IfKind, ResolvedService, ServiceDaemon, ServiceEvent, ServiceInfo, UnregisterStatus};
+use tokio::{sync::broadcast, time::Instant};
+use tokio_stream::wrappers::{BroadcastStream, errors::BroadcastStreamRecvError};
+
+use super::{Change, Node, NodeId, RESERVED_METADATA_KEYS, Registry};
+use crate::{Error, Result};
+
+/// The DNS-SD service type every micro service registers under.
+pub const SERVICE_TYPE: &str = "_micro._tcp.local.";
+/// The mDNS multicast group and port, for messages.
+const MDNS_GROUP: &str = "224.0.0.251:5353";
+/// How long `list_services` lets a fresh browse collect answers before it replies.
+const BROWSE_WARM_UP: Duration = Duration::from_millis(1500);
+/// How long a goodbye may take to go out on deregistration.
+const GOODBYE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A registry over multicast DNS. Cheap to share behind an `Arc`; one daemon thread each.
+pub struct MdnsRegistry {
+    daemon: ServiceDaemon,
+    shared: Arc<Shared>,
+    lookup_timeout: Duration,
+    browse_started: Instant,
+}
+
+struct Shared {
+    /// Resolved instances keyed by lower-case DNS-SD full name.
+    nodes: Mutex<HashMap<String, Node>>,
+    changes: broadcast::Sender<(String, Change<NodeId, Node>)>,
+    /// What this process announced, so a heartbeat re-announces only on change.
+    announced: Mutex<HashMap<NodeId, Node>>,
+}
+
+impl MdnsRegistry {
+    /// Starts the mDNS daemon on every interface, loopback included, and a browse for
+    /// [`SERVICE_TYPE`]. A look-up of a name not seen yet waits up to `lookup_timeout` for
+    /// an answer. Must be called inside a tokio runtime.
+    pub fn new(lookup_timeout: Duration) -> Result<Self> {
+        let daemon = ServiceDaemon::new().map_err(mdns_error("could not start the mDNS daemon"))?;
+        daemon
+            .enable_interface(vec![IfKind::LoopbackV4, IfKind::LoopbackV6])
+            .map_err(mdns_error("could not enable loopback"))?;
+        let events = daemon.browse(SERVICE_TYPE).map_err(mdns_error("could not browse"))?;
+        let (changes, _) = broadcast::channel(1024);
+        let shared = Arc::new(Shared { nodes: Mutex::default(), changes, announced: Mutex::default() });
+        tokio::spawn(follow_browse(events, Arc::downgrade(&shared)));
+        Ok(MdnsRegistry { daemon, shared, lookup_timeout, browse_started: Instant::now() })
+    }
+
+    fn known(&self, name: &str) -> Vec<Node> {
+        let nodes = self.shared.nodes.lock().expect("mdns cache lock");
+        let mut found: Vec<Node> = nodes.values().filter(|n| n.name == name).cloned().collect();
+        found.sort_by(|a, b| a.id.cmp(&b.id));
+        found
+    }
+}
+
+impl Drop for MdnsRegistry {
+    fn drop(&mut self) {
+        let _ = self.daemon.shutdown();
+    }
+}
+
+fn mdns_error(message: &'static str) -> impl Fn(mdns_sd::Error) -> Error {
+    move |source| Error::Registry {
+        registry: "mdns".into(),
+        address: MDNS_GROUP.into(),
+        message: format!("{message}; check that a network interface has multicast enabled"),
+        source: Some(Box::new(source)),
+    }
+}
+
+fn full_name(id: &str) -> String {
+    format!("{id}.{SERVICE_TYPE}").to_lowercase()
+}
+
+async fn follow_browse(events: mdns_sd::Receiver<ServiceEvent>, shared: std::sync::Weak<Shared>) {
+    while let Ok(event) = events.recv_async().await {
+        let Some(shared) = shared.upgrade() else { return };
+        match event {
+            ServiceEvent::ServiceResolved(resolved) => {
+                let Some(node) = decode_resolved(&resolved) else {
+                    tracing::debug!(instance = %resolved.fullname, "ignored an instance without micro TXT entries");
+                    continue;
+                };
+                let key = resolved.fullname.to_lowercase();
+                let mut nodes = shared.nodes.lock().expect("mdns cache lock");
+                if nodes.get(&key) != Some(&node) {
+                    tracing::info!(service = %node.name, node = %node.id, address = %node.address, "mdns: instance up");
+                    nodes.insert(key, node.clone());
+                    let _ = shared.changes.send((node.name.clone(), Change::Insert(node.id.clone(), node)));
+                }
+            }
+            ServiceEvent::ServiceRemoved(_, fullname) => {
+                let removed = shared.nodes.lock().expect("mdns cache lock").remove(&fullname.to_lowercase());
+                if let Some(node) = removed {
+                    tracing::info!(service = %node.name, node = %node.id, "mdns: instance gone");
+                    let _ = shared.changes.send((node.name.clone(), Change::Remove(node.id)));
+                }
+            }
+            other => tracing::trace!(event = ?other, "mdns event"),
+        }
+    }
+    tracing::debug!("mdns browse ended");
+}
+
+/// The TXT entries that announce `node`, in order: `txtvers`, `name`, `version`, `id`, then
+/// metadata by key. Call [`super::validate_metadata`] first; this does not check sizes.
+pub(crate) fn encode_txt(node: &Node) -> Vec<(String, String)> {
+    let mut txt = vec![
+        ("txtvers".to_owned(), "1".to_owned()),
+        ("name".to_owned(), node.name.clone()),
+        ("version".to_owned(), node.version.clone()),
+        ("id".to_owned(), node.id.clone()),
+    ];
+    txt.extend(node.metadata.iter().map(|(k, v)| (k.clone(), v.clone())));
+    txt
+}
+
+/// The node a set of TXT entries announces at `address`; `None` without `name` and `id`.
+pub(crate) fn decode_txt<'a>(
+    entries: impl IntoIterator<Item = (&'a str, &'a str)>,
+    address: SocketAddr,
+) -> Option<Node> {
+    let (mut name, mut id, mut version) = (None, None, String::new());
+    let mut metadata = BTreeMap::new();
+    for (key, value) in entries {
+        match key {
+            "name" => name = Some(value.to_owned()),
+            "id" => id = Some(value.to_owned()),
+            "version" => version = value.to_owned(),
+            key if RESERVED_METADATA_KEYS.contains(&key) => {}
+            key => {
+                metadata.insert(key.to_owned(), value.to_owned());
+            }
+        }
+    }
+    Some(Node { id: id?, name: name?, version, address, metadata })
+}
+
+fn decode_resolved(resolved: &ResolvedService) -> Option<Node> {
+    let ips: Vec<IpAddr> = resolved.addresses.iter().map(|ip| ip.to_ip_addr()).collect();
+    let ip = ips.iter().find(|ip| ip.is_ipv4()).or(ips.first())?;
+    let entries = resolved.txt_properties.iter().map(|p| (p.key(), p.val_str()));
+    decode_txt(entries, SocketAddr::new(*ip, resolved.port))
+}
+
+#[async_trait]
+impl Registry for MdnsRegistry {
+    fn kind(&self) -> &'static str {
+        "mdns"
+    }
+
+    fn address(&self) -> String {
+        MDNS_GROUP.into()
+    }
+
+    async fn register(&self, node: &Node, _ttl: Duration) -> Result<()> {
+        if self.shared.announced.lock().expect("mdns lock").get(&node.id) == Some(node) {
+            return Ok(()); // the daemon keeps answering queries for it
+        }
+        let host = format!("{}.local.", node.id);
+        let mut info = ServiceInfo::new(
+            SERVICE_TYPE,
+            &node.id,
+            &host,
+            node.address.ip(),
+            node.address.port(),
+            encode_txt(node).as_slice(),
+        )
+        .map_err(mdns_error("could not build the announcement"))?;
+        // The id is random per instance, so probing for a name conflict only adds delay.
+        info.set_requires_probe(false);
+        self.daemon.register(info).map_err(mdns_error("could not announce"))?;
+        self.shared.announced.lock().expect("mdns lock").insert(node.id.clone(), node.clone());
+        Ok(())
+    }
+
+    async fn deregister(&self, node: &Node) -> Result<()> {
+        self.shared.announced.lock().expect("mdns lock").remove(&node.id);
+        let status =
+            self.daemon.unregister(&full_name(&node.id)).map_err(mdns_error("could not withdraw"))?;
+        match tokio::time::timeout(GOODBYE_TIMEOUT, status.recv_async()).await {
+            Ok(Ok(UnregisterStatus::OK)) => Ok(()),
+            Ok(Ok(UnregisterStatus::NotFound)) => {
+                tracing::debug!(node = %node.id, "mdns: was not announced");
+                Ok(())
+            }
+            Ok(Err(_)) | Err(_) => Err(Error::Registry {
+                registry: "mdns".into(),
+                address: MDNS_GROUP.into(),
+                message: format!("the goodbye for {} was not confirmed", node.id),
+                source: None,
+            }),
+        }
+    }
+
+    async fn lookup(&self, name: &str) -> Result<Vec<Node>> {
+        let mut changes = self.shared.changes.subscribe();
+        let deadline = Instant::now() + self.lookup_timeout;
+        loop {
+            let found = self.known(name);
+            if !found.is_empty() {
+                return Ok(found);
+            }
+            match tokio::time::timeout_at(deadline, changes.recv()).await {
+                Ok(Ok(_)) | Ok(Err(broadcast::error::RecvError::Lagged(_))) => continue,
+                Ok(Err(broadcast::error::RecvError::Closed)) | Err(_) => {
+                    return Err(Error::NoInstance { service: name.into(), registry: self.kind().into() });
+                }
+            }
+        }
+    }
+
+    async fn list_services(&self) -> Result<Vec<String>> {
+        tokio::time::sleep_until(self.browse_started + BROWSE_WARM_UP).await;
+        let nodes = self.shared.nodes.lock().expect("mdns cache lock");
+        let mut names: Vec<String> = nodes.values().map(|n| n.name.clone()).collect();
+        names.sort();
+        names.dedup();
+        Ok(names)
+    }
+
+    fn watch(&self, name: &str) -> BoxStream<'static, Result<Change<NodeId, Node>>> {
+        let changes = BroadcastStream::new(self.shared.changes.subscribe());
+        let current: Vec<_> =
+            self.known(name).into_iter().map(|n| Ok(Change::Insert(n.id.clone(), n))).collect();
+        let name = name.to_owned();
+        let live = changes.filter_map(move |event| {
+            futures::future::ready(match event {
+                Ok((service, change)) if service == name => Some(Ok(change)),
+                Ok(_) => None,
+                Err(BroadcastStreamRecvError::Lagged(missed)) => Some(Err(Error::Registry {
+                    registry: "mdns".into(),
+                    address: MDNS_GROUP.into(),
+                    message: format!("watch fell {missed} events behind; look up again"),
+                    source: None,
+                })),
+            })
+        });
+        futures::stream::iter(current).chain(live).boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn txt_entries_round_trip() {
+        let mut node = Node::new("vessel-service", "127.0.0.1:50051".parse().unwrap());
+        node.version = "1.2.0".into();
+        node.metadata.insert("zone".into(), "eu-1".into());
+        node.metadata.insert("team".into(), "fleet".into());
+        let txt = encode_txt(&node);
+        assert_eq!(txt[0], ("txtvers".into(), "1".into()));
+        let decoded = decode_txt(txt.iter().map(|(k, v)| (k.as_str(), v.as_str())), node.address);
+        assert_eq!(decoded, Some(node));
+    }
+
+    #[test]
+    fn txt_without_name_or_id_is_not_a_micro_node() {
+        let addr = "127.0.0.1:1".parse().unwrap();
+        assert_eq!(decode_txt([("name", "x")], addr), None);
+        assert_eq!(decode_txt([("id", "x-1")], addr), None);
+    }
+
+    #[test]
+    fn largest_allowed_announcement_fits_one_packet() {
+        use super::super::{MAX_METADATA_BYTES, MAX_SERVICE_NAME_LEN};
+        let name = "n".repeat(MAX_SERVICE_NAME_LEN);
+        let mut node = Node::new(name, "127.0.0.1:1".parse().unwrap());
+        let (mut k, mut total) = (0, 0);
+        while total + 70 <= MAX_METADATA_BYTES {
+            node.metadata.insert(format!("key{k:04}"), "v".repeat(62));
+            total += 7 + 62;
+            k += 1;
+        }
+        super::super::validate_metadata(&node.version, &node.metadata).unwrap();
+        let txt_bytes: usize = encode_txt(&node).iter().map(|(k, v)| 1 + k.len() + 1 + v.len()).sum();
+        let names = 2 * (node.id.len() + SERVICE_TYPE.len()) + 2 * node.id.len();
+        // DNS header, PTR + SRV + TXT + A records with their names: well under an Ethernet MTU.
+        assert!(12 + names + txt_bytes + 4 * 12 + 4 < 1460, "{txt_bytes} TXT bytes");
+    }
+}

@@ -1,0 +1,214 @@
+//! A registry inside one process: for tests of a single binary, examples and tools that
+//! host several services at once. Processes do not see each other's memory registry.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, OnceLock, Weak},
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use futures::{StreamExt, stream::BoxStream};
+use tokio::{sync::broadcast, time::Instant};
+use tokio_stream::wrappers::{BroadcastStream, errors::BroadcastStreamRecvError};
+
+use super::{Change, Node, NodeId, Registry};
+use crate::{Error, Result};
+
+/// How often expired registrations are swept out.
+const SWEEP_INTERVAL: Duration = Duration::from_millis(500);
+
+/// A registry held in this process's memory. Clones share the same entries.
+///
+/// Registrations expire after their TTL unless registered again; expiry is swept every
+/// 500 ms and reported to watchers as a `Remove`.
+#[derive(Clone)]
+pub struct MemoryRegistry {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    services: Mutex<HashMap<String, HashMap<NodeId, Entry>>>,
+    changes: broadcast::Sender<(String, Change<NodeId, Node>)>,
+}
+
+struct Entry {
+    node: Node,
+    expires: Instant,
+}
+
+impl Default for MemoryRegistry {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MemoryRegistry {
+    /// An empty registry. Inside a tokio runtime it also starts the expiry sweeper.
+    pub fn new() -> Self {
+        let (changes, _) = broadcast::channel(1024);
+        let shared = Arc::new(Shared { services: Mutex::default(), changes });
+        if tokio::runtime::Handle::try_current().is_ok() {
+            tokio::spawn(sweep_expired(Arc::downgrade(&shared)));
+        }
+        MemoryRegistry { shared }
+    }
+
+    /// The registry every `MICRO_REGISTRY=memory` user in this process shares.
+    pub fn global() -> Self {
+        static GLOBAL: OnceLock<MemoryRegistry> = OnceLock::new();
+        GLOBAL.get_or_init(MemoryRegistry::new).clone()
+    }
+}
+
+async fn sweep_expired(shared: Weak<Shared>) {
+    loop {
+        tokio::time::sleep(SWEEP_INTERVAL).await;
+        let Some(shared) = shared.upgrade() else { return };
+        let now = Instant::now();
+        let mut services = shared.services.lock().expect("memory registry lock");
+        for (name, nodes) in services.iter_mut() {
+            nodes.retain(|id, entry| {
+                let live = entry.expires > now;
+                if !live {
+                    tracing::warn!(service = %name, node = %id, "registration expired");
+                    let _ = shared.changes.send((name.clone(), Change::Remove(id.clone())));
+                }
+                live
+            });
+        }
+        services.retain(|_, nodes| !nodes.is_empty());
+    }
+}
+
+#[async_trait]
+impl Registry for MemoryRegistry {
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+
+    fn address(&self) -> String {
+        "this process".into()
+    }
+
+    async fn register(&self, node: &Node, ttl: Duration) -> Result<()> {
+        let entry = Entry { node: node.clone(), expires: Instant::now() + ttl };
+        let previous = self
+            .shared
+            .services
+            .lock()
+            .expect("memory registry lock")
+            .entry(node.name.clone())
+            .or_default()
+            .insert(node.id.clone(), entry);
+        if previous.is_none_or(|old| old.node != *node) {
+            let change = Change::Insert(node.id.clone(), node.clone());
+            let _ = self.shared.changes.send((node.name.clone(), change));
+        }
+        Ok(())
+    }
+
+    async fn deregister(&self, node: &Node) -> Result<()> {
+        let mut services = self.shared.services.lock().expect("memory registry lock");
+        if let Some(nodes) = services.get_mut(&node.name) {
+            if nodes.remove(&node.id).is_some() {
+                let _ = self.shared.changes.send((node.name.clone(), Change::Remove(node.id.clone())));
+            }
+            if nodes.is_empty() {
+                services.remove(&node.name);
+            }
+        }
+        Ok(())
+    }
+
+    async fn lookup(&self, name: &str) -> Result<Vec<Node>> {
+        let now = Instant::now();
+        let services = self.shared.services.lock().expect("memory registry lock");
+        let mut nodes: Vec<Node> = services
+            .get(name)
+            .into_iter()
+            .flat_map(|nodes| nodes.values())
+            .filter(|entry| entry.expires > now)
+            .map(|entry| entry.node.clone())
+            .collect();
+        if nodes.is_empty() {
+            return Err(Error::NoInstance { service: name.into(), registry: self.kind().into() });
+        }
+        nodes.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(nodes)
+    }
+
+    async fn list_services(&self) -> Result<Vec<String>> {
+        let services = self.shared.services.lock().expect("memory registry lock");
+        let mut names: Vec<String> = services.keys().cloned().collect();
+        names.sort();
+        Ok(names)
+    }
+
+    fn watch(&self, name: &str) -> BoxStream<'static, Result<Change<NodeId, Node>>> {
+        let changes = BroadcastStream::new(self.shared.changes.subscribe());
+        let current: Vec<Result<Change<NodeId, Node>>> = {
+            let services = self.shared.services.lock().expect("memory registry lock");
+            services
+                .get(name)
+                .into_iter()
+                .flat_map(|nodes| nodes.values())
+                .map(|entry| Ok(Change::Insert(entry.node.id.clone(), entry.node.clone())))
+                .collect()
+        };
+        let name = name.to_owned();
+        let live = changes.filter_map(move |event| {
+            let item = match event {
+                Ok((service, change)) if service == name => Some(Ok(change)),
+                Ok(_) => None,
+                Err(BroadcastStreamRecvError::Lagged(missed)) => Some(Err(Error::Registry {
+                    registry: "memory".into(),
+                    address: "this process".into(),
+                    message: format!("watch fell {missed} events behind; look up again"),
+                    source: None,
+                })),
+            };
+            futures::future::ready(item)
+        });
+        futures::stream::iter(current).chain(live).boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str, port: u16) -> Node {
+        Node::new(name, ([127, 0, 0, 1], port).into())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn registration_expires_after_its_ttl_unless_renewed() {
+        let registry = MemoryRegistry::new();
+        let (kept, lapsed) = (node("svc", 1), node("svc", 2));
+        let ttl = Duration::from_secs(3);
+        registry.register(&kept, ttl).await.unwrap();
+        registry.register(&lapsed, ttl).await.unwrap();
+        let mut watch = registry.watch("svc");
+        for _ in 0..2 {
+            assert!(matches!(watch.next().await, Some(Ok(Change::Insert(..)))));
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        registry.register(&kept, ttl).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+
+        let ids: Vec<_> = registry.lookup("svc").await.unwrap().into_iter().map(|n| n.id).collect();
+        assert_eq!(ids, vec![kept.id.clone()]);
+        match watch.next().await {
+            Some(Ok(Change::Remove(id))) => assert_eq!(id, lapsed.id),
+            other => panic!("expected the lapsed node's removal, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn unknown_name_is_an_error_naming_service_and_registry() {
+        let err = MemoryRegistry::new().lookup("vessel-service").await.unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("vessel-service") && text.contains("memory"), "{text}");
+    }
+}

@@ -1,0 +1,200 @@
+//! Service registries: where instances announce themselves and where clients find them.
+//!
+//! One trait, [`Registry`], and one module per backend: [`MemoryRegistry`] for a single
+//! process, [`MdnsRegistry`] (feature `mdns`) for zero set-up discovery on one network
+//! segment.
+//!
+//! # Examples
+//! ```
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> micro_core::Result<()> {
+//! use micro_core::registry::{MemoryRegistry, Node, Registry};
+//! use std::time::Duration;
+//!
+//! let registry = MemoryRegistry::new();
+//! let node = Node::new("vessel-service", "127.0.0.1:50051".parse().unwrap());
+//! registry.register(&node, Duration::from_secs(30)).await?;
+//! assert_eq!(registry.lookup("vessel-service").await?[0].id, node.id);
+//! # Ok(()) }
+//! ```
+
+use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
+
+use async_trait::async_trait;
+use futures::stream::BoxStream;
+
+use crate::{Error, Result};
+
+#[cfg(feature = "mdns")]
+mod mdns;
+mod memory;
+
+#[cfg(feature = "mdns")]
+pub use mdns::{MdnsRegistry, SERVICE_TYPE};
+pub use memory::MemoryRegistry;
+/// A change to the set of instances of a name: tower's shape, so it feeds a balancer directly.
+pub use tower::discover::Change;
+
+/// The identity of one running instance.
+pub type NodeId = String;
+
+/// The longest service name accepted; it keeps the mDNS instance label under 63 bytes.
+pub const MAX_SERVICE_NAME_LEN: usize = 48;
+
+/// One running instance of a named service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Node {
+    /// Unique per instance: `<name>-<12 hex digits>` unless set otherwise.
+    pub id: NodeId,
+    /// The service name clients resolve, e.g. `vessel-service`.
+    pub name: String,
+    /// The service version; empty when unset.
+    pub version: String,
+    /// The address peers connect to.
+    pub address: SocketAddr,
+    /// Free-form key/value labels, e.g. `zone=eu-1`.
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl Node {
+    /// A node for `name` at `address` with a fresh random id, no version and no metadata.
+    pub fn new(name: impl Into<String>, address: SocketAddr) -> Self {
+        let name = name.into();
+        let id = format!("{name}-{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff);
+        Node { id, name, version: String::new(), address, metadata: BTreeMap::new() }
+    }
+}
+
+/// Where services register and clients find them.
+///
+/// Every method is safe to call concurrently. `register` is idempotent and doubles as the
+/// heartbeat: the runtime calls it again every register interval.
+#[async_trait]
+pub trait Registry: Send + Sync + 'static {
+    /// The backend's short name, as `MICRO_REGISTRY` spells it.
+    fn kind(&self) -> &'static str;
+
+    /// Where the backend lives, for error messages (`224.0.0.251:5353`, `127.0.0.1:8500`).
+    fn address(&self) -> String;
+
+    /// Announces `node`; it stays listed for `ttl` unless registered again.
+    async fn register(&self, node: &Node, ttl: Duration) -> Result<()>;
+
+    /// Withdraws `node` at once.
+    async fn deregister(&self, node: &Node) -> Result<()>;
+
+    /// The live instances of `name`; [`Error::NoInstance`] when there are none.
+    async fn lookup(&self, name: &str) -> Result<Vec<Node>>;
+
+    /// The names of all services with at least one live instance, sorted.
+    async fn list_services(&self) -> Result<Vec<String>>;
+
+    /// The instances of `name` as they come and go: first an `Insert` for each instance
+    /// already known, then every change. The stream ends only if the backend shuts down.
+    fn watch(&self, name: &str) -> BoxStream<'static, Result<Change<NodeId, Node>>>;
+}
+
+/// Checks a service name: 1 to [`MAX_SERVICE_NAME_LEN`] bytes of `a-z`, `0-9`, `-`, `.`, `_`,
+/// starting with a letter or digit.
+pub fn validate_service_name(name: &str) -> Result<()> {
+    let what = || format!("service name {name:?}");
+    if name.is_empty() || name.len() > MAX_SERVICE_NAME_LEN {
+        return Err(Error::invalid(what(), format!("must be 1 to {MAX_SERVICE_NAME_LEN} bytes long")));
+    }
+    let valid_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || "-._".contains(c);
+    if !name.chars().all(valid_char) || !name.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+        return Err(Error::invalid(
+            what(),
+            "use lower-case letters, digits, '-', '.' and '_', starting with a letter or digit",
+        ));
+    }
+    Ok(())
+}
+
+/// Metadata keys the registries use themselves.
+pub const RESERVED_METADATA_KEYS: [&str; 4] = ["txtvers", "name", "version", "id"];
+/// The longest metadata key.
+pub const MAX_METADATA_KEY_LEN: usize = 64;
+/// The longest metadata value, and the longest version.
+pub const MAX_METADATA_VALUE_LEN: usize = 190;
+/// The most bytes of metadata an instance may carry, keys and values together, so that its
+/// mDNS announcement fits in one packet.
+pub const MAX_METADATA_BYTES: usize = 768;
+
+/// Checks a node's version and metadata against limits every backend can carry: keys of
+/// `A-Z a-z 0-9 _ -` up to 64 bytes, not reserved; values up to 190 bytes; 768 bytes in all.
+pub fn validate_metadata(version: &str, metadata: &BTreeMap<String, String>) -> Result<()> {
+    if version.len() > MAX_METADATA_VALUE_LEN {
+        return Err(Error::invalid(
+            format!("version {version:?}"),
+            format!("at most {MAX_METADATA_VALUE_LEN} bytes"),
+        ));
+    }
+    let mut total = version.len();
+    for (key, value) in metadata {
+        let what = || format!("metadata key {key:?}");
+        let valid_char = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
+        if key.is_empty() || key.len() > MAX_METADATA_KEY_LEN || !key.chars().all(valid_char) {
+            return Err(Error::invalid(
+                what(),
+                format!("use 1 to {MAX_METADATA_KEY_LEN} of A-Z a-z 0-9 _ -"),
+            ));
+        }
+        if RESERVED_METADATA_KEYS.contains(&key.as_str()) {
+            return Err(Error::invalid(
+                what(),
+                format!("reserved; the registry sets {RESERVED_METADATA_KEYS:?} itself"),
+            ));
+        }
+        if value.len() > MAX_METADATA_VALUE_LEN {
+            return Err(Error::invalid(
+                what(),
+                format!("its value is {} bytes; at most {MAX_METADATA_VALUE_LEN}", value.len()),
+            ));
+        }
+        total += key.len() + value.len();
+    }
+    if total > MAX_METADATA_BYTES {
+        return Err(Error::invalid(
+            "metadata",
+            format!(
+                "{total} bytes in all; at most {MAX_METADATA_BYTES}, so an mDNS announcement fits one packet. \
+                 Put schemas and documents elsewhere (gRPC reflection, a config service)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_names_are_checked() {
+        assert!(validate_service_name("vessel-service").is_ok());
+        assert!(validate_service_name("go.micro.srv.vessel").is_ok());
+        for bad in ["", "Vessel", "vessel service", "-vessel", &"x".repeat(49)] {
+            assert!(validate_service_name(bad).is_err(), "{bad:?} should be refused");
+        }
+    }
+
+    #[test]
+    fn metadata_limits_are_enforced() {
+        let meta = |k: &str, v: &str| BTreeMap::from([(k.to_owned(), v.to_owned())]);
+        assert!(validate_metadata("1.0.0", &meta("zone", "eu-1")).is_ok());
+        assert!(validate_metadata("1", &meta("name", "x")).is_err(), "reserved key");
+        assert!(validate_metadata("1", &meta("a=b", "x")).is_err(), "'=' in key");
+        assert!(validate_metadata("1", &meta("k", &"v".repeat(191))).is_err(), "long value");
+        let many: BTreeMap<_, _> = (0..14).map(|i| (format!("k{i}"), "v".repeat(60))).collect();
+        let err = validate_metadata("1", &many).unwrap_err().to_string();
+        assert!(err.contains("one packet"), "{err}");
+    }
+
+    #[test]
+    fn node_ids_are_unique_and_named() {
+        let addr = "127.0.0.1:1".parse().unwrap();
+        let (a, b) = (Node::new("svc", addr), Node::new("svc", addr));
+        assert_ne!(a.id, b.id);
+        assert!(a.id.starts_with("svc-"));
+    }
+}

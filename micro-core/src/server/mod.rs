@@ -1,0 +1,310 @@
+//! Serving by name: [`Server`] binds, registers once the listener is bound, keeps the
+//! registration alive, and on SIGINT/SIGTERM deregisters first, then drains in-flight
+//! calls, then returns.
+//!
+//! # Examples
+//! ```no_run
+//! # async fn demo(fleet: impl proto::vessel::vessel_service_server::VesselService) -> micro_core::Result<()> {
+//! use micro_core::{Server, config::RegistryConfig};
+//! use proto::vessel::vessel_service_server::VesselServiceServer;
+//!
+//! let registry = RegistryConfig::default().connect().await?;
+//! Server::builder("vessel-service")
+//!     .version("1.0.0")
+//!     .metadata("zone", "eu-1")
+//!     .registry(registry)
+//!     .add_service(VesselServiceServer::new(fleet))
+//!     .run()
+//!     .await
+//! # }
+//! ```
+
+use std::{
+    collections::BTreeMap,
+    convert::Infallible,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    sync::Arc,
+};
+
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tonic::{
+    body::Body,
+    server::NamedService,
+    service::{Routes, RoutesBuilder},
+    transport::server::TcpIncoming,
+};
+
+use crate::{
+    Error, Result,
+    config::ServerConfig,
+    registry::{MemoryRegistry, Node, Registry, validate_metadata, validate_service_name},
+};
+
+/// Builds and runs one named service. Setters take `self` and return it.
+pub struct Server {
+    name: String,
+    version: String,
+    metadata: BTreeMap<String, String>,
+    config: ServerConfig,
+    registry: Option<Arc<dyn Registry>>,
+    routes: RoutesBuilder,
+}
+
+impl Server {
+    /// A server for the service `name`, with [`ServerConfig::default`] and no gRPC services yet.
+    pub fn builder(name: impl Into<String>) -> Self {
+        Server {
+            name: name.into(),
+            version: String::new(),
+            metadata: BTreeMap::new(),
+            config: ServerConfig::default(),
+            registry: None,
+            routes: Routes::builder(),
+        }
+    }
+
+    /// The version announced with each instance. Default: empty.
+    pub fn version(mut self, version: impl Into<String>) -> Self {
+        self.version = version.into();
+        self
+    }
+
+    /// Adds a metadata label announced with each instance. Default: none.
+    pub fn metadata(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.metadata.insert(key.into(), value.into());
+        self
+    }
+
+    /// Bind address, advertise address, TTL, heartbeat and drain bound.
+    /// Default: [`ServerConfig::default`].
+    pub fn config(mut self, config: ServerConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Where to register. Default: this process's [`MemoryRegistry::global`].
+    pub fn registry(mut self, registry: Arc<dyn Registry>) -> Self {
+        self.registry = Some(registry);
+        self
+    }
+
+    /// Adds a tonic-generated gRPC service.
+    pub fn add_service<S>(mut self, service: S) -> Self
+    where
+        S: tower::Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
+            + NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        self.routes.add_service(service);
+        self
+    }
+
+    /// Binds, registers and serves in the background; see [`RunningServer::stop`].
+    pub async fn start(self) -> Result<RunningServer> {
+        validate_service_name(&self.name)?;
+        validate_metadata(&self.version, &self.metadata)?;
+        let registry = self.registry.unwrap_or_else(|| Arc::new(MemoryRegistry::global()));
+        let listener = TcpListener::bind(self.config.address)
+            .await
+            .map_err(|source| Error::Bind { address: self.config.address, source })?;
+        let bound =
+            listener.local_addr().map_err(|source| Error::Bind { address: self.config.address, source })?;
+        let advertised = advertise_address(bound, self.config.advertise.as_deref(), &interfaces())?;
+
+        let mut node = Node::new(&self.name, advertised);
+        node.version = self.version;
+        node.metadata = self.metadata;
+
+        let (stop_serving, serving_stopped) = oneshot::channel::<()>();
+        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let serve = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_routes(self.routes.routes())
+                .serve_with_incoming_shutdown(incoming, async {
+                    let _ = serving_stopped.await;
+                }),
+        );
+
+        registry.register(&node, self.config.register_ttl).await?;
+        tracing::info!(service = %node.name, node = %node.id, address = %node.address, %bound, registry = registry.kind(), "registered");
+        let heartbeat = tokio::spawn(keep_registered(registry.clone(), node.clone(), self.config.clone()));
+        Ok(RunningServer { node, bound, registry, config: self.config, stop_serving, serve, heartbeat })
+    }
+
+    /// Starts, then runs until SIGINT or SIGTERM, then stops gracefully.
+    pub async fn run(self) -> Result<()> {
+        let running = self.start().await?;
+        shutdown_signal().await;
+        tracing::info!(service = %running.node.name, "shutdown signal received");
+        running.stop().await
+    }
+}
+
+/// A server that is serving and registered.
+pub struct RunningServer {
+    node: Node,
+    bound: SocketAddr,
+    registry: Arc<dyn Registry>,
+    config: ServerConfig,
+    stop_serving: oneshot::Sender<()>,
+    serve: JoinHandle<Result<(), tonic::transport::Error>>,
+    heartbeat: JoinHandle<()>,
+}
+
+impl RunningServer {
+    /// The registered instance: id, name, version, advertised address, metadata.
+    pub fn node(&self) -> &Node {
+        &self.node
+    }
+
+    /// The address the listener is bound to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.bound
+    }
+
+    /// Deregisters, then drains in-flight calls for up to the shutdown grace, then closes.
+    pub async fn stop(self) -> Result<()> {
+        self.heartbeat.abort();
+        match self.registry.deregister(&self.node).await {
+            Ok(()) => tracing::info!(service = %self.node.name, node = %self.node.id, "deregistered"),
+            Err(err) => {
+                tracing::warn!(service = %self.node.name, error = %crate::error::error_chain(&err), "deregistration failed; the registration will expire")
+            }
+        }
+        let _ = self.stop_serving.send(());
+        let mut serve = self.serve;
+        match tokio::time::timeout(self.config.shutdown_grace, &mut serve).await {
+            Ok(Ok(Ok(()))) => {
+                tracing::info!(service = %self.node.name, "drained and stopped");
+                Ok(())
+            }
+            Ok(Ok(Err(err))) => Err(Error::Serve(Box::new(err))),
+            Ok(Err(join)) => Err(Error::Serve(Box::new(join))),
+            Err(_) => {
+                serve.abort();
+                tracing::warn!(service = %self.node.name, grace = ?self.config.shutdown_grace, "calls still in flight after the shutdown grace; closed anyway");
+                Ok(())
+            }
+        }
+    }
+}
+
+async fn keep_registered(registry: Arc<dyn Registry>, node: Node, config: ServerConfig) {
+    let mut failing = false;
+    let mut ticks = tokio::time::interval(config.register_interval);
+    ticks.tick().await;
+    loop {
+        ticks.tick().await;
+        match registry.register(&node, config.register_ttl).await {
+            Ok(()) if failing => {
+                failing = false;
+                tracing::info!(service = %node.name, node = %node.id, "registered again");
+            }
+            Ok(()) => tracing::trace!(service = %node.name, "heartbeat"),
+            Err(err) => {
+                failing = true;
+                tracing::warn!(service = %node.name, node = %node.id, error = %crate::error::error_chain(&err), "heartbeat failed; retrying");
+            }
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+/// Interface name prefixes whose addresses peers on other hosts cannot reach.
+const UNREACHABLE_INTERFACE_PREFIXES: [&str; 10] =
+    ["docker", "br-", "veth", "virbr", "cni", "flannel", "cali", "vxlan", "lxc", "podman"];
+
+fn interfaces() -> Vec<(String, IpAddr)> {
+    if_addrs::get_if_addrs()
+        .map(|list| list.into_iter().map(|i| (i.name.clone(), i.ip())).collect())
+        .unwrap_or_default()
+}
+
+/// The address to announce for a listener bound at `bound`: the override when given (a
+/// missing port is the bound one), the bound address when it is specific, else the first
+/// IPv4 address of an interface that is neither loopback nor a container or VM bridge,
+/// else loopback.
+pub fn advertise_address(
+    bound: SocketAddr,
+    advertise: Option<&str>,
+    interfaces: &[(String, IpAddr)],
+) -> Result<SocketAddr> {
+    if let Some(text) = advertise {
+        if let Ok(addr) = text.parse::<SocketAddr>() {
+            return Ok(addr);
+        }
+        if let Ok(ip) = text.trim_matches(['[', ']']).parse::<IpAddr>() {
+            return Ok(SocketAddr::new(ip, bound.port()));
+        }
+        return Err(Error::invalid(
+            format!("MICRO_SERVER_ADVERTISE={text:?}"),
+            "expected an IP address, with or without :port",
+        ));
+    }
+    if !bound.ip().is_unspecified() {
+        return Ok(bound);
+    }
+    let reachable = interfaces.iter().find(|(name, ip)| {
+        ip.is_ipv4()
+            && !ip.is_loopback()
+            && !UNREACHABLE_INTERFACE_PREFIXES.iter().any(|prefix| name.starts_with(prefix))
+    });
+    let ip = reachable.map_or(IpAddr::V4(Ipv4Addr::LOCALHOST), |(_, ip)| *ip);
+    Ok(SocketAddr::new(ip, bound.port()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ifs(list: &[(&str, &str)]) -> Vec<(String, IpAddr)> {
+        list.iter().map(|(n, ip)| (n.to_string(), ip.parse().unwrap())).collect()
+    }
+
+    #[test]
+    fn wildcard_bind_never_advertises_a_bridge() {
+        let bound = "0.0.0.0:4000".parse().unwrap();
+        let list = ifs(&[
+            ("lo", "127.0.0.1"),
+            ("docker0", "172.17.0.1"),
+            ("veth12", "10.1.0.1"),
+            ("eth0", "192.168.1.20"),
+        ]);
+        assert_eq!(advertise_address(bound, None, &list).unwrap(), "192.168.1.20:4000".parse().unwrap());
+        let only_bridges = ifs(&[("lo", "127.0.0.1"), ("br-5f2a", "172.18.0.1")]);
+        assert_eq!(advertise_address(bound, None, &only_bridges).unwrap(), "127.0.0.1:4000".parse().unwrap());
+    }
+
+    #[test]
+    fn specific_bind_and_override_win() {
+        let bound = "127.0.0.1:4000".parse().unwrap();
+        assert_eq!(advertise_address(bound, None, &[]).unwrap(), bound);
+        assert_eq!(
+            advertise_address(bound, Some("10.0.0.5"), &[]).unwrap(),
+            "10.0.0.5:4000".parse().unwrap()
+        );
+        assert_eq!(
+            advertise_address(bound, Some("10.0.0.5:80"), &[]).unwrap(),
+            "10.0.0.5:80".parse().unwrap()
+        );
+        assert!(advertise_address(bound, Some("vessel.local"), &[]).is_err());
+    }
+}

@@ -1,0 +1,22 @@
+//! Generated gRPC types and stubs for the shippy example.
+//!
+//! The messages also derive `serde`'s traits, so `consignment.json` parses straight into
+//! [`consignment::Consignment`].
+//!
+//! # Examples
+//! ```
+//! let spec = proto::vessel::Specification { capacity: 3, max_weight: 55_000 };
+//! assert_eq!(spec.capacity, 3);
+//! ```
+
+/// `vessel.proto`: the vessel fleet service.
+#[allow(missing_docs)]
+pub mod vessel {
+    tonic::include_proto!("vessel");
+}
+
+/// `consignment.proto`: the shipping service that stores consignments.
+#[allow(missing_docs)]
+pub mod consignment {
+    tonic::include_proto!("consignment");
+}
