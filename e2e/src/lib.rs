@@ -1,1 +1,32 @@
-//! e2e helpers
+//! Support for tests that start real processes and agents: the private network namespace
+//! check, unique names, and (in [`consul`]) a real Consul dev agent.
+//!
+//! # Examples
+//! ```no_run
+//! e2e::require_private_netns();
+//! let name = e2e::unique_name("vessel-service");
+//! assert!(name.starts_with("vessel-service-"));
+//! ```
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// Fails the calling test unless it runs inside the private namespace that
+/// `scripts/netns-run` makes (only `lo`), so multicast never leaves the machine.
+pub fn require_private_netns() {
+    let interfaces: Vec<String> = std::fs::read_dir("/sys/class/net")
+        .map(|dir| dir.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    let only_loopback = interfaces.iter().all(|name| name == "lo");
+    assert!(
+        only_loopback && std::env::var("MICRO_NETNS").as_deref() == Ok("1"),
+        "this test uses multicast and must run in a private network namespace with only loopback \
+         (found interfaces {interfaces:?}); run it through `make test`, or `scripts/netns-run cargo test`"
+    );
+}
+
+/// `prefix` with a suffix unique to this process and call, so parallel tests never share a
+/// service name.
+pub fn unique_name(prefix: &str) -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!("{prefix}-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
+}
