@@ -13,9 +13,13 @@ use std::sync::atomic::{AtomicU32, Ordering};
 /// Fails the calling test unless it runs inside the private namespace that
 /// `scripts/netns-run` makes (only `lo`), so multicast never leaves the machine.
 pub fn require_private_netns() {
-    let interfaces: Vec<String> = std::fs::read_dir("/sys/class/net")
-        .map(|dir| dir.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
-        .unwrap_or_default();
+    // /proc/net/dev lists the interfaces of this process's own network namespace.
+    let interfaces: Vec<String> = std::fs::read_to_string("/proc/net/dev")
+        .unwrap_or_default()
+        .lines()
+        .skip(2)
+        .filter_map(|line| line.split(':').next().map(|name| name.trim().to_owned()))
+        .collect();
     let only_loopback = interfaces.iter().all(|name| name == "lo");
     assert!(
         only_loopback && std::env::var("MICRO_NETNS").as_deref() == Ok("1"),
