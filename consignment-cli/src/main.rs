@@ -1,1 +1,156 @@
-fn main() {}
+//! consignment-cli: reads a consignment from a JSON file, asks `consignment-service` (found
+//! by name through the registry) to store it, prints the result and every stored consignment.
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::{Context, anyhow};
+use clap::{Parser, ValueEnum};
+use micro_core::{
+    Client,
+    config::{RegistryArgs, RegistryConfig},
+    telemetry::LogArgs,
+};
+use proto::consignment::{Consignment, GetRequest, shipping_service_client::ShippingServiceClient};
+
+/// Default time each call may take, in milliseconds.
+const DEFAULT_TIMEOUT_MS: u64 = 10_000;
+
+/// Submits a consignment and lists what is stored.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Cli {
+    /// JSON file with the consignment: description, weight, containers.
+    #[arg(default_value = "consignment.json")]
+    file: PathBuf,
+    /// Name under which consignment-service is registered.
+    #[arg(long, env = "CONSIGNMENT_SERVICE", default_value = "consignment-service")]
+    consignment_service: String,
+    /// How long each call may take, in milliseconds.
+    #[arg(long, env = "CONSIGNMENT_CLI_TIMEOUT", default_value_t = DEFAULT_TIMEOUT_MS)]
+    timeout: u64,
+    /// How to print the result.
+    #[arg(long, value_enum, default_value_t = Output::Text)]
+    output: Output,
+    #[command(flatten)]
+    registry: RegistryArgs,
+    #[command(flatten)]
+    log: LogArgs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    /// Lines for people.
+    Text,
+    /// One JSON object: `{"created": ..., "consignments": [...]}`.
+    Json,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    cli.log.init("consignment_cli=warn,micro_core=warn");
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn read_consignment(path: &PathBuf) -> anyhow::Result<Consignment> {
+    let shown = path.display();
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read consignment file {shown}"))?;
+    serde_json::from_str(&text).map_err(|err| {
+        let reason = err.to_string();
+        let reason = reason.split(" at line ").next().unwrap_or(&reason);
+        anyhow!("{shown}:{}:{}: malformed consignment JSON: {reason}", err.line(), err.column())
+    })
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let consignment = read_consignment(&cli.file)?;
+    let registry_config = RegistryConfig::from(cli.registry);
+    let registry = registry_config.connect().await.context("cannot open the registry")?;
+    let client = Client::new(registry).lookup_timeout(registry_config.lookup_timeout);
+    let mut shipping = ShippingServiceClient::new(client.channel(&cli.consignment_service));
+    let timeout = Duration::from_millis(cli.timeout);
+
+    let mut request = tonic::Request::new(consignment);
+    request.set_timeout(timeout);
+    let created = within(timeout, "CreateConsignment", shipping.create_consignment(request))
+        .await?
+        .consignment
+        .ok_or_else(|| anyhow!("CreateConsignment answered without the consignment"))?;
+
+    let mut request = tonic::Request::new(GetRequest {});
+    request.set_timeout(timeout);
+    let stored = within(timeout, "GetConsignments", shipping.get_consignments(request)).await?.consignments;
+
+    match cli.output {
+        Output::Json => {
+            let json = serde_json::json!({ "created": created, "consignments": stored });
+            println!("{}", serde_json::to_string_pretty(&json)?);
+        }
+        Output::Text => {
+            println!(
+                "created consignment {} on vessel {} ({} containers, weight {})",
+                created.id,
+                created.vessel_id,
+                created.containers.len(),
+                created.weight
+            );
+            println!("stored consignments: {}", stored.len());
+            for c in &stored {
+                println!(
+                    "  {}  vessel {}  {} containers  weight {}  {}",
+                    c.id,
+                    c.vessel_id,
+                    c.containers.len(),
+                    c.weight,
+                    c.description
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn within<T>(
+    timeout: Duration,
+    method: &str,
+    call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> anyhow::Result<T> {
+    match tokio::time::timeout(timeout, call).await {
+        Ok(Ok(reply)) => Ok(reply.into_inner()),
+        Ok(Err(status)) => {
+            Err(anyhow!("{method} failed: {}: {}", code_name(status.code()), status.message()))
+        }
+        Err(_) => Err(anyhow!("{method} failed: DEADLINE_EXCEEDED: no answer within {timeout:?}")),
+    }
+}
+
+/// The canonical upper-case name of a gRPC status code.
+fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
+}

@@ -1,1 +1,53 @@
-fn main() {}
+//! consignment-service: registers as `consignment-service`, finds `vessel-service` by name.
+
+use std::{sync::Arc, time::Duration};
+
+use anyhow::Context;
+use clap::Parser;
+use consignment_service::{DEFAULT_VESSEL_TIMEOUT_MS, MemoryRepository, ShippingHandler};
+use micro_core::{
+    Client, Server,
+    config::{RegistryArgs, RegistryConfig, ServerArgs, ServerConfig},
+    telemetry::LogArgs,
+};
+use proto::consignment::shipping_service_server::ShippingServiceServer;
+
+/// Stores consignments once a vessel that can carry them is found.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Cli {
+    /// Name under which vessel-service is registered.
+    #[arg(long, env = "VESSEL_SERVICE", default_value = "vessel-service")]
+    vessel_service: String,
+    /// How long the vessel look-up may take, in milliseconds.
+    #[arg(long, env = "CONSIGNMENT_VESSEL_TIMEOUT", default_value_t = DEFAULT_VESSEL_TIMEOUT_MS)]
+    vessel_timeout: u64,
+    #[command(flatten)]
+    registry: RegistryArgs,
+    #[command(flatten)]
+    server: ServerArgs,
+    #[command(flatten)]
+    log: LogArgs,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    cli.log.init("consignment_service=info,micro_core=info");
+    let registry_config = RegistryConfig::from(cli.registry);
+    let registry = registry_config.connect().await.context("cannot open the registry")?;
+    let client = Client::new(registry.clone()).lookup_timeout(registry_config.lookup_timeout);
+    let handler = ShippingHandler::new(
+        Arc::new(MemoryRepository::default()),
+        client.channel(&cli.vessel_service),
+        Duration::from_millis(cli.vessel_timeout),
+    );
+    Server::builder("consignment-service")
+        .version(env!("CARGO_PKG_VERSION"))
+        .config(ServerConfig::try_from(cli.server)?)
+        .registry(registry)
+        .add_service(ShippingServiceServer::new(handler))
+        .run()
+        .await?;
+    Ok(())
+}

@@ -1,1 +1,49 @@
-fn main() {}
+//! vessel-service: registers as `vessel-service` and serves `VesselService.FindAvailable`.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use micro_core::{
+    Server,
+    config::{RegistryArgs, RegistryConfig, ServerArgs, ServerConfig},
+    telemetry::LogArgs,
+};
+use proto::vessel::vessel_service_server::VesselServiceServer;
+use vessel_service::{Fleet, VesselHandler};
+
+/// Finds vessels that can carry a consignment.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Cli {
+    /// JSON file with the fleet (an array of vessels); default: the one built-in vessel.
+    #[arg(long, env = "VESSEL_FLEET")]
+    fleet: Option<PathBuf>,
+    #[command(flatten)]
+    registry: RegistryArgs,
+    #[command(flatten)]
+    server: ServerArgs,
+    #[command(flatten)]
+    log: LogArgs,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    cli.log.init("vessel_service=info,micro_core=info");
+    let fleet = match &cli.fleet {
+        Some(path) => Fleet::from_json_file(path)?,
+        None => Fleet::default(),
+    };
+    tracing::info!(vessels = fleet.vessels().len(), "fleet loaded");
+    let registry_config = RegistryConfig::from(cli.registry);
+    let registry = registry_config.connect().await.context("cannot open the registry")?;
+    Server::builder("vessel-service")
+        .version(env!("CARGO_PKG_VERSION"))
+        .config(ServerConfig::try_from(cli.server)?)
+        .registry(registry)
+        .add_service(VesselServiceServer::new(VesselHandler::new(fleet)))
+        .run()
+        .await?;
+    Ok(())
+}

@@ -75,9 +75,16 @@ impl Server {
         self
     }
 
-    /// Bind address, advertise address, TTL, heartbeat and drain bound.
-    /// Default: [`ServerConfig::default`].
+    /// Bind address, advertise address, TTL, heartbeat and drain bound; its name, version
+    /// and metadata, when set, override the builder's. Default: [`ServerConfig::default`].
     pub fn config(mut self, config: ServerConfig) -> Self {
+        if let Some(name) = &config.name {
+            self.name = name.clone();
+        }
+        if let Some(version) = &config.version {
+            self.version = version.clone();
+        }
+        self.metadata.extend(config.metadata.iter().cloned());
         self.config = config;
         self
     }
