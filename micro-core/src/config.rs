@@ -122,6 +122,15 @@ impl RegistryConfig {
 /// Server flags shared by every service binary.
 #[derive(Debug, Clone, Args)]
 pub struct ServerArgs {
+    /// Name to register under, instead of the one the binary is built with.
+    #[arg(long, env = "MICRO_SERVER_NAME")]
+    pub server_name: Option<String>,
+    /// Version to announce, instead of the one the binary is built with.
+    #[arg(long, env = "MICRO_SERVER_VERSION")]
+    pub server_version: Option<String>,
+    /// Metadata labels to announce, `key=value`, comma-separated or repeated.
+    #[arg(long, env = "MICRO_SERVER_METADATA", value_delimiter = ',', value_parser = parse_key_value)]
+    pub server_metadata: Vec<(String, String)>,
     /// Address the gRPC server listens on.
     #[arg(long, env = "MICRO_SERVER_ADDRESS", default_value = DEFAULT_SERVER_ADDRESS)]
     pub server_address: SocketAddr,
@@ -141,9 +150,22 @@ pub struct ServerArgs {
     pub shutdown_grace: u64,
 }
 
+fn parse_key_value(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_owned(), value.to_owned())),
+        _ => Err(format!("expected key=value, got {text:?}")),
+    }
+}
+
 /// How a server binds, announces itself and stops, as plain values.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
+    /// Overrides the name given to [`crate::Server::builder`].
+    pub name: Option<String>,
+    /// Overrides the version set on the builder.
+    pub version: Option<String>,
+    /// Added to (and overriding) the builder's metadata.
+    pub metadata: Vec<(String, String)>,
     /// Address to listen on.
     pub address: SocketAddr,
     /// Address to announce instead of the bound one.
@@ -159,6 +181,9 @@ pub struct ServerConfig {
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
+            name: None,
+            version: None,
+            metadata: Vec::new(),
             address: DEFAULT_SERVER_ADDRESS.parse().expect("valid default address"),
             advertise: None,
             register_ttl: Duration::from_secs(DEFAULT_REGISTER_TTL_SECS),
@@ -179,6 +204,9 @@ impl TryFrom<ServerArgs> for ServerConfig {
             ));
         }
         Ok(ServerConfig {
+            name: args.server_name,
+            version: args.server_version,
+            metadata: args.server_metadata,
             address: args.server_address,
             advertise: args.server_advertise,
             register_ttl: Duration::from_secs(args.register_ttl),
