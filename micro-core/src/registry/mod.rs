@@ -41,7 +41,7 @@ pub type NodeId = String;
 pub const MAX_SERVICE_NAME_LEN: usize = 48;
 
 /// One running instance of a named service.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Node {
     /// Unique per instance: `<name>-<12 hex digits>` unless set otherwise.
     pub id: NodeId,
