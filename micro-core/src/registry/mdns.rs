@@ -101,7 +101,7 @@ async fn follow_browse(events: mdns_sd::Receiver<ServiceEvent>, shared: std::syn
                 let key = resolved.fullname.to_lowercase();
                 let mut nodes = shared.nodes.lock().expect("mdns cache lock");
                 if nodes.get(&key) != Some(&node) {
-                    tracing::info!(service = %node.name, node = %node.id, address = %node.address, "mdns: instance up");
+                    tracing::debug!(service = %node.name, node = %node.id, address = %node.address, "mdns: instance up");
                     nodes.insert(key, node.clone());
                     let _ = shared.changes.send((node.name.clone(), Change::Insert(node.id.clone(), node)));
                 }
@@ -109,7 +109,7 @@ async fn follow_browse(events: mdns_sd::Receiver<ServiceEvent>, shared: std::syn
             ServiceEvent::ServiceRemoved(_, fullname) => {
                 let removed = shared.nodes.lock().expect("mdns cache lock").remove(&fullname.to_lowercase());
                 if let Some(node) = removed {
-                    tracing::info!(service = %node.name, node = %node.id, "mdns: instance gone");
+                    tracing::debug!(service = %node.name, node = %node.id, "mdns: instance gone");
                     let _ = shared.changes.send((node.name.clone(), Change::Remove(node.id)));
                 }
             }

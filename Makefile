@@ -1,0 +1,39 @@
+# The two commands: `make run` (the demo) and `make test` (everything the tests need, then
+# every test). The other targets are the pieces they use.
+
+CARGO ?= cargo
+MICRO_REGISTRY ?= mdns
+export MICRO_REGISTRY
+
+.PHONY: build run test test-deps lint fmt clean
+
+## build: every binary of the workspace (debug).
+build:
+	$(CARGO) build --workspace --bins
+
+## run: build, then the shippy demo in a private network namespace (MICRO_REGISTRY=mdns|consul).
+run: build
+	@if [ "$(MICRO_REGISTRY)" = consul ]; then scripts/install-consul; fi
+	scripts/netns-run scripts/demo
+
+## test-deps: install what the tests need (iproute2, util-linux, a Consul agent).
+test-deps:
+	scripts/install-test-deps
+
+## test: install the test dependencies, build, then run every test in a private network namespace.
+test: test-deps
+	$(CARGO) build --workspace --bins --tests
+	scripts/netns-run env CARGO_NET_OFFLINE=true $(CARGO) test --workspace --no-fail-fast
+
+## lint: formatting and clippy, warnings as errors.
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+## fmt: format the code.
+fmt:
+	$(CARGO) fmt --all
+
+clean:
+	$(CARGO) clean
+	rm -rf .tools target/demo
