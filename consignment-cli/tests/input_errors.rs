@@ -1,0 +1,56 @@
+//! Bad input fails before any network use, with a one-line reason that says what to fix.
+
+use assert_cmd::cargo::cargo_bin_cmd;
+
+fn stderr_of(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn malformed_json_names_file_line_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("broken.json");
+    std::fs::write(
+        &path,
+        "{\n  \"weight\": 55000,\n  \"containers\": [ {\"origin\": \"Derby\"} ]\n  \"description\": \"x\"\n}",
+    )
+    .unwrap();
+    let output = cargo_bin_cmd!("consignment-cli").arg(&path).output().unwrap();
+    assert!(!output.status.success());
+    let stderr = stderr_of(&output);
+    assert!(stderr.contains(&format!("{}:4:3", path.display())), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+}
+
+#[test]
+fn misspelt_field_is_refused_not_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("typo.json");
+    std::fs::write(&path, r#"{"wieght": 55000, "containers": []}"#).unwrap();
+    let output = cargo_bin_cmd!("consignment-cli").arg(&path).output().unwrap();
+    assert!(!output.status.success());
+    assert!(stderr_of(&output).contains("unknown field `wieght`"), "{}", stderr_of(&output));
+}
+
+#[test]
+fn missing_file_names_the_path() {
+    let output = cargo_bin_cmd!("consignment-cli").arg("/no/such/consignment.json").output().unwrap();
+    assert!(!output.status.success());
+    let stderr = stderr_of(&output);
+    assert!(stderr.contains("/no/such/consignment.json") && stderr.contains("No such file"), "{stderr}");
+}
+
+#[test]
+fn unknown_registry_lists_the_valid_ones() {
+    let output = cargo_bin_cmd!("consignment-cli").env("MICRO_REGISTRY", "etcd").output().unwrap();
+    assert!(!output.status.success());
+    let stderr = stderr_of(&output);
+    assert!(stderr.contains("'etcd'") && stderr.contains("mdns, consul, memory"), "{stderr}");
+}
+
+#[test]
+fn default_file_is_consignment_json_in_the_working_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = cargo_bin_cmd!("consignment-cli").current_dir(dir.path()).output().unwrap();
+    assert!(stderr_of(&output).contains("consignment.json"), "{}", stderr_of(&output));
+}

@@ -1,0 +1,116 @@
+//! The workspace's binaries as real child processes: built fresh with escargot, logs kept
+//! in a file each, stopped with SIGTERM or SIGKILL, killed when dropped.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{Mutex, OnceLock},
+    time::{Duration, Instant},
+};
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("e2e sits in the workspace").to_path_buf()
+}
+
+/// The path of the workspace binary `name`, built (or found up to date) by cargo.
+pub fn binary(name: &str) -> PathBuf {
+    static BUILT: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
+    let mut built = BUILT.get_or_init(Mutex::default).lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(path) = built.get(name) {
+        return path.clone();
+    }
+    let package = if name == "micro" { "micro-core" } else { name };
+    let run = escargot::CargoBuild::new()
+        .manifest_path(workspace_root().join("Cargo.toml"))
+        .package(package)
+        .bin(name)
+        .run()
+        .unwrap_or_else(|err| panic!("cargo could not build {name}: {err}"));
+    let path = run.path().to_path_buf();
+    built.insert(name.to_owned(), path.clone());
+    path
+}
+
+/// A running child process whose stdout and stderr go to a log file.
+pub struct Process {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Process {
+    /// Starts the workspace binary `name` with `args` and extra environment `env`, on
+    /// loopback (`MICRO_SERVER_ADDRESS=127.0.0.1:0` unless `env` says otherwise).
+    pub fn start(name: &str, args: &[&str], env: &[(&str, &str)]) -> Process {
+        let logs = workspace_root().join("target").join("e2e-logs");
+        std::fs::create_dir_all(&logs).expect("log folder");
+        let log = logs.join(format!("{}.log", crate::unique_name(name)));
+        let file = std::fs::File::create(&log).expect("log file");
+        let mut command = Command::new(binary(name));
+        command
+            .args(args)
+            .env("MICRO_SERVER_ADDRESS", "127.0.0.1:0")
+            .env("RUST_LOG", "info,micro_core=debug")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("log file"))
+            .stderr(file);
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let child = command.spawn().unwrap_or_else(|err| panic!("could not start {name}: {err}"));
+        Process { name: name.to_owned(), child, log }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// What the process has written so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends `signal` (e.g. `TERM`, `KILL`) without waiting.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill").arg(format!("-{signal}")).arg(self.pid().to_string()).status();
+        assert!(status.is_ok_and(|s| s.success()), "kill -{signal} {} ({}) failed", self.pid(), self.name);
+    }
+
+    /// Sends SIGTERM and waits up to `limit` for the exit.
+    pub fn terminate(&mut self, limit: Duration) -> ExitStatus {
+        self.signal("TERM");
+        self.wait(limit)
+    }
+
+    /// Waits up to `limit` for the process to exit; panics with its log if it does not.
+    pub fn wait(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not exit within {limit:?}; log:\n{}",
+                self.name,
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("---- log of {} ({}) ----\n{}", self.name, self.log.display(), self.log());
+        }
+    }
+}
