@@ -8,6 +8,8 @@
 //! assert!(name.starts_with("vessel-service-"));
 //! ```
 
+pub mod process;
+
 use std::sync::atomic::{AtomicU32, Ordering};
 
 /// Fails the calling test unless it runs inside the private namespace that
