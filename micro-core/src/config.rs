@@ -229,43 +229,31 @@ mod tests {
         server: ServerArgs,
     }
 
-    // Each case sets the environment through clap's own lookup table, never `set_var`.
-    fn parse(args: &[&str], env: &[(&str, &str)]) -> Result<Cli, clap::Error> {
-        let mut command = <Cli as clap::CommandFactory>::command();
-        command = command.mut_args(|arg| {
-            let name = arg.get_env().map(|e| e.to_string_lossy().into_owned());
-            match name.and_then(|n| env.iter().find(|(k, _)| *k == n)) {
-                Some((_, value)) => arg.default_value(value.to_string()),
-                None => arg,
-            }
-        });
-        let matches = command.try_get_matches_from(std::iter::once("test").chain(args.iter().copied()))?;
-        <Cli as clap::FromArgMatches>::from_arg_matches(&matches)
+    // The environment's part in the precedence is tested through a child process
+    // (micro-core/tests/micro_command.rs), never by changing this process's environment.
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("test").chain(args.iter().copied()))
     }
 
     #[test]
-    fn flag_beats_environment_beats_default() {
-        let cli = parse(&[], &[]).unwrap();
+    fn flag_beats_default() {
+        let cli = parse(&[]).unwrap();
         assert_eq!(cli.registry.registry, RegistryKind::Mdns);
         assert_eq!(cli.server.register_ttl, DEFAULT_REGISTER_TTL_SECS);
-
-        let cli = parse(&[], &[("MICRO_REGISTRY", "memory"), ("MICRO_REGISTER_TTL", "60")]).unwrap();
-        assert_eq!(cli.registry.registry, RegistryKind::Memory);
-        assert_eq!(cli.server.register_ttl, 60);
-
-        let cli = parse(&["--registry", "consul"], &[("MICRO_REGISTRY", "memory")]).unwrap();
+        let cli = parse(&["--registry", "consul", "--register-ttl", "60"]).unwrap();
         assert_eq!(cli.registry.registry, RegistryKind::Consul);
+        assert_eq!(cli.server.register_ttl, 60);
     }
 
     #[test]
     fn unknown_registry_lists_the_valid_ones() {
-        let err = parse(&["--registry", "etcd"], &[]).err().expect("etcd is not a backend").to_string();
+        let err = parse(&["--registry", "etcd"]).err().expect("etcd is not a backend").to_string();
         assert!(err.contains("mdns") && err.contains("consul") && err.contains("memory"), "{err}");
     }
 
     #[test]
     fn heartbeat_must_come_before_the_ttl_runs_out() {
-        let cli = parse(&["--register-ttl", "10", "--register-interval", "10"], &[]).unwrap();
+        let cli = parse(&["--register-ttl", "10", "--register-interval", "10"]).unwrap();
         let err = ServerConfig::try_from(cli.server).unwrap_err().to_string();
         assert!(err.contains("MICRO_REGISTER_INTERVAL"), "{err}");
     }

@@ -3,7 +3,7 @@
 
 use std::{process::ExitCode, time::Duration};
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum, parser::ValueSource};
 use micro_core::{
     Error, Node,
     config::{RegistryArgs, RegistryConfig},
@@ -35,6 +35,8 @@ enum Command {
         /// The service name.
         name: String,
     },
+    /// Show each setting's value and where it came from: flag, environment or default.
+    Config,
     /// Wait until every named service has an instance; fails after the look-up timeout.
     Wait {
         /// The service names.
@@ -53,8 +55,13 @@ enum Output {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|err| err.exit());
     cli.log.init("micro_core=warn");
+    if let Command::Config = cli.command {
+        print_settings(&matches, cli.output);
+        return ExitCode::SUCCESS;
+    }
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
@@ -82,6 +89,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
                 Output::Table => print_table(&nodes),
             }
         }
+        Command::Config => unreachable!("answered before the registry is opened"),
         Command::Wait { names } => {
             for name in &names {
                 let found = tokio::time::timeout(
@@ -123,4 +131,39 @@ fn print_table(nodes: &[Node]) {
 
 fn to_json(value: &impl serde::Serialize) -> String {
     serde_json::to_string_pretty(value).expect("plain data serializes")
+}
+
+/// One row per setting: its id, value and source (`flag`, `env NAME`, `default`).
+fn print_settings(matches: &ArgMatches, output: Output) {
+    let command = Cli::command();
+    let mut rows = Vec::new();
+    for arg in command.get_arguments() {
+        let id = arg.get_id().as_str();
+        let Some(source) = matches.value_source(id) else { continue };
+        let value: Vec<String> =
+            matches.get_raw(id).into_iter().flatten().map(|v| v.to_string_lossy().into_owned()).collect();
+        let source = match (source, arg.get_env()) {
+            (ValueSource::CommandLine, _) => "flag".to_owned(),
+            (ValueSource::EnvVariable, Some(env)) => format!("env {}", env.to_string_lossy()),
+            _ => "default".to_owned(),
+        };
+        rows.push([id.to_owned(), value.join(","), source]);
+    }
+    match output {
+        Output::Json => {
+            let map: serde_json::Map<String, serde_json::Value> = rows
+                .into_iter()
+                .map(|[id, value, source]| (id, serde_json::json!({ "value": value, "source": source })))
+                .collect();
+            println!("{}", to_json(&map));
+        }
+        Output::Table => {
+            let width = rows.iter().map(|r| r[0].len()).max().unwrap_or(0).max(7);
+            let value_width = rows.iter().map(|r| r[1].len()).max().unwrap_or(0).max(5);
+            println!("{:<width$}  {:<value_width$}  SOURCE", "SETTING", "VALUE");
+            for [id, value, source] in rows {
+                println!("{id:<width$}  {value:<value_width$}  {source}");
+            }
+        }
+    }
 }
