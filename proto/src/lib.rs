@@ -20,3 +20,12 @@ pub mod vessel {
 pub mod consignment {
     tonic::include_proto!("consignment");
 }
+
+/// The gRPC paths of methods marked `idempotency_level = NO_SIDE_EFFECTS` or `IDEMPOTENT`
+/// in the `.proto` files: safe for the SDK client to retry after the request was sent.
+///
+/// ```
+/// assert!(proto::IDEMPOTENT_METHODS.contains(&"/vessel.VesselService/FindAvailable"));
+/// assert!(!proto::IDEMPOTENT_METHODS.contains(&"/consignment.ShippingService/CreateConsignment"));
+/// ```
+pub const IDEMPOTENT_METHODS: &[&str] = include!(concat!(env!("OUT_DIR"), "/idempotent_methods.rs"));
