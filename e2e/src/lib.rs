@@ -8,6 +8,7 @@
 //! assert!(name.starts_with("vessel-service-"));
 //! ```
 
+pub mod consul;
 pub mod process;
 
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -1,0 +1,187 @@
+//! A real Consul agent for tests: `consul agent -dev` on loopback ports picked at start, so
+//! parallel test binaries never share one. Nothing is kept across restarts (dev mode).
+//!
+//! The binary comes from `CONSUL_BIN`, else `.tools/consul/usr/bin/consul` in the workspace
+//! (what `scripts/install-consul` unpacks), else `consul` on `PATH`.
+//!
+//! # Examples
+//! ```no_run
+//! let agent = e2e::consul::ConsulAgent::start();
+//! println!("Consul HTTP API at {}", agent.http_address());
+//! ```
+
+use std::{
+    fs::File,
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+/// How long a started agent gets to elect itself leader.
+const LEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `stop` waits after SIGTERM before it kills the agent.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A running `consul agent -dev`, killed when dropped.
+pub struct ConsulAgent {
+    binary: PathBuf,
+    ports: Ports,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+#[derive(Clone, Copy)]
+struct Ports {
+    http: u16,
+    serf_lan: u16,
+    serf_wan: u16,
+    server: u16,
+}
+
+impl ConsulAgent {
+    /// Starts a dev agent on free loopback ports and waits (up to 10 s) until it is leader.
+    ///
+    /// # Panics
+    /// When no `consul` binary is found, or the agent does not become leader in time.
+    pub fn start() -> ConsulAgent {
+        let binary = find_binary();
+        let ports = free_ports();
+        let log =
+            std::env::temp_dir().join(format!("micro-consul-{}-{}.log", std::process::id(), ports.http));
+        let mut agent = ConsulAgent { binary, ports, log, child: None };
+        agent.spawn();
+        agent
+    }
+
+    /// The agent's HTTP API, `127.0.0.1:<port>`.
+    pub fn http_address(&self) -> String {
+        format!("127.0.0.1:{}", self.ports.http)
+    }
+
+    /// Stops the agent with SIGTERM and waits for it to exit (killing it after 10 s).
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else { return };
+        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// Stops the agent and starts a fresh one on the same ports; like every dev agent, the
+    /// new one knows no services.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    fn spawn(&mut self) {
+        let log = File::create(&self.log).expect("create the consul agent log");
+        let port = |p: u16| p.to_string();
+        let child = Command::new(&self.binary)
+            .args(["agent", "-dev", "-bind", "127.0.0.1", "-client", "127.0.0.1"])
+            .args(["-http-port", &port(self.ports.http), "-dns-port", "-1", "-grpc-port", "-1"])
+            .args([
+                "-serf-lan-port",
+                &port(self.ports.serf_lan),
+                "-serf-wan-port",
+                &port(self.ports.serf_wan),
+            ])
+            .args(["-server-port", &port(self.ports.server)])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("clone the log file"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|err| panic!("could not start {}: {err}", self.binary.display()));
+        self.child = Some(child);
+        self.wait_for_leader();
+    }
+
+    fn wait_for_leader(&mut self) {
+        let address: SocketAddr = self.http_address().parse().expect("loopback address");
+        let deadline = Instant::now() + LEADER_TIMEOUT;
+        loop {
+            if let Some(leader) = http_get(address, "/v1/status/leader")
+                && leader.trim().trim_matches('"').contains(':')
+            {
+                return;
+            }
+            let exited = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+            if exited.is_some() || Instant::now() > deadline {
+                let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+                let tail: Vec<&str> =
+                    log.lines().rev().take(20).collect::<Vec<_>>().into_iter().rev().collect();
+                panic!(
+                    "consul agent at {address} {} (exit: {exited:?}); log {}:\n{}",
+                    if exited.is_some() { "exited" } else { "had no leader after 10 s" },
+                    self.log.display(),
+                    tail.join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for ConsulAgent {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+fn find_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("CONSUL_BIN") {
+        return PathBuf::from(path);
+    }
+    let unpacked = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools/consul/usr/bin/consul");
+    if unpacked.is_file() {
+        return unpacked;
+    }
+    let on_path = std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).map(|dir| dir.join("consul")).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .find(|candidate| candidate.is_file());
+    on_path.unwrap_or_else(|| {
+        panic!(
+            "no consul binary: set CONSUL_BIN, put consul on PATH, or run `scripts/install-consul` \
+             (`make test` does it), which unpacks one into {}",
+            unpacked.display()
+        )
+    })
+}
+
+/// Four distinct loopback ports free for TCP, and for UDP too (serf gossips over both).
+fn free_ports() -> Ports {
+    let mut held = Vec::new();
+    while held.len() < 4 {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
+        let port = listener.local_addr().expect("local address").port();
+        if let Ok(udp) = UdpSocket::bind(("127.0.0.1", port)) {
+            held.push((port, listener, udp));
+        }
+    }
+    Ports { http: held[0].0, serf_lan: held[1].0, serf_wan: held[2].0, server: held[3].0 }
+}
+
+/// The body of a plain HTTP/1.0 GET, or `None` on any failure or a status other than 200.
+fn http_get(address: SocketAddr, path: &str) -> Option<String> {
+    let mut stream = TcpStream::connect_timeout(&address, Duration::from_millis(500)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    (head.split(' ').nth(1) == Some("200")).then(|| body.to_owned())
+}
