@@ -36,6 +36,14 @@ pub const DEFAULT_REGISTER_INTERVAL_SECS: u64 = 10;
 pub const DEFAULT_LOOKUP_TIMEOUT_MS: u64 = 3000;
 /// Default bound on draining in-flight calls at shutdown, in seconds.
 pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 10;
+/// Default for retrying an unreachable registry at start: off, so it fails at once.
+pub const DEFAULT_REGISTRY_RETRY: bool = false;
+/// First pause before an unreachable registry is tried again (with `MICRO_REGISTRY_RETRY`).
+#[cfg(feature = "consul")]
+const REGISTRY_RETRY_FIRST_DELAY: Duration = Duration::from_millis(500);
+/// Longest pause between tries of an unreachable registry.
+#[cfg(feature = "consul")]
+const REGISTRY_RETRY_MAX_DELAY: Duration = Duration::from_secs(30);
 
 /// Which registry backend to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -70,6 +78,46 @@ pub struct RegistryArgs {
     /// How long a look-up waits for a first instance of a name, in milliseconds.
     #[arg(long, env = "MICRO_LOOKUP_TIMEOUT", default_value_t = DEFAULT_LOOKUP_TIMEOUT_MS)]
     pub lookup_timeout: u64,
+    /// At start, keep trying an unreachable registry (Consul), with backoff and a warning
+    /// each time, instead of failing.
+    #[arg(long, env = "MICRO_REGISTRY_RETRY", default_value_t = DEFAULT_REGISTRY_RETRY)]
+    pub registry_retry: bool,
+    /// Consul ACL token, sent as `X-Consul-Token`; unset: the agent's default token.
+    #[arg(long, env = "CONSUL_HTTP_TOKEN", hide_env_values = true)]
+    pub consul_token: Option<Secret>,
+    /// Consul datacenter whose services are looked up; unset: the agent's own.
+    #[arg(long, env = "MICRO_CONSUL_DATACENTER")]
+    pub consul_datacenter: Option<String>,
+}
+
+/// A value kept out of `Debug` output and logs, such as an ACL token.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps `value`.
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The value itself.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(text.to_owned()))
+    }
 }
 
 /// Where to find the registry, as plain values.
@@ -81,6 +129,12 @@ pub struct RegistryConfig {
     pub address: Option<String>,
     /// How long a look-up waits for a first instance.
     pub lookup_timeout: Duration,
+    /// Whether [`RegistryConfig::connect`] keeps trying an unreachable registry.
+    pub retry: bool,
+    /// Consul ACL token.
+    pub consul_token: Option<Secret>,
+    /// Consul datacenter for look-ups; `None`: the agent's own.
+    pub consul_datacenter: Option<String>,
 }
 
 impl Default for RegistryConfig {
@@ -89,6 +143,9 @@ impl Default for RegistryConfig {
             kind: RegistryKind::Mdns,
             address: None,
             lookup_timeout: Duration::from_millis(DEFAULT_LOOKUP_TIMEOUT_MS),
+            retry: DEFAULT_REGISTRY_RETRY,
+            consul_token: None,
+            consul_datacenter: None,
         }
     }
 }
@@ -99,12 +156,19 @@ impl From<RegistryArgs> for RegistryConfig {
             kind: args.registry,
             address: args.registry_address,
             lookup_timeout: Duration::from_millis(args.lookup_timeout),
+            retry: args.registry_retry,
+            consul_token: args.consul_token,
+            consul_datacenter: args.consul_datacenter,
         }
     }
 }
 
 impl RegistryConfig {
     /// Opens the configured registry. Inside a tokio runtime.
+    ///
+    /// Consul: the agent at `address` (default [`crate::registry::DEFAULT_CONSUL_ADDRESS`])
+    /// must answer and know a leader; if it does not, this fails within a couple of seconds,
+    /// or with `retry` keeps trying (500 ms doubling to 30 s), logging a warning each time.
     pub async fn connect(&self) -> Result<Arc<dyn Registry>> {
         match self.kind {
             RegistryKind::Memory => Ok(Arc::new(MemoryRegistry::global())),
@@ -114,7 +178,36 @@ impl RegistryConfig {
             RegistryKind::Mdns => {
                 Err(Error::invalid("registry mdns", "micro-core was built without its `mdns` feature"))
             }
-            RegistryKind::Consul => Err(Error::invalid("registry consul", "not available in this build")),
+            #[cfg(feature = "consul")]
+            RegistryKind::Consul => {
+                use crate::registry::{ConsulRegistry, DEFAULT_CONSUL_ADDRESS};
+                let consul = ConsulRegistry::builder()
+                    .address(self.address.as_deref().unwrap_or(DEFAULT_CONSUL_ADDRESS))
+                    .token(self.consul_token.as_ref().map(|t| t.expose().to_owned()))
+                    .datacenter(self.consul_datacenter.clone())
+                    .lookup_timeout(self.lookup_timeout)
+                    .build()?;
+                let mut delay = REGISTRY_RETRY_FIRST_DELAY;
+                loop {
+                    match consul.ping().await {
+                        Ok(leader) => {
+                            tracing::debug!(address = %consul.address(), %leader, "consul agent answers");
+                            return Ok(Arc::new(consul));
+                        }
+                        Err(err) if self.retry => {
+                            let error = crate::error::error_chain(&err);
+                            tracing::warn!(%error, retry_in = ?delay, "registry not ready; trying again (MICRO_REGISTRY_RETRY is set)");
+                            tokio::time::sleep(delay).await;
+                            delay = (delay * 2).min(REGISTRY_RETRY_MAX_DELAY);
+                        }
+                        Err(err) => return Err(err),
+                    }
+                }
+            }
+            #[cfg(not(feature = "consul"))]
+            RegistryKind::Consul => {
+                Err(Error::invalid("registry consul", "micro-core was built without its `consul` feature"))
+            }
         }
     }
 }
@@ -243,6 +336,21 @@ mod tests {
         let cli = parse(&["--registry", "consul", "--register-ttl", "60"]).unwrap();
         assert_eq!(cli.registry.registry, RegistryKind::Consul);
         assert_eq!(cli.server.register_ttl, 60);
+    }
+
+    #[test]
+    fn consul_settings_and_retry_come_from_flags() {
+        let config = RegistryConfig::from(parse(&[]).unwrap().registry);
+        assert_eq!(config.retry, DEFAULT_REGISTRY_RETRY);
+        assert_eq!((config.consul_token, config.consul_datacenter), (None, None));
+
+        let cli =
+            parse(&["--registry-retry", "--consul-token", "s3cret", "--consul-datacenter", "eu"]).unwrap();
+        let config = RegistryConfig::from(cli.registry);
+        assert!(config.retry);
+        assert_eq!(config.consul_token.as_ref().map(Secret::expose), Some("s3cret"));
+        assert_eq!(config.consul_datacenter.as_deref(), Some("eu"));
+        assert!(!format!("{config:?}").contains("s3cret"), "the token must stay out of Debug output");
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //!
 //! One trait, [`Registry`], and one module per backend: [`MemoryRegistry`] for a single
 //! process, [`MdnsRegistry`] (feature `mdns`) for zero set-up discovery on one network
-//! segment.
+//! segment, [`ConsulRegistry`] (feature `consul`) for a Consul agent.
 //!
 //! # Examples
 //! ```
@@ -24,10 +24,16 @@ use futures::stream::BoxStream;
 
 use crate::{Error, Result};
 
+#[cfg(feature = "consul")]
+mod consul;
 #[cfg(feature = "mdns")]
 mod mdns;
 mod memory;
 
+#[cfg(feature = "consul")]
+pub use consul::{
+    ConsulRegistry, ConsulRegistryBuilder, DEFAULT_CONSUL_ADDRESS, DEFAULT_CONSUL_LOOKUP_TIMEOUT,
+};
 #[cfg(feature = "mdns")]
 pub use mdns::{MdnsRegistry, SERVICE_TYPE};
 pub use memory::MemoryRegistry;

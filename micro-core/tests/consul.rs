@@ -1,0 +1,249 @@
+//! The Consul backend against a real `consul agent -dev`: what lands in Consul, TTL expiry,
+//! an agent restart, an agent that is not there, and retrying at start.
+//!
+//! Run with `scripts/install-consul && scripts/netns-run cargo test -p micro-core`.
+
+use std::{
+    net::TcpListener,
+    time::{Duration, Instant},
+};
+
+use e2e::consul::ConsulAgent;
+use futures::StreamExt;
+use micro_core::{
+    Error, Node, Registry,
+    config::{RegistryConfig, RegistryKind},
+    registry::{Change, ConsulRegistry},
+};
+use serde_json::Value;
+use tokio::time::timeout;
+
+const SOON: Duration = Duration::from_secs(10);
+
+fn consul(agent: &ConsulAgent) -> ConsulRegistry {
+    ConsulRegistry::builder()
+        .address(agent.http_address())
+        .lookup_timeout(Duration::from_millis(300))
+        .build()
+        .expect("valid address")
+}
+
+fn node(name: &str, port: u16) -> Node {
+    let mut node = Node::new(name, ([127, 0, 0, 1], port).into());
+    node.version = "2.0.1".into();
+    node.metadata.insert("zone".into(), "eu-1".into());
+    node
+}
+
+/// GET `path` on the agent's HTTP API, as JSON.
+async fn get(agent: &ConsulAgent, path: &str) -> Value {
+    let url = format!("http://{}{path}", agent.http_address());
+    let response = reqwest::get(&url).await.unwrap_or_else(|err| panic!("GET {url}: {err}"));
+    assert!(response.status().is_success(), "GET {url}: {}", response.status());
+    response.json().await.expect("JSON")
+}
+
+/// Polls until `lookup(name)` gives `want` instances.
+async fn wait_for_count(registry: &ConsulRegistry, name: &str, want: usize) {
+    let deadline = Instant::now() + SOON;
+    loop {
+        let count = registry.lookup(name).await.map(|n| n.len()).unwrap_or(0);
+        if count == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{name}: {count} passing instances, wanted {want}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn registration_lands_in_consul_with_meta_and_a_passing_ttl_check() {
+    let agent = ConsulAgent::start();
+    let registry = consul(&agent);
+    let name = e2e::unique_name("visible");
+    let node = node(&name, 42001);
+    registry.register(&node, Duration::from_secs(30)).await.unwrap();
+
+    let entries = get(&agent, &format!("/v1/health/service/{name}?passing")).await;
+    let entries = entries.as_array().expect("a list");
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    let service = &entries[0]["Service"];
+    assert_eq!(service["ID"], node.id.as_str());
+    assert_eq!(service["Service"], name.as_str());
+    assert_eq!(service["Address"], "127.0.0.1");
+    assert_eq!(service["Port"], 42001);
+    assert_eq!(service["Meta"]["version"], "2.0.1");
+    assert_eq!(service["Meta"]["zone"], "eu-1");
+    assert!(service["Tags"].as_array().unwrap().contains(&Value::from("version=2.0.1")), "{service}");
+    let check = entries[0]["Checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["CheckID"] == format!("service:{}", node.id).as_str())
+        .unwrap_or_else(|| panic!("no TTL check in {}", entries[0]));
+    assert_eq!((check["Status"].as_str(), check["Type"].as_str()), (Some("passing"), Some("ttl")));
+
+    // The datacenter setting reaches Consul: the dev agent's own works, another does not.
+    let in_dc = |dc: &str| {
+        ConsulRegistry::builder().address(agent.http_address()).datacenter(Some(dc.into())).build().unwrap()
+    };
+    assert_eq!(in_dc("dc1").lookup(&name).await.unwrap(), vec![node.clone()]);
+    let err = in_dc("nowhere").lookup(&name).await.unwrap_err().to_string();
+    assert!(err.contains("consul") && err.contains("datacenter"), "{err}");
+
+    registry.deregister(&node).await.unwrap();
+    let left = get(&agent, &format!("/v1/health/service/{name}")).await;
+    assert_eq!(left, Value::Array(vec![]), "deregistration removes it from the catalog at once");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn instance_without_heartbeats_leaves_the_passing_list_within_its_ttl() {
+    let agent = ConsulAgent::start();
+    let registry = consul(&agent);
+    let name = e2e::unique_name("ttl");
+    let ttl = Duration::from_secs(2);
+    let (lapsing, kept) = (node(&name, 42011), node(&name, 42012));
+    registry.register(&lapsing, ttl).await.unwrap();
+    registry.register(&kept, ttl).await.unwrap();
+    let registered = Instant::now();
+    wait_for_count(&registry, &name, 2).await;
+
+    let mut watch = registry.watch(&name);
+    for _ in 0..2 {
+        assert!(matches!(timeout(SOON, watch.next()).await, Ok(Some(Ok(Change::Insert(..))))));
+    }
+    // Only `kept` keeps its heartbeat; `lapsing` falls silent.
+    let removed = loop {
+        tokio::select! {
+            change = timeout(SOON, watch.next()) => break change,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => registry.register(&kept, ttl).await.unwrap(),
+        }
+    };
+    let elapsed = registered.elapsed();
+    match removed {
+        Ok(Some(Ok(Change::Remove(id)))) => assert_eq!(id, lapsing.id),
+        other => panic!("expected the silent node's removal, got {other:?}"),
+    }
+    assert!(elapsed >= ttl - Duration::from_millis(100), "removed after {elapsed:?}, before the TTL");
+    assert!(elapsed < ttl + Duration::from_millis(1500), "removed only after {elapsed:?}");
+    let ids: Vec<String> = registry.lookup(&name).await.unwrap().into_iter().map(|n| n.id).collect();
+    assert_eq!(ids, vec![kept.id.clone()]);
+
+    // Consul keeps the silent one in its catalog as critical until it reaps it.
+    let all = get(&agent, &format!("/v1/health/service/{name}")).await;
+    let critical = all.as_array().unwrap().iter().find(|e| e["Service"]["ID"] == lapsing.id.as_str());
+    let statuses: Vec<&str> = critical.expect("still in the catalog")["Checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c["Status"].as_str())
+        .collect();
+    assert!(statuses.contains(&"critical"), "{statuses:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn heartbeat_after_an_agent_restart_registers_again() {
+    let mut agent = ConsulAgent::start();
+    let registry = consul(&agent);
+    let name = e2e::unique_name("restart");
+    let node = node(&name, 42021);
+    let ttl = Duration::from_secs(10);
+    registry.register(&node, ttl).await.unwrap();
+    // Followed all along, as a client's background task does, so a query is in flight when
+    // the agent stops.
+    let (changes, mut watch) = tokio::sync::mpsc::unbounded_channel();
+    let mut stream = registry.watch(&name);
+    let follower = tokio::spawn(async move {
+        while let Some(change) = stream.next().await {
+            if changes.send(change).is_err() {
+                return;
+            }
+        }
+    });
+    assert!(matches!(timeout(SOON, watch.recv()).await, Ok(Some(Ok(Change::Insert(..))))));
+
+    let agent = tokio::task::spawn_blocking(move || {
+        agent.restart();
+        agent
+    })
+    .await
+    .unwrap();
+    // A dev agent forgets everything; the watch rides out the restart and reports the loss.
+    match timeout(SOON, watch.recv()).await {
+        Ok(Some(Ok(Change::Remove(id)))) => assert_eq!(id, node.id),
+        other => panic!("expected a Remove after the restart, got {other:?}"),
+    }
+    assert!(matches!(registry.lookup(&name).await, Err(Error::NoInstance { .. })));
+
+    registry.register(&node, ttl).await.expect("the heartbeat registers again");
+    assert_eq!(registry.lookup(&name).await.unwrap(), vec![node.clone()]);
+    match timeout(SOON, watch.recv()).await {
+        Ok(Some(Ok(Change::Insert(id, _)))) => assert_eq!(id, node.id),
+        other => panic!("expected the Insert after re-registration, got {other:?}"),
+    }
+    follower.abort();
+    let entries = get(&agent, &format!("/v1/health/service/{name}?passing")).await;
+    assert_eq!(entries.as_array().map(Vec::len), Some(1));
+}
+
+/// A loopback port nothing listens on.
+fn closed_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+#[tokio::test]
+async fn missing_agent_is_a_fast_error_naming_consul_and_the_address() {
+    let address = format!("127.0.0.1:{}", closed_port());
+    let config = RegistryConfig {
+        kind: RegistryKind::Consul,
+        address: Some(address.clone()),
+        ..RegistryConfig::default()
+    };
+    let started = Instant::now();
+    let err = match config.connect().await {
+        Ok(_) => panic!("nothing listens at {address}"),
+        Err(err) => err,
+    };
+    assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+    let text = err.to_string();
+    for part in ["consul", address.as_str(), "MICRO_REGISTRY_ADDRESS"] {
+        assert!(text.contains(part), "{part:?} missing from: {text}");
+    }
+
+    let registry = ConsulRegistry::builder().address(&address).build().unwrap();
+    let started = Instant::now();
+    let err = registry.register(&node("svc", 1), Duration::from_secs(5)).await.unwrap_err().to_string();
+    assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+    assert!(err.contains("consul") && err.contains(&address), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_retry_connect_waits_for_the_agent_to_come_up() {
+    let mut agent = ConsulAgent::start();
+    let address = agent.http_address();
+    let mut agent = tokio::task::spawn_blocking(move || {
+        agent.stop();
+        agent
+    })
+    .await
+    .unwrap();
+    let config = RegistryConfig {
+        kind: RegistryKind::Consul,
+        address: Some(address),
+        retry: true,
+        ..RegistryConfig::default()
+    };
+    let connecting = tokio::spawn(async move { config.connect().await.map(|r| r.kind()) });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!connecting.is_finished(), "connect gave up although retry is set");
+
+    let _agent = tokio::task::spawn_blocking(move || {
+        agent.restart();
+        agent
+    })
+    .await
+    .unwrap();
+    let connected = timeout(Duration::from_secs(15), connecting).await;
+    assert!(matches!(connected, Ok(Ok(Ok("consul")))), "{connected:?}");
+}
