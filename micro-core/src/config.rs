@@ -21,6 +21,8 @@ use std::{fmt, net::SocketAddr, sync::Arc, time::Duration};
 
 use clap::{Args, ValueEnum};
 
+pub use crate::client::{ClientArgs, ClientConfig};
+
 use crate::{
     Error, Result,
     registry::{MemoryRegistry, Registry},
@@ -34,6 +36,8 @@ pub const DEFAULT_REGISTER_TTL_SECS: u64 = 30;
 pub const DEFAULT_REGISTER_INTERVAL_SECS: u64 = 10;
 /// Default time a look-up waits for a first instance, in milliseconds.
 pub const DEFAULT_LOOKUP_TIMEOUT_MS: u64 = 3000;
+/// Default time a stopping server keeps serving after announcing that it drains, in ms.
+pub const DEFAULT_DRAIN_DELAY_MS: u64 = 500;
 /// Default bound on draining in-flight calls at shutdown, in seconds.
 pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 10;
 /// Default for retrying an unreachable registry at start: off, so it fails at once.
@@ -241,6 +245,10 @@ pub struct ServerArgs {
     /// Seconds in-flight calls get to finish at shutdown before the server closes anyway.
     #[arg(long, env = "MICRO_SHUTDOWN_GRACE", default_value_t = DEFAULT_SHUTDOWN_GRACE_SECS)]
     pub shutdown_grace: u64,
+    /// Milliseconds a stopping server keeps serving after announcing that it drains, so
+    /// clients stop picking it before it deregisters; 0 skips the announcement.
+    #[arg(long, env = "MICRO_SHUTDOWN_DRAIN_DELAY", default_value_t = DEFAULT_DRAIN_DELAY_MS)]
+    pub shutdown_drain_delay: u64,
 }
 
 fn parse_key_value(text: &str) -> Result<(String, String), String> {
@@ -269,6 +277,8 @@ pub struct ServerConfig {
     pub register_interval: Duration,
     /// Drain bound at shutdown.
     pub shutdown_grace: Duration,
+    /// How long a stopping server serves on after announcing that it drains.
+    pub drain_delay: Duration,
 }
 
 impl Default for ServerConfig {
@@ -282,6 +292,7 @@ impl Default for ServerConfig {
             register_ttl: Duration::from_secs(DEFAULT_REGISTER_TTL_SECS),
             register_interval: Duration::from_secs(DEFAULT_REGISTER_INTERVAL_SECS),
             shutdown_grace: Duration::from_secs(DEFAULT_SHUTDOWN_GRACE_SECS),
+            drain_delay: Duration::from_millis(DEFAULT_DRAIN_DELAY_MS),
         }
     }
 }
@@ -305,6 +316,7 @@ impl TryFrom<ServerArgs> for ServerConfig {
             register_ttl: Duration::from_secs(args.register_ttl),
             register_interval: Duration::from_secs(args.register_interval),
             shutdown_grace: Duration::from_secs(args.shutdown_grace),
+            drain_delay: Duration::from_millis(args.shutdown_drain_delay),
         })
     }
 }

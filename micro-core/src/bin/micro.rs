@@ -142,6 +142,8 @@ fn print_settings(matches: &ArgMatches, output: Output) {
         let Some(source) = matches.value_source(id) else { continue };
         let value: Vec<String> =
             matches.get_raw(id).into_iter().flatten().map(|v| v.to_string_lossy().into_owned()).collect();
+        let secret = arg.get_env().is_some_and(|env| env.to_string_lossy().contains("TOKEN"));
+        let value = if secret && !value.is_empty() { vec!["(set, hidden)".to_owned()] } else { value };
         let source = match (source, arg.get_env()) {
             (ValueSource::CommandLine, _) => "flag".to_owned(),
             (ValueSource::EnvVariable, Some(env)) => format!("env {}", env.to_string_lossy()),

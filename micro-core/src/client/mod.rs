@@ -1,82 +1,121 @@
 //! Calling services by name: [`Client::channel`] turns a name into a channel that every
-//! tonic-generated client accepts, picks an instance per call and follows the registry as
-//! instances come and go.
+//! tonic-generated client accepts. Each call picks an instance with the channel's strategy
+//! among those registered, not draining and not ejected; a background task follows the
+//! registry (its watch, plus a periodic full refresh) for as long as the channel lives.
+//!
+//! A failed attempt is retried on another instance, with exponential backoff, full jitter
+//! and a retry budget, when that is safe: always when the request never reached a server
+//! (its body was never sent: a refused connection), and after sending only for idempotent
+//! methods (see [`Client::idempotent_methods`]) or requests carrying an `idempotency-key`
+//! header. A non-idempotent call that may have reached a server fails with `UNKNOWN`, naming
+//! the instance, and is never sent twice. An instance that fails repeatedly (a refused
+//! connection at once) is ejected for a while and tried again later.
 //!
 //! # Examples
 //! ```no_run
 //! # async fn demo() -> micro_core::Result<()> {
-//! use micro_core::{client::Client, config::RegistryConfig};
+//! use micro_core::{client::Client, config::RegistryConfig, selector::Filter};
 //! use proto::vessel::{Specification, vessel_service_client::VesselServiceClient};
 //!
 //! let registry = RegistryConfig::default().connect().await?;
-//! let client = Client::new(registry);
+//! let client = Client::new(registry).idempotent_methods(proto::IDEMPOTENT_METHODS);
 //! let mut vessels = VesselServiceClient::new(client.channel("vessel-service"));
 //! let reply = vessels.find_available(Specification { capacity: 3, max_weight: 55_000 }).await;
+//! let v2_only = client.channel_with("vessel-service", Filter::new().version("2"));
 //! # Ok(()) }
 //! ```
 
+mod config;
+mod replay;
+
 use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex},
+    collections::{HashMap, HashSet},
+    sync::{
+        Arc, Mutex, OnceLock, Weak,
+        atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering},
+    },
     task::{Context, Poll},
     time::Duration,
 };
 
+pub use config::*;
 use futures::{StreamExt, future::BoxFuture};
+use http::HeaderValue;
+use rand::Rng;
 use tokio::{sync::watch, task::AbortHandle, time::Instant};
-use tonic::{body::Body, transport::Channel};
-use tower::{Service, ServiceExt};
+use tonic::{Code, Status, body::Body, transport::Channel};
+use tower::{Service, ServiceExt, retry::budget::Budget, retry::budget::TpsBudget};
 
+pub use self::replay::MAX_REPLAY_BYTES;
+use self::replay::Replay;
 use crate::{
     BoxError, Error,
-    config::DEFAULT_LOOKUP_TIMEOUT_MS,
-    registry::{Change, Node, Registry},
-    selector::{RoundRobin, Strategy},
+    error::error_chain,
+    middleware::{REQUEST_ID_HEADER, current_request_id, new_request_id},
+    registry::{Change, Node, NodeId, Registry},
+    selector::{Candidates, Filter, Strategy},
 };
 
-/// Default time to establish a TCP connection to an instance.
-pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// The request header that makes any call safe to retry: the server deduplicates by it.
+pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
 /// Pause before a watch that ended is started again.
 const REWATCH_DELAY: Duration = Duration::from_millis(500);
+/// The longest ejection.
+const MAX_EJECT_TIME: Duration = Duration::from_secs(30);
 
 /// Makes [`NamedChannel`]s over one registry. Cheap to clone; channels for the same name
-/// are shared.
+/// and filter are shared.
 #[derive(Clone)]
 pub struct Client {
     registry: Arc<dyn Registry>,
-    strategy: Arc<dyn Fn() -> Arc<dyn Strategy> + Send + Sync>,
-    lookup_timeout: Duration,
-    connect_timeout: Duration,
-    channels: Arc<Mutex<HashMap<String, NamedChannel>>>,
+    config: ClientConfig,
+    make_strategy: Option<Arc<dyn Fn() -> Box<dyn Strategy> + Send + Sync>>,
+    idempotent: Arc<HashSet<String>>,
+    channels: Arc<Mutex<HashMap<(String, Filter), NamedChannel>>>,
 }
 
 impl Client {
-    /// A client over `registry`: round robin, 3 s look-up timeout, 2 s connect timeout.
+    /// A client over `registry` with [`ClientConfig::default`].
     pub fn new(registry: Arc<dyn Registry>) -> Self {
         Client {
             registry,
-            strategy: Arc::new(|| Arc::new(RoundRobin::new())),
-            lookup_timeout: Duration::from_millis(DEFAULT_LOOKUP_TIMEOUT_MS),
-            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            config: ClientConfig::default(),
+            make_strategy: None,
+            idempotent: Arc::default(),
             channels: Arc::default(),
         }
     }
 
-    /// The strategy each new channel gets its own instance of. Default: [`RoundRobin`].
+    /// All settings at once, e.g. from [`ClientArgs`]. Default: [`ClientConfig::default`].
+    pub fn config(mut self, config: ClientConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// A strategy of your own; each new channel gets one from `make`.
+    /// Default: the config's [`crate::selector::StrategyKind`] (round robin).
     pub fn strategy<S: Strategy>(mut self, make: impl Fn() -> S + Send + Sync + 'static) -> Self {
-        self.strategy = Arc::new(move || Arc::new(make()));
+        self.make_strategy = Some(Arc::new(move || Box::new(make())));
+        self
+    }
+
+    /// gRPC paths (`/package.Service/Method`) safe to retry after the request was sent,
+    /// e.g. `proto::IDEMPOTENT_METHODS`. Default: none.
+    pub fn idempotent_methods(mut self, paths: &[&str]) -> Self {
+        self.idempotent = Arc::new(paths.iter().map(|p| (*p).to_owned()).collect());
         self
     }
 
     /// How long a call waits for a first instance of its name. Default: 3 s.
     pub fn lookup_timeout(mut self, timeout: Duration) -> Self {
-        self.lookup_timeout = timeout;
+        self.config.lookup_timeout = timeout;
         self
     }
 
-    /// How long connecting to an instance may take. Default: 2 s.
-    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
-        self.connect_timeout = timeout;
+    /// Deadline of each call, retries included, unless the caller sets a shorter one.
+    /// Default: 5 s.
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.config.request_timeout = timeout;
         self
     }
 
@@ -85,29 +124,51 @@ impl Client {
         &self.registry
     }
 
-    /// A channel to the service `name`, following its instances. Needs a tokio runtime.
+    /// A channel to every instance of `name`. Needs a tokio runtime.
     pub fn channel(&self, name: &str) -> NamedChannel {
+        self.channel_with(name, Filter::default())
+    }
+
+    /// A channel to the instances of `name` that `filter` accepts. Needs a tokio runtime.
+    pub fn channel_with(&self, name: &str, filter: Filter) -> NamedChannel {
         let mut channels = self.channels.lock().expect("client channels lock");
         channels
-            .entry(name.to_owned())
-            .or_insert_with(|| {
-                NamedChannel::new(
-                    name,
-                    self.registry.clone(),
-                    (self.strategy)(),
-                    self.lookup_timeout,
-                    self.connect_timeout,
-                )
-            })
+            .entry((name.to_owned(), filter.clone()))
+            .or_insert_with(|| self.new_channel(name, filter))
             .clone()
+    }
+
+    fn new_channel(&self, name: &str, filter: Filter) -> NamedChannel {
+        let strategy = match &self.make_strategy {
+            Some(make) => make(),
+            None => self.config.strategy.build(),
+        };
+        let config = &self.config;
+        let budget = TpsBudget::new(
+            Duration::from_secs(10),
+            config.min_retries_per_sec,
+            config.retry_budget_percent / 100.0,
+        );
+        let (state, _) = watch::channel(Arc::new(Snapshot::default()));
+        let shared = Arc::new(Shared {
+            name: name.to_owned(),
+            registry_kind: self.registry.kind(),
+            filter,
+            strategy,
+            config: config.clone(),
+            idempotent: self.idempotent.clone(),
+            state,
+            stats: Mutex::default(),
+            budget,
+            follower: OnceLock::new(),
+        });
+        let follower = tokio::spawn(follow_registry(Arc::downgrade(&shared), self.registry.clone()));
+        let _ = shared.follower.set(follower.abort_handle());
+        NamedChannel { shared }
     }
 }
 
-/// A `tower::Service` for gRPC calls to every instance of one name.
-///
-/// Each call goes to the instance the strategy picks among those currently registered. A
-/// background task follows the registry's watch for as long as any clone of the channel
-/// lives, so calls never query the registry themselves.
+/// A `tower::Service` for gRPC calls to the instances of one name; see the module docs.
 #[derive(Clone)]
 pub struct NamedChannel {
     shared: Arc<Shared>,
@@ -116,104 +177,375 @@ pub struct NamedChannel {
 struct Shared {
     name: String,
     registry_kind: &'static str,
-    instances: watch::Receiver<Arc<Instances>>,
-    strategy: Arc<dyn Strategy>,
-    lookup_timeout: Duration,
-    follower: AbortHandle,
+    filter: Filter,
+    strategy: Box<dyn Strategy>,
+    config: ClientConfig,
+    idempotent: Arc<HashSet<String>>,
+    state: watch::Sender<Arc<Snapshot>>,
+    stats: Mutex<HashMap<NodeId, Arc<NodeStats>>>,
+    budget: TpsBudget,
+    follower: OnceLock<AbortHandle>,
 }
 
 impl Drop for Shared {
     fn drop(&mut self) {
-        self.follower.abort();
+        if let Some(follower) = self.follower.get() {
+            follower.abort();
+        }
     }
 }
 
-/// The instances a channel can pick from, with a connection handle each.
-#[derive(Default)]
-struct Instances {
+/// What a channel knows of its instances at one moment.
+#[derive(Default, Clone)]
+struct Snapshot {
     nodes: Vec<Node>,
     channels: Vec<Channel>,
+    stats: Vec<Arc<NodeStats>>,
+    /// Indices of nodes the filter accepts and that are not draining.
+    eligible: Vec<usize>,
+    /// Eligible and not ejected.
+    pickable: Vec<usize>,
+}
+
+impl Snapshot {
+    fn with_pickable(mut self, now: Instant) -> Self {
+        self.pickable = self.eligible.iter().copied().filter(|&i| !self.stats[i].is_ejected(now)).collect();
+        self
+    }
+}
+
+/// One instance's health as this channel sees it.
+#[derive(Default)]
+struct NodeStats {
+    in_flight: AtomicUsize,
+    consecutive_failures: AtomicU32,
+    ejections: AtomicU32,
+    ejected_until: Mutex<Option<Instant>>,
+}
+
+impl NodeStats {
+    fn is_ejected(&self, now: Instant) -> bool {
+        self.ejected_until.lock().expect("stats lock").is_some_and(|until| until > now)
+    }
+}
+
+/// Keeps an in-flight count up while an attempt runs.
+struct InFlight(Arc<NodeStats>);
+
+impl InFlight {
+    fn start(stats: &Arc<NodeStats>) -> Self {
+        stats.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(stats.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl NamedChannel {
-    fn new(
-        name: &str,
-        registry: Arc<dyn Registry>,
-        strategy: Arc<dyn Strategy>,
-        lookup_timeout: Duration,
-        connect_timeout: Duration,
-    ) -> Self {
-        let (sender, instances) = watch::channel(Arc::new(Instances::default()));
-        let registry_kind = registry.kind();
-        let follower = tokio::spawn(follow_registry(name.to_owned(), registry, sender, connect_timeout));
-        NamedChannel {
-            shared: Arc::new(Shared {
-                name: name.to_owned(),
-                registry_kind,
-                instances,
-                strategy,
-                lookup_timeout,
-                follower: follower.abort_handle(),
-            }),
-        }
-    }
-
     /// The service name this channel calls.
     pub fn name(&self) -> &str {
         &self.shared.name
     }
 
-    /// The instances currently known for the name.
+    /// The instances currently known for the name, draining and filtered-out ones included.
     pub fn instances(&self) -> Vec<Node> {
-        self.shared.instances.borrow().nodes.clone()
+        self.shared.state.borrow().nodes.clone()
+    }
+
+    /// The instances a call may be sent to now: accepted by the filter, not draining, not
+    /// ejected.
+    pub fn pickable(&self) -> Vec<Node> {
+        let snapshot = self.shared.state.borrow().clone();
+        snapshot.pickable.iter().map(|&i| snapshot.nodes[i].clone()).collect()
     }
 }
 
+/// An instance chosen for one attempt.
+struct Pick {
+    node: Node,
+    channel: Channel,
+    stats: Arc<NodeStats>,
+}
+
+/// How an attempt ended, when it did not succeed.
+enum Failure {
+    /// The transport failed; `sent` tells whether the request may have reached the server.
+    Transport { source: BoxError, sent: bool },
+    /// The server (or a proxy) answered with this status.
+    Status(Status),
+}
+
 impl Shared {
-    /// Picks an instance, waiting up to the look-up timeout when none is known yet.
-    async fn pick(&self) -> Result<(Node, Channel), Error> {
-        let mut instances = self.instances.clone();
-        let deadline = Instant::now() + self.lookup_timeout;
+    /// Picks an instance not in `tried` when there is one, waiting up to the look-up
+    /// timeout (bounded by the deadline) when none is known yet.
+    async fn pick(&self, tried: &[NodeId], deadline: Instant) -> Result<Pick, Status> {
+        let mut state = self.state.subscribe();
+        let wait_until = deadline.min(Instant::now() + self.config.lookup_timeout);
         loop {
-            {
-                let current = instances.borrow_and_update();
-                if let Some(index) = self.strategy.pick(&current.nodes) {
-                    return Ok((current.nodes[index].clone(), current.channels[index].clone()));
-                }
+            let snapshot = state.borrow_and_update().clone();
+            if let Some(pick) = self.pick_from(&snapshot, tried) {
+                return Ok(pick);
             }
-            match tokio::time::timeout_at(deadline, instances.changed()).await {
-                Ok(Ok(())) => continue,
-                Ok(Err(_)) | Err(_) => {
-                    return Err(Error::NoInstance {
-                        service: self.name.clone(),
-                        registry: self.registry_kind.into(),
-                    });
-                }
+            if tokio::time::timeout_at(wait_until, state.changed()).await.is_err() {
+                return Err(self.no_instance(&snapshot));
             }
         }
     }
 
+    fn pick_from(&self, snapshot: &Snapshot, tried: &[NodeId]) -> Option<Pick> {
+        // With every eligible instance ejected, ejection is ignored rather than failing.
+        let pool = if snapshot.pickable.is_empty() { &snapshot.eligible } else { &snapshot.pickable };
+        let load = |slot: usize| snapshot.stats[slot].in_flight.load(Ordering::Relaxed);
+        let candidates = Candidates::with_load(&snapshot.nodes, &load, pool);
+        let first = self.strategy.pick(&candidates)?;
+        let untried = (0..candidates.len())
+            .map(|offset| (first + offset) % candidates.len())
+            .find(|&i| !tried.contains(&candidates.node(i).id))
+            .unwrap_or(first);
+        let slot = pool[untried];
+        tracing::debug!(service = %self.name, node = %snapshot.nodes[slot].id, "picked");
+        Some(Pick {
+            node: snapshot.nodes[slot].clone(),
+            channel: snapshot.channels[slot].clone(),
+            stats: snapshot.stats[slot].clone(),
+        })
+    }
+
+    fn no_instance(&self, snapshot: &Snapshot) -> Status {
+        let registry = self.registry_kind;
+        if snapshot.nodes.is_empty() {
+            return Error::NoInstance { service: self.name.clone(), registry: registry.into() }.into();
+        }
+        let draining = snapshot.nodes.iter().filter(|n| n.draining).count();
+        let filtered = snapshot.nodes.iter().filter(|n| !self.filter.accepts(n)).count();
+        Status::unavailable(format!(
+            "no usable instance of {} in registry {registry}: {} known, {filtered} rejected by the filter {:?}, {draining} draining",
+            self.name,
+            snapshot.nodes.len(),
+            self.filter
+        ))
+    }
+
+    fn record_success(&self, stats: &NodeStats) {
+        stats.consecutive_failures.store(0, Ordering::Relaxed);
+        stats.ejections.store(0, Ordering::Relaxed);
+    }
+
+    /// Counts a failure against `pick`; ejects it after `eject_after` in a row, or at once
+    /// when it refused the connection.
+    fn record_failure(self: &Arc<Self>, pick: &Pick, refused: bool) {
+        let failures = pick.stats.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if !refused && failures < self.config.eject_after {
+            return;
+        }
+        pick.stats.consecutive_failures.store(0, Ordering::Relaxed);
+        let ejections = pick.stats.ejections.fetch_add(1, Ordering::Relaxed);
+        let time = (self.config.eject_time * 2u32.saturating_pow(ejections.min(10))).min(MAX_EJECT_TIME);
+        *pick.stats.ejected_until.lock().expect("stats lock") = Some(Instant::now() + time);
+        tracing::warn!(service = %self.name, node = %pick.node.id, address = %pick.node.address, ?time, failures, refused, "instance ejected");
+        self.republish();
+        let channel = Arc::downgrade(self);
+        tokio::spawn(async move {
+            tokio::time::sleep(time).await;
+            if let Some(channel) = channel.upgrade() {
+                channel.republish();
+            }
+        });
+    }
+
+    /// Recomputes which instances are pickable now.
+    fn republish(&self) {
+        let now = Instant::now();
+        self.state.send_modify(|snapshot| *snapshot = Arc::new(Snapshot::clone(snapshot).with_pickable(now)));
+    }
+
     async fn call(self: Arc<Self>, request: http::Request<Body>) -> Result<http::Response<Body>, BoxError> {
-        let (node, mut channel) = self.pick().await.map_err(into_status)?;
-        tracing::debug!(service = %self.name, node = %node.id, address = %node.address, "picked");
-        let transport_error = |source: BoxError| {
-            let err = Error::Transport {
-                service: self.name.clone(),
-                node: node.id.clone(),
-                address: node.address,
-                registry: self.registry_kind.into(),
-                source,
+        let started = Instant::now();
+        let timeout = requested_timeout(&request)
+            .map_or(self.config.request_timeout, |t| t.min(self.config.request_timeout));
+        let deadline = started + timeout;
+        let method = request.uri().path().to_owned();
+        let idempotent =
+            self.idempotent.contains(&method) || request.headers().contains_key(IDEMPOTENCY_KEY_HEADER);
+        let (mut parts, body) = request.into_parts();
+        if !parts.headers.contains_key(REQUEST_ID_HEADER) {
+            parts.headers.insert(REQUEST_ID_HEADER, current_request_id().unwrap_or_else(new_request_id));
+        }
+        let replay = Replay::new(body);
+        self.budget.deposit();
+
+        let mut tried: Vec<NodeId> = Vec::new();
+        for attempt in 0.. {
+            let pick =
+                self.pick(&tried, deadline).await.map_err(|status| -> BoxError { Box::new(status) })?;
+            tried.push(pick.node.id.clone());
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let (attempt_body, polled) = replay.attempt();
+            let mut request = http::Request::from_parts(parts.clone(), attempt_body);
+            request.headers_mut().insert("grpc-timeout", grpc_timeout(remaining));
+
+            let failure = match self.attempt(&pick, request, &polled, deadline).await {
+                Ok(response) => return Ok(response),
+                Err(AttemptError::Deadline) => {
+                    return Err(Box::new(Status::deadline_exceeded(format!(
+                        "{method} to {} instance {} at {} exceeded its {timeout:?} deadline",
+                        self.name, pick.node.id, pick.node.address
+                    ))));
+                }
+                Err(AttemptError::Failed(failure)) => failure,
             };
-            tracing::warn!(error = %crate::error::error_chain(&err), "call failed");
-            into_status(err)
-        };
-        let ready = channel.ready().await.map_err(|e| transport_error(e.into()))?;
-        ready.call(request).await.map_err(|e| transport_error(e.into()))
+            // A transport failure that carries a gRPC status (a reset stream) keeps its code.
+            let (sent, code) = match &failure {
+                Failure::Transport { sent, source } => {
+                    (*sent, source.downcast_ref::<Status>().map(Status::code))
+                }
+                Failure::Status(status) => (true, Some(status.code())),
+            };
+            let retry_allowed = !sent || (idempotent && code.is_none_or(|code| code == Code::Unavailable));
+            let backoff = self.backoff(attempt);
+            let retry = retry_allowed
+                && attempt < self.config.retries
+                && replay.replayable()
+                && Instant::now() + backoff < deadline
+                && self.budget.withdraw();
+            if retry {
+                tracing::debug!(service = %self.name, node = %pick.node.id, %method, attempt, sent, "retrying on another instance");
+                tokio::time::sleep(backoff).await;
+                continue;
+            }
+            return Err(Box::new(self.final_status(&method, &pick, failure, sent, idempotent)));
+        }
+        unreachable!("the attempt loop returns")
+    }
+
+    async fn attempt(
+        self: &Arc<Self>,
+        pick: &Pick,
+        request: http::Request<Body>,
+        polled: &AtomicBool,
+        deadline: Instant,
+    ) -> Result<http::Response<Body>, AttemptError> {
+        let _in_flight = InFlight::start(&pick.stats);
+        let call = pick.channel.clone().oneshot(request);
+        let result = tokio::time::timeout_at(deadline, call).await.map_err(|_| AttemptError::Deadline)?;
+        match result {
+            Ok(response) => match Status::from_header_map(response.headers()) {
+                Some(status) if status.code() == Code::Unavailable => {
+                    self.record_failure(pick, false);
+                    Err(AttemptError::Failed(Failure::Status(status)))
+                }
+                _ => {
+                    self.record_success(&pick.stats);
+                    Ok(response)
+                }
+            },
+            Err(err) => {
+                let source: BoxError = err.into();
+                if chain_has::<tonic::TimeoutExpired>(&*source) {
+                    return Err(AttemptError::Deadline);
+                }
+                let sent = polled.load(Ordering::Acquire);
+                self.record_failure(pick, !sent && is_connect_error(&*source));
+                Err(AttemptError::Failed(Failure::Transport { source, sent }))
+            }
+        }
+    }
+
+    fn backoff(&self, attempt: u32) -> Duration {
+        let ceiling = self.config.backoff.saturating_mul(2u32.saturating_pow(attempt.min(16)));
+        ceiling.mul_f64(rand::rng().random_range(0.0..=1.0))
+    }
+
+    fn final_status(
+        &self,
+        method: &str,
+        pick: &Pick,
+        failure: Failure,
+        sent: bool,
+        idempotent: bool,
+    ) -> Status {
+        let (service, node, address, registry) =
+            (&self.name, &pick.node.id, pick.node.address, self.registry_kind);
+        match failure {
+            Failure::Status(status) => {
+                tracing::warn!(%service, %node, %method, code = ?status.code(), "call failed");
+                status
+            }
+            Failure::Transport { source, .. } if sent && !idempotent => {
+                let message = format!(
+                    "outcome unknown: {method} reached {service} instance {node} at {address} (registry {registry}), \
+                     which failed before answering; not retried because the method is not idempotent: {}",
+                    error_chain(&*source)
+                );
+                tracing::warn!(%service, %node, %method, "call failed; outcome unknown");
+                Status::unknown(message)
+            }
+            Failure::Transport { source, .. } => {
+                let err = Error::Transport {
+                    service: service.clone(),
+                    node: node.clone(),
+                    address,
+                    registry: registry.into(),
+                    source,
+                };
+                tracing::warn!(%service, %node, %method, error = %error_chain(&err), "call failed");
+                err.into()
+            }
+        }
     }
 }
 
-fn into_status(err: Error) -> BoxError {
-    Box::new(tonic::Status::from(err))
+enum AttemptError {
+    Deadline,
+    Failed(Failure),
+}
+
+/// Whether the failure was a failed TCP connection: nothing reached a server.
+fn is_connect_error(err: &(dyn std::error::Error + 'static)) -> bool {
+    chain_has::<tonic::ConnectError>(err)
+        || chain_has_io(err, |kind| {
+            matches!(kind, std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::HostUnreachable)
+        })
+}
+
+fn chain_has<E: std::error::Error + 'static>(err: &(dyn std::error::Error + 'static)) -> bool {
+    std::iter::successors(Some(err), |e| e.source()).any(|e| e.is::<E>())
+}
+
+fn chain_has_io(err: &(dyn std::error::Error + 'static), kind: impl Fn(std::io::ErrorKind) -> bool) -> bool {
+    std::iter::successors(Some(err), |e| e.source())
+        .any(|e| e.downcast_ref::<std::io::Error>().is_some_and(|io| kind(io.kind())))
+}
+
+/// The deadline the caller put on the request as `grpc-timeout`, if any.
+fn requested_timeout(request: &http::Request<Body>) -> Option<Duration> {
+    let value = request.headers().get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    let amount: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount.saturating_mul(3600)),
+        "M" => Duration::from_secs(amount.saturating_mul(60)),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
+}
+
+/// `remaining` in gRPC's `grpc-timeout` form: at most 8 digits and a unit.
+fn grpc_timeout(remaining: Duration) -> HeaderValue {
+    let millis = remaining.as_millis();
+    let text = if millis < 100_000_000 {
+        format!("{}m", millis.max(1))
+    } else {
+        format!("{}S", remaining.as_secs())
+    };
+    HeaderValue::from_str(&text).expect("digits and a unit")
 }
 
 impl Service<http::Request<Body>> for NamedChannel {
@@ -230,45 +562,103 @@ impl Service<http::Request<Body>> for NamedChannel {
     }
 }
 
-/// Applies the registry's changes for `name` to the channel's instances until the channel
-/// is dropped; a watch that ends or fails is started again, keeping the instances known.
-async fn follow_registry(
-    name: String,
-    registry: Arc<dyn Registry>,
-    instances: watch::Sender<Arc<Instances>>,
-    connect_timeout: Duration,
-) {
-    let mut known: Vec<(Node, Channel)> = Vec::new();
+/// Applies the registry's changes to the channel's instances until the channel is dropped.
+/// A watch that ends or fails is started again; every refresh interval a full look-up
+/// repairs missed events. While the registry cannot be reached the known instances are
+/// kept (stale but usable), and this is logged.
+async fn follow_registry(channel: Weak<Shared>, registry: Arc<dyn Registry>) {
+    let Some(shared) = channel.upgrade() else { return };
+    let (name, refresh_interval) = (shared.name.clone(), shared.config.refresh_interval);
+    drop(shared);
+    let mut known: HashMap<NodeId, Node> = HashMap::new();
+    let mut refresh = tokio::time::interval(refresh_interval);
+    refresh.tick().await;
     loop {
         let mut changes = registry.watch(&name);
-        while let Some(change) = changes.next().await {
-            match change {
-                Ok(Change::Insert(id, node)) => {
-                    let channel = match connect_lazily(&node, connect_timeout) {
-                        Ok(channel) => channel,
-                        Err(err) => {
-                            tracing::warn!(service = %name, node = %id, error = %err, "unusable address");
-                            continue;
-                        }
-                    };
-                    known.retain(|(n, _)| n.id != id);
-                    known.push((node, channel));
-                    known.sort_by(|a, b| a.0.id.cmp(&b.0.id));
-                }
-                Ok(Change::Remove(id)) => known.retain(|(n, _)| n.id != id),
-                Err(err) => {
-                    tracing::warn!(service = %name, registry = registry.kind(), error = %err, "watch failed; keeping known instances");
-                    break;
-                }
-            }
-            let (nodes, channels) = known.iter().cloned().unzip();
-            tracing::debug!(service = %name, instances = known.len(), "instances changed");
-            if instances.send(Arc::new(Instances { nodes, channels })).is_err() {
-                return;
+        loop {
+            let changed = tokio::select! {
+                change = changes.next() => match change {
+                    Some(Ok(Change::Insert(id, node))) => known.insert(id, node.clone()).as_ref() != Some(&node),
+                    Some(Ok(Change::Remove(id))) => known.remove(&id).is_some(),
+                    Some(Err(err)) => {
+                        tracing::warn!(service = %name, registry = registry.kind(), error = %error_chain(&err), cached = known.len(), "watch failed; keeping known instances");
+                        break;
+                    }
+                    None => break,
+                },
+                _ = refresh.tick() => refresh_from(&*registry, &name, &mut known).await,
+            };
+            if changed {
+                let Some(shared) = channel.upgrade() else { return };
+                shared.publish(&known);
             }
         }
         tokio::time::sleep(REWATCH_DELAY).await;
+        if refresh_from(&*registry, &name, &mut known).await {
+            let Some(shared) = channel.upgrade() else { return };
+            shared.publish(&known);
+        }
         tracing::warn!(service = %name, registry = registry.kind(), "watch restarted");
+    }
+}
+
+/// Replaces `known` with a full look-up; returns whether anything changed. On a registry
+/// failure `known` is kept.
+async fn refresh_from(registry: &dyn Registry, name: &str, known: &mut HashMap<NodeId, Node>) -> bool {
+    let found = match registry.lookup(name).await {
+        Ok(nodes) => nodes,
+        Err(Error::NoInstance { .. }) => Vec::new(),
+        Err(err) => {
+            if !known.is_empty() {
+                tracing::warn!(service = %name, registry = registry.kind(), error = %error_chain(&err), cached = known.len(), "registry unreachable; calls use the cached instances");
+            }
+            return false;
+        }
+    };
+    let fresh: HashMap<NodeId, Node> = found.into_iter().map(|n| (n.id.clone(), n)).collect();
+    if fresh == *known {
+        return false;
+    }
+    tracing::info!(service = %name, before = known.len(), after = fresh.len(), "refresh repaired the instance list");
+    *known = fresh;
+    true
+}
+
+impl Shared {
+    /// Publishes `known` as the new snapshot, reusing connections and health of instances
+    /// already known.
+    fn publish(&self, known: &HashMap<NodeId, Node>) {
+        let mut nodes: Vec<Node> = known.values().cloned().collect();
+        nodes.sort_by(|a, b| a.id.cmp(&b.id));
+        let previous = self.state.borrow().clone();
+        let mut stats = self.stats.lock().expect("stats lock");
+        stats.retain(|id, _| known.contains_key(id));
+        let mut snapshot = Snapshot::default();
+        for node in nodes {
+            let reused = previous
+                .nodes
+                .iter()
+                .position(|old| old.id == node.id && old.address == node.address)
+                .map(|i| previous.channels[i].clone());
+            let channel = match reused.map_or_else(|| connect_lazily(&node, self.config.connect_timeout), Ok)
+            {
+                Ok(channel) => channel,
+                Err(err) => {
+                    tracing::warn!(service = %self.name, node = %node.id, error = %err, "unusable address");
+                    continue;
+                }
+            };
+            let index = snapshot.nodes.len();
+            if self.filter.accepts(&node) && !node.draining {
+                snapshot.eligible.push(index);
+            }
+            snapshot.stats.push(stats.entry(node.id.clone()).or_default().clone());
+            snapshot.channels.push(channel);
+            snapshot.nodes.push(node);
+        }
+        let snapshot = snapshot.with_pickable(Instant::now());
+        tracing::debug!(service = %self.name, known = snapshot.nodes.len(), pickable = snapshot.pickable.len(), "instances changed");
+        self.state.send_replace(Arc::new(snapshot));
     }
 }
 

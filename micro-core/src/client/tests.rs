@@ -1,4 +1,8 @@
-use std::{collections::HashMap, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::atomic::{AtomicUsize, Ordering},
+    time::Duration,
+};
 
 use proto::vessel::{
     Response, Specification, Vessel,
@@ -8,7 +12,11 @@ use proto::vessel::{
 use tonic::{Code, Request, Status};
 
 use super::*;
-use crate::{RunningServer, Server, config::ServerConfig, registry::MemoryRegistry};
+use crate::{
+    RunningServer, Server,
+    config::{ClientConfig, ServerConfig},
+    registry::MemoryRegistry,
+};
 
 /// Answers with a vessel whose id is the instance's label.
 struct Labelled(String);
@@ -109,4 +117,178 @@ async fn wait_for_instances(channel: &NamedChannel, count: usize) {
         assert!(Instant::now() < deadline, "expected {count} instances, have {:?}", channel.instances());
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// Answers `UNAVAILABLE` and counts the calls it got.
+struct Refusing(Arc<AtomicUsize>);
+
+#[tonic::async_trait]
+impl VesselService for Refusing {
+    async fn find_available(&self, _: Request<Specification>) -> Result<tonic::Response<Response>, Status> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        Err(Status::unavailable("overloaded"))
+    }
+}
+
+/// Sleeps before answering.
+struct Slow(Duration);
+
+#[tonic::async_trait]
+impl VesselService for Slow {
+    async fn find_available(&self, _: Request<Specification>) -> Result<tonic::Response<Response>, Status> {
+        tokio::time::sleep(self.0).await;
+        Ok(tonic::Response::new(Response::default()))
+    }
+}
+
+/// Answers with the request id it saw, after asking `next` (when set) the same question.
+struct Relay {
+    next: Option<NamedChannel>,
+}
+
+#[tonic::async_trait]
+impl VesselService for Relay {
+    async fn find_available(
+        &self,
+        request: Request<Specification>,
+    ) -> Result<tonic::Response<Response>, Status> {
+        if let Some(next) = &self.next {
+            return VesselServiceClient::new(next.clone()).find_available(Specification::default()).await;
+        }
+        let seen = request
+            .metadata()
+            .get("x-request-id")
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default();
+        Ok(tonic::Response::new(Response {
+            vessel: Some(Vessel { id: seen, ..Default::default() }),
+            vessels: vec![],
+        }))
+    }
+}
+
+async fn start_with<S: VesselService>(
+    registry: &MemoryRegistry,
+    name: &str,
+    service: S,
+    version: &str,
+) -> RunningServer {
+    Server::builder(name)
+        .version(version)
+        .config(loopback_config())
+        .registry(Arc::new(registry.clone()))
+        .add_service(VesselServiceServer::new(service))
+        .start()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn refused_connection_is_retried_elsewhere_and_the_instance_ejected() {
+    let registry = MemoryRegistry::new();
+    let dead = Node::new("svc", "127.0.0.1:9".parse().unwrap());
+    registry.register(&dead, Duration::from_secs(30)).await.unwrap();
+    let _live = start(&registry, "svc", "live").await;
+    // No idempotent methods: only a request that never reached a server may be retried.
+    let client = Client::new(Arc::new(registry));
+    let channel = client.channel("svc");
+    wait_for_instances(&channel, 2).await;
+    let mut vessels = VesselServiceClient::new(channel.clone());
+    for _ in 0..10 {
+        assert_eq!(call(&mut vessels).await.unwrap(), "live");
+    }
+    let pickable: Vec<String> = channel.pickable().into_iter().map(|n| n.id).collect();
+    assert!(!pickable.contains(&dead.id), "the refusing instance should be ejected: {pickable:?}");
+}
+
+#[tokio::test]
+async fn unavailable_after_sending_is_retried_only_when_idempotent() {
+    let registry = MemoryRegistry::new();
+    let refused = Arc::new(AtomicUsize::new(0));
+    let _bad = start_with(&registry, "svc", Refusing(refused.clone()), "").await;
+    let _good = start(&registry, "svc", "good").await;
+    let plain = Client::new(Arc::new(registry.clone()))
+        .config(ClientConfig { eject_after: 100, ..Default::default() });
+    wait_for_instances(&plain.channel("svc"), 2).await;
+    let mut vessels = VesselServiceClient::new(plain.channel("svc"));
+    let results: Vec<_> = futures::future::join_all((0..2).map(|_| {
+        let mut v = vessels.clone();
+        async move { call(&mut v).await }
+    }))
+    .await;
+    let failures = results.iter().filter(|r| r.is_err()).count();
+    assert_eq!(failures, 1, "the call to the refusing instance must not be resent: {results:?}");
+    assert_eq!(refused.load(Ordering::SeqCst), 1);
+
+    let idempotent = Client::new(Arc::new(registry)).idempotent_methods(proto::IDEMPOTENT_METHODS);
+    let mut vessels = VesselServiceClient::new(idempotent.channel("svc"));
+    wait_for_instances(&idempotent.channel("svc"), 2).await;
+    for _ in 0..6 {
+        assert_eq!(call(&mut vessels).await.unwrap(), "good");
+    }
+}
+
+#[tokio::test]
+async fn deadline_ends_the_call_at_about_the_deadline() {
+    let registry = MemoryRegistry::new();
+    let _slow = start_with(&registry, "svc", Slow(Duration::from_secs(5)), "").await;
+    let client = Client::new(Arc::new(registry)).request_timeout(Duration::from_millis(300));
+    let mut vessels = VesselServiceClient::new(client.channel("svc"));
+    let started = Instant::now();
+    let status = call(&mut vessels).await.unwrap_err();
+    let elapsed = started.elapsed();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(elapsed >= Duration::from_millis(290) && elapsed < Duration::from_millis(800), "{elapsed:?}");
+}
+
+#[tokio::test]
+async fn version_filter_never_calls_another_version() {
+    let registry = MemoryRegistry::new();
+    let _v1 = start_with(&registry, "svc", Labelled("v1".into()), "1").await;
+    let _v2 = start_with(&registry, "svc", Labelled("v2".into()), "2").await;
+    let client = Client::new(Arc::new(registry));
+    let channel = client.channel_with("svc", crate::selector::Filter::new().version("2"));
+    wait_for_instances(&channel, 2).await;
+    let counts = tally(&mut VesselServiceClient::new(channel), 20).await;
+    assert_eq!(counts, HashMap::from([("v2".into(), 20)]));
+}
+
+#[tokio::test]
+async fn draining_instance_is_not_picked_while_it_still_serves() {
+    let registry = MemoryRegistry::new();
+    let config = ServerConfig { drain_delay: Duration::from_millis(600), ..loopback_config() };
+    let leaving = Server::builder("svc")
+        .config(config)
+        .registry(Arc::new(registry.clone()))
+        .add_service(VesselServiceServer::new(Labelled("leaving".into())))
+        .start()
+        .await
+        .unwrap();
+    let _staying = start(&registry, "svc", "staying").await;
+    let client = Client::new(Arc::new(registry));
+    let channel = client.channel("svc");
+    wait_for_instances(&channel, 2).await;
+    let stopping = tokio::spawn(leaving.stop());
+    let deadline = Instant::now() + Duration::from_millis(500);
+    while channel.pickable().len() != 1 {
+        assert!(Instant::now() < deadline, "draining was not seen");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(!stopping.is_finished(), "the draining server must still be serving");
+    let counts = tally(&mut VesselServiceClient::new(channel), 6).await;
+    assert_eq!(counts, HashMap::from([("staying".into(), 6)]));
+    stopping.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn request_id_travels_across_hops() {
+    let registry = MemoryRegistry::new();
+    let client = Client::new(Arc::new(registry.clone()));
+    let _back = start_with(&registry, "back", Relay { next: None }, "").await;
+    let _front = start_with(&registry, "front", Relay { next: Some(client.channel("back")) }, "").await;
+    let mut front = VesselServiceClient::new(client.channel("front"));
+    let mut request = Request::new(Specification::default());
+    request.metadata_mut().insert("x-request-id", "order-42".parse().unwrap());
+    let reply = front.find_available(request).await.unwrap();
+    assert_eq!(reply.into_inner().vessel.unwrap().id, "order-42");
 }

@@ -72,6 +72,8 @@ const WATCH_BACKOFF: (Duration, Duration) = (Duration::from_millis(250), Duratio
 const MIN_DEREGISTER_AFTER: Duration = Duration::from_secs(60);
 /// The `Meta` key that carries the node's version.
 const VERSION_KEY: &str = "version";
+/// The `Meta` key, set to `1`, that marks a draining node.
+const DRAINING_KEY: &str = "draining";
 
 /// A registry over a Consul agent's HTTP API. Cheap to share behind an `Arc`.
 pub struct ConsulRegistry {
@@ -275,6 +277,9 @@ impl Agent {
         let mut meta: BTreeMap<&str, &str> =
             node.metadata.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         meta.insert(VERSION_KEY, &node.version);
+        if node.draining {
+            meta.insert(DRAINING_KEY, "1");
+        }
         let tags =
             if node.version.is_empty() { Vec::new() } else { vec![format!("version={}", node.version)] };
         let registration = ServiceRegistration {
@@ -430,6 +435,7 @@ impl ServiceEntry {
         };
         let mut metadata = service.meta.unwrap_or_default();
         let version = metadata.remove(VERSION_KEY).unwrap_or_default();
+        let draining = metadata.remove(DRAINING_KEY).is_some_and(|v| v == "1");
         metadata.retain(|key, _| !RESERVED_METADATA_KEYS.contains(&key.as_str()));
         Some(Node {
             id: service.id,
@@ -437,6 +443,7 @@ impl ServiceEntry {
             version,
             address: SocketAddr::new(ip, service.port),
             metadata,
+            draining,
         })
     }
 }

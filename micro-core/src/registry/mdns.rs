@@ -119,8 +119,8 @@ async fn follow_browse(events: mdns_sd::Receiver<ServiceEvent>, shared: std::syn
     tracing::debug!("mdns browse ended");
 }
 
-/// The TXT entries that announce `node`, in order: `txtvers`, `name`, `version`, `id`, then
-/// metadata by key. Call [`super::validate_metadata`] first; this does not check sizes.
+/// The TXT entries that announce `node`, in order: `txtvers`, `name`, `version`, `id`,
+/// `draining=1` while it drains, then metadata by key. Call [`super::validate_metadata`] first; this does not check sizes.
 pub(crate) fn encode_txt(node: &Node) -> Vec<(String, String)> {
     let mut txt = vec![
         ("txtvers".to_owned(), "1".to_owned()),
@@ -128,6 +128,9 @@ pub(crate) fn encode_txt(node: &Node) -> Vec<(String, String)> {
         ("version".to_owned(), node.version.clone()),
         ("id".to_owned(), node.id.clone()),
     ];
+    if node.draining {
+        txt.push(("draining".to_owned(), "1".to_owned()));
+    }
     txt.extend(node.metadata.iter().map(|(k, v)| (k.clone(), v.clone())));
     txt
 }
@@ -137,20 +140,21 @@ pub(crate) fn decode_txt<'a>(
     entries: impl IntoIterator<Item = (&'a str, &'a str)>,
     address: SocketAddr,
 ) -> Option<Node> {
-    let (mut name, mut id, mut version) = (None, None, String::new());
+    let (mut name, mut id, mut version, mut draining) = (None, None, String::new(), false);
     let mut metadata = BTreeMap::new();
     for (key, value) in entries {
         match key {
             "name" => name = Some(value.to_owned()),
             "id" => id = Some(value.to_owned()),
             "version" => version = value.to_owned(),
+            "draining" => draining = value == "1",
             key if RESERVED_METADATA_KEYS.contains(&key) => {}
             key => {
                 metadata.insert(key.to_owned(), value.to_owned());
             }
         }
     }
-    Some(Node { id: id?, name: name?, version, address, metadata })
+    Some(Node { id: id?, name: name?, version, address, metadata, draining })
 }
 
 fn decode_resolved(resolved: &ResolvedService) -> Option<Node> {
@@ -267,6 +271,7 @@ mod tests {
         node.version = "1.2.0".into();
         node.metadata.insert("zone".into(), "eu-1".into());
         node.metadata.insert("team".into(), "fleet".into());
+        node.draining = true;
         let txt = encode_txt(&node);
         assert_eq!(txt[0], ("txtvers".into(), "1".into()));
         let decoded = decode_txt(txt.iter().map(|(k, v)| (k.as_str(), v.as_str())), node.address);

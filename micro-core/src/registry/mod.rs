@@ -59,6 +59,9 @@ pub struct Node {
     pub address: SocketAddr,
     /// Free-form key/value labels, e.g. `zone=eu-1`.
     pub metadata: BTreeMap<String, String>,
+    /// The instance is shutting down: it finishes calls in flight but takes no new ones.
+    #[serde(default)]
+    pub draining: bool,
 }
 
 impl Node {
@@ -66,7 +69,7 @@ impl Node {
     pub fn new(name: impl Into<String>, address: SocketAddr) -> Self {
         let name = name.into();
         let id = format!("{name}-{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff);
-        Node { id, name, version: String::new(), address, metadata: BTreeMap::new() }
+        Node { id, name, version: String::new(), address, metadata: BTreeMap::new(), draining: false }
     }
 }
 
@@ -117,7 +120,7 @@ pub fn validate_service_name(name: &str) -> Result<()> {
 }
 
 /// Metadata keys the registries use themselves.
-pub const RESERVED_METADATA_KEYS: [&str; 4] = ["txtvers", "name", "version", "id"];
+pub const RESERVED_METADATA_KEYS: [&str; 5] = ["txtvers", "name", "version", "id", "draining"];
 /// The longest metadata key.
 pub const MAX_METADATA_KEY_LEN: usize = 64;
 /// The longest metadata value, and the longest version.

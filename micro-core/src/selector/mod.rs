@@ -1,24 +1,160 @@
-//! Selection strategies: which instance of a name serves the next call.
+//! Selection strategies: which instance of a name serves the next call, and filters that
+//! narrow the instances a channel may pick from.
 //!
 //! # Examples
 //! ```
-//! use micro_core::{registry::Node, selector::{RoundRobin, Strategy}};
+//! use micro_core::{registry::Node, selector::{Candidates, RoundRobin, Strategy}};
 //! let nodes: Vec<Node> = (1..=3).map(|p| Node::new("svc", ([127, 0, 0, 1], p).into())).collect();
 //! let strategy = RoundRobin::new();
-//! let picks: Vec<usize> = (0..4).filter_map(|_| strategy.pick(&nodes)).collect();
+//! let picks: Vec<usize> = (0..4).filter_map(|_| strategy.pick(&Candidates::of(&nodes))).collect();
 //! assert_eq!(picks, [0, 1, 2, 0]);
 //! ```
 
+use std::{collections::BTreeMap, fmt};
+
+use clap::ValueEnum;
+
 use crate::registry::Node;
 
+mod least_loaded;
 mod random;
 mod round_robin;
 
+pub use least_loaded::PowerOfTwoChoices;
 pub use random::Random;
 pub use round_robin::RoundRobin;
 
 /// Picks one of the candidate instances for a call.
 pub trait Strategy: Send + Sync + 'static {
-    /// The index in `nodes` of the instance to call; `None` when `nodes` is empty.
-    fn pick(&self, nodes: &[Node]) -> Option<usize>;
+    /// The index, below `candidates.len()`, of the instance to call; `None` when empty.
+    fn pick(&self, candidates: &Candidates<'_>) -> Option<usize>;
+}
+
+/// The instances a strategy may pick from, with their current load.
+pub struct Candidates<'a> {
+    nodes: &'a [Node],
+    in_flight: Option<&'a dyn Fn(usize) -> usize>,
+    eligible: Option<&'a [usize]>,
+}
+
+impl<'a> Candidates<'a> {
+    /// Every node of `nodes`, none of them loaded.
+    pub fn of(nodes: &'a [Node]) -> Self {
+        Candidates { nodes, in_flight: None, eligible: None }
+    }
+
+    /// `nodes[eligible[i]]` for each `i`; `in_flight(j)` gives the calls in flight to `nodes[j]`.
+    pub fn with_load(
+        nodes: &'a [Node],
+        in_flight: &'a dyn Fn(usize) -> usize,
+        eligible: &'a [usize],
+    ) -> Self {
+        Candidates { nodes, in_flight: Some(in_flight), eligible: Some(eligible) }
+    }
+
+    /// How many instances there are to pick from.
+    pub fn len(&self) -> usize {
+        self.eligible.map_or(self.nodes.len(), <[usize]>::len)
+    }
+
+    /// Whether there is none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn slot(&self, index: usize) -> usize {
+        self.eligible.map_or(index, |eligible| eligible[index])
+    }
+
+    /// The `index`th candidate.
+    pub fn node(&self, index: usize) -> &Node {
+        &self.nodes[self.slot(index)]
+    }
+
+    /// Calls in flight to the `index`th candidate from this channel.
+    pub fn in_flight(&self, index: usize) -> usize {
+        self.in_flight.map_or(0, |load| load(self.slot(index)))
+    }
+}
+
+/// The strategies a flag or `MICRO_CLIENT_SELECTOR` can name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StrategyKind {
+    /// Each instance in turn.
+    RoundRobin,
+    /// Uniformly at random.
+    Random,
+    /// The less loaded of two random instances (fewest calls in flight).
+    P2c,
+}
+
+impl StrategyKind {
+    /// A fresh strategy of this kind.
+    pub fn build(self) -> Box<dyn Strategy> {
+        match self {
+            StrategyKind::RoundRobin => Box::new(RoundRobin::new()),
+            StrategyKind::Random => Box::new(Random::new()),
+            StrategyKind::P2c => Box::new(PowerOfTwoChoices::new()),
+        }
+    }
+}
+
+impl fmt::Display for StrategyKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            StrategyKind::RoundRobin => "round-robin",
+            StrategyKind::Random => "random",
+            StrategyKind::P2c => "p2c",
+        })
+    }
+}
+
+/// Which instances a channel may call, by version and metadata, as go-micro's selector
+/// filters do. The default accepts every instance.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Filter {
+    version: Option<String>,
+    metadata: BTreeMap<String, String>,
+}
+
+impl Filter {
+    /// Accepts every instance.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Only instances of this version.
+    pub fn version(mut self, version: impl Into<String>) -> Self {
+        self.version = Some(version.into());
+        self
+    }
+
+    /// Only instances whose metadata has `key` = `value`; several calls must all match.
+    pub fn metadata(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.metadata.insert(key.into(), value.into());
+        self
+    }
+
+    /// Whether `node` passes.
+    pub fn accepts(&self, node: &Node) -> bool {
+        self.version.as_ref().is_none_or(|v| *v == node.version)
+            && self.metadata.iter().all(|(k, v)| node.metadata.get(k) == Some(v))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filter_matches_version_and_every_label() {
+        let mut node = Node::new("svc", "127.0.0.1:1".parse().unwrap());
+        node.version = "2".into();
+        node.metadata.insert("zone".into(), "eu".into());
+        assert!(Filter::new().accepts(&node));
+        assert!(Filter::new().version("2").metadata("zone", "eu").accepts(&node));
+        assert!(!Filter::new().version("1").accepts(&node));
+        assert!(!Filter::new().metadata("zone", "us").accepts(&node));
+        assert!(!Filter::new().metadata("rack", "a").accepts(&node));
+    }
 }

@@ -4,8 +4,7 @@ use std::sync::Mutex;
 
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
-use super::Strategy;
-use crate::registry::Node;
+use super::{Candidates, Strategy};
 
 /// Picks an instance uniformly at random.
 #[derive(Debug)]
@@ -32,17 +31,18 @@ impl Random {
 }
 
 impl Strategy for Random {
-    fn pick(&self, nodes: &[Node]) -> Option<usize> {
-        if nodes.is_empty() {
-            return None;
+    fn pick(&self, candidates: &Candidates<'_>) -> Option<usize> {
+        match candidates.len() {
+            0 => None,
+            len => Some(self.rng.lock().expect("rng lock").random_range(0..len)),
         }
-        Some(self.rng.lock().expect("rng lock").random_range(0..nodes.len()))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::registry::Node;
 
     #[test]
     fn shares_are_even_within_tolerance() {
@@ -50,11 +50,11 @@ mod tests {
         let strategy = Random::from_rng(StdRng::seed_from_u64(7));
         let mut counts = [0usize; 3];
         for _ in 0..30_000 {
-            counts[strategy.pick(&nodes).unwrap()] += 1;
+            counts[strategy.pick(&Candidates::of(&nodes)).unwrap()] += 1;
         }
         for count in counts {
             assert!((9_000..=11_000).contains(&count), "{counts:?}");
         }
-        assert_eq!(strategy.pick(&[]), None);
+        assert_eq!(strategy.pick(&Candidates::of(&[])), None);
     }
 }

@@ -2,8 +2,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use super::Strategy;
-use crate::registry::Node;
+use super::{Candidates, Strategy};
 
 /// Calls each instance in turn.
 #[derive(Debug, Default)]
@@ -19,10 +18,10 @@ impl RoundRobin {
 }
 
 impl Strategy for RoundRobin {
-    fn pick(&self, nodes: &[Node]) -> Option<usize> {
-        if nodes.is_empty() {
-            return None;
+    fn pick(&self, candidates: &Candidates<'_>) -> Option<usize> {
+        match candidates.len() {
+            0 => None,
+            len => Some(self.next.fetch_add(1, Ordering::Relaxed) % len),
         }
-        Some(self.next.fetch_add(1, Ordering::Relaxed) % nodes.len())
     }
 }

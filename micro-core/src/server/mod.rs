@@ -33,12 +33,19 @@ use tonic::{
     service::{Routes, RoutesBuilder},
     transport::server::TcpIncoming,
 };
+use tower::{Layer, util::BoxCloneSyncService};
 
 use crate::{
     Error, Result,
     config::ServerConfig,
+    middleware::ServerTraceLayer,
     registry::{MemoryRegistry, Node, Registry, validate_metadata, validate_service_name},
 };
+
+/// The HTTP-level service a server's layers wrap.
+pub type HttpService = BoxCloneSyncService<http::Request<Body>, http::Response<Body>, Infallible>;
+
+type BoxedLayer = Arc<dyn Fn(HttpService) -> HttpService + Send + Sync>;
 
 /// Builds and runs one named service. Setters take `self` and return it.
 pub struct Server {
@@ -48,6 +55,7 @@ pub struct Server {
     config: ServerConfig,
     registry: Option<Arc<dyn Registry>>,
     routes: RoutesBuilder,
+    layers: Vec<BoxedLayer>,
 }
 
 impl Server {
@@ -60,7 +68,25 @@ impl Server {
             config: ServerConfig::default(),
             registry: None,
             routes: Routes::builder(),
+            layers: Vec::new(),
         }
+    }
+
+    /// Wraps every call in a tower layer (the go-micro "wrapper"); the first layer added is
+    /// the outermost. The SDK's own [`ServerTraceLayer`] (request id, one log line per
+    /// failed call) always runs outside them. Default: none.
+    pub fn layer<L>(mut self, layer: L) -> Self
+    where
+        L: Layer<HttpService> + Send + Sync + 'static,
+        L::Service: tower::Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        <L::Service as tower::Service<http::Request<Body>>>::Future: Send + 'static,
+    {
+        self.layers.push(Arc::new(move |inner| BoxCloneSyncService::new(layer.layer(inner))));
+        self
     }
 
     /// The version announced with each instance. Default: empty.
@@ -128,8 +154,14 @@ impl Server {
 
         let (stop_serving, serving_stopped) = oneshot::channel::<()>();
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let layers = self.layers;
+        let stack = tower::layer::layer_fn(move |routes: Routes| {
+            let inner = layers.iter().rev().fold(HttpService::new(routes), |inner, layer| layer(inner));
+            ServerTraceLayer.layer(inner)
+        });
         let serve = tokio::spawn(
             tonic::transport::Server::builder()
+                .layer(stack)
                 .add_routes(self.routes.routes())
                 .serve_with_incoming_shutdown(incoming, async {
                     let _ = serving_stopped.await;
@@ -173,9 +205,22 @@ impl RunningServer {
         self.bound
     }
 
-    /// Deregisters, then drains in-flight calls for up to the shutdown grace, then closes.
+    /// Announces that it is draining (clients stop picking it), keeps serving for the drain
+    /// delay, deregisters, then drains in-flight calls for up to the shutdown grace, then closes.
     pub async fn stop(self) -> Result<()> {
         self.heartbeat.abort();
+        if !self.config.drain_delay.is_zero() {
+            let draining = Node { draining: true, ..self.node.clone() };
+            match self.registry.register(&draining, self.config.register_ttl).await {
+                Ok(()) => {
+                    tracing::info!(service = %self.node.name, node = %self.node.id, delay = ?self.config.drain_delay, "draining");
+                    tokio::time::sleep(self.config.drain_delay).await;
+                }
+                Err(err) => {
+                    tracing::warn!(service = %self.node.name, error = %crate::error::error_chain(&err), "could not announce draining")
+                }
+            }
+        }
         match self.registry.deregister(&self.node).await {
             Ok(()) => tracing::info!(service = %self.node.name, node = %self.node.id, "deregistered"),
             Err(err) => {
