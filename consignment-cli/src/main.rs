@@ -7,7 +7,7 @@ use anyhow::{Context, anyhow};
 use clap::{Parser, ValueEnum};
 use micro_core::{
     Client,
-    config::{RegistryArgs, RegistryConfig},
+    config::{ClientArgs, ClientConfig, RegistryArgs, RegistryConfig},
     telemetry::LogArgs,
 };
 use proto::consignment::{Consignment, GetRequest, shipping_service_client::ShippingServiceClient};
@@ -33,6 +33,8 @@ struct Cli {
     output: Output,
     #[command(flatten)]
     registry: RegistryArgs,
+    #[command(flatten)]
+    client: ClientArgs,
     #[command(flatten)]
     log: LogArgs,
 }
@@ -73,7 +75,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let consignment = read_consignment(&cli.file)?;
     let registry_config = RegistryConfig::from(cli.registry);
     let registry = registry_config.connect().await.context("cannot open the registry")?;
-    let client = Client::new(registry).lookup_timeout(registry_config.lookup_timeout);
+    let client = Client::new(registry)
+        .config(ClientConfig::from_args(cli.client, registry_config.lookup_timeout))
+        .idempotent_methods(proto::IDEMPOTENT_METHODS);
     let mut shipping = ShippingServiceClient::new(client.channel(&cli.consignment_service));
     let timeout = Duration::from_millis(cli.timeout);
 

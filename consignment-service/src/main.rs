@@ -7,7 +7,7 @@ use clap::Parser;
 use consignment_service::{DEFAULT_VESSEL_TIMEOUT_MS, MemoryRepository, ShippingHandler};
 use micro_core::{
     Client, Server,
-    config::{RegistryArgs, RegistryConfig, ServerArgs, ServerConfig},
+    config::{ClientArgs, ClientConfig, RegistryArgs, RegistryConfig, ServerArgs, ServerConfig},
     telemetry::LogArgs,
 };
 use proto::consignment::shipping_service_server::ShippingServiceServer;
@@ -27,6 +27,8 @@ struct Cli {
     #[command(flatten)]
     server: ServerArgs,
     #[command(flatten)]
+    client: ClientArgs,
+    #[command(flatten)]
     log: LogArgs,
 }
 
@@ -36,7 +38,9 @@ async fn main() -> anyhow::Result<()> {
     cli.log.init("consignment_service=info,micro_core=info");
     let registry_config = RegistryConfig::from(cli.registry);
     let registry = registry_config.connect().await.context("cannot open the registry")?;
-    let client = Client::new(registry.clone()).lookup_timeout(registry_config.lookup_timeout);
+    let client = Client::new(registry.clone())
+        .config(ClientConfig::from_args(cli.client, registry_config.lookup_timeout))
+        .idempotent_methods(proto::IDEMPOTENT_METHODS);
     let handler = ShippingHandler::new(
         Arc::new(MemoryRepository::default()),
         client.channel(&cli.vessel_service),

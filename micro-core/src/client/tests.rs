@@ -210,7 +210,7 @@ async fn unavailable_after_sending_is_retried_only_when_idempotent() {
     let plain = Client::new(Arc::new(registry.clone()))
         .config(ClientConfig { eject_after: 100, ..Default::default() });
     wait_for_instances(&plain.channel("svc"), 2).await;
-    let mut vessels = VesselServiceClient::new(plain.channel("svc"));
+    let vessels = VesselServiceClient::new(plain.channel("svc"));
     let results: Vec<_> = futures::future::join_all((0..2).map(|_| {
         let mut v = vessels.clone();
         async move { call(&mut v).await }
