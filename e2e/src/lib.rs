@@ -9,6 +9,7 @@
 //! ```
 
 pub mod consul;
+pub mod discovery;
 pub mod process;
 
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -21,7 +21,11 @@ pub fn binary(name: &str) -> PathBuf {
     if let Some(path) = built.get(name) {
         return path.clone();
     }
-    let package = if name == "micro" { "micro-core" } else { name };
+    let package = match name {
+        "micro" => "micro-core",
+        "fault-server" => "e2e",
+        package => package,
+    };
     let run = escargot::CargoBuild::new()
         .manifest_path(workspace_root().join("Cargo.toml"))
         .package(package)

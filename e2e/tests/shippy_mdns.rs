@@ -1,43 +1,20 @@
 //! The shippy system as real processes over real sockets and real multicast, inside the
 //! private network namespace `make test` runs in.
 
-use std::{collections::BTreeSet, path::PathBuf, sync::Arc, time::Duration};
+use std::{collections::BTreeSet, path::PathBuf, time::Duration};
 
 use e2e::{
+    discovery::{mdns, wait_for},
     process::{Process, binary, workspace_root},
-    require_private_netns, unique_name,
+    unique_name,
 };
 use futures::StreamExt;
-use micro_core::{
-    Client, Node, Registry,
-    registry::{Change, MdnsRegistry},
-};
+use micro_core::{Client, registry::Change};
 use proto::{
     consignment::{GetRequest, shipping_service_client::ShippingServiceClient},
     vessel::{Specification, vessel_service_client::VesselServiceClient},
 };
 use tokio::time::{Instant, timeout};
-
-const STARTUP: Duration = Duration::from_secs(15);
-
-fn mdns() -> Arc<dyn Registry> {
-    require_private_netns();
-    Arc::new(MdnsRegistry::new(Duration::from_secs(3)).expect("mdns daemon"))
-}
-
-/// Polls the registry until `name` has `count` instances.
-async fn wait_for(registry: &Arc<dyn Registry>, name: &str, count: usize) -> Vec<Node> {
-    let deadline = Instant::now() + STARTUP;
-    loop {
-        if let Ok(nodes) = registry.lookup(name).await
-            && nodes.len() >= count
-        {
-            return nodes;
-        }
-        assert!(Instant::now() < deadline, "{name} did not reach {count} instance(s) within {STARTUP:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 fn vessel_service(name: &str, fleet: Option<&PathBuf>) -> Process {
     let mut args = vec![];

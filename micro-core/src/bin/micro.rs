@@ -1,13 +1,14 @@
 //! `micro`: look at what is registered. `micro services`, `micro describe NAME`,
 //! `micro wait NAME...`; same `MICRO_REGISTRY` switch and flags as the services.
 
-use std::{process::ExitCode, time::Duration};
+use std::{net::SocketAddr, process::ExitCode, time::Duration};
 
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum, parser::ValueSource};
 use micro_core::{
     Error, Node,
-    config::{RegistryArgs, RegistryConfig},
+    config::{DEFAULT_REGISTER_INTERVAL_SECS, DEFAULT_REGISTER_TTL_SECS, RegistryArgs, RegistryConfig},
     error::error_chain,
+    registry::{validate_metadata, validate_service_name},
     telemetry::LogArgs,
 };
 
@@ -37,6 +38,26 @@ enum Command {
     },
     /// Show each setting's value and where it came from: flag, environment or default.
     Config,
+    /// Register a service that does not register itself (a sidecar), keep it registered,
+    /// and deregister it on SIGINT/SIGTERM.
+    Register {
+        /// The service name.
+        name: String,
+        /// The address peers should call, `ip:port`.
+        address: SocketAddr,
+        /// The version to announce.
+        #[arg(long, default_value = "")]
+        version: String,
+        /// Metadata labels, `key=value`, comma-separated or repeated.
+        #[arg(long, value_delimiter = ',', value_parser = parse_label)]
+        metadata: Vec<(String, String)>,
+        /// Seconds the registration lives without a heartbeat.
+        #[arg(long, default_value_t = DEFAULT_REGISTER_TTL_SECS)]
+        ttl: u64,
+        /// Seconds between heartbeats.
+        #[arg(long, default_value_t = DEFAULT_REGISTER_INTERVAL_SECS)]
+        interval: u64,
+    },
     /// Wait until every named service has an instance; fails after the look-up timeout.
     Wait {
         /// The service names.
@@ -90,6 +111,34 @@ async fn run(cli: Cli) -> Result<(), Error> {
             }
         }
         Command::Config => unreachable!("answered before the registry is opened"),
+        Command::Register { name, address, version, metadata, ttl, interval } => {
+            validate_service_name(&name)?;
+            let mut node = Node::new(name, address);
+            node.version = version;
+            node.metadata = metadata.into_iter().collect();
+            validate_metadata(&node.version, &node.metadata)?;
+            let ttl = Duration::from_secs(ttl);
+            registry.register(&node, ttl).await?;
+            eprintln!(
+                "registered {} as {} in {}; Ctrl-C to deregister",
+                node.address,
+                node.id,
+                registry.kind()
+            );
+            let mut heartbeat = tokio::time::interval(Duration::from_secs(interval.max(1)));
+            loop {
+                tokio::select! {
+                    _ = heartbeat.tick() => {
+                        if let Err(err) = registry.register(&node, ttl).await {
+                            eprintln!("heartbeat failed: {}", error_chain(&err));
+                        }
+                    }
+                    _ = micro_core::server::shutdown_signal() => break,
+                }
+            }
+            registry.deregister(&node).await?;
+            eprintln!("deregistered {}", node.id);
+        }
         Command::Wait { names } => {
             for name in &names {
                 let found = tokio::time::timeout(
@@ -106,6 +155,12 @@ async fn run(cli: Cli) -> Result<(), Error> {
         }
     }
     Ok(())
+}
+
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("expected key=value, got {text:?}"))
 }
 
 fn print_table(nodes: &[Node]) {

@@ -265,7 +265,8 @@ async fn keep_registered(registry: Arc<dyn Registry>, node: Node, config: Server
     }
 }
 
-async fn shutdown_signal() {
+/// Resolves on SIGINT or (on Unix) SIGTERM.
+pub async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {

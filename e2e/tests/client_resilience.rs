@@ -1,0 +1,323 @@
+//! The client under failure, with real processes over real mDNS in the private namespace:
+//! failover under load, even spread and filters, deadlines, no resend of non-idempotent
+//! calls, rolling restarts, and a registry that goes away.
+
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use e2e::{
+    discovery::{mdns, wait_for, wait_pickable},
+    process::Process,
+    unique_name,
+};
+use micro_core::{
+    Client, NamedChannel, Registry, client::ClientConfig, registry::MdnsRegistry, selector::Filter,
+};
+use proto::{
+    consignment::{Consignment, Container, GetRequest, shipping_service_client::ShippingServiceClient},
+    vessel::{Specification, vessel_service_client::VesselServiceClient},
+};
+use tokio::time::Instant;
+use tonic::Code;
+
+fn fleet_file(dir: &tempfile::TempDir, label: &str) -> PathBuf {
+    let path = dir.path().join(format!("{label}.json"));
+    let json = format!(
+        r#"[{{"id": "{label}", "name": "{label}", "capacity": 10, "max_weight": 1000, "available": true}}]"#
+    );
+    std::fs::write(&path, json).unwrap();
+    path
+}
+
+fn vessel(name: &str, fleet: &PathBuf, extra_env: &[(&str, &str)]) -> Process {
+    let fleet = fleet.display().to_string();
+    let mut env = vec![("MICRO_SERVER_NAME", name)];
+    env.extend_from_slice(extra_env);
+    Process::start("vessel-service", &["--fleet", &fleet], &env)
+}
+
+fn fault_server(name: &str, label: &str, faults: &[(&str, &str)]) -> Process {
+    let mut env = vec![("FAULT_NAME", name), ("FAULT_LABEL", label)];
+    env.extend_from_slice(faults);
+    Process::start("fault-server", &[], &env)
+}
+
+fn client(registry: Arc<dyn Registry>) -> Client {
+    Client::new(registry).idempotent_methods(proto::IDEMPOTENT_METHODS)
+}
+
+async fn find(vessels: &mut VesselServiceClient<NamedChannel>) -> Result<String, tonic::Status> {
+    let reply = vessels.find_available(Specification { capacity: 1, max_weight: 1 }).await?;
+    Ok(reply.into_inner().vessel.expect("a vessel").id)
+}
+
+/// Calls made by [`call_stream`]: who answered and when, and every failure.
+#[derive(Default)]
+struct Tally {
+    served: Mutex<Vec<(String, Instant)>>,
+    failures: Mutex<Vec<String>>,
+    done: AtomicUsize,
+}
+
+/// `workers` callers, each pausing `pace` between calls, until `total` calls or `stop`.
+fn call_stream(
+    channel: NamedChannel,
+    workers: usize,
+    pace: Duration,
+    total: usize,
+    stop: Arc<AtomicBool>,
+) -> (Arc<Tally>, Vec<tokio::task::JoinHandle<()>>) {
+    let tally = Arc::new(Tally::default());
+    let handles = (0..workers)
+        .map(|_| {
+            let (tally, stop) = (tally.clone(), stop.clone());
+            let mut vessels = VesselServiceClient::new(channel.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) && tally.done.fetch_add(1, Ordering::SeqCst) < total {
+                    match find(&mut vessels).await {
+                        Ok(label) => tally.served.lock().unwrap().push((label, Instant::now())),
+                        Err(status) => tally.failures.lock().unwrap().push(format!("{status:?}")),
+                    }
+                    tokio::time::sleep(pace).await;
+                }
+            })
+        })
+        .collect();
+    (tally, handles)
+}
+
+async fn calls_done_reach(tally: &Tally, count: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tally.done.load(Ordering::SeqCst) < count {
+        assert!(Instant::now() < deadline, "the call stream stalled");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_one_instance_fails_no_call_and_a_new_one_is_used_within_2s() {
+    let registry = mdns();
+    let (name, dir) = (unique_name("vessel"), tempfile::tempdir().unwrap());
+    let doomed = vessel(&name, &fleet_file(&dir, "v1"), &[]);
+    let _v2 = vessel(&name, &fleet_file(&dir, "v2"), &[]);
+    let _v3 = vessel(&name, &fleet_file(&dir, "v3"), &[]);
+    wait_for(&registry, &name, 3).await;
+    let channel = client(registry).channel(&name);
+    wait_pickable(&channel, 3).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tally, workers) = call_stream(channel, 4, Duration::from_millis(8), 2_000, stop);
+    calls_done_reach(&tally, 500).await;
+    doomed.signal("KILL");
+    calls_done_reach(&tally, 800).await;
+    let _v4 = vessel(&name, &fleet_file(&dir, "v4"), &[]);
+    let v4_started = Instant::now();
+    for worker in workers {
+        worker.await.unwrap();
+    }
+
+    let failures = tally.failures.lock().unwrap();
+    assert!(failures.is_empty(), "{} failed calls, e.g. {:?}", failures.len(), failures.first());
+    let served = tally.served.lock().unwrap();
+    assert_eq!(served.len(), 2_000);
+    let first_v4 = served.iter().find(|(label, _)| label == "v4").map(|(_, at)| *at - v4_started);
+    assert!(
+        first_v4.is_some_and(|delay| delay <= Duration::from_secs(2)),
+        "first call to v4 after {first_v4:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_robin_is_even_and_the_version_filter_is_strict() {
+    let registry = mdns();
+    let (name, dir) = (unique_name("vessel"), tempfile::tempdir().unwrap());
+    let v1 = [("MICRO_SERVER_VERSION", "1")];
+    let _a = vessel(&name, &fleet_file(&dir, "a"), &v1);
+    let _b = vessel(&name, &fleet_file(&dir, "b"), &v1);
+    let _c = vessel(&name, &fleet_file(&dir, "c"), &v1);
+    let _z = vessel(&name, &fleet_file(&dir, "z"), &[("MICRO_SERVER_VERSION", "2")]);
+    wait_for(&registry, &name, 4).await;
+    let channel = client(registry).channel_with(&name, Filter::new().version("1"));
+    wait_pickable(&channel, 3).await;
+    assert_eq!(channel.instances().len(), 4);
+
+    let (tally, workers) = call_stream(channel, 6, Duration::ZERO, 3_000, Arc::default());
+    for worker in workers {
+        worker.await.unwrap();
+    }
+    assert!(tally.failures.lock().unwrap().is_empty());
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for (label, _) in tally.served.lock().unwrap().iter() {
+        *counts.entry(label.clone()).or_default() += 1;
+    }
+    assert_eq!(counts.get("z"), None, "version 2 got calls: {counts:?}");
+    for label in ["a", "b", "c"] {
+        let count = counts.get(label).copied().unwrap_or(0);
+        assert!((900..=1_100).contains(&count), "{label} got {count} of 3000: {counts:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_to_a_slow_server_ends_at_its_deadline() {
+    let registry = mdns();
+    let name = unique_name("slow");
+    let _slow = fault_server(&name, "slow", &[("FAULT_DELAY_MS", "5000")]);
+    wait_for(&registry, &name, 1).await;
+    let channel = client(registry).channel(&name);
+    wait_pickable(&channel, 1).await;
+    let mut vessels = VesselServiceClient::new(channel);
+
+    let mut request = tonic::Request::new(Specification { capacity: 1, max_weight: 1 });
+    request.set_timeout(Duration::from_millis(500));
+    let started = Instant::now();
+    let status = vessels.find_available(request).await.unwrap_err();
+    let elapsed = started.elapsed();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(
+        elapsed >= Duration::from_millis(480) && elapsed < Duration::from_millis(900),
+        "ended after {elapsed:?}"
+    );
+}
+
+fn consignment() -> Consignment {
+    Consignment {
+        description: "one crate".into(),
+        weight: 10,
+        containers: vec![Container {
+            customer_id: "c1".into(),
+            origin: "Derby".into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+async fn created_on(registry: &Arc<dyn Registry>, name: &str) -> usize {
+    let channel = client(registry.clone()).channel(name);
+    let reply = ShippingServiceClient::new(channel).get_consignments(GetRequest {}).await.unwrap();
+    reply.into_inner().consignments.len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_idempotent_call_that_reached_a_dying_server_is_not_sent_again() {
+    let registry = mdns();
+    let name = unique_name("shipping");
+    let mut dying = fault_server(&name, "dying", &[("FAULT_EXIT_ON_CALL", "1")]);
+    let _healthy = fault_server(&name, "healthy", &[]);
+    let nodes = wait_for(&registry, &name, 2).await;
+    let channel = client(registry.clone()).channel(&name);
+    wait_pickable(&channel, 2).await;
+    let mut shipping = ShippingServiceClient::new(channel);
+
+    let (mut created, mut failure) = (0, None);
+    for _ in 0..2 {
+        match shipping.create_consignment(consignment()).await {
+            Ok(_) => created += 1,
+            Err(status) => failure = Some(status),
+        }
+    }
+    let status = failure.expect("the call that reached the dying instance must fail");
+    assert!(matches!(status.code(), Code::Unknown | Code::Unavailable), "{status:?}");
+    assert!(status.message().contains("outcome unknown"), "{status:?}");
+    assert!(
+        !dying.wait(Duration::from_secs(5)).success(),
+        "the dying instance should have exited on the call"
+    );
+    assert!(nodes.iter().any(|n| status.message().contains(&n.id)), "the instance must be named: {status:?}");
+    assert_eq!(
+        created_on(&registry, &name).await,
+        created,
+        "the failed call was resent to the healthy instance"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_idempotent_call_refused_before_sending_is_retried_elsewhere() {
+    let registry = mdns();
+    let name = unique_name("shipping");
+    let mut gone = fault_server(&name, "gone", &[]);
+    let _healthy = fault_server(&name, "healthy", &[]);
+    wait_for(&registry, &name, 2).await;
+    gone.signal("KILL"); // no goodbye: the registry still lists it
+    gone.wait(Duration::from_secs(5));
+    let channel = client(registry.clone()).channel(&name);
+    wait_pickable(&channel, 2).await;
+    let mut shipping = ShippingServiceClient::new(channel);
+    for _ in 0..4 {
+        shipping.create_consignment(consignment()).await.expect("refused before sending, so retried");
+    }
+    assert_eq!(created_on(&registry, &name).await, 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_restart_of_every_instance_fails_no_call() {
+    let registry = mdns();
+    let (name, dir) = (unique_name("vessel"), tempfile::tempdir().unwrap());
+    let mut instances: Vec<Process> =
+        (0..3).map(|i| vessel(&name, &fleet_file(&dir, &format!("old{i}")), &[])).collect();
+    wait_for(&registry, &name, 3).await;
+    let channel = client(registry).channel(&name);
+    wait_pickable(&channel, 3).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tally, workers) =
+        call_stream(channel.clone(), 4, Duration::from_millis(5), usize::MAX, stop.clone());
+    for i in 0..3 {
+        let mut old =
+            std::mem::replace(&mut instances[i], vessel(&name, &fleet_file(&dir, &format!("new{i}")), &[]));
+        assert!(old.terminate(Duration::from_secs(15)).success(), "{}", old.log());
+        wait_pickable(&channel, 3).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    for worker in workers {
+        worker.await.unwrap();
+    }
+    let failures = tally.failures.lock().unwrap();
+    assert!(failures.is_empty(), "{} failed calls, e.g. {:?}", failures.len(), failures.first());
+    let served = tally.served.lock().unwrap();
+    assert!(served.iter().any(|(label, _)| label.starts_with("new")), "no call reached a new instance");
+    assert!(served.len() > 100, "only {} calls made", served.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_keep_succeeding_from_the_cache_while_the_registry_is_gone() {
+    let registry = mdns();
+    let (name, dir) = (unique_name("vessel"), tempfile::tempdir().unwrap());
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let address = format!("127.0.0.1:{port}");
+    // The gRPC server registers nowhere others look; a separate responder announces it.
+    let _server = vessel(
+        &name,
+        &fleet_file(&dir, "cached"),
+        &[("MICRO_REGISTRY", "memory"), ("MICRO_SERVER_ADDRESS", &address)],
+    );
+    let mut responder = Process::start("micro", &["register", &name, &address], &[]);
+    wait_for(&registry, &name, 1).await;
+    let config = ClientConfig { refresh_interval: Duration::from_secs(1), ..ClientConfig::default() };
+    let channel = client(registry).config(config).channel(&name);
+    let mut vessels = VesselServiceClient::new(channel);
+    assert_eq!(find(&mut vessels).await.unwrap(), "cached");
+
+    responder.signal("KILL");
+    responder.wait(Duration::from_secs(5));
+    let fresh: Arc<dyn Registry> = Arc::new(MdnsRegistry::new(Duration::from_millis(1500)).unwrap());
+    assert!(fresh.lookup(&name).await.is_err(), "the registry should no longer answer for {name}");
+    let outage_end = Instant::now() + Duration::from_secs(3);
+    let mut calls = 0;
+    while Instant::now() < outage_end {
+        assert_eq!(find(&mut vessels).await.expect("served from the cache"), "cached");
+        calls += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(calls > 20);
+    let _responder = Process::start("micro", &["register", &name, &address], &[]);
+    assert_eq!(find(&mut vessels).await.unwrap(), "cached");
+}
