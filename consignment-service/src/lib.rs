@@ -1,61 +1,61 @@
 //! consignment-service: stores a consignment once `vessel-service`, found by name through
-//! the registry, offers a vessel that can carry it.
+//! the registry, offers a vessel that can carry it; durably (SQLite, see [`repository`])
+//! and at most once per idempotency key.
+//!
+//! A `CreateConsignment` call may carry an [`IDEMPOTENCY_KEY_HEADER`] metadata entry. The
+//! first call with a key stores the consignment; any later call with the same key and the
+//! same consignment returns the first result (with [`IDEMPOTENT_REPLAYED_HEADER`] set) and
+//! stores nothing; the same key with a different consignment is `ALREADY_EXISTS`. With a
+//! key, a client may therefore retry `CreateConsignment` safely.
 //!
 //! # Examples
 //! ```
-//! # #[tokio::main(flavor = "current_thread")] async fn main() {
-//! use consignment_service::{ConsignmentRepository, MemoryRepository};
-//! let repository = MemoryRepository::default();
-//! assert!(repository.list().await.unwrap().is_empty());
-//! # }
+//! use consignment_service::validate;
+//! use proto::consignment::{Consignment, Container};
+//!
+//! let container = Container { customer_id: "cust001".into(), origin: "Derby".into(), ..Default::default() };
+//! let ok = Consignment { weight: 100, containers: vec![container], ..Default::default() };
+//! assert!(validate(&ok).is_ok());
+//! let status = validate(&Consignment::default()).unwrap_err();
+//! assert_eq!(status.code(), tonic::Code::InvalidArgument);
 //! ```
+
+pub mod repository;
 
 use std::{sync::Arc, time::Duration};
 
 use micro_core::NamedChannel;
 use proto::{
-    consignment::{Consignment, GetRequest, Response, shipping_service_server::ShippingService},
+    consignment::{
+        Consignment, GetRequest, Response,
+        shipping_service_server::{ShippingService, ShippingServiceServer},
+    },
     vessel::{Specification, vessel_service_client::VesselServiceClient},
 };
-use tonic::{Code, Request, Status};
+use tonic::{Code, Request, Status, body::Body, metadata::MetadataMap};
+
+pub use self::repository::{ConsignmentRepository, Created, IN_MEMORY, RepositoryError, SqliteRepository};
 
 /// Default time the vessel look-up may take, in milliseconds.
 pub const DEFAULT_VESSEL_TIMEOUT_MS: u64 = 5000;
-
-/// Why storage failed.
-#[derive(Debug, thiserror::Error)]
-pub enum RepositoryError {
-    /// The storage backend failed.
-    #[error("storage: {0}")]
-    Storage(String),
-}
-
-/// Where consignments are kept.
-#[tonic::async_trait]
-pub trait ConsignmentRepository: Send + Sync + 'static {
-    /// Stores `consignment` whole and returns it as stored.
-    async fn create(&self, consignment: Consignment) -> Result<Consignment, RepositoryError>;
-    /// Every stored consignment, oldest first.
-    async fn list(&self) -> Result<Vec<Consignment>, RepositoryError>;
-}
-
-/// Consignments in this process's memory; lost on restart.
-#[derive(Debug, Default)]
-pub struct MemoryRepository {
-    consignments: tokio::sync::RwLock<Vec<Consignment>>,
-}
-
-#[tonic::async_trait]
-impl ConsignmentRepository for MemoryRepository {
-    async fn create(&self, consignment: Consignment) -> Result<Consignment, RepositoryError> {
-        self.consignments.write().await.push(consignment.clone());
-        Ok(consignment)
-    }
-
-    async fn list(&self) -> Result<Vec<Consignment>, RepositoryError> {
-        Ok(self.consignments.read().await.clone())
-    }
-}
+/// Default database file, relative to the working directory.
+pub const DEFAULT_DB: &str = "consignments.db";
+/// The request metadata entry (lower-case ASCII) that makes `CreateConsignment` idempotent.
+/// The SDK client retries a call that carries it.
+pub const IDEMPOTENCY_KEY_HEADER: &str = micro_core::client::IDEMPOTENCY_KEY_HEADER;
+/// The response metadata entry, value `true`, set when a create was answered from an
+/// earlier call with the same idempotency key and nothing new was stored.
+pub const IDEMPOTENT_REPLAYED_HEADER: &str = "idempotent-replayed";
+/// The longest idempotency key, in bytes.
+pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 128;
+/// The longest description, in bytes.
+pub const MAX_DESCRIPTION_BYTES: usize = 1024;
+/// The most containers one consignment may have.
+pub const MAX_CONTAINERS: usize = 10_000;
+/// The largest request message, in bytes; beyond it a call fails `RESOURCE_EXHAUSTED`.
+pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+/// At most this many container problems are listed in one error message.
+const MAX_LISTED_CONTAINER_PROBLEMS: usize = 10;
 
 /// The gRPC handler: validates, finds a vessel through `vessel-service`, then stores.
 pub struct ShippingHandler {
@@ -82,6 +82,12 @@ impl ShippingHandler {
         }
     }
 
+    /// The gRPC service, refusing requests over [`MAX_REQUEST_BYTES`]. Add it with
+    /// [`micro_core::Server::add_service`], together with [`request_size_layer`].
+    pub fn into_service(self) -> ShippingServiceServer<ShippingHandler> {
+        ShippingServiceServer::new(self).max_decoding_message_size(MAX_REQUEST_BYTES)
+    }
+
     async fn find_vessel(&self, spec: Specification) -> Result<String, Status> {
         let service = &self.vessel_service;
         let mut request = Request::new(spec);
@@ -102,19 +108,84 @@ impl ShippingHandler {
     }
 }
 
-/// Checks what a consignment must have before any vessel is asked for.
+/// Checks what a consignment must have before any vessel is asked for; the message names
+/// every bad field (at most ten containers, then how many more).
 pub fn validate(consignment: &Consignment) -> Result<(), Status> {
     let mut problems = Vec::new();
     if consignment.weight <= 0 {
         problems.push(format!("weight: must be positive, got {}", consignment.weight));
     }
-    if consignment.containers.is_empty() {
+    let description = consignment.description.len();
+    if description > MAX_DESCRIPTION_BYTES {
+        problems.push(format!("description: at most {MAX_DESCRIPTION_BYTES} bytes, got {description}"));
+    }
+    let containers = &consignment.containers;
+    if containers.is_empty() {
         problems.push("containers: at least one container is required".to_owned());
+    } else if containers.len() > MAX_CONTAINERS {
+        problems.push(format!("containers: at most {MAX_CONTAINERS}, got {}", containers.len()));
+    } else {
+        let mut container_problems = containers.iter().enumerate().flat_map(|(i, container)| {
+            let customer =
+                container.customer_id.is_empty().then(|| format!("containers[{i}].customer_id: required"));
+            let origin = container.origin.is_empty().then(|| format!("containers[{i}].origin: required"));
+            customer.into_iter().chain(origin)
+        });
+        problems.extend(container_problems.by_ref().take(MAX_LISTED_CONTAINER_PROBLEMS));
+        let more = container_problems.count();
+        if more > 0 {
+            problems.push(format!("and {more} more container problems"));
+        }
     }
     match problems.is_empty() {
         true => Ok(()),
         false => Err(Status::invalid_argument(problems.join("; "))),
     }
+}
+
+/// The idempotency key of a request, if it carries one; a present but unusable key is
+/// `INVALID_ARGUMENT`.
+pub fn idempotency_key(metadata: &MetadataMap) -> Result<Option<String>, Status> {
+    let Some(value) = metadata.get(IDEMPOTENCY_KEY_HEADER) else { return Ok(None) };
+    let invalid = |why: &str| Status::invalid_argument(format!("{IDEMPOTENCY_KEY_HEADER}: {why}"));
+    let key = value.to_str().map_err(|_| invalid("must be visible ASCII"))?;
+    if key.is_empty() {
+        return Err(invalid("must not be empty"));
+    }
+    if key.len() > MAX_IDEMPOTENCY_KEY_BYTES {
+        return Err(invalid(&format!("at most {MAX_IDEMPOTENCY_KEY_BYTES} bytes, got {}", key.len())));
+    }
+    Ok(Some(key.to_owned()))
+}
+
+/// Whether `stored` is what a request for `requested` stored: same description, weight and
+/// containers, and the same id if the request named one. The vessel is the service's choice.
+fn same_consignment(stored: &Consignment, requested: &Consignment) -> bool {
+    stored.description == requested.description
+        && stored.weight == requested.weight
+        && stored.containers == requested.containers
+        && (requested.id.is_empty() || requested.id == stored.id)
+}
+
+/// The answer to a call whose key was used before: the first result, or `ALREADY_EXISTS`
+/// when the key was used for another consignment.
+fn replay(
+    key: &str,
+    stored: Consignment,
+    requested: &Consignment,
+) -> Result<tonic::Response<Response>, Status> {
+    if !same_consignment(&stored, requested) {
+        return Err(Status::already_exists(format!(
+            "{IDEMPOTENCY_KEY_HEADER} {key:?} was already used for consignment {} with different contents; \
+             nothing was stored: use a new key (consignment-cli: a new --request-id) for a different consignment",
+            stored.id
+        )));
+    }
+    tracing::info!(consignment = %stored.id, %key, "replayed: already stored under this idempotency key");
+    let mut response =
+        tonic::Response::new(Response { created: true, consignment: Some(stored), consignments: vec![] });
+    response.metadata_mut().insert(IDEMPOTENT_REPLAYED_HEADER, "true".parse().expect("ASCII"));
+    Ok(response)
 }
 
 /// Maps a status from `vessel-service` onto this service's meaning of it.
@@ -128,6 +199,17 @@ fn remap_vessel_status(service: &str, status: Status) -> Status {
             Status::unavailable(format!("{service} unavailable: {}", status.message()))
         }
         _ => internal(format!("{service} failed: {status}")),
+    }
+}
+
+fn storage_status(err: RepositoryError) -> Status {
+    match err {
+        RepositoryError::DuplicateId(id) => {
+            Status::already_exists(format!("a consignment with id {id:?} already exists; nothing was stored"))
+        }
+        err @ (RepositoryError::SchemaTooNew { .. }
+        | RepositoryError::Database { .. }
+        | RepositoryError::Task(_)) => internal(micro_core::error::error_chain(&err)),
     }
 }
 
@@ -146,18 +228,31 @@ impl ShippingService for ShippingHandler {
         &self,
         request: Request<Consignment>,
     ) -> Result<tonic::Response<Response>, Status> {
-        let mut consignment = request.into_inner();
-        validate(&consignment)?;
-        let capacity = i32::try_from(consignment.containers.len())
+        let key = idempotency_key(request.metadata())?;
+        let requested = request.into_inner();
+        validate(&requested)?;
+        // A call seen before is answered from the store, without asking for a vessel again.
+        if let Some(key) = &key
+            && let Some(stored) = self.repository.find_by_key(key).await.map_err(storage_status)?
+        {
+            return replay(key, stored, &requested);
+        }
+        let capacity = i32::try_from(requested.containers.len())
             .map_err(|_| Status::invalid_argument("containers: too many"))?;
-        let spec = Specification { capacity, max_weight: consignment.weight };
+        let spec = Specification { capacity, max_weight: requested.weight };
         let vessel_id = self.find_vessel(spec).await?;
+        let mut consignment = requested.clone();
         if consignment.id.is_empty() {
             consignment.id = new_consignment_id();
         }
         consignment.vessel_id = vessel_id;
-        let stored = self.repository.create(consignment).await.map_err(|err| internal(err.to_string()))?;
-        tracing::info!(consignment = %stored.id, vessel = %stored.vessel_id, weight = stored.weight, containers = stored.containers.len(), "consignment stored");
+        let created = self.repository.create(consignment, key.as_deref()).await.map_err(storage_status)?;
+        if created.replayed {
+            // A concurrent call with the same key stored first.
+            return replay(key.as_deref().unwrap_or_default(), created.consignment, &requested);
+        }
+        let stored = created.consignment;
+        tracing::info!(consignment = %stored.id, vessel = %stored.vessel_id, weight = stored.weight, containers = stored.containers.len(), key = key.as_deref().unwrap_or(""), "consignment stored");
         Ok(tonic::Response::new(Response { created: true, consignment: Some(stored), consignments: vec![] }))
     }
 
@@ -165,9 +260,55 @@ impl ShippingService for ShippingHandler {
         &self,
         _request: Request<GetRequest>,
     ) -> Result<tonic::Response<Response>, Status> {
-        let consignments = self.repository.list().await.map_err(|err| internal(err.to_string()))?;
+        let consignments = self.repository.list().await.map_err(storage_status)?;
         Ok(tonic::Response::new(Response { created: false, consignment: None, consignments }))
     }
+}
+
+/// The layer [`request_size_layer`] returns.
+pub type RequestSizeLayer = tower::util::MapResponseLayer<fn(http::Response<Body>) -> http::Response<Body>>;
+
+/// A server layer that answers a request over [`MAX_REQUEST_BYTES`] with
+/// `RESOURCE_EXHAUSTED` naming the size and the limit. tonic refuses such a message itself
+/// (with [`ShippingHandler::into_service`]'s limit) but calls it `OUT_OF_RANGE`, which this
+/// service never answers otherwise; the layer renames it.
+///
+/// ```no_run
+/// # async fn demo(handler: consignment_service::ShippingHandler) -> micro_core::Result<()> {
+/// micro_core::Server::builder("consignment-service")
+///     .layer(consignment_service::request_size_layer())
+///     .add_service(handler.into_service())
+///     .run()
+///     .await
+/// # }
+/// ```
+pub fn request_size_layer() -> RequestSizeLayer {
+    tower::util::MapResponseLayer::new(too_large_is_resource_exhausted as fn(_) -> _)
+}
+
+fn too_large_is_resource_exhausted(mut response: http::Response<Body>) -> http::Response<Body> {
+    let headers = response.headers_mut();
+    let Some(status) = Status::from_header_map(headers) else { return response };
+    if status.code() != Code::OutOfRange {
+        return response;
+    }
+    // tonic: "Error, decoded message length too large: found N bytes, the limit is: L bytes"
+    let found = status
+        .message()
+        .split_once("found ")
+        .and_then(|(_, rest)| rest.split_once(' '))
+        .map(|(n, _)| format!("{n} bytes, "))
+        .unwrap_or_default();
+    let exhausted = Status::resource_exhausted(format!(
+        "request too large: {found}the limit is {MAX_REQUEST_BYTES} bytes (4 MiB)"
+    ));
+    for name in ["grpc-status", "grpc-message", "grpc-status-details-bin"] {
+        headers.remove(name);
+    }
+    if exhausted.add_header(headers).is_err() {
+        tracing::error!("could not rewrite an oversized request's status");
+    }
+    response
 }
 
 #[cfg(test)]
@@ -175,13 +316,106 @@ mod tests {
     use super::*;
     use proto::consignment::Container;
 
-    #[test]
-    fn validation_names_each_bad_field() {
-        let status = validate(&Consignment::default()).unwrap_err();
+    fn container(customer_id: &str, origin: &str) -> Container {
+        Container { customer_id: customer_id.into(), origin: origin.into(), ..Default::default() }
+    }
+
+    fn valid() -> Consignment {
+        Consignment { weight: 1, containers: vec![container("c1", "Derby")], ..Default::default() }
+    }
+
+    fn problems(consignment: &Consignment) -> String {
+        let status = validate(consignment).unwrap_err();
         assert_eq!(status.code(), Code::InvalidArgument);
-        assert!(status.message().contains("weight") && status.message().contains("containers"), "{status:?}");
-        let ok = Consignment { weight: 1, containers: vec![Container::default()], ..Default::default() };
-        assert!(validate(&ok).is_ok());
+        status.message().to_owned()
+    }
+
+    #[test]
+    fn a_valid_consignment_passes() {
+        assert!(validate(&valid()).is_ok());
+        let longest = Consignment { description: "x".repeat(MAX_DESCRIPTION_BYTES), ..valid() };
+        assert!(validate(&longest).is_ok());
+        let most = Consignment { containers: vec![container("c", "o"); MAX_CONTAINERS], ..valid() };
+        assert!(validate(&most).is_ok());
+    }
+
+    #[test]
+    fn each_invalid_field_gets_its_message() {
+        let cases = [
+            (Consignment { weight: 0, ..valid() }, "weight: must be positive, got 0"),
+            (Consignment { weight: -5, ..valid() }, "weight: must be positive, got -5"),
+            (Consignment { containers: vec![], ..valid() }, "containers: at least one container is required"),
+            (
+                Consignment { containers: vec![container("c1", "Derby"), container("", "Derby")], ..valid() },
+                "containers[1].customer_id: required",
+            ),
+            (
+                Consignment { containers: vec![container("c1", "")], ..valid() },
+                "containers[0].origin: required",
+            ),
+            (
+                Consignment { description: "é".repeat(513), ..valid() },
+                "description: at most 1024 bytes, got 1026",
+            ),
+            (
+                Consignment { containers: vec![container("c", "o"); MAX_CONTAINERS + 1], ..valid() },
+                "containers: at most 10000, got 10001",
+            ),
+        ];
+        for (consignment, expected) in cases {
+            assert_eq!(problems(&consignment), expected);
+        }
+    }
+
+    #[test]
+    fn every_bad_field_is_named_at_once_and_the_list_stays_short() {
+        let message = problems(&Consignment::default());
+        assert_eq!(
+            message,
+            "weight: must be positive, got 0; containers: at least one container is required"
+        );
+        let many = Consignment { containers: vec![container("", ""); 100], ..valid() };
+        let message = problems(&many);
+        assert!(message.starts_with("containers[0].customer_id: required; containers[0].origin: required"));
+        assert!(message.ends_with("and 190 more container problems"), "{message}");
+    }
+
+    #[test]
+    fn idempotency_key_is_optional_but_must_be_usable() {
+        let mut metadata = MetadataMap::new();
+        assert_eq!(idempotency_key(&metadata).unwrap(), None);
+        metadata.insert(IDEMPOTENCY_KEY_HEADER, "run-1".parse().unwrap());
+        assert_eq!(idempotency_key(&metadata).unwrap().as_deref(), Some("run-1"));
+        metadata.insert(IDEMPOTENCY_KEY_HEADER, "k".repeat(MAX_IDEMPOTENCY_KEY_BYTES + 1).parse().unwrap());
+        let status = idempotency_key(&metadata).unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert!(status.message().starts_with("idempotency-key: at most 128 bytes"), "{status:?}");
+        metadata.insert(IDEMPOTENCY_KEY_HEADER, "".parse().unwrap());
+        assert!(idempotency_key(&metadata).is_err());
+    }
+
+    #[test]
+    fn a_replay_with_other_contents_is_already_exists() {
+        let stored = Consignment { id: "c-1".into(), vessel_id: "v".into(), ..valid() };
+        assert!(replay("k", stored.clone(), &valid()).is_ok());
+        let heavier = Consignment { weight: 2, ..valid() };
+        let status = replay("k", stored, &heavier).unwrap_err();
+        assert_eq!(status.code(), Code::AlreadyExists);
+        assert!(status.message().contains("\"k\"") && status.message().contains("c-1"), "{status:?}");
+    }
+
+    #[test]
+    fn only_the_decoders_out_of_range_becomes_resource_exhausted() {
+        let tonic_says = Status::out_of_range(
+            "Error, decoded message length too large: found 5000000 bytes, the limit is: 4194304 bytes",
+        );
+        let status =
+            Status::from_header_map(too_large_is_resource_exhausted(tonic_says.into_http()).headers());
+        let status = status.unwrap();
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        assert_eq!(status.message(), "request too large: 5000000 bytes, the limit is 4194304 bytes (4 MiB)");
+        let other = too_large_is_resource_exhausted(Status::invalid_argument("x").into_http());
+        assert_eq!(Status::from_header_map(other.headers()).unwrap().code(), Code::InvalidArgument);
     }
 
     #[test]

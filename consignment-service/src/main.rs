@@ -1,16 +1,18 @@
-//! consignment-service: registers as `consignment-service`, finds `vessel-service` by name.
+//! consignment-service: registers as `consignment-service`, finds `vessel-service` by name,
+//! keeps consignments in an SQLite file (`--db`).
 
-use std::{sync::Arc, time::Duration};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use clap::Parser;
-use consignment_service::{DEFAULT_VESSEL_TIMEOUT_MS, MemoryRepository, ShippingHandler};
+use consignment_service::{
+    DEFAULT_DB, DEFAULT_VESSEL_TIMEOUT_MS, ShippingHandler, SqliteRepository, request_size_layer,
+};
 use micro_core::{
     Client, Server,
     config::{ClientArgs, ClientConfig, RegistryArgs, RegistryConfig, ServerArgs, ServerConfig},
     telemetry::LogArgs,
 };
-use proto::consignment::shipping_service_server::ShippingServiceServer;
 
 /// Stores consignments once a vessel that can carry them is found.
 #[derive(Debug, Parser)]
@@ -22,6 +24,10 @@ struct Cli {
     /// How long the vessel look-up may take, in milliseconds.
     #[arg(long, env = "CONSIGNMENT_VESSEL_TIMEOUT", default_value_t = DEFAULT_VESSEL_TIMEOUT_MS)]
     vessel_timeout: u64,
+    /// SQLite database file, created if missing (relative paths start at the working
+    /// directory); `:memory:` keeps consignments in memory only, lost on exit.
+    #[arg(long, env = "CONSIGNMENT_DB", default_value = DEFAULT_DB)]
+    db: PathBuf,
     #[command(flatten)]
     registry: RegistryArgs,
     #[command(flatten)]
@@ -36,13 +42,18 @@ struct Cli {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     cli.log.init("consignment_service=info,micro_core=info");
+    let db = cli.db.clone();
+    let repository = tokio::task::spawn_blocking(move || SqliteRepository::open(&db))
+        .await?
+        .with_context(|| format!("cannot open the consignment database {}", cli.db.display()))?;
+    tracing::info!(db = %repository.path(), schema = repository.schema_version()?, "consignment database ready");
     let registry_config = RegistryConfig::from(cli.registry);
     let registry = registry_config.connect().await.context("cannot open the registry")?;
     let client = Client::new(registry.clone())
         .config(ClientConfig::from_args(cli.client, registry_config.lookup_timeout))
         .idempotent_methods(proto::IDEMPOTENT_METHODS);
     let handler = ShippingHandler::new(
-        Arc::new(MemoryRepository::default()),
+        Arc::new(repository),
         client.channel(&cli.vessel_service),
         Duration::from_millis(cli.vessel_timeout),
     );
@@ -50,7 +61,8 @@ async fn main() -> anyhow::Result<()> {
         .version(env!("CARGO_PKG_VERSION"))
         .config(ServerConfig::try_from(cli.server)?)
         .registry(registry)
-        .add_service(ShippingServiceServer::new(handler))
+        .layer(request_size_layer())
+        .add_service(handler.into_service())
         .run()
         .await?;
     Ok(())

@@ -29,7 +29,12 @@ fn consignment_service(name: &str, vessel_name: &str) -> Process {
     Process::start(
         "consignment-service",
         &[],
-        &[("MICRO_SERVER_NAME", name), ("VESSEL_SERVICE", vessel_name), ("MICRO_LOOKUP_TIMEOUT", "1500")],
+        &[
+            ("MICRO_SERVER_NAME", name),
+            ("VESSEL_SERVICE", vessel_name),
+            ("MICRO_LOOKUP_TIMEOUT", "1500"),
+            ("CONSIGNMENT_DB", ":memory:"),
+        ],
     )
 }
 

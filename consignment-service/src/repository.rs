@@ -1,0 +1,465 @@
+//! Where consignments are kept: the [`ConsignmentRepository`] trait and its SQLite
+//! implementation, [`SqliteRepository`], on a file (durable) or in memory (tests).
+//!
+//! A consignment and its containers are written in one transaction, so a crash leaves
+//! either nothing or all of it. An idempotency key is stored with the consignment under a
+//! `UNIQUE` constraint, checked and written in the same transaction: a second create with the
+//! same key returns the first consignment and writes nothing.
+//!
+//! # Examples
+//! ```
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! use consignment_service::{ConsignmentRepository, SqliteRepository};
+//! use proto::consignment::Consignment;
+//!
+//! let repository = SqliteRepository::in_memory().unwrap();
+//! let consignment = Consignment { id: "c-1".into(), weight: 10, ..Default::default() };
+//! let first = repository.create(consignment.clone(), Some("key-1")).await.unwrap();
+//! let again = repository.create(consignment, Some("key-1")).await.unwrap();
+//! assert!(!first.replayed && again.replayed);
+//! assert_eq!(repository.list().await.unwrap().len(), 1);
+//! # }
+//! ```
+
+use std::{
+    path::Path,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use proto::consignment::{Consignment, Container};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+
+/// The path that means "no file: keep consignments in memory, lose them on exit".
+pub const IN_MEMORY: &str = ":memory:";
+
+/// How long a write waits for another connection's lock on the same file.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The schema, one step per version. Step `i` takes the database from `user_version` `i` to
+/// `i + 1`; a step is never edited once released, only new steps are appended.
+const MIGRATIONS: &[&str] = &[
+    // 1: consignments, their containers in order, and the idempotency key of the create.
+    "CREATE TABLE consignments (
+         seq             INTEGER PRIMARY KEY AUTOINCREMENT,
+         id              TEXT    NOT NULL UNIQUE,
+         description     TEXT    NOT NULL,
+         weight          INTEGER NOT NULL,
+         vessel_id       TEXT    NOT NULL,
+         idempotency_key TEXT    UNIQUE,
+         created_at      TEXT    NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+     );
+     CREATE TABLE containers (
+         consignment_seq INTEGER NOT NULL REFERENCES consignments(seq) ON DELETE CASCADE,
+         position        INTEGER NOT NULL,
+         id              TEXT    NOT NULL,
+         customer_id     TEXT    NOT NULL,
+         origin          TEXT    NOT NULL,
+         user_id         TEXT    NOT NULL,
+         PRIMARY KEY (consignment_seq, position)
+     );",
+];
+
+/// Why storage failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RepositoryError {
+    /// Another consignment already has this id (a client-chosen id used twice).
+    #[error("a consignment with id {0:?} already exists")]
+    DuplicateId(String),
+    /// The database file was written by a newer version of this service.
+    #[error(
+        "database schema version {found} is newer than this binary knows ({known}); upgrade consignment-service"
+    )]
+    SchemaTooNew {
+        /// The version found in the file.
+        found: i64,
+        /// The newest version this binary can migrate to.
+        known: i64,
+    },
+    /// The database could not be opened, read or written.
+    #[error("database {path}")]
+    Database {
+        /// The database's path, or `:memory:`.
+        path: String,
+        /// What SQLite said.
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// The blocking storage task did not finish (it panicked or the runtime is shutting down).
+    #[error("storage task failed")]
+    Task(#[source] tokio::task::JoinError),
+}
+
+/// The outcome of [`ConsignmentRepository::create`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Created {
+    /// The consignment as stored: the new one, or the one first stored under the same key.
+    pub consignment: Consignment,
+    /// True when the key was already used and nothing new was stored.
+    pub replayed: bool,
+}
+
+/// Where consignments are kept.
+#[tonic::async_trait]
+pub trait ConsignmentRepository: Send + Sync + 'static {
+    /// Stores `consignment` and its containers in one transaction. With a `key` already
+    /// used, stores nothing and returns the consignment first stored under it
+    /// (`replayed: true`), whatever `consignment` holds: comparing is the caller's job.
+    async fn create(&self, consignment: Consignment, key: Option<&str>) -> Result<Created, RepositoryError>;
+    /// The consignment stored under idempotency `key`, if any.
+    async fn find_by_key(&self, key: &str) -> Result<Option<Consignment>, RepositoryError>;
+    /// Every stored consignment, oldest first.
+    async fn list(&self) -> Result<Vec<Consignment>, RepositoryError>;
+}
+
+/// Consignments in an SQLite database: a file in WAL mode with `synchronous=FULL` (each
+/// commit is on disk before `create` returns), or memory for tests.
+#[derive(Debug, Clone)]
+pub struct SqliteRepository {
+    connection: Arc<Mutex<Connection>>,
+    path: String,
+}
+
+impl SqliteRepository {
+    /// Opens (or creates) the database at `path` and runs the migrations it lacks; the path
+    /// `:memory:` ([`IN_MEMORY`]) keeps everything in memory instead.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, RepositoryError> {
+        let path = path.as_ref();
+        if path == Path::new(IN_MEMORY) {
+            return Self::in_memory();
+        }
+        let shown = path.display().to_string();
+        let db = |source| RepositoryError::Database { path: shown.clone(), source };
+        let connection = Connection::open(path).map_err(db)?;
+        connection.busy_timeout(BUSY_TIMEOUT).map_err(db)?;
+        // WAL: a commit appends to the log; readers never block the writer. FULL: the log is
+        // synced at every commit, so a reported consignment survives a crash or power loss.
+        let mode: String =
+            connection.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0)).map_err(db)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            tracing::warn!(path = %shown, journal_mode = %mode, "the database is not in WAL mode");
+        }
+        connection.pragma_update(None, "synchronous", "FULL").map_err(db)?;
+        Self::ready(connection, shown)
+    }
+
+    /// A database in this process's memory; everything is lost when it is dropped.
+    pub fn in_memory() -> Result<Self, RepositoryError> {
+        let connection = Connection::open_in_memory()
+            .map_err(|source| RepositoryError::Database { path: IN_MEMORY.to_owned(), source })?;
+        Self::ready(connection, IN_MEMORY.to_owned())
+    }
+
+    /// The database's path, or `:memory:`.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// The schema version the database is at.
+    pub fn schema_version(&self) -> Result<i64, RepositoryError> {
+        let connection = self.connection.lock().unwrap_or_else(|e| e.into_inner());
+        user_version(&connection).map_err(|source| self.error(source))
+    }
+
+    fn ready(mut connection: Connection, path: String) -> Result<Self, RepositoryError> {
+        let db = |source| RepositoryError::Database { path: path.clone(), source };
+        connection.pragma_update(None, "foreign_keys", "ON").map_err(db)?;
+        migrate(&mut connection, &path)?;
+        Ok(SqliteRepository { connection: Arc::new(Mutex::new(connection)), path })
+    }
+
+    fn error(&self, source: rusqlite::Error) -> RepositoryError {
+        RepositoryError::Database { path: self.path.clone(), source }
+    }
+
+    /// Runs `work` on the connection in a blocking task.
+    async fn with_connection<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&mut Connection) -> Result<T, RepositoryError> + Send + 'static,
+    ) -> Result<T, RepositoryError> {
+        let connection = self.connection.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut connection = connection.lock().unwrap_or_else(|e| e.into_inner());
+            work(&mut connection)
+        })
+        .await
+        .map_err(RepositoryError::Task)?
+    }
+}
+
+fn user_version(connection: &Connection) -> rusqlite::Result<i64> {
+    connection.query_row("PRAGMA user_version", [], |row| row.get(0))
+}
+
+/// Brings the schema to the newest version, each step in its own transaction together with
+/// its new `user_version`, so a crash mid-migration leaves the previous version whole.
+fn migrate(connection: &mut Connection, path: &str) -> Result<(), RepositoryError> {
+    let db = |source| RepositoryError::Database { path: path.to_owned(), source };
+    let known = MIGRATIONS.len() as i64;
+    let found = user_version(connection).map_err(db)?;
+    if found > known {
+        return Err(RepositoryError::SchemaTooNew { found, known });
+    }
+    for (version, step) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+        let next = version as i64 + 1;
+        let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db)?;
+        // Another process may have migrated between our read and our lock.
+        if user_version(&transaction).map_err(db)? >= next {
+            continue;
+        }
+        transaction.execute_batch(step).map_err(db)?;
+        transaction.pragma_update(None, "user_version", next).map_err(db)?;
+        transaction.commit().map_err(db)?;
+        tracing::info!(%path, version = next, "database migrated");
+    }
+    Ok(())
+}
+
+const SELECT_CONSIGNMENT: &str = "SELECT seq, id, description, weight, vessel_id FROM consignments";
+
+fn consignment_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(i64, Consignment)> {
+    Ok((
+        row.get(0)?,
+        Consignment {
+            id: row.get(1)?,
+            description: row.get(2)?,
+            weight: row.get(3)?,
+            vessel_id: row.get(4)?,
+            containers: Vec::new(),
+        },
+    ))
+}
+
+fn container_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Container> {
+    Ok(Container { id: row.get(0)?, customer_id: row.get(1)?, origin: row.get(2)?, user_id: row.get(3)? })
+}
+
+/// The consignment stored under `key`, containers included.
+fn by_key(connection: &Connection, key: &str) -> rusqlite::Result<Option<Consignment>> {
+    let found = connection
+        .query_row(&format!("{SELECT_CONSIGNMENT} WHERE idempotency_key = ?1"), [key], consignment_row)
+        .optional()?;
+    let Some((seq, mut consignment)) = found else { return Ok(None) };
+    let mut statement = connection.prepare_cached(
+        "SELECT id, customer_id, origin, user_id FROM containers WHERE consignment_seq = ?1 ORDER BY position",
+    )?;
+    consignment.containers = statement.query_map([seq], container_row)?.collect::<rusqlite::Result<_>>()?;
+    Ok(Some(consignment))
+}
+
+fn is_unique_violation(err: &rusqlite::Error, column: &str) -> bool {
+    matches!(err, rusqlite::Error::SqliteFailure(e, Some(message))
+        if e.code == rusqlite::ErrorCode::ConstraintViolation && message.contains(column))
+}
+
+#[tonic::async_trait]
+impl ConsignmentRepository for SqliteRepository {
+    async fn create(&self, consignment: Consignment, key: Option<&str>) -> Result<Created, RepositoryError> {
+        let key = key.map(str::to_owned);
+        let path = self.path.clone();
+        self.with_connection(move |connection| {
+            let db = |source| RepositoryError::Database { path: path.clone(), source };
+            // IMMEDIATE takes the write lock first, so the key check and the insert are one
+            // step even for another process on the same file; UNIQUE backs it up.
+            let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db)?;
+            if let Some(key) = &key
+                && let Some(existing) = by_key(&transaction, key).map_err(db)?
+            {
+                return Ok(Created { consignment: existing, replayed: true });
+            }
+            let inserted = transaction.execute(
+                "INSERT INTO consignments (id, description, weight, vessel_id, idempotency_key) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![consignment.id, consignment.description, consignment.weight, consignment.vessel_id, key],
+            );
+            match inserted {
+                Err(err) if is_unique_violation(&err, "consignments.id") => {
+                    return Err(RepositoryError::DuplicateId(consignment.id.clone()));
+                }
+                other => other.map_err(db)?,
+            };
+            let seq = transaction.last_insert_rowid();
+            {
+                let mut insert = transaction
+                    .prepare_cached(
+                        "INSERT INTO containers (consignment_seq, position, id, customer_id, origin, user_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    )
+                    .map_err(db)?;
+                for (position, c) in consignment.containers.iter().enumerate() {
+                    insert
+                        .execute(params![seq, position as i64, c.id, c.customer_id, c.origin, c.user_id])
+                        .map_err(db)?;
+                }
+            }
+            transaction.commit().map_err(db)?;
+            Ok(Created { consignment, replayed: false })
+        })
+        .await
+    }
+
+    async fn find_by_key(&self, key: &str) -> Result<Option<Consignment>, RepositoryError> {
+        let key = key.to_owned();
+        let path = self.path.clone();
+        self.with_connection(move |connection| {
+            by_key(connection, &key).map_err(|source| RepositoryError::Database { path, source })
+        })
+        .await
+    }
+
+    async fn list(&self) -> Result<Vec<Consignment>, RepositoryError> {
+        let path = self.path.clone();
+        self.with_connection(move |connection| {
+            let db = |source| RepositoryError::Database { path: path.clone(), source };
+            // One read transaction, so consignments and containers come from the same snapshot.
+            let transaction = connection.transaction().map_err(db)?;
+            let mut consignments: Vec<(i64, Consignment)> = {
+                let mut statement =
+                    transaction.prepare_cached(&format!("{SELECT_CONSIGNMENT} ORDER BY seq")).map_err(db)?;
+                statement.query_map([], consignment_row).map_err(db)?.collect::<rusqlite::Result<_>>().map_err(db)?
+            };
+            {
+                let mut statement = transaction
+                    .prepare_cached(
+                        "SELECT consignment_seq, id, customer_id, origin, user_id FROM containers ORDER BY consignment_seq, position",
+                    )
+                    .map_err(db)?;
+                let mut rows = statement.query([]).map_err(db)?;
+                let mut at = 0;
+                while let Some(row) = rows.next().map_err(db)? {
+                    let seq: i64 = row.get(0).map_err(db)?;
+                    while at < consignments.len() && consignments[at].0 < seq {
+                        at += 1;
+                    }
+                    let container = Container {
+                        id: row.get(1).map_err(db)?,
+                        customer_id: row.get(2).map_err(db)?,
+                        origin: row.get(3).map_err(db)?,
+                        user_id: row.get(4).map_err(db)?,
+                    };
+                    if let Some((_, consignment)) = consignments.get_mut(at).filter(|(s, _)| *s == seq) {
+                        consignment.containers.push(container);
+                    }
+                }
+            }
+            transaction.commit().map_err(db)?;
+            Ok(consignments.into_iter().map(|(_, consignment)| consignment).collect())
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn default_path_in(dir: &Path) -> std::path::PathBuf {
+        dir.join(crate::DEFAULT_DB)
+    }
+
+    fn sample(id: &str, containers: usize) -> Consignment {
+        Consignment {
+            id: id.to_owned(),
+            description: format!("consignment {id}"),
+            weight: 100,
+            vessel_id: "vessel001".to_owned(),
+            containers: (0..containers)
+                .map(|i| Container {
+                    id: format!("k{i}"),
+                    customer_id: format!("cust{i}"),
+                    origin: "Derby".to_owned(),
+                    user_id: "u1".to_owned(),
+                })
+                .collect(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_file_database_keeps_consignments_across_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = default_path_in(dir.path());
+        let first = SqliteRepository::open(&path).unwrap();
+        first.create(sample("c-1", 3), Some("k-1")).await.unwrap();
+        first.create(sample("c-2", 1), None).await.unwrap();
+        drop(first);
+
+        let again = SqliteRepository::open(&path).unwrap();
+        assert_eq!(again.schema_version().unwrap(), MIGRATIONS.len() as i64);
+        assert_eq!(again.list().await.unwrap(), vec![sample("c-1", 3), sample("c-2", 1)]);
+        let replay = again.create(sample("c-other", 2), Some("k-1")).await.unwrap();
+        assert_eq!(replay, Created { consignment: sample("c-1", 3), replayed: true });
+        assert_eq!(again.list().await.unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn file_database_is_in_wal_mode_with_full_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let repository = SqliteRepository::open(default_path_in(dir.path())).unwrap();
+        let connection = repository.connection.lock().unwrap();
+        let mode: String = connection.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
+        let sync: i64 = connection.query_row("PRAGMA synchronous", [], |r| r.get(0)).unwrap();
+        assert_eq!((mode.as_str(), sync), ("wal", 2));
+    }
+
+    #[tokio::test]
+    async fn same_key_stores_once_even_when_creates_race() {
+        let repository = SqliteRepository::in_memory().unwrap();
+        let creates = (0..16).map(|i| {
+            let repository = repository.clone();
+            tokio::spawn(async move { repository.create(sample(&format!("c-{i}"), 2), Some("same")).await })
+        });
+        let mut fresh = 0;
+        for create in creates {
+            fresh += usize::from(!create.await.unwrap().unwrap().replayed);
+        }
+        assert_eq!(fresh, 1);
+        assert_eq!(repository.list().await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_duplicate_id_is_refused_and_leaves_nothing_behind() {
+        let repository = SqliteRepository::in_memory().unwrap();
+        repository.create(sample("c-1", 1), None).await.unwrap();
+        let err = repository.create(sample("c-1", 4), Some("k")).await.unwrap_err();
+        assert!(matches!(err, RepositoryError::DuplicateId(ref id) if id == "c-1"), "{err:?}");
+        assert_eq!(repository.list().await.unwrap(), vec![sample("c-1", 1)]);
+        assert_eq!(repository.find_by_key("k").await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn a_failed_container_insert_rolls_the_whole_consignment_back() {
+        let repository = SqliteRepository::in_memory().unwrap();
+        repository
+            .connection
+            .lock()
+            .unwrap()
+            .execute_batch(
+                "CREATE TRIGGER fail_third BEFORE INSERT ON containers WHEN NEW.position = 2
+                 BEGIN SELECT RAISE(ABORT, 'disk full, pretend'); END;",
+            )
+            .unwrap();
+        assert!(repository.create(sample("c-1", 5), Some("k")).await.is_err());
+        assert!(repository.list().await.unwrap().is_empty());
+        assert_eq!(repository.find_by_key("k").await.unwrap(), None);
+        let count: i64 = repository
+            .connection
+            .lock()
+            .unwrap()
+            .query_row("SELECT count(*) FROM containers", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(count, 0);
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = default_path_in(dir.path());
+        Connection::open(&path).unwrap().pragma_update(None, "user_version", 99).unwrap();
+        let err = SqliteRepository::open(&path).unwrap_err();
+        assert!(matches!(err, RepositoryError::SchemaTooNew { found: 99, .. }), "{err:?}");
+    }
+
+    #[test]
+    fn memory_path_opens_an_in_memory_database() {
+        assert_eq!(SqliteRepository::open(IN_MEMORY).unwrap().path(), IN_MEMORY);
+    }
+}
