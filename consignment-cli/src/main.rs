@@ -7,6 +7,7 @@ use anyhow::{Context, anyhow};
 use clap::{Parser, ValueEnum};
 use micro_core::{
     Client,
+    client::IDEMPOTENCY_KEY_HEADER,
     config::{ClientArgs, ClientConfig, RegistryArgs, RegistryConfig},
     telemetry::LogArgs,
 };
@@ -14,6 +15,11 @@ use proto::consignment::{Consignment, GetRequest, shipping_service_client::Shipp
 
 /// Default time each call may take, in milliseconds.
 const DEFAULT_TIMEOUT_MS: u64 = 10_000;
+/// The longest request id consignment-service accepts, in bytes.
+const MAX_REQUEST_ID_BYTES: usize = 128;
+/// Set to `true` by consignment-service on a reply that an earlier call with the same
+/// idempotency key already stored.
+const IDEMPOTENT_REPLAYED_HEADER: &str = "idempotent-replayed";
 
 /// Submits a consignment and lists what is stored.
 #[derive(Debug, Parser)]
@@ -31,6 +37,10 @@ struct Cli {
     /// How to print the result.
     #[arg(long, value_enum, default_value_t = Output::Text)]
     output: Output,
+    /// Idempotency key sent with CreateConsignment; running again with the same id and file
+    /// stores nothing new and prints the first result. Default: a fresh random id per run.
+    #[arg(long, env = "CONSIGNMENT_REQUEST_ID", value_parser = parse_request_id)]
+    request_id: Option<String>,
     #[command(flatten)]
     registry: RegistryArgs,
     #[command(flatten)]
@@ -60,6 +70,20 @@ async fn main() -> ExitCode {
     }
 }
 
+fn parse_request_id(id: &str) -> Result<String, String> {
+    if id.is_empty() || id.len() > MAX_REQUEST_ID_BYTES {
+        return Err(format!("must be 1 to {MAX_REQUEST_ID_BYTES} bytes, got {}", id.len()));
+    }
+    if !id.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("must be printable ASCII without spaces".to_owned());
+    }
+    Ok(id.to_owned())
+}
+
+fn new_request_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
 fn read_consignment(path: &PathBuf) -> anyhow::Result<Consignment> {
     let shown = path.display();
     let text =
@@ -73,6 +97,7 @@ fn read_consignment(path: &PathBuf) -> anyhow::Result<Consignment> {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let consignment = read_consignment(&cli.file)?;
+    let request_id = cli.request_id.unwrap_or_else(new_request_id);
     let registry_config = RegistryConfig::from(cli.registry);
     let registry = registry_config.connect().await.context("cannot open the registry")?;
     let client = Client::new(registry)
@@ -81,10 +106,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut shipping = ShippingServiceClient::new(client.channel(&cli.consignment_service));
     let timeout = Duration::from_millis(cli.timeout);
 
+    // The SDK client resends a call that carries the key when an instance fails; the
+    // service stores it once.
     let mut request = tonic::Request::new(consignment);
     request.set_timeout(timeout);
-    let created = within(timeout, "CreateConsignment", shipping.create_consignment(request))
-        .await?
+    request.metadata_mut().insert(IDEMPOTENCY_KEY_HEADER, request_id.parse().context("request id")?);
+    let reply = within_response(timeout, "CreateConsignment", shipping.create_consignment(request))
+        .await
+        .map_err(|err| {
+            anyhow!("{err:#} (request id {request_id}: re-run with --request-id {request_id} to retry without storing twice)")
+        })?;
+    let replayed = reply.metadata().get(IDEMPOTENT_REPLAYED_HEADER).is_some_and(|v| v == "true");
+    let created = reply
+        .into_inner()
         .consignment
         .ok_or_else(|| anyhow!("CreateConsignment answered without the consignment"))?;
 
@@ -94,7 +128,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
     match cli.output {
         Output::Json => {
-            let json = serde_json::json!({ "created": created, "consignments": stored });
+            let json = serde_json::json!({
+                "created": created,
+                "request_id": request_id,
+                "replayed": replayed,
+                "consignments": stored,
+            });
             println!("{}", serde_json::to_string_pretty(&json)?);
         }
         Output::Text => {
@@ -105,6 +144,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 created.containers.len(),
                 created.weight
             );
+            match replayed {
+                true => println!("request id {request_id}: stored by an earlier run; nothing new stored"),
+                false => println!(
+                    "request id {request_id} (re-run with --request-id {request_id} to retry safely)"
+                ),
+            }
             println!("stored consignments: {}", stored.len());
             for c in &stored {
                 println!(
@@ -126,8 +171,16 @@ async fn within<T>(
     method: &str,
     call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 ) -> anyhow::Result<T> {
+    within_response(timeout, method, call).await.map(tonic::Response::into_inner)
+}
+
+async fn within_response<T>(
+    timeout: Duration,
+    method: &str,
+    call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> anyhow::Result<tonic::Response<T>> {
     match tokio::time::timeout(timeout, call).await {
-        Ok(Ok(reply)) => Ok(reply.into_inner()),
+        Ok(Ok(reply)) => Ok(reply),
         Ok(Err(status)) => {
             Err(anyhow!("{method} failed: {}: {}", code_name(status.code()), status.message()))
         }

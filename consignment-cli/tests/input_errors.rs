@@ -54,3 +54,13 @@ fn default_file_is_consignment_json_in_the_working_directory() {
     let output = cargo_bin_cmd!("consignment-cli").current_dir(dir.path()).output().unwrap();
     assert!(stderr_of(&output).contains("consignment.json"), "{}", stderr_of(&output));
 }
+
+#[test]
+fn unusable_request_id_is_refused_before_any_call() {
+    for (id, reason) in [("has space", "printable ASCII"), (&*"k".repeat(129), "1 to 128 bytes")] {
+        let output = cargo_bin_cmd!("consignment-cli").args(["--request-id", id]).output().unwrap();
+        assert!(!output.status.success());
+        let stderr = stderr_of(&output);
+        assert!(stderr.contains("--request-id") && stderr.contains(reason), "{stderr}");
+    }
+}
