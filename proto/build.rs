@@ -3,6 +3,7 @@
 
 use std::{env, fs, path::PathBuf};
 
+use prost::Message;
 use prost_types::method_options::IdempotencyLevel;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -24,8 +25,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     let list: Vec<String> = idempotent.iter().map(|path| format!("    {path:?},")).collect();
-    let out = PathBuf::from(env::var("OUT_DIR")?).join("idempotent_methods.rs");
-    fs::write(out, format!("&[\n{}\n]", list.join("\n")))?;
+    let out_dir = PathBuf::from(env::var("OUT_DIR")?);
+    fs::write(out_dir.join("idempotent_methods.rs"), format!("&[\n{}\n]", list.join("\n")))?;
+    fs::write(out_dir.join("descriptors.bin"), descriptors.encode_to_vec())?;
 
     tonic_prost_build::configure()
         .type_attribute(".", "#[derive(serde::Serialize, serde::Deserialize)]")

@@ -10,7 +10,7 @@ use consignment_service::{
 };
 use micro_core::{
     Client, Server,
-    config::{ClientArgs, ClientConfig, RegistryArgs, RegistryConfig, ServerArgs, ServerConfig},
+    config::{ClientArgs, ClientConfig, RegistryArgs, RegistryConfig, ServerArgs},
     telemetry::LogArgs,
 };
 
@@ -38,6 +38,9 @@ struct Cli {
     log: LogArgs,
 }
 
+/// Metrics are on by default here: loopback, a free port, announced as `metrics` metadata.
+const DEFAULT_METRICS_ADDRESS: &str = "127.0.0.1:0";
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -59,7 +62,8 @@ async fn main() -> anyhow::Result<()> {
     );
     Server::builder("consignment-service")
         .version(env!("CARGO_PKG_VERSION"))
-        .config(ServerConfig::try_from(cli.server)?)
+        .config(cli.server.into_config_with_metrics(DEFAULT_METRICS_ADDRESS.parse()?)?)
+        .file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .registry(registry)
         .layer(request_size_layer())
         .add_service(handler.into_service())

@@ -249,6 +249,41 @@ pub struct ServerArgs {
     /// clients stop picking it before it deregisters; 0 skips the announcement.
     #[arg(long, env = "MICRO_SHUTDOWN_DRAIN_DELAY", default_value_t = DEFAULT_DRAIN_DELAY_MS)]
     pub shutdown_drain_delay: u64,
+    /// Where to serve Prometheus metrics (`ip:port`, port 0 picks one), or `off`; unset,
+    /// the binary decides (the shippy services serve them on 127.0.0.1, any port).
+    #[arg(long, env = "MICRO_METRICS_ADDRESS", value_parser = parse_metrics_address)]
+    pub metrics_address: Option<MetricsAddress>,
+}
+
+/// Where metrics are served, as `MICRO_METRICS_ADDRESS` says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricsAddress {
+    /// No metrics endpoint.
+    Off,
+    /// Serve on this address.
+    At(SocketAddr),
+}
+
+fn parse_metrics_address(text: &str) -> Result<MetricsAddress, String> {
+    match text {
+        "off" | "" => Ok(MetricsAddress::Off),
+        text => {
+            text.parse().map(MetricsAddress::At).map_err(|_| format!("expected ip:port or off, got {text:?}"))
+        }
+    }
+}
+
+impl ServerArgs {
+    /// The server config, with metrics on `default_metrics` unless the flags say otherwise.
+    pub fn into_config_with_metrics(self, default_metrics: SocketAddr) -> Result<ServerConfig> {
+        let metrics = self.metrics_address.unwrap_or(MetricsAddress::At(default_metrics));
+        let mut config = ServerConfig::try_from(self)?;
+        config.metrics_address = match metrics {
+            MetricsAddress::Off => None,
+            MetricsAddress::At(address) => Some(address),
+        };
+        Ok(config)
+    }
 }
 
 fn parse_key_value(text: &str) -> Result<(String, String), String> {
@@ -279,6 +314,8 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// How long a stopping server serves on after announcing that it drains.
     pub drain_delay: Duration,
+    /// Where to serve Prometheus metrics; `None` (the default) serves none.
+    pub metrics_address: Option<SocketAddr>,
 }
 
 impl Default for ServerConfig {
@@ -293,6 +330,7 @@ impl Default for ServerConfig {
             register_interval: Duration::from_secs(DEFAULT_REGISTER_INTERVAL_SECS),
             shutdown_grace: Duration::from_secs(DEFAULT_SHUTDOWN_GRACE_SECS),
             drain_delay: Duration::from_millis(DEFAULT_DRAIN_DELAY_MS),
+            metrics_address: None,
         }
     }
 }
@@ -317,6 +355,10 @@ impl TryFrom<ServerArgs> for ServerConfig {
             register_interval: Duration::from_secs(args.register_interval),
             shutdown_grace: Duration::from_secs(args.shutdown_grace),
             drain_delay: Duration::from_millis(args.shutdown_drain_delay),
+            metrics_address: match args.metrics_address {
+                Some(MetricsAddress::At(address)) => Some(address),
+                Some(MetricsAddress::Off) | None => None,
+            },
         })
     }
 }

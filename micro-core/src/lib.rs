@@ -25,6 +25,7 @@
 pub mod client;
 pub mod config;
 pub mod error;
+pub mod metrics;
 pub mod middleware;
 pub mod registry;
 pub mod selector;

@@ -21,13 +21,18 @@
 
 use std::{
     convert::Infallible,
+    pin::Pin,
     task::{Context, Poll},
     time::Instant,
 };
 
+use bytes::Bytes;
 use futures::future::BoxFuture;
-use http::HeaderValue;
+use http::{HeaderMap, HeaderValue};
+use http_body::Frame;
 use tonic::body::Body;
+
+use crate::metrics::{MethodLabels, RequestLabels, code_name, metrics};
 
 /// The header that carries the request id across hops.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
@@ -51,7 +56,9 @@ pub async fn with_request_id<F: Future>(request_id: HeaderValue, future: F) -> F
     REQUEST_ID.scope(request_id, future).await
 }
 
-/// Gives every incoming call a request id and logs it: method, gRPC status, duration.
+/// Gives every incoming call a request id, logs each failed call (method, status, request
+/// id), and counts every call in [`crate::metrics`]: by method and status, its duration,
+/// and calls in flight.
 #[derive(Debug, Clone, Default)]
 pub struct ServerTraceLayer;
 
@@ -94,25 +101,107 @@ where
                 id
             }
         };
-        let method = request.uri().path().to_owned();
-        let started = Instant::now();
+        let finish = Finish::start(request.uri().path().to_owned(), request_id.clone());
         let call = self.inner.call(request);
-        Box::pin(with_request_id(request_id.clone(), async move {
+        Box::pin(with_request_id(request_id, async move {
             let response = call.await?;
-            let elapsed = started.elapsed();
-            let request_id = request_id.to_str().unwrap_or("?");
-            match response.headers().get("grpc-status").map(HeaderValue::as_bytes) {
-                Some(b"0") | None => {
-                    tracing::debug!(%method, request_id, ?elapsed, "served");
+            Ok(match response.headers().get("grpc-status") {
+                // A trailers-only answer: the status is already known.
+                Some(_) => {
+                    finish.complete(response.headers());
+                    response
                 }
-                Some(code) => {
-                    let code = String::from_utf8_lossy(code);
-                    let message =
-                        response.headers().get("grpc-message").and_then(|m| m.to_str().ok()).unwrap_or("");
-                    tracing::info!(%method, request_id, grpc_status = %code, grpc_message = message, ?elapsed, "call failed");
+                None => response.map(|body| Body::new(ObservedBody { inner: body, finish: Some(finish) })),
+            })
+        }))
+    }
+}
+
+/// What is recorded when a served call ends.
+struct Finish {
+    method: String,
+    request_id: HeaderValue,
+    started: Instant,
+    done: bool,
+}
+
+impl Finish {
+    fn start(method: String, request_id: HeaderValue) -> Self {
+        metrics().server_in_flight.get_or_create(&MethodLabels { method: method.clone() }).inc();
+        Finish { method, request_id, started: Instant::now(), done: false }
+    }
+
+    /// Records the call with the status in `headers` (response headers or trailers).
+    fn complete(mut self, headers: &HeaderMap) {
+        let status = tonic::Status::from_header_map(headers);
+        let code = status.as_ref().map_or(tonic::Code::Ok, tonic::Status::code);
+        self.record(code_name(code));
+        if let Some(status) = status.filter(|s| s.code() != tonic::Code::Ok) {
+            tracing::info!(method = %self.method, request_id = self.request_id.to_str().unwrap_or("?"),
+                grpc_status = code_name(status.code()), grpc_message = status.message(),
+                elapsed = ?self.started.elapsed(), "call failed");
+        }
+    }
+
+    fn record(&mut self, code: &str) {
+        self.done = true;
+        let m = metrics();
+        let method = MethodLabels { method: self.method.clone() };
+        m.server_in_flight.get_or_create(&method).dec();
+        m.server_duration.get_or_create(&method).observe(self.started.elapsed().as_secs_f64());
+        m.server_requests
+            .get_or_create(&RequestLabels { method: self.method.clone(), code: code.to_owned() })
+            .inc();
+    }
+}
+
+impl Drop for Finish {
+    fn drop(&mut self) {
+        if !self.done {
+            // The response ended without a status: the caller went away.
+            self.record("CANCELLED");
+        }
+    }
+}
+
+/// A response body that records its call when the trailers (with the status) go out.
+struct ObservedBody {
+    inner: Body,
+    finish: Option<Finish>,
+}
+
+impl http_body::Body for ObservedBody {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(trailers) = frame.trailers_ref()
+                    && let Some(finish) = self.finish.take()
+                {
+                    finish.complete(trailers);
                 }
             }
-            Ok(response)
-        }))
+            Poll::Ready(None) => {
+                if let Some(finish) = self.finish.take() {
+                    finish.complete(&HeaderMap::new());
+                }
+            }
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }

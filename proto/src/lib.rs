@@ -29,3 +29,6 @@ pub mod consignment {
 /// assert!(!proto::IDEMPOTENT_METHODS.contains(&"/consignment.ShippingService/CreateConsignment"));
 /// ```
 pub const IDEMPOTENT_METHODS: &[&str] = include!(concat!(env!("OUT_DIR"), "/idempotent_methods.rs"));
+
+/// The encoded `FileDescriptorSet` of every `.proto` here, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptors.bin"));

@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::Parser;
 use micro_core::{
     Server,
-    config::{RegistryArgs, RegistryConfig, ServerArgs, ServerConfig},
+    config::{RegistryArgs, RegistryConfig, ServerArgs},
     telemetry::LogArgs,
 };
 use proto::vessel::vessel_service_server::VesselServiceServer;
@@ -27,6 +27,9 @@ struct Cli {
     log: LogArgs,
 }
 
+/// Metrics are on by default here: loopback, a free port, announced as `metrics` metadata.
+const DEFAULT_METRICS_ADDRESS: &str = "127.0.0.1:0";
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -40,7 +43,8 @@ async fn main() -> anyhow::Result<()> {
     let registry = registry_config.connect().await.context("cannot open the registry")?;
     Server::builder("vessel-service")
         .version(env!("CARGO_PKG_VERSION"))
-        .config(ServerConfig::try_from(cli.server)?)
+        .config(cli.server.into_config_with_metrics(DEFAULT_METRICS_ADDRESS.parse()?)?)
+        .file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .registry(registry)
         .add_service(VesselServiceServer::new(VesselHandler::new(fleet)))
         .run()

@@ -51,6 +51,7 @@ use self::replay::Replay;
 use crate::{
     BoxError, Error,
     error::error_chain,
+    metrics::{AttemptLabels, code_name, metrics},
     middleware::{REQUEST_ID_HEADER, current_request_id, new_request_id},
     registry::{Change, Node, NodeId, Registry},
     selector::{Candidates, Filter, Strategy},
@@ -431,7 +432,9 @@ impl Shared {
     ) -> Result<http::Response<Body>, AttemptError> {
         let _in_flight = InFlight::start(&pick.stats);
         let call = pick.channel.clone().oneshot(request);
-        let result = tokio::time::timeout_at(deadline, call).await.map_err(|_| AttemptError::Deadline)?;
+        let result = tokio::time::timeout_at(deadline, call).await;
+        self.count_attempt(pick, &result);
+        let result = result.map_err(|_| AttemptError::Deadline)?;
         match result {
             Ok(response) => match Status::from_header_map(response.headers()) {
                 Some(status) if status.code() == Code::Unavailable => {
@@ -453,6 +456,26 @@ impl Shared {
                 Err(AttemptError::Failed(Failure::Transport { source, sent }))
             }
         }
+    }
+
+    fn count_attempt<E>(
+        &self,
+        pick: &Pick,
+        result: &Result<Result<http::Response<Body>, E>, tokio::time::error::Elapsed>,
+    ) {
+        let result = match result {
+            Err(_) => "deadline",
+            Ok(Err(_)) => "transport_error",
+            Ok(Ok(response)) => {
+                Status::from_header_map(response.headers()).map_or("ok", |s| code_name(s.code()))
+            }
+        };
+        let labels = AttemptLabels {
+            service: self.name.clone(),
+            node: pick.node.id.clone(),
+            result: result.to_owned(),
+        };
+        metrics().client_attempts.get_or_create(&labels).inc();
     }
 
     fn backoff(&self, attempt: u32) -> Duration {
@@ -578,9 +601,16 @@ async fn follow_registry(channel: Weak<Shared>, registry: Arc<dyn Registry>) {
         loop {
             let changed = tokio::select! {
                 change = changes.next() => match change {
-                    Some(Ok(Change::Insert(id, node))) => known.insert(id, node.clone()).as_ref() != Some(&node),
-                    Some(Ok(Change::Remove(id))) => known.remove(&id).is_some(),
+                    Some(Ok(Change::Insert(id, node))) => {
+                        metrics().registry_event(registry.kind(), &name, "insert");
+                        known.insert(id, node.clone()).as_ref() != Some(&node)
+                    }
+                    Some(Ok(Change::Remove(id))) => {
+                        metrics().registry_event(registry.kind(), &name, "remove");
+                        known.remove(&id).is_some()
+                    }
                     Some(Err(err)) => {
+                        metrics().registry_event(registry.kind(), &name, "watch_error");
                         tracing::warn!(service = %name, registry = registry.kind(), error = %error_chain(&err), cached = known.len(), "watch failed; keeping known instances");
                         break;
                     }
@@ -620,6 +650,7 @@ async fn refresh_from(registry: &dyn Registry, name: &str, known: &mut HashMap<N
         return false;
     }
     tracing::info!(service = %name, before = known.len(), after = fresh.len(), "refresh repaired the instance list");
+    metrics().registry_event(registry.kind(), name, "refresh_repair");
     *known = fresh;
     true
 }

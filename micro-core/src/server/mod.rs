@@ -33,6 +33,7 @@ use tonic::{
     service::{Routes, RoutesBuilder},
     transport::server::TcpIncoming,
 };
+use tonic_health::ServingStatus;
 use tower::{Layer, util::BoxCloneSyncService};
 
 use crate::{
@@ -56,6 +57,8 @@ pub struct Server {
     registry: Option<Arc<dyn Registry>>,
     routes: RoutesBuilder,
     layers: Vec<BoxedLayer>,
+    grpc_services: Vec<&'static str>,
+    descriptor_sets: Vec<&'static [u8]>,
 }
 
 impl Server {
@@ -69,7 +72,17 @@ impl Server {
             registry: None,
             routes: Routes::builder(),
             layers: Vec::new(),
+            grpc_services: Vec::new(),
+            descriptor_sets: Vec::new(),
         }
+    }
+
+    /// Adds an encoded `FileDescriptorSet` (e.g. `proto::FILE_DESCRIPTOR_SET`) to the gRPC
+    /// server reflection every server offers, so `micro call` and `grpcurl` can call it.
+    /// Default: only the health service's own descriptors.
+    pub fn file_descriptor_set(mut self, encoded: &'static [u8]) -> Self {
+        self.descriptor_sets.push(encoded);
+        self
     }
 
     /// Wraps every call in a tower layer (the go-micro "wrapper"); the first layer added is
@@ -132,12 +145,13 @@ impl Server {
             + 'static,
         S::Future: Send + 'static,
     {
+        self.grpc_services.push(S::NAME);
         self.routes.add_service(service);
         self
     }
 
     /// Binds, registers and serves in the background; see [`RunningServer::stop`].
-    pub async fn start(self) -> Result<RunningServer> {
+    pub async fn start(mut self) -> Result<RunningServer> {
         validate_service_name(&self.name)?;
         validate_metadata(&self.version, &self.metadata)?;
         let registry = self.registry.unwrap_or_else(|| Arc::new(MemoryRegistry::global()));
@@ -151,6 +165,26 @@ impl Server {
         let mut node = Node::new(&self.name, advertised);
         node.version = self.version;
         node.metadata = self.metadata;
+        if let Some(address) = self.config.metrics_address {
+            let bound =
+                crate::metrics::serve(address).await.map_err(|source| Error::Bind { address, source })?;
+            let reachable = if bound.ip().is_unspecified() {
+                SocketAddr::new(advertised.ip(), bound.port())
+            } else {
+                bound
+            };
+            node.metadata.insert("metrics".into(), reachable.to_string());
+        }
+
+        let (health, health_service) = tonic_health::server::health_reporter();
+        let mut reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
+        for set in &self.descriptor_sets {
+            reflection = reflection.register_encoded_file_descriptor_set(set);
+        }
+        let reflection =
+            reflection.build_v1().map_err(|err| Error::invalid("file descriptor set", err.to_string()))?;
+        self.routes.add_service(health_service).add_service(reflection);
 
         let (stop_serving, serving_stopped) = oneshot::channel::<()>();
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
@@ -169,9 +203,25 @@ impl Server {
         );
 
         registry.register(&node, self.config.register_ttl).await?;
+        crate::metrics::metrics().registry_event(registry.kind(), &node.name, "register");
         tracing::info!(service = %node.name, node = %node.id, address = %node.address, %bound, registry = registry.kind(), "registered");
+        let health_names: Vec<&str> = std::iter::once("").chain(self.grpc_services.iter().copied()).collect();
+        for name in &health_names {
+            health.set_service_status(*name, ServingStatus::Serving).await;
+        }
         let heartbeat = tokio::spawn(keep_registered(registry.clone(), node.clone(), self.config.clone()));
-        Ok(RunningServer { node, bound, registry, config: self.config, stop_serving, serve, heartbeat })
+        tokio::spawn(check_visible(registry.clone(), node.clone()));
+        Ok(RunningServer {
+            node,
+            bound,
+            registry,
+            config: self.config,
+            stop_serving,
+            serve,
+            heartbeat,
+            health,
+            health_names,
+        })
     }
 
     /// Starts, then runs until SIGINT or SIGTERM, then stops gracefully.
@@ -192,6 +242,8 @@ pub struct RunningServer {
     stop_serving: oneshot::Sender<()>,
     serve: JoinHandle<Result<(), tonic::transport::Error>>,
     heartbeat: JoinHandle<()>,
+    health: tonic_health::server::HealthReporter,
+    health_names: Vec<&'static str>,
 }
 
 impl RunningServer {
@@ -209,6 +261,9 @@ impl RunningServer {
     /// delay, deregisters, then drains in-flight calls for up to the shutdown grace, then closes.
     pub async fn stop(self) -> Result<()> {
         self.heartbeat.abort();
+        for name in &self.health_names {
+            self.health.set_service_status(*name, ServingStatus::NotServing).await;
+        }
         if !self.config.drain_delay.is_zero() {
             let draining = Node { draining: true, ..self.node.clone() };
             match self.registry.register(&draining, self.config.register_ttl).await {
@@ -221,6 +276,7 @@ impl RunningServer {
                 }
             }
         }
+        crate::metrics::metrics().registry_event(self.registry.kind(), &self.node.name, "deregister");
         match self.registry.deregister(&self.node).await {
             Ok(()) => tracing::info!(service = %self.node.name, node = %self.node.id, "deregistered"),
             Err(err) => {
@@ -259,9 +315,27 @@ async fn keep_registered(registry: Arc<dyn Registry>, node: Node, config: Server
             Ok(()) => tracing::trace!(service = %node.name, "heartbeat"),
             Err(err) => {
                 failing = true;
+                crate::metrics::metrics().registry_event(registry.kind(), &node.name, "heartbeat_failed");
                 tracing::warn!(service = %node.name, node = %node.id, error = %crate::error::error_chain(&err), "heartbeat failed; retrying");
             }
         }
+    }
+}
+
+/// Warns once when this instance's own registration cannot be seen in its registry: over
+/// mDNS that means multicast does not come back on this interface (a Docker bridge, a
+/// firewall), and peers will not find the service either.
+async fn check_visible(registry: Arc<dyn Registry>, node: Node) {
+    let visible = match registry.lookup(&node.name).await {
+        Ok(nodes) => nodes.iter().any(|n| n.id == node.id),
+        Err(_) => false,
+    };
+    if visible {
+        tracing::debug!(service = %node.name, registry = registry.kind(), "own registration visible");
+    } else if registry.kind() == "mdns" {
+        tracing::warn!(service = %node.name, node = %node.id, "no mDNS answer came back for this instance's own announcement: multicast seems blocked on this network (Docker bridge, firewall); peers will not find it. Use MICRO_REGISTRY=consul there");
+    } else {
+        tracing::warn!(service = %node.name, node = %node.id, registry = registry.kind(), address = %registry.address(), "this instance's own registration is not visible in the registry");
     }
 }
 
