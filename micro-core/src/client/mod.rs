@@ -380,9 +380,14 @@ impl Shared {
         self.budget.deposit();
 
         let mut tried: Vec<NodeId> = Vec::new();
+        // What the last failed attempt ended with: when a retry then runs out of time, that
+        // failure says more than the deadline does.
+        let mut last_failure: Option<Status> = None;
         for attempt in 0.. {
-            let pick =
-                self.pick(&tried, deadline).await.map_err(|status| -> BoxError { Box::new(status) })?;
+            let pick = match self.pick(&tried, deadline).await {
+                Ok(pick) => pick,
+                Err(status) => return Err(Box::new(retried(last_failure, attempt).unwrap_or(status))),
+            };
             tried.push(pick.node.id.clone());
             let remaining = deadline.saturating_duration_since(Instant::now());
             let (attempt_body, polled) = replay.attempt();
@@ -392,10 +397,11 @@ impl Shared {
             let failure = match self.attempt(&pick, request, &polled, deadline).await {
                 Ok(response) => return Ok(response),
                 Err(AttemptError::Deadline) => {
-                    return Err(Box::new(Status::deadline_exceeded(format!(
+                    let expired = Status::deadline_exceeded(format!(
                         "{method} to {} instance {} at {} exceeded its {timeout:?} deadline",
                         self.name, pick.node.id, pick.node.address
-                    ))));
+                    ));
+                    return Err(Box::new(retried(last_failure, attempt).unwrap_or(expired)));
                 }
                 Err(AttemptError::Failed(failure)) => failure,
             };
@@ -413,12 +419,15 @@ impl Shared {
                 && replay.replayable()
                 && Instant::now() + backoff < deadline
                 && self.budget.withdraw();
+            let status = self.final_status(&method, &pick, failure, sent, idempotent);
             if retry {
                 tracing::debug!(service = %self.name, node = %pick.node.id, %method, attempt, sent, "retrying on another instance");
+                last_failure = Some(status);
                 tokio::time::sleep(backoff).await;
                 continue;
             }
-            return Err(Box::new(self.final_status(&method, &pick, failure, sent, idempotent)));
+            tracing::warn!(service = %self.name, node = %pick.node.id, %method, code = ?status.code(), message = status.message(), retries = attempt, "call failed");
+            return Err(Box::new(retried(Some(status), attempt).expect("a status")));
         }
         unreachable!("the attempt loop returns")
     }
@@ -494,17 +503,13 @@ impl Shared {
         let (service, node, address, registry) =
             (&self.name, &pick.node.id, pick.node.address, self.registry_kind);
         match failure {
-            Failure::Status(status) => {
-                tracing::warn!(%service, %node, %method, code = ?status.code(), "call failed");
-                status
-            }
+            Failure::Status(status) => status,
             Failure::Transport { source, .. } if sent && !idempotent => {
                 let message = format!(
                     "outcome unknown: {method} reached {service} instance {node} at {address} (registry {registry}), \
                      which failed before answering; not retried because the method is not idempotent: {}",
                     error_chain(&*source)
                 );
-                tracing::warn!(%service, %node, %method, "call failed; outcome unknown");
                 Status::unknown(message)
             }
             Failure::Transport { source, .. } => {
@@ -515,11 +520,19 @@ impl Shared {
                     registry: registry.into(),
                     source,
                 };
-                tracing::warn!(%service, %node, %method, error = %error_chain(&err), "call failed");
                 err.into()
             }
         }
     }
+}
+
+/// `failure`, saying how many retries came after the first attempt when there were any.
+fn retried(failure: Option<Status>, retries: u32) -> Option<Status> {
+    let failure = failure?;
+    Some(match retries {
+        0 => failure,
+        n => Status::new(failure.code(), format!("{} (after {n} retries)", failure.message())),
+    })
 }
 
 enum AttemptError {

@@ -25,7 +25,7 @@ use crate::{Error, Result};
 pub const SERVICE_TYPE: &str = "_micro._tcp.local.";
 /// The mDNS multicast group and port, for messages.
 const MDNS_GROUP: &str = "224.0.0.251:5353";
-/// How long `list_services` lets a fresh browse collect answers before it replies.
+/// How long `list_services` and a first `lookup` let a fresh browse collect answers.
 const BROWSE_WARM_UP: Duration = Duration::from_millis(1500);
 /// How long a goodbye may take to go out on deregistration.
 const GOODBYE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -220,6 +220,12 @@ impl Registry for MdnsRegistry {
         loop {
             let found = self.known(name);
             if !found.is_empty() {
+                // A browse that just started may not have heard every responder yet.
+                let warm = self.browse_started + BROWSE_WARM_UP;
+                if Instant::now() < warm {
+                    tokio::time::sleep_until(warm.min(deadline)).await;
+                    return Ok(self.known(name));
+                }
                 return Ok(found);
             }
             match tokio::time::timeout_at(deadline, changes.recv()).await {

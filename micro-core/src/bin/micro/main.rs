@@ -1,5 +1,9 @@
-//! `micro`: look at what is registered. `micro services`, `micro describe NAME`,
-//! `micro wait NAME...`; same `MICRO_REGISTRY` switch and flags as the services.
+//! `micro`: see and use what is registered: `services`, `describe`, `health`, `watch`,
+//! `call`, `why`, `wait`, `register`, `config`; same `MICRO_REGISTRY` switch and flags as
+//! the services.
+
+mod call;
+mod why;
 
 use std::{net::SocketAddr, process::ExitCode, time::Duration};
 
@@ -35,6 +39,39 @@ enum Command {
     Describe {
         /// The service name.
         name: String,
+    },
+    /// Ask each instance's grpc.health.v1 service; fails unless one is SERVING.
+    Health {
+        /// The service name.
+        name: String,
+    },
+    /// Stream registry changes of the named services (all, when none is named) until Ctrl-C.
+    Watch {
+        /// Service names.
+        names: Vec<String>,
+    },
+    /// Make a unary call through the registry, learning the types from server reflection,
+    /// and print the reply as JSON.
+    Call {
+        /// The service name.
+        name: String,
+        /// `package.Service/Method`, e.g. `vessel.VesselService/FindAvailable`.
+        method: String,
+        /// The request as JSON, e.g. `{"capacity": 3, "max_weight": 55000}`.
+        #[arg(default_value = "{}")]
+        json: String,
+    },
+    /// Explain discovery for a name: what the registry holds, which instances a client
+    /// could call and why not the others, and which would be picked next.
+    Why {
+        /// The service name.
+        name: String,
+        /// Only instances of this version, as a filtered client would.
+        #[arg(long)]
+        version: Option<String>,
+        /// Only instances with these labels, `key=value`, comma-separated or repeated.
+        #[arg(long, value_delimiter = ',', value_parser = parse_label)]
+        metadata: Vec<(String, String)>,
     },
     /// Show each setting's value and where it came from: flag, environment or default.
     Config,
@@ -111,6 +148,44 @@ async fn run(cli: Cli) -> Result<(), Error> {
             }
         }
         Command::Config => unreachable!("answered before the registry is opened"),
+        Command::Health { name } => {
+            let nodes = registry.lookup(&name).await?;
+            let mut rows = Vec::new();
+            for node in &nodes {
+                rows.push((node.clone(), why::probe(node).await));
+            }
+            match cli.output {
+                Output::Json => {
+                    let list: Vec<_> = rows
+                        .iter()
+                        .map(|(n, h)| serde_json::json!({ "id": n.id, "address": n.address, "health": h }))
+                        .collect();
+                    println!("{}", to_json(&list));
+                }
+                Output::Table => rows.iter().for_each(|(n, h)| println!("{}  {}  {h}", n.id, n.address)),
+            }
+            if !rows.iter().any(|(_, h)| h == "SERVING") {
+                return Err(Error::NoInstance { service: name, registry: registry.kind().into() });
+            }
+        }
+        Command::Watch { names } => watch(registry, names, cli.output).await?,
+        Command::Call { name, method, json } => {
+            let client = micro_core::Client::new(registry.clone()).lookup_timeout(config.lookup_timeout);
+            match call::call(client.channel(&name), &method, &json).await {
+                Ok(reply) => println!("{reply}"),
+                Err(reason) => {
+                    eprintln!("error: call {name} {method}: {reason}");
+                    std::process::exit(1);
+                }
+            }
+        }
+        Command::Why { name, version, metadata } => {
+            let explanation = why::explain(registry, &name, version, metadata).await;
+            match cli.output {
+                Output::Json => println!("{}", to_json(&explanation)),
+                Output::Table => why::print(&explanation),
+            }
+        }
         Command::Register { name, address, version, metadata, ttl, interval } => {
             validate_service_name(&name)?;
             let mut node = Node::new(name, address);
@@ -155,6 +230,54 @@ async fn run(cli: Cli) -> Result<(), Error> {
         }
     }
     Ok(())
+}
+
+/// Prints each change of the watched names, one line each, until SIGINT/SIGTERM. With no
+/// names, watches every registered name and picks up new ones every 2 s.
+async fn watch(
+    registry: std::sync::Arc<dyn micro_core::Registry>,
+    names: Vec<String>,
+    output: Output,
+) -> Result<(), Error> {
+    use futures::StreamExt;
+    use micro_core::registry::Change;
+    let (sender, mut changes) = tokio::sync::mpsc::unbounded_channel();
+    let mut watched = std::collections::HashSet::new();
+    let mut relist = tokio::time::interval(Duration::from_secs(2));
+    let shutdown = micro_core::server::shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = relist.tick() => {
+                let wanted = if names.is_empty() { registry.list_services().await.unwrap_or_default() } else { names.clone() };
+                for name in wanted {
+                    if watched.insert(name.clone()) {
+                        let mut stream = registry.watch(&name);
+                        let sender = sender.clone();
+                        tokio::spawn(async move {
+                            while let Some(change) = stream.next().await {
+                                if sender.send((name.clone(), change)).is_err() { return; }
+                            }
+                        });
+                    }
+                }
+            }
+            Some((name, change)) = changes.recv() => {
+                let line = match (change, output) {
+                    (Ok(Change::Insert(_, node)), Output::Json) => serde_json::json!({ "event": "up", "node": node }).to_string(),
+                    (Ok(Change::Remove(id)), Output::Json) => serde_json::json!({ "event": "down", "name": name, "id": id }).to_string(),
+                    (Ok(Change::Insert(_, node)), Output::Table) => {
+                        let state = if node.draining { "draining" } else { "up" };
+                        format!("{state:<8} {name}  {}  {}  version {:?}", node.id, node.address, node.version)
+                    }
+                    (Ok(Change::Remove(id)), Output::Table) => format!("{:<8} {name}  {id}", "down"),
+                    (Err(err), _) => format!("error    {name}: {}", error_chain(&err)),
+                };
+                println!("{line}");
+            }
+            _ = &mut shutdown => return Ok(()),
+        }
+    }
 }
 
 fn parse_label(text: &str) -> Result<(String, String), String> {

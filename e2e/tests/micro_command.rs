@@ -1,0 +1,91 @@
+//! The `micro` command against running services over mDNS, and on the memory registry.
+
+use e2e::{
+    discovery::{mdns, wait_for},
+    process::{Process, binary},
+    unique_name,
+};
+
+fn micro(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
+    let mut command = std::process::Command::new(binary("micro"));
+    command.args(args);
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let output = command.output().expect("micro runs");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn services_describe_health_call_and_why_over_mdns() {
+    let registry = mdns();
+    let name = unique_name("vessel");
+    let _vessel = Process::start(
+        "vessel-service",
+        &[],
+        &[("MICRO_SERVER_NAME", &name), ("MICRO_SERVER_METADATA", "zone=test")],
+    );
+    let node = wait_for(&registry, &name, 1).await.remove(0);
+
+    let (ok, out, err) = micro(&["services"], &[]);
+    assert!(ok && out.lines().any(|l| l == name), "{out}{err}");
+
+    let (ok, out, err) = micro(&["describe", &name, "--output", "json"], &[]);
+    assert!(ok, "{err}");
+    let described: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(described[0]["id"], node.id.as_str());
+    assert_eq!(described[0]["address"], node.address.to_string());
+    assert_eq!(described[0]["metadata"]["zone"], "test");
+    assert!(described[0]["metadata"]["metrics"].is_string(), "the metrics address is announced: {out}");
+
+    let (ok, out, err) = micro(&["health", &name], &[]);
+    assert!(ok && out.contains("SERVING") && out.contains(&node.id), "{out}{err}");
+
+    let (ok, out, err) = micro(
+        &["call", &name, "vessel.VesselService/FindAvailable", r#"{"capacity": 3, "max_weight": 55000}"#],
+        &[],
+    );
+    assert!(ok, "{err}");
+    let reply: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(reply["vessel"]["id"], "vessel001", "{out}");
+
+    let (ok, _, err) = micro(
+        &["call", &name, "vessel.VesselService/FindAvailable", r#"{"capacity": 9999, "max_weight": 1}"#],
+        &[],
+    );
+    assert!(!ok && err.contains("FAILED_PRECONDITION"), "{err}");
+
+    let (ok, out, err) = micro(&["why", &name, "--version", "0.0.0-other", "--output", "json"], &[]);
+    assert!(ok, "{err}");
+    let why: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let verdict = why["instances"][0]["verdict"].as_str().unwrap();
+    assert!(verdict.starts_with("filtered out: version"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn why_suggests_a_near_name_that_is_registered() {
+    let registry = mdns();
+    let name = unique_name("vessel");
+    let _vessel = Process::start("vessel-service", &[], &[("MICRO_SERVER_NAME", &name)]);
+    wait_for(&registry, &name, 1).await;
+    let typo = name.replacen("vessel", "vesel", 1);
+    let (ok, out, err) = micro(&["why", &typo, "--lookup-timeout", "500"], &[]);
+    assert!(ok, "{err}");
+    assert!(out.contains(&format!("no instance of {typo} in registry mdns")), "{out}");
+    assert!(out.contains("similar names registered") && out.contains(&name), "{out}");
+}
+
+#[test]
+fn on_the_memory_registry_micro_sees_only_its_own_process() {
+    let (ok, out, err) = micro(&["services"], &[("MICRO_REGISTRY", "memory")]);
+    assert!(ok && out.trim().is_empty(), "{out}{err}");
+    let (ok, _, err) = micro(
+        &["describe", "vessel-service"],
+        &[("MICRO_REGISTRY", "memory"), ("MICRO_LOOKUP_TIMEOUT", "100")],
+    );
+    assert!(!ok && err.contains("no instance of vessel-service in registry memory"), "{err}");
+}

@@ -1,0 +1,227 @@
+//! `micro why NAME`: explains discovery for a name, step by step, the way a client sees it.
+
+use std::{sync::Arc, time::Duration};
+
+use micro_core::{Client, Error, Node, Registry, error::error_chain, selector::Filter};
+use serde::Serialize;
+use tokio::time::Instant;
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+/// How long a health probe of one instance may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// One instance and whether a call could go to it.
+#[derive(Debug, Serialize)]
+pub struct Verdict {
+    /// The instance.
+    pub node: Node,
+    /// `SERVING`, `NOT_SERVING`, `UNKNOWN` or `UNREACHABLE: reason`.
+    pub health: String,
+    /// `pickable`, or why not.
+    pub verdict: String,
+}
+
+/// The whole explanation.
+#[derive(Debug, Serialize)]
+pub struct Explanation {
+    name: String,
+    registry: String,
+    registry_address: String,
+    lookup_ms: u128,
+    lookup_error: Option<String>,
+    instances: Vec<Verdict>,
+    client_cache_known: usize,
+    client_cache_ms: u128,
+    next_picks: Vec<String>,
+    hints: Vec<String>,
+}
+
+/// Asks `instance`'s grpc.health.v1 service about the whole server.
+pub async fn probe(node: &Node) -> String {
+    let attempt = async {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", node.address))
+            .map_err(|e| e.to_string())?
+            .connect_timeout(PROBE_TIMEOUT)
+            .connect()
+            .await
+            .map_err(|e| error_chain(&e))?;
+        let reply = HealthClient::new(channel)
+            .check(HealthCheckRequest { service: String::new() })
+            .await
+            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?;
+        Ok::<_, String>(reply.into_inner().status())
+    };
+    match tokio::time::timeout(PROBE_TIMEOUT * 2, attempt).await {
+        Ok(Ok(ServingStatus::Serving)) => "SERVING".into(),
+        Ok(Ok(ServingStatus::NotServing)) => "NOT_SERVING".into(),
+        Ok(Ok(other)) => format!("{other:?}").to_uppercase(),
+        Ok(Err(reason)) => format!("UNREACHABLE: {reason}"),
+        Err(_) => "UNREACHABLE: no answer within 2s".into(),
+    }
+}
+
+fn filter_reason(
+    filter: &Filter,
+    wanted: &(Option<String>, Vec<(String, String)>),
+    node: &Node,
+) -> Option<String> {
+    if filter.accepts(node) {
+        return None;
+    }
+    if let Some(version) = &wanted.0
+        && *version != node.version
+    {
+        return Some(format!("filtered out: version {:?}, wanted {version:?}", node.version));
+    }
+    let (key, value) = wanted.1.iter().find(|(k, v)| node.metadata.get(k) != Some(v))?;
+    Some(match node.metadata.get(key) {
+        Some(actual) => format!("filtered out: {key}={actual}, wanted {key}={value}"),
+        None => format!("filtered out: no {key} label, wanted {key}={value}"),
+    })
+}
+
+/// Builds the explanation for `name` as seen through `registry`.
+pub async fn explain(
+    registry: Arc<dyn Registry>,
+    name: &str,
+    version: Option<String>,
+    metadata: Vec<(String, String)>,
+) -> Explanation {
+    let mut filter = Filter::new();
+    if let Some(v) = &version {
+        filter = filter.version(v.clone());
+    }
+    for (k, v) in &metadata {
+        filter = filter.metadata(k.clone(), v.clone());
+    }
+    let wanted = (version, metadata);
+    let started = Instant::now();
+    let lookup = registry.lookup(name).await;
+    let lookup_ms = started.elapsed().as_millis();
+    let mut hints = Vec::new();
+    let (nodes, lookup_error) = match lookup {
+        Ok(nodes) => (nodes, None),
+        Err(err) => {
+            if let Error::NoInstance { .. } = err {
+                let names = registry.list_services().await.unwrap_or_default();
+                let similar: Vec<&String> = names.iter().filter(|n| similar(n, name)).collect();
+                if !similar.is_empty() {
+                    hints.push(format!("similar names registered: {similar:?}"));
+                } else if !names.is_empty() {
+                    hints.push(format!("names registered: {names:?}"));
+                }
+            }
+            hints.push(match registry.kind() {
+                "mdns" => "mDNS sees one network segment: is the service on this one, with multicast allowed (not behind a Docker bridge or firewall)? Otherwise use MICRO_REGISTRY=consul".into(),
+                "consul" => format!("is the service's check passing? see http://{}/v1/health/checks/{name}", registry.address()),
+                _ => "the memory registry only holds services of this process".into(),
+            });
+            (Vec::new(), Some(error_chain(&err)))
+        }
+    };
+
+    let mut instances = Vec::new();
+    for node in nodes {
+        let health = probe(&node).await;
+        let verdict = if let Some(reason) = filter_reason(&filter, &wanted, &node) {
+            reason
+        } else if node.draining {
+            "excluded: draining (shutting down)".into()
+        } else if health.starts_with("UNREACHABLE") {
+            "would be ejected: its first call fails to connect".into()
+        } else if health == "NOT_SERVING" {
+            "excluded: health NOT_SERVING".into()
+        } else {
+            "pickable".into()
+        };
+        instances.push(Verdict { node, health, verdict });
+    }
+
+    let client = Client::new(registry.clone());
+    let channel = client.channel_with(name, filter);
+    let cache_started = Instant::now();
+    let expected = instances.len();
+    while channel.instances().len() < expected && cache_started.elapsed() < Duration::from_secs(2) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let client_cache_ms = cache_started.elapsed().as_millis();
+    let pickable: Vec<String> =
+        instances.iter().filter(|v| v.verdict == "pickable").map(|v| v.node.id.clone()).collect();
+    let next_picks = (0..pickable.len().max(1) * 2)
+        .filter_map(|i| pickable.get(i % pickable.len().max(1)).cloned())
+        .collect();
+    if pickable.is_empty() && lookup_error.is_none() {
+        hints.push("no instance can take calls: see each verdict".into());
+    }
+    Explanation {
+        name: name.to_owned(),
+        registry: registry.kind().to_owned(),
+        registry_address: registry.address(),
+        lookup_ms,
+        lookup_error,
+        client_cache_known: channel.instances().len(),
+        client_cache_ms,
+        instances,
+        next_picks,
+        hints,
+    }
+}
+
+/// Names within two edits, or one containing the other.
+fn similar(a: &str, b: &str) -> bool {
+    a.contains(b) || b.contains(a) || edit_distance(a, b) <= 2
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut previous = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let substitution = previous + usize::from(ca != *cb);
+            previous = row[j + 1];
+            row[j + 1] = substitution.min(row[j] + 1).min(row[j + 1] + 1);
+        }
+    }
+    row[b.len()]
+}
+
+/// Prints the explanation for people.
+pub fn print(explanation: &Explanation) {
+    let e = explanation;
+    println!(
+        "registry {} at {}: looked up {:?} in {} ms",
+        e.registry, e.registry_address, e.name, e.lookup_ms
+    );
+    if let Some(error) = &e.lookup_error {
+        println!("  {error}");
+    }
+    for v in &e.instances {
+        println!(
+            "  {} at {} version {:?} health {}: {}",
+            v.node.id, v.node.address, v.node.version, v.health, v.verdict
+        );
+    }
+    println!("client cache: {} instance(s) known after {} ms", e.client_cache_known, e.client_cache_ms);
+    if !e.next_picks.is_empty() {
+        println!("next picks (round robin): {}", e.next_picks.join(", "));
+    }
+    for hint in &e.hints {
+        println!("hint: {hint}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn near_names_are_suggested() {
+        assert!(similar("vessel-service", "vesel-service"));
+        assert!(similar("vessel-service", "vessel"));
+        assert!(!similar("vessel-service", "consignment-service"));
+    }
+}
