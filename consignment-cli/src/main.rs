@@ -8,7 +8,7 @@ use clap::{Parser, ValueEnum};
 use micro_core::{
     Client,
     client::IDEMPOTENCY_KEY_HEADER,
-    config::{ClientArgs, ClientConfig, RegistryArgs, RegistryConfig},
+    config::{ClientArgs, ClientConfig, RegistryArgs, RegistryConfig, TlsArgs},
     telemetry::LogArgs,
 };
 use proto::consignment::{Consignment, GetRequest, shipping_service_client::ShippingServiceClient};
@@ -45,6 +45,8 @@ struct Cli {
     registry: RegistryArgs,
     #[command(flatten)]
     client: ClientArgs,
+    #[command(flatten)]
+    tls: TlsArgs,
     #[command(flatten)]
     log: LogArgs,
 }
@@ -102,6 +104,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let registry = registry_config.connect().await.context("cannot open the registry")?;
     let client = Client::new(registry)
         .config(ClientConfig::from_args(cli.client, registry_config.lookup_timeout))
+        .tls(cli.tls.load()?)
         .idempotent_methods(proto::IDEMPOTENT_METHODS);
     let mut shipping = ShippingServiceClient::new(client.channel(&cli.consignment_service));
     let timeout = Duration::from_millis(cli.timeout);

@@ -10,7 +10,7 @@ use consignment_service::{
 };
 use micro_core::{
     Client, Server,
-    config::{ClientArgs, ClientConfig, RegistryArgs, RegistryConfig, ServerArgs},
+    config::{ClientArgs, ClientConfig, RegistryArgs, RegistryConfig, ServerArgs, TlsArgs},
     telemetry::LogArgs,
 };
 
@@ -35,6 +35,8 @@ struct Cli {
     #[command(flatten)]
     client: ClientArgs,
     #[command(flatten)]
+    tls: TlsArgs,
+    #[command(flatten)]
     log: LogArgs,
 }
 
@@ -52,8 +54,10 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!(db = %repository.path(), schema = repository.schema_version()?, "consignment database ready");
     let registry_config = RegistryConfig::from(cli.registry);
     let registry = registry_config.connect().await.context("cannot open the registry")?;
+    let tls = cli.tls.load()?;
     let client = Client::new(registry.clone())
         .config(ClientConfig::from_args(cli.client, registry_config.lookup_timeout))
+        .tls(tls.clone())
         .idempotent_methods(proto::IDEMPOTENT_METHODS);
     let handler = ShippingHandler::new(
         Arc::new(repository),
@@ -63,6 +67,7 @@ async fn main() -> anyhow::Result<()> {
     Server::builder("consignment-service")
         .version(env!("CARGO_PKG_VERSION"))
         .config(cli.server.into_config_with_metrics(DEFAULT_METRICS_ADDRESS.parse()?)?)
+        .tls(tls)
         .file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .registry(registry)
         .layer(request_size_layer())

@@ -216,6 +216,57 @@ impl RegistryConfig {
     }
 }
 
+/// TLS flags: this process's certificate and key, and the CA it trusts. Unset: plaintext.
+#[derive(Debug, Clone, Default, Args)]
+pub struct TlsArgs {
+    /// PEM certificate (chain) of this process: servers serve TLS with it, clients present
+    /// it to servers that ask. Its name should be the service name, e.g. `vessel-service`.
+    #[arg(long, global = true, env = "MICRO_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key of `--tls-cert`.
+    #[arg(long, global = true, env = "MICRO_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// PEM CA certificate(s) to trust: clients then use TLS and check that a server's
+    /// certificate names the service called; servers check client certificates presented.
+    #[arg(long, global = true, env = "MICRO_TLS_CA")]
+    pub tls_ca: Option<std::path::PathBuf>,
+}
+
+/// TLS material, loaded.
+#[derive(Clone, Default)]
+pub struct TlsConfig {
+    /// This process's certificate and key, PEM.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+    /// The CA certificates to trust, PEM.
+    pub ca: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for TlsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsConfig")
+            .field("identity", &self.identity.is_some())
+            .field("ca", &self.ca.is_some())
+            .finish()
+    }
+}
+
+impl TlsArgs {
+    /// Reads the files; `None` when no TLS flag is set.
+    pub fn load(&self) -> Result<Option<TlsConfig>> {
+        let read = |path: &std::path::Path, variable: &str| {
+            std::fs::read(path).map_err(|err| {
+                Error::invalid(format!("{variable}={}", path.display()), format!("cannot read it: {err}"))
+            })
+        };
+        let identity = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some((read(cert, "MICRO_TLS_CERT")?, read(key, "MICRO_TLS_KEY")?)),
+            _ => None,
+        };
+        let ca = self.tls_ca.as_deref().map(|ca| read(ca, "MICRO_TLS_CA")).transpose()?;
+        Ok((identity.is_some() || ca.is_some()).then_some(TlsConfig { identity, ca }))
+    }
+}
+
 /// Server flags shared by every service binary.
 #[derive(Debug, Clone, Args)]
 pub struct ServerArgs {
@@ -316,6 +367,8 @@ pub struct ServerConfig {
     pub drain_delay: Duration,
     /// Where to serve Prometheus metrics; `None` (the default) serves none.
     pub metrics_address: Option<SocketAddr>,
+    /// TLS: served when it has an identity; client certificates checked against its CA.
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for ServerConfig {
@@ -331,6 +384,7 @@ impl Default for ServerConfig {
             shutdown_grace: Duration::from_secs(DEFAULT_SHUTDOWN_GRACE_SECS),
             drain_delay: Duration::from_millis(DEFAULT_DRAIN_DELAY_MS),
             metrics_address: None,
+            tls: None,
         }
     }
 }
@@ -359,6 +413,7 @@ impl TryFrom<ServerArgs> for ServerConfig {
                 Some(MetricsAddress::At(address)) => Some(address),
                 Some(MetricsAddress::Off) | None => None,
             },
+            tls: None,
         })
     }
 }

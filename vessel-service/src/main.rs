@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::Parser;
 use micro_core::{
     Server,
-    config::{RegistryArgs, RegistryConfig, ServerArgs},
+    config::{RegistryArgs, RegistryConfig, ServerArgs, TlsArgs},
     telemetry::LogArgs,
 };
 use proto::vessel::vessel_service_server::VesselServiceServer;
@@ -23,6 +23,8 @@ struct Cli {
     registry: RegistryArgs,
     #[command(flatten)]
     server: ServerArgs,
+    #[command(flatten)]
+    tls: TlsArgs,
     #[command(flatten)]
     log: LogArgs,
 }
@@ -44,6 +46,7 @@ async fn main() -> anyhow::Result<()> {
     Server::builder("vessel-service")
         .version(env!("CARGO_PKG_VERSION"))
         .config(cli.server.into_config_with_metrics(DEFAULT_METRICS_ADDRESS.parse()?)?)
+        .tls(cli.tls.load()?)
         .file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .registry(registry)
         .add_service(VesselServiceServer::new(VesselHandler::new(fleet)))

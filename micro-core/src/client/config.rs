@@ -78,6 +78,8 @@ pub struct ClientConfig {
     pub eject_after: u32,
     /// First ejection time.
     pub eject_time: Duration,
+    /// TLS to instances when it has a CA; the identity is presented when servers ask.
+    pub tls: Option<crate::config::TlsConfig>,
 }
 
 impl Default for ClientConfig {
@@ -94,6 +96,7 @@ impl Default for ClientConfig {
             refresh_interval: Duration::from_secs(DEFAULT_REFRESH_INTERVAL_SECS),
             eject_after: DEFAULT_EJECT_AFTER,
             eject_time: Duration::from_millis(DEFAULT_EJECT_TIME_MS),
+            tls: None,
         }
     }
 }

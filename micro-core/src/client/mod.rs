@@ -72,6 +72,7 @@ pub struct Client {
     config: ClientConfig,
     make_strategy: Option<Arc<dyn Fn() -> Box<dyn Strategy> + Send + Sync>>,
     idempotent: Arc<HashSet<String>>,
+    tls: Option<crate::config::TlsConfig>,
     channels: Arc<Mutex<HashMap<(String, Filter), NamedChannel>>>,
 }
 
@@ -83,8 +84,17 @@ impl Client {
             config: ClientConfig::default(),
             make_strategy: None,
             idempotent: Arc::default(),
+            tls: None,
             channels: Arc::default(),
         }
+    }
+
+    /// Calls instances over TLS when `tls` has a CA, checking that each server's
+    /// certificate names the service; presents its identity to servers that ask. Takes
+    /// precedence over the config's. Default: plaintext.
+    pub fn tls(mut self, tls: Option<crate::config::TlsConfig>) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// All settings at once, e.g. from [`ClientArgs`]. Default: [`ClientConfig::default`].
@@ -144,7 +154,11 @@ impl Client {
             Some(make) => make(),
             None => self.config.strategy.build(),
         };
-        let config = &self.config;
+        let mut config = self.config.clone();
+        if self.tls.is_some() {
+            config.tls = self.tls.clone();
+        }
+        let config = &config;
         let budget = TpsBudget::new(
             Duration::from_secs(10),
             config.min_retries_per_sec,
@@ -684,8 +698,8 @@ impl Shared {
                 .iter()
                 .position(|old| old.id == node.id && old.address == node.address)
                 .map(|i| previous.channels[i].clone());
-            let channel = match reused.map_or_else(|| connect_lazily(&node, self.config.connect_timeout), Ok)
-            {
+            let connect = || connect_lazily(&node, self.config.connect_timeout, self.config.tls.as_ref());
+            let channel = match reused.map_or_else(connect, Ok) {
                 Ok(channel) => channel,
                 Err(err) => {
                     tracing::warn!(service = %self.name, node = %node.id, error = %err, "unusable address");
@@ -706,11 +720,25 @@ impl Shared {
     }
 }
 
-fn connect_lazily(node: &Node, connect_timeout: Duration) -> Result<Channel, BoxError> {
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", node.address))?
-        .connect_timeout(connect_timeout)
-        .tcp_nodelay(true);
-    Ok(endpoint.connect_lazy())
+/// A lazily connected channel to `node`; over TLS when `tls` has a CA, checking that the
+/// server's certificate names the service (not its address).
+pub fn connect_lazily(
+    node: &Node,
+    connect_timeout: Duration,
+    tls: Option<&crate::config::TlsConfig>,
+) -> Result<Channel, BoxError> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    let Some((tls, ca)) = tls.and_then(|tls| Some((tls, tls.ca.as_ref()?))) else {
+        let endpoint = Endpoint::from_shared(format!("http://{}", node.address))?;
+        return Ok(endpoint.connect_timeout(connect_timeout).tcp_nodelay(true).connect_lazy());
+    };
+    let mut config =
+        ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)).domain_name(node.name.clone());
+    if let Some((cert, key)) = &tls.identity {
+        config = config.identity(Identity::from_pem(cert, key));
+    }
+    let endpoint = Endpoint::from_shared(format!("https://{}", node.address))?.tls_config(config)?;
+    Ok(endpoint.connect_timeout(connect_timeout).tcp_nodelay(true).connect_lazy())
 }
 
 #[cfg(test)]

@@ -59,6 +59,7 @@ pub struct Server {
     layers: Vec<BoxedLayer>,
     grpc_services: Vec<&'static str>,
     descriptor_sets: Vec<&'static [u8]>,
+    tls: Option<crate::config::TlsConfig>,
 }
 
 impl Server {
@@ -74,7 +75,15 @@ impl Server {
             layers: Vec::new(),
             grpc_services: Vec::new(),
             descriptor_sets: Vec::new(),
+            tls: None,
         }
+    }
+
+    /// Serves TLS with this identity, checking client certificates against its CA when they
+    /// are presented; takes precedence over the config's. Default: plaintext.
+    pub fn tls(mut self, tls: Option<crate::config::TlsConfig>) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// Adds an encoded `FileDescriptorSet` (e.g. `proto::FILE_DESCRIPTOR_SET`) to the gRPC
@@ -193,14 +202,25 @@ impl Server {
             let inner = layers.iter().rev().fold(HttpService::new(routes), |inner, layer| layer(inner));
             ServerTraceLayer.layer(inner)
         });
-        let serve = tokio::spawn(
-            tonic::transport::Server::builder()
-                .layer(stack)
-                .add_routes(self.routes.routes())
-                .serve_with_incoming_shutdown(incoming, async {
+        let mut builder = tonic::transport::Server::builder();
+        let tls = self.tls.as_ref().or(self.config.tls.as_ref());
+        if let Some((tls, (cert, key))) = tls.and_then(|t| Some((t, t.identity.as_ref()?))) {
+            use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+            let mut config = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
+            if let Some(ca) = &tls.ca {
+                config = config.client_ca_root(Certificate::from_pem(ca)).client_auth_optional(true);
+            }
+            builder = builder.tls_config(config).map_err(|err| {
+                Error::invalid("MICRO_TLS_CERT/MICRO_TLS_KEY", crate::error::error_chain(&err))
+            })?;
+        }
+        let serve =
+            tokio::spawn(builder.layer(stack).add_routes(self.routes.routes()).serve_with_incoming_shutdown(
+                incoming,
+                async {
                     let _ = serving_stopped.await;
-                }),
-        );
+                },
+            ));
 
         registry.register(&node, self.config.register_ttl).await?;
         crate::metrics::metrics().registry_event(registry.kind(), &node.name, "register");
@@ -224,10 +244,15 @@ impl Server {
         })
     }
 
-    /// Starts, then runs until SIGINT or SIGTERM, then stops gracefully.
+    /// Starts, then runs until SIGINT or SIGTERM, then stops gracefully. The signal handlers
+    /// are installed before registering, so a signal that arrives while the server starts
+    /// still stops it gracefully (deregistered) instead of killing it registered.
     pub async fn run(self) -> Result<()> {
+        let mut shutdown = Box::pin(shutdown_signal());
+        // One poll installs the handlers; a signal from now on is kept until awaited.
+        let _ = futures::poll!(&mut shutdown);
         let running = self.start().await?;
-        shutdown_signal().await;
+        shutdown.await;
         tracing::info!(service = %running.node.name, "shutdown signal received");
         running.stop().await
     }

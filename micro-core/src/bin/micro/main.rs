@@ -10,7 +10,9 @@ use std::{net::SocketAddr, process::ExitCode, time::Duration};
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum, parser::ValueSource};
 use micro_core::{
     Error, Node,
-    config::{DEFAULT_REGISTER_INTERVAL_SECS, DEFAULT_REGISTER_TTL_SECS, RegistryArgs, RegistryConfig},
+    config::{
+        DEFAULT_REGISTER_INTERVAL_SECS, DEFAULT_REGISTER_TTL_SECS, RegistryArgs, RegistryConfig, TlsArgs,
+    },
     error::error_chain,
     registry::{validate_metadata, validate_service_name},
     telemetry::LogArgs,
@@ -27,6 +29,8 @@ struct Cli {
     output: Output,
     #[command(flatten)]
     registry: RegistryArgs,
+    #[command(flatten)]
+    tls: TlsArgs,
     #[command(flatten)]
     log: LogArgs,
 }
@@ -131,6 +135,7 @@ async fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> Result<(), Error> {
     let config = RegistryConfig::from(cli.registry);
+    let tls = cli.tls.load()?;
     let registry = config.connect().await?;
     match cli.command {
         Command::Services => {
@@ -152,7 +157,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
             let nodes = registry.lookup(&name).await?;
             let mut rows = Vec::new();
             for node in &nodes {
-                rows.push((node.clone(), why::probe(node).await));
+                rows.push((node.clone(), why::probe(node, tls.as_ref()).await));
             }
             match cli.output {
                 Output::Json => {
@@ -170,7 +175,8 @@ async fn run(cli: Cli) -> Result<(), Error> {
         }
         Command::Watch { names } => watch(registry, names, cli.output).await?,
         Command::Call { name, method, json } => {
-            let client = micro_core::Client::new(registry.clone()).lookup_timeout(config.lookup_timeout);
+            let client =
+                micro_core::Client::new(registry.clone()).lookup_timeout(config.lookup_timeout).tls(tls);
             match call::call(client.channel(&name), &method, &json).await {
                 Ok(reply) => println!("{reply}"),
                 Err(reason) => {
@@ -180,7 +186,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
             }
         }
         Command::Why { name, version, metadata } => {
-            let explanation = why::explain(registry, &name, version, metadata).await;
+            let explanation = why::explain(registry, &name, version, metadata, tls).await;
             match cli.output {
                 Output::Json => println!("{}", to_json(&explanation)),
                 Output::Table => why::print(&explanation),

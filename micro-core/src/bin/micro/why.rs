@@ -2,7 +2,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use micro_core::{Client, Error, Node, Registry, error::error_chain, selector::Filter};
+use micro_core::{Client, Error, Node, Registry, config::TlsConfig, error::error_chain, selector::Filter};
 use serde::Serialize;
 use tokio::time::Instant;
 use tonic_health::pb::{
@@ -39,18 +39,14 @@ pub struct Explanation {
 }
 
 /// Asks `instance`'s grpc.health.v1 service about the whole server.
-pub async fn probe(node: &Node) -> String {
+pub async fn probe(node: &Node, tls: Option<&TlsConfig>) -> String {
     let attempt = async {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", node.address))
-            .map_err(|e| e.to_string())?
-            .connect_timeout(PROBE_TIMEOUT)
-            .connect()
-            .await
-            .map_err(|e| error_chain(&e))?;
+        let channel =
+            micro_core::client::connect_lazily(node, PROBE_TIMEOUT, tls).map_err(|e| error_chain(&*e))?;
         let reply = HealthClient::new(channel)
             .check(HealthCheckRequest { service: String::new() })
             .await
-            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?;
+            .map_err(|s| format!("{}: {}", micro_core::metrics::code_name(s.code()), s.message()))?;
         Ok::<_, String>(reply.into_inner().status())
     };
     match tokio::time::timeout(PROBE_TIMEOUT * 2, attempt).await {
@@ -88,6 +84,7 @@ pub async fn explain(
     name: &str,
     version: Option<String>,
     metadata: Vec<(String, String)>,
+    tls: Option<TlsConfig>,
 ) -> Explanation {
     let mut filter = Filter::new();
     if let Some(v) = &version {
@@ -124,7 +121,7 @@ pub async fn explain(
 
     let mut instances = Vec::new();
     for node in nodes {
-        let health = probe(&node).await;
+        let health = probe(&node, tls.as_ref()).await;
         let verdict = if let Some(reason) = filter_reason(&filter, &wanted, &node) {
             reason
         } else if node.draining {
@@ -139,7 +136,7 @@ pub async fn explain(
         instances.push(Verdict { node, health, verdict });
     }
 
-    let client = Client::new(registry.clone());
+    let client = Client::new(registry.clone()).tls(tls);
     let channel = client.channel_with(name, filter);
     let cache_started = Instant::now();
     let expected = instances.len();

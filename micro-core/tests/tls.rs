@@ -1,0 +1,123 @@
+//! TLS with a CA generated for the test: a plaintext client is refused, a client that
+//! trusts the CA is served, and one that trusts another CA is refused.
+
+use std::{sync::Arc, time::Duration};
+
+use micro_core::{
+    Client, Server,
+    client::ClientConfig,
+    config::{ServerConfig, TlsConfig},
+    registry::MemoryRegistry,
+};
+use proto::vessel::{
+    Response, Specification, Vessel,
+    vessel_service_client::VesselServiceClient,
+    vessel_service_server::{VesselService, VesselServiceServer},
+};
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use tonic::{Request, Status};
+
+struct Fleet;
+
+#[tonic::async_trait]
+impl VesselService for Fleet {
+    async fn find_available(&self, _: Request<Specification>) -> Result<tonic::Response<Response>, Status> {
+        Ok(tonic::Response::new(Response {
+            vessel: Some(Vessel { id: "tls-vessel".into(), ..Default::default() }),
+            vessels: vec![],
+        }))
+    }
+}
+
+struct Authority {
+    issuer: CertifiedIssuer<'static, KeyPair>,
+}
+
+impl Authority {
+    fn new() -> Self {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        Authority { issuer: CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap() }
+    }
+
+    fn ca_pem(&self) -> Vec<u8> {
+        self.issuer.pem().into_bytes()
+    }
+
+    /// A certificate and key for the service `name`.
+    fn identity(&self, name: &str) -> (Vec<u8>, Vec<u8>) {
+        let key = KeyPair::generate().unwrap();
+        let cert =
+            CertificateParams::new(vec![name.to_owned()]).unwrap().signed_by(&key, &self.issuer).unwrap();
+        (cert.pem().into_bytes(), key.serialize_pem().into_bytes())
+    }
+}
+
+async fn call(client: &Client, name: &str) -> Result<String, Status> {
+    let mut vessels = VesselServiceClient::new(client.channel(name));
+    let reply = vessels.find_available(Specification { capacity: 1, max_weight: 1 }).await?;
+    Ok(reply.into_inner().vessel.unwrap().id)
+}
+
+fn client_with(registry: &MemoryRegistry, tls: Option<TlsConfig>) -> Client {
+    let config =
+        ClientConfig { tls, request_timeout: Duration::from_secs(3), retries: 0, ..ClientConfig::default() };
+    Client::new(Arc::new(registry.clone())).config(config)
+}
+
+#[tokio::test]
+async fn plaintext_is_refused_and_a_client_trusting_the_ca_is_served() {
+    let authority = Authority::new();
+    let registry = MemoryRegistry::new();
+    let tls = TlsConfig { identity: Some(authority.identity("vessel-tls")), ca: Some(authority.ca_pem()) };
+    let config =
+        ServerConfig { address: "127.0.0.1:0".parse().unwrap(), tls: Some(tls), ..ServerConfig::default() };
+    let server = Server::builder("vessel-tls")
+        .config(config)
+        .registry(Arc::new(registry.clone()))
+        .add_service(VesselServiceServer::new(Fleet))
+        .start()
+        .await
+        .unwrap();
+
+    let plaintext = client_with(&registry, None);
+    let refused = call(&plaintext, "vessel-tls").await.unwrap_err();
+    assert_ne!(refused.code(), tonic::Code::Ok);
+
+    let trusting = client_with(&registry, Some(TlsConfig { identity: None, ca: Some(authority.ca_pem()) }));
+    assert_eq!(call(&trusting, "vessel-tls").await.unwrap(), "tls-vessel");
+
+    let mutual = client_with(
+        &registry,
+        Some(TlsConfig { identity: Some(authority.identity("cli")), ca: Some(authority.ca_pem()) }),
+    );
+    assert_eq!(call(&mutual, "vessel-tls").await.unwrap(), "tls-vessel");
+
+    let stranger = Authority::new();
+    let distrusting = client_with(&registry, Some(TlsConfig { identity: None, ca: Some(stranger.ca_pem()) }));
+    let refused = call(&distrusting, "vessel-tls").await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_certificate_for_another_service_is_refused() {
+    let authority = Authority::new();
+    let registry = MemoryRegistry::new();
+    // The server presents a certificate for a different service name than it registers.
+    let tls = TlsConfig { identity: Some(authority.identity("impostor")), ca: None };
+    let config =
+        ServerConfig { address: "127.0.0.1:0".parse().unwrap(), tls: Some(tls), ..ServerConfig::default() };
+    let server = Server::builder("vessel-tls")
+        .config(config)
+        .registry(Arc::new(registry.clone()))
+        .add_service(VesselServiceServer::new(Fleet))
+        .start()
+        .await
+        .unwrap();
+    let client = client_with(&registry, Some(TlsConfig { identity: None, ca: Some(authority.ca_pem()) }));
+    let refused = call(&client, "vessel-tls").await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    server.stop().await.unwrap();
+}
