@@ -5,7 +5,7 @@ CARGO ?= cargo
 MICRO_REGISTRY ?= mdns
 export MICRO_REGISTRY
 
-.PHONY: build run test test-deps lint fmt clean
+.PHONY: build run test test-deps lint fmt clean docker-check
 
 ## build: every binary of the workspace (debug).
 build:
@@ -29,6 +29,10 @@ test: test-deps
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+## docker-check: the docker/ files against the binaries' flags; `docker compose config` too when the client is here.
+docker-check:
+	$(CARGO) test -p e2e --test docker_files -- --nocapture
 
 ## fmt: format the code.
 fmt:

@@ -1,0 +1,41 @@
+# syntax=docker/dockerfile:1
+# consignment-service: build from the repository root,
+#   docker build -f docker/consignment-service.Dockerfile -t shippy/consignment-service .
+# The three shippy Dockerfiles share one builder layout (same paths and cache ids), so
+# building one after another reuses the compiled dependencies.
+
+# The workspace's rust-version; the builder may be newer, never older.
+ARG RUST_VERSION=1.88
+
+FROM rust:${RUST_VERSION}-bookworm AS builder
+WORKDIR /src
+COPY . .
+# protox compiles the .proto files in Rust: no protoc to install. rusqlite compiles its
+# bundled SQLite with the C compiler the rust image has. The target dir is a cache mount,
+# so the binary is copied out in the same step.
+RUN --mount=type=cache,id=shippy-cargo-registry,target=/usr/local/cargo/registry,sharing=locked \
+    --mount=type=cache,id=shippy-cargo-git,target=/usr/local/cargo/git,sharing=locked \
+    --mount=type=cache,id=shippy-target,target=/src/target,sharing=locked \
+    cargo build --release --locked -p consignment-service --bin consignment-service \
+    && install -D target/release/consignment-service /out/consignment-service
+
+FROM debian:bookworm-slim AS runtime
+# A fixed non-root uid, the same in every shippy image. /data holds the SQLite database
+# (with its -wal and -shm files); a fresh named volume takes this owner from the image.
+RUN groupadd --gid 10001 shippy \
+    && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /app --shell /usr/sbin/nologin shippy \
+    && install -d -o 10001 -g 10001 /app /data
+COPY --from=builder /out/consignment-service /usr/local/bin/consignment-service
+WORKDIR /app
+USER 10001:10001
+VOLUME /data
+# A fixed port inside the container; the announced address is the container's eth0
+# address (see docker/README.md). Metrics on every interface, so peers can scrape them.
+ENV CONSIGNMENT_DB=/data/consignments.db \
+    MICRO_SERVER_ADDRESS=0.0.0.0:50051 \
+    MICRO_METRICS_ADDRESS=0.0.0.0:9090
+EXPOSE 50051 9090
+# No HEALTHCHECK: `micro health NAME` asks the registry for every instance of a name, so
+# it cannot tell whether this container's own instance serves. Liveness is the registry's
+# TTL check (see docker/README.md).
+ENTRYPOINT ["/usr/local/bin/consignment-service"]
