@@ -4,7 +4,7 @@
 
 use std::{
     collections::HashMap,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -36,7 +36,7 @@ fn fleet_file(dir: &tempfile::TempDir, label: &str) -> PathBuf {
     path
 }
 
-fn vessel(name: &str, fleet: &PathBuf, extra_env: &[(&str, &str)]) -> Process {
+fn vessel(name: &str, fleet: &Path, extra_env: &[(&str, &str)]) -> Process {
     let fleet = fleet.display().to_string();
     let mut env = vec![("MICRO_SERVER_NAME", name)];
     env.extend_from_slice(extra_env);
@@ -269,9 +269,8 @@ async fn rolling_restart_of_every_instance_fails_no_call() {
     let stop = Arc::new(AtomicBool::new(false));
     let (tally, workers) =
         call_stream(channel.clone(), 4, Duration::from_millis(5), usize::MAX, stop.clone());
-    for i in 0..3 {
-        let mut old =
-            std::mem::replace(&mut instances[i], vessel(&name, &fleet_file(&dir, &format!("new{i}")), &[]));
+    for (i, instance) in instances.iter_mut().enumerate() {
+        let mut old = std::mem::replace(instance, vessel(&name, &fleet_file(&dir, &format!("new{i}")), &[]));
         assert!(old.terminate(Duration::from_secs(15)).success(), "{}", old.log());
         wait_pickable(&channel, 3).await;
     }
