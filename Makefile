@@ -5,7 +5,7 @@ CARGO ?= cargo
 MICRO_REGISTRY ?= mdns
 export MICRO_REGISTRY
 
-.PHONY: build run test test-deps lint fmt clean docker-check
+.PHONY: build run test test-deps lint fmt clean docker-check bench bench-peers
 
 ## build: every binary of the workspace (debug).
 build:
@@ -33,6 +33,18 @@ lint:
 ## docker-check: the docker/ files against the binaries' flags; `docker compose config` too when the client is here.
 docker-check:
 	$(CARGO) test -p e2e --test docker_files -- --nocapture
+
+## bench: release build, then the SDK against raw tonic in a private network namespace (< 3 min); writes bench/results.md.
+bench:
+	scripts/install-consul >/dev/null
+	$(CARGO) build --release -p bench -p vessel-service
+	scripts/netns-run target/release/micro-bench --results bench/results.md
+
+## bench-peers: the SDK against volo-grpc (bench/peers, built on its own into target/peers); writes bench/peers/results.txt.
+bench-peers:
+	$(CARGO) build --release -p vessel-service
+	$(CARGO) build --release --manifest-path bench/peers/Cargo.toml --target-dir target/peers
+	scripts/netns-run target/peers/release/micro-bench-peers | tee bench/peers/results.txt
 
 ## fmt: format the code.
 fmt:

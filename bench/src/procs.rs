@@ -1,0 +1,164 @@
+//! The release binaries as child processes: their stderr is read line by line for the
+//! moment they registered (or started listening) and their address; they are killed when
+//! dropped, and by the watchdog if the run overstays.
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    process::Stdio,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::{Context, bail};
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    process::{Child, Command},
+    sync::watch,
+    time::Instant,
+};
+
+/// Every child's pid, so the watchdog can kill what is left.
+static CHILDREN: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+
+/// SIGKILLs every child still listed; for the watchdog and for exits on error.
+pub fn kill_all_children() {
+    for pid in CHILDREN.lock().map(|c| c.clone()).unwrap_or_default() {
+        let _ = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+    }
+}
+
+/// A release binary next to this one (`cargo build --release` puts them together).
+pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("where is micro-bench")?;
+    let path = exe.with_file_name(name);
+    if !path.is_file() {
+        bail!(
+            "{} not found: build it first with `cargo build --release -p {} -p bench` (`make bench` does)",
+            path.display(),
+            if name == "raw-vessel" { "bench" } else { name }
+        );
+    }
+    Ok(path)
+}
+
+/// When the child said it was ready, and the address it serves on.
+pub type Ready = Option<(Instant, SocketAddr)>;
+
+/// A running child process.
+pub struct Service {
+    child: Child,
+    pid: u32,
+    pub spawned: Instant,
+    ready: watch::Receiver<Ready>,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Service {
+    /// Starts `name` on `127.0.0.1:0` with JSON logs at info level and `env`.
+    pub fn start(name: &str, env: &[(&str, &str)]) -> anyhow::Result<Service> {
+        let mut command = Command::new(binary(name)?);
+        command
+            .env("MICRO_SERVER_ADDRESS", "127.0.0.1:0")
+            .env("MICRO_LOG_FORMAT", "json")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let spawned = Instant::now();
+        let mut child = command.spawn().with_context(|| format!("could not start {name}"))?;
+        let pid = child.id().context("child pid")?;
+        CHILDREN.lock().expect("children lock").push(pid);
+        let (ready_tx, ready) = watch::channel(None);
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().context("child stderr")?;
+        let lines_log = log.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let now = Instant::now();
+                if ready_tx.borrow().is_none()
+                    && let Some(address) = ready_address(&line)
+                {
+                    let _ = ready_tx.send(Some((now, address)));
+                }
+                let mut log = lines_log.lock().expect("log lock");
+                if log.len() < 200 {
+                    log.push(line);
+                }
+            }
+        });
+        Ok(Service { child, pid, spawned, ready, log })
+    }
+
+    /// Waits until the child logged its registration (or `listening`), up to `limit`.
+    pub async fn ready(&mut self, limit: Duration) -> anyhow::Result<(Instant, SocketAddr)> {
+        let result = tokio::time::timeout(limit, self.ready.wait_for(Option::is_some)).await;
+        match result {
+            Ok(Ok(ready)) => Ok(ready.expect("checked")),
+            _ => bail!(
+                "pid {} did not log its registration within {limit:?}; its log:\n{}",
+                self.pid,
+                self.log.lock().expect("log lock").join("\n")
+            ),
+        }
+    }
+
+    /// SIGKILL, then reap.
+    pub async fn kill(mut self) {
+        let _ = self.child.kill().await;
+    }
+
+    /// SIGKILL without waiting.
+    pub fn start_kill(&mut self) {
+        let _ = self.child.start_kill();
+    }
+
+    /// (VmRSS, VmHWM) in KiB.
+    pub fn memory_kib(&self) -> anyhow::Result<(u64, u64)> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid))?;
+        let field = |name: &str| -> anyhow::Result<u64> {
+            let line = status.lines().find(|l| l.starts_with(name)).context("no such field")?;
+            Ok(line[name.len()..].trim().trim_end_matches("kB").trim().parse()?)
+        };
+        Ok((field("VmRSS:")?, field("VmHWM:")?))
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+        CHILDREN.lock().expect("children lock").retain(|&p| p != self.pid);
+    }
+}
+
+/// The address in a `registered` JSON log line of the SDK's server, or in raw-vessel's
+/// `listening ADDRESS` line.
+fn ready_address(line: &str) -> Option<SocketAddr> {
+    if let Some(rest) = line.strip_prefix("listening ") {
+        return rest.trim().parse().ok();
+    }
+    let value: serde_json::Value = serde_json::from_str(line).ok()?;
+    let fields = value.get("fields")?;
+    if fields.get("message")?.as_str()? != "registered" {
+        return None;
+    }
+    fields.get("address")?.as_str()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_lines_are_recognised() {
+        let line = r#"{"timestamp":"x","level":"INFO","fields":{"message":"registered","service":"v","address":"127.0.0.1:4000"},"target":"micro_core::server"}"#;
+        assert_eq!(ready_address(line), Some("127.0.0.1:4000".parse().unwrap()));
+        assert_eq!(ready_address("listening 127.0.0.1:5"), Some("127.0.0.1:5".parse().unwrap()));
+        assert_eq!(ready_address(r#"{"fields":{"message":"fleet loaded"}}"#), None);
+    }
+}

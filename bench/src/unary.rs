@@ -1,0 +1,101 @@
+//! Figure 1: unary FindAvailable through the SDK's named client and through a raw tonic
+//! channel on the instance's fixed address, to the same release vessel-service process.
+
+use std::{sync::Arc, time::Duration};
+
+use micro_core::{Client, Registry};
+use proto::vessel::vessel_service_client::VesselServiceClient;
+
+use crate::{
+    load::{Caller, WithSdkHeaders, concurrent, raw_channel, sequential},
+    procs::Service,
+    report::{Figure, emit, median, quantile},
+    wait_pickable,
+};
+
+const ROUNDS: usize = 5;
+const SEQUENTIAL_CALLS: usize = 2_000;
+const WARM_UP_CALLS: usize = 500;
+const CONCURRENT_CALLERS: usize = 64;
+const CONCURRENT_LENGTH: Duration = Duration::from_millis(1_000);
+
+#[derive(Default)]
+struct Side {
+    p50: Vec<f64>,
+    p99: Vec<f64>,
+    one: Vec<f64>,
+    many: Vec<f64>,
+}
+
+async fn round<C: Caller>(caller: &mut C, side: &mut Side) -> anyhow::Result<()> {
+    let started = tokio::time::Instant::now();
+    let mut latencies = sequential(caller, SEQUENTIAL_CALLS).await?;
+    side.one.push(SEQUENTIAL_CALLS as f64 / started.elapsed().as_secs_f64());
+    latencies.sort_by(f64::total_cmp);
+    side.p50.push(quantile(&latencies, 0.50));
+    side.p99.push(quantile(&latencies, 0.99));
+    let run = concurrent(caller, CONCURRENT_CALLERS, CONCURRENT_LENGTH).await;
+    anyhow::ensure!(run.failed == 0, "{} calls failed under load", run.failed);
+    side.many.push(run.per_second());
+    Ok(())
+}
+
+pub async fn run(registry: Arc<dyn Registry>) -> anyhow::Result<()> {
+    let name = format!("vessel-bench-unary-{}", std::process::id());
+    let mut server = Service::start("vessel-service", &[("MICRO_SERVER_NAME", &name)])?;
+    let (_, address) = server.ready(Duration::from_secs(10)).await?;
+    let client = Client::new(registry).idempotent_methods(proto::IDEMPOTENT_METHODS);
+    let channel = client.channel(&name);
+    wait_pickable(&channel, 1).await?;
+    let mut sdk = VesselServiceClient::new(channel);
+    let mut raw = VesselServiceClient::new(raw_channel(address).await?);
+    // Its own connection, so it shares nothing with `raw`.
+    let mut headers = WithSdkHeaders(VesselServiceClient::new(raw_channel(address).await?));
+    sequential(&mut sdk, WARM_UP_CALLS).await?;
+    sequential(&mut raw, WARM_UP_CALLS).await?;
+    sequential(&mut headers, WARM_UP_CALLS).await?;
+
+    let (mut s, mut b, mut h) = (Side::default(), Side::default(), Side::default());
+    for r in 0..ROUNDS {
+        eprintln!("[1/5 unary] round {}/{ROUNDS}", r + 1);
+        // Rotate which goes first, so a drift of the machine hits all alike.
+        for turn in 0..3 {
+            match (r + turn) % 3 {
+                0 => round(&mut sdk, &mut s).await?,
+                1 => round(&mut raw, &mut b).await?,
+                _ => round(&mut headers, &mut h).await?,
+            }
+        }
+    }
+    server.kill().await;
+
+    let raw_is = "raw tonic Channel to the same instance's address";
+    let p50 = Figure::new("unary_latency_p50", median(&s.p50), median(&b.p50), "us").baseline_is(raw_is);
+    let met = p50.sdk <= p50.baseline * 1.05;
+    emit(p50.target("within 5% of raw", met));
+    emit(Figure::new("unary_latency_p99", median(&s.p99), median(&b.p99), "us").baseline_is(raw_is));
+    let one = Figure::new("unary_throughput_1_caller", median(&s.one), median(&b.one), "calls/s")
+        .baseline_is(raw_is);
+    let met = one.sdk >= one.baseline * 0.95;
+    emit(one.target(">= 0.95x raw", met));
+    let many = Figure::new("unary_throughput_64_callers", median(&s.many), median(&b.many), "calls/s")
+        .baseline_is(raw_is);
+    let met = many.sdk >= many.baseline * 0.95;
+    emit(many.target(">= 0.95x raw", met));
+    // Where the difference goes: the same raw client sending the SDK's two headers.
+    let headers_is = "raw tonic Channel (no headers)";
+    emit(
+        Figure::new("diag_raw_with_sdk_headers_latency_p50", median(&h.p50), median(&b.p50), "us")
+            .baseline_is(headers_is),
+    );
+    emit(
+        Figure::new(
+            "diag_raw_with_sdk_headers_throughput_64_callers",
+            median(&h.many),
+            median(&b.many),
+            "calls/s",
+        )
+        .baseline_is(headers_is),
+    );
+    Ok(())
+}
