@@ -62,7 +62,7 @@ enum Output {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    cli.log.init("consignment_cli=warn,micro_core=warn");
+    cli.log.init("consignment_cli=warn,micro_core=error");
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

@@ -119,7 +119,7 @@ enum Output {
 async fn main() -> ExitCode {
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|err| err.exit());
-    cli.log.init("micro_core=warn");
+    cli.log.init("micro_core=error");
     if let Command::Config = cli.command {
         print_settings(&matches, cli.output);
         return ExitCode::SUCCESS;

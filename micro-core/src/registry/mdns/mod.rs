@@ -21,12 +21,16 @@ use tokio_stream::wrappers::{BroadcastStream, errors::BroadcastStreamRecvError};
 use super::{Change, Node, NodeId, RESERVED_METADATA_KEYS, Registry};
 use crate::{Error, Result};
 
+mod unicast;
+
 /// The DNS-SD service type every micro service registers under.
 pub const SERVICE_TYPE: &str = "_micro._tcp.local.";
 /// The mDNS multicast group and port, for messages.
 const MDNS_GROUP: &str = "224.0.0.251:5353";
-/// How long `list_services` and a first `lookup` let a fresh browse collect answers.
+/// The longest `list_services` waits for a fresh registry's first answers.
 const BROWSE_WARM_UP: Duration = Duration::from_millis(1500);
+/// How long a unicast query collects answers.
+const UNICAST_WINDOW: Duration = Duration::from_millis(250);
 /// How long a goodbye may take to go out on deregistration.
 const GOODBYE_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -36,6 +40,8 @@ pub struct MdnsRegistry {
     shared: Arc<Shared>,
     lookup_timeout: Duration,
     browse_started: Instant,
+    /// Turns true once the first unicast query has collected its answers.
+    first_answers: tokio::sync::watch::Receiver<bool>,
 }
 
 struct Shared {
@@ -59,7 +65,19 @@ impl MdnsRegistry {
         let (changes, _) = broadcast::channel(1024);
         let shared = Arc::new(Shared { nodes: Mutex::default(), changes, announced: Mutex::default() });
         tokio::spawn(follow_browse(events, Arc::downgrade(&shared)));
-        Ok(MdnsRegistry { daemon, shared, lookup_timeout, browse_started: Instant::now() })
+        let (answered, first_answers) = tokio::sync::watch::channel(false);
+        let asking = shared.clone();
+        tokio::spawn(async move {
+            asking.ask_by_unicast().await;
+            let _ = answered.send(true);
+        });
+        Ok(MdnsRegistry { daemon, shared, lookup_timeout, browse_started: Instant::now(), first_answers })
+    }
+
+    /// Waits (up to `deadline`) until the first unicast query has collected its answers.
+    async fn first_answers_in(&self, deadline: Instant) {
+        let mut answered = self.first_answers.clone();
+        let _ = tokio::time::timeout_at(deadline, answered.wait_for(|done| *done)).await;
     }
 
     fn known(&self, name: &str) -> Vec<Node> {
@@ -89,6 +107,31 @@ fn full_name(id: &str) -> String {
     format!("{id}.{SERVICE_TYPE}").to_lowercase()
 }
 
+impl Shared {
+    /// Asks every responder once by legacy unicast and adds what they answer.
+    async fn ask_by_unicast(&self) {
+        match unicast::query(UNICAST_WINDOW).await {
+            Ok(found) => {
+                tracing::debug!(instances = found.len(), "mdns: unicast query answered");
+                for (key, node) in found {
+                    self.learn(key, node);
+                }
+            }
+            Err(err) => tracing::debug!(error = %err, "mdns: unicast query not sent"),
+        }
+    }
+
+    /// Adds or updates one instance and tells the watchers.
+    fn learn(&self, key: String, node: Node) {
+        let mut nodes = self.nodes.lock().expect("mdns cache lock");
+        if nodes.get(&key) != Some(&node) {
+            tracing::debug!(service = %node.name, node = %node.id, address = %node.address, "mdns: instance up");
+            nodes.insert(key, node.clone());
+            let _ = self.changes.send((node.name.clone(), Change::Insert(node.id.clone(), node)));
+        }
+    }
+}
+
 async fn follow_browse(events: mdns_sd::Receiver<ServiceEvent>, shared: std::sync::Weak<Shared>) {
     while let Ok(event) = events.recv_async().await {
         let Some(shared) = shared.upgrade() else { return };
@@ -98,13 +141,7 @@ async fn follow_browse(events: mdns_sd::Receiver<ServiceEvent>, shared: std::syn
                     tracing::debug!(instance = %resolved.fullname, "ignored an instance without micro TXT entries");
                     continue;
                 };
-                let key = resolved.fullname.to_lowercase();
-                let mut nodes = shared.nodes.lock().expect("mdns cache lock");
-                if nodes.get(&key) != Some(&node) {
-                    tracing::debug!(service = %node.name, node = %node.id, address = %node.address, "mdns: instance up");
-                    nodes.insert(key, node.clone());
-                    let _ = shared.changes.send((node.name.clone(), Change::Insert(node.id.clone(), node)));
-                }
+                shared.learn(resolved.fullname.to_lowercase(), node);
             }
             ServiceEvent::ServiceRemoved(_, fullname) => {
                 let removed = shared.nodes.lock().expect("mdns cache lock").remove(&fullname.to_lowercase());
@@ -217,16 +254,18 @@ impl Registry for MdnsRegistry {
     async fn lookup(&self, name: &str) -> Result<Vec<Node>> {
         let mut changes = self.shared.changes.subscribe();
         let deadline = Instant::now() + self.lookup_timeout;
+        // A fresh registry first hears every responder's unicast answer.
+        self.first_answers_in(deadline).await;
+        let mut asked_again = false;
         loop {
             let found = self.known(name);
             if !found.is_empty() {
-                // A browse that just started may not have heard every responder yet.
-                let warm = self.browse_started + BROWSE_WARM_UP;
-                if Instant::now() < warm {
-                    tokio::time::sleep_until(warm.min(deadline)).await;
-                    return Ok(self.known(name));
-                }
                 return Ok(found);
+            }
+            if !asked_again {
+                asked_again = true;
+                let shared = self.shared.clone();
+                tokio::spawn(async move { shared.ask_by_unicast().await });
             }
             match tokio::time::timeout_at(deadline, changes.recv()).await {
                 Ok(Ok(_)) | Ok(Err(broadcast::error::RecvError::Lagged(_))) => continue,
@@ -238,7 +277,7 @@ impl Registry for MdnsRegistry {
     }
 
     async fn list_services(&self) -> Result<Vec<String>> {
-        tokio::time::sleep_until(self.browse_started + BROWSE_WARM_UP).await;
+        self.first_answers_in(self.browse_started + BROWSE_WARM_UP).await;
         let nodes = self.shared.nodes.lock().expect("mdns cache lock");
         let mut names: Vec<String> = nodes.values().map(|n| n.name.clone()).collect();
         names.sort();
