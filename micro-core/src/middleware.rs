@@ -32,6 +32,13 @@ use http::{HeaderMap, HeaderValue};
 use http_body::Frame;
 use tonic::body::Body;
 
+use std::{
+    collections::HashMap,
+    sync::{Arc, RwLock},
+};
+
+use prometheus_client::metrics::{counter::Counter, gauge::Gauge, histogram::Histogram};
+
 use crate::metrics::{MethodLabels, RequestLabels, code_name, metrics};
 
 /// The header that carries the request id across hops.
@@ -66,14 +73,48 @@ impl<S> tower::Layer<S> for ServerTraceLayer {
     type Service = ServerTrace<S>;
 
     fn layer(&self, inner: S) -> ServerTrace<S> {
-        ServerTrace { inner }
+        ServerTrace { inner, methods: Arc::default() }
     }
 }
 
 /// The service [`ServerTraceLayer`] makes.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ServerTrace<S> {
     inner: S,
+    methods: Arc<RwLock<HashMap<String, Arc<MethodMetrics>>>>,
+}
+
+impl<S> std::fmt::Debug for ServerTrace<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerTrace").finish_non_exhaustive()
+    }
+}
+
+/// One method's metric handles, looked up once rather than on every call.
+struct MethodMetrics {
+    method: String,
+    in_flight: Gauge,
+    duration: Histogram,
+    ok: Counter,
+}
+
+impl<S> ServerTrace<S> {
+    fn method_metrics(&self, method: &str) -> Arc<MethodMetrics> {
+        if let Some(found) = self.methods.read().expect("metrics cache lock").get(method) {
+            return found.clone();
+        }
+        let m = metrics();
+        let labels = MethodLabels { method: method.to_owned() };
+        let ok = RequestLabels { method: method.to_owned(), code: "OK".into() };
+        let entry = Arc::new(MethodMetrics {
+            method: method.to_owned(),
+            in_flight: m.server_in_flight.get_or_create(&labels).clone(),
+            duration: m.server_duration.get_or_create(&labels).clone(),
+            ok: m.server_requests.get_or_create(&ok).clone(),
+        });
+        self.methods.write().expect("metrics cache lock").insert(method.to_owned(), entry.clone());
+        entry
+    }
 }
 
 impl<S> tower::Service<http::Request<Body>> for ServerTrace<S>
@@ -101,7 +142,7 @@ where
                 id
             }
         };
-        let finish = Finish::start(request.uri().path().to_owned(), request_id.clone());
+        let finish = Finish::start(self.method_metrics(request.uri().path()), request_id.clone());
         let call = self.inner.call(request);
         Box::pin(with_request_id(request_id, async move {
             let response = call.await?;
@@ -119,16 +160,16 @@ where
 
 /// What is recorded when a served call ends.
 struct Finish {
-    method: String,
+    metrics: Arc<MethodMetrics>,
     request_id: HeaderValue,
     started: Instant,
     done: bool,
 }
 
 impl Finish {
-    fn start(method: String, request_id: HeaderValue) -> Self {
-        metrics().server_in_flight.get_or_create(&MethodLabels { method: method.clone() }).inc();
-        Finish { method, request_id, started: Instant::now(), done: false }
+    fn start(metrics: Arc<MethodMetrics>, request_id: HeaderValue) -> Self {
+        metrics.in_flight.inc();
+        Finish { metrics, request_id, started: Instant::now(), done: false }
     }
 
     /// Records the call with the status in `headers` (response headers or trailers).
@@ -137,7 +178,7 @@ impl Finish {
         let code = status.as_ref().map_or(tonic::Code::Ok, tonic::Status::code);
         self.record(code_name(code));
         if let Some(status) = status.filter(|s| s.code() != tonic::Code::Ok) {
-            tracing::info!(method = %self.method, request_id = self.request_id.to_str().unwrap_or("?"),
+            tracing::info!(method = %self.metrics.method, request_id = self.request_id.to_str().unwrap_or("?"),
                 grpc_status = code_name(status.code()), grpc_message = status.message(),
                 elapsed = ?self.started.elapsed(), "call failed");
         }
@@ -145,13 +186,15 @@ impl Finish {
 
     fn record(&mut self, code: &str) {
         self.done = true;
-        let m = metrics();
-        let method = MethodLabels { method: self.method.clone() };
-        m.server_in_flight.get_or_create(&method).dec();
-        m.server_duration.get_or_create(&method).observe(self.started.elapsed().as_secs_f64());
-        m.server_requests
-            .get_or_create(&RequestLabels { method: self.method.clone(), code: code.to_owned() })
-            .inc();
+        let method = &self.metrics;
+        method.in_flight.dec();
+        method.duration.observe(self.started.elapsed().as_secs_f64());
+        if code == "OK" {
+            method.ok.inc();
+        } else {
+            let labels = RequestLabels { method: method.method.clone(), code: code.to_owned() };
+            metrics().server_requests.get_or_create(&labels).inc();
+        }
     }
 }
 

@@ -41,6 +41,7 @@ use std::{
 pub use config::*;
 use futures::{StreamExt, future::BoxFuture};
 use http::HeaderValue;
+use prometheus_client::metrics::counter::Counter;
 use rand::Rng;
 use tokio::{sync::watch, task::AbortHandle, time::Instant};
 use tonic::{Code, Status, body::Body, transport::Channel};
@@ -232,6 +233,8 @@ impl Snapshot {
 /// One instance's health as this channel sees it.
 #[derive(Default)]
 struct NodeStats {
+    /// The `result="ok"` attempt counter of this instance, looked up once.
+    ok_attempts: OnceLock<Counter>,
     in_flight: AtomicUsize,
     consecutive_failures: AtomicU32,
     ejections: AtomicU32,
@@ -281,9 +284,18 @@ impl NamedChannel {
 
 /// An instance chosen for one attempt.
 struct Pick {
-    node: Node,
-    channel: Channel,
-    stats: Arc<NodeStats>,
+    snapshot: Arc<Snapshot>,
+    slot: usize,
+}
+
+impl Pick {
+    fn node(&self) -> &Node {
+        &self.snapshot.nodes[self.slot]
+    }
+
+    fn stats(&self) -> &Arc<NodeStats> {
+        &self.snapshot.stats[self.slot]
+    }
 }
 
 /// How an attempt ended, when it did not succeed.
@@ -298,6 +310,10 @@ impl Shared {
     /// Picks an instance not in `tried` when there is one, waiting up to the look-up
     /// timeout (bounded by the deadline) when none is known yet.
     async fn pick(&self, tried: &[NodeId], deadline: Instant) -> Result<Pick, Status> {
+        let snapshot = self.state.borrow().clone();
+        if let Some(pick) = self.pick_from(&snapshot, tried) {
+            return Ok(pick);
+        }
         let mut state = self.state.subscribe();
         let wait_until = deadline.min(Instant::now() + self.config.lookup_timeout);
         loop {
@@ -311,7 +327,7 @@ impl Shared {
         }
     }
 
-    fn pick_from(&self, snapshot: &Snapshot, tried: &[NodeId]) -> Option<Pick> {
+    fn pick_from(&self, snapshot: &Arc<Snapshot>, tried: &[NodeId]) -> Option<Pick> {
         // With every eligible instance ejected, ejection is ignored rather than failing.
         let pool = if snapshot.pickable.is_empty() { &snapshot.eligible } else { &snapshot.pickable };
         let load = |slot: usize| snapshot.stats[slot].in_flight.load(Ordering::Relaxed);
@@ -323,11 +339,7 @@ impl Shared {
             .unwrap_or(first);
         let slot = pool[untried];
         tracing::debug!(service = %self.name, node = %snapshot.nodes[slot].id, "picked");
-        Some(Pick {
-            node: snapshot.nodes[slot].clone(),
-            channel: snapshot.channels[slot].clone(),
-            stats: snapshot.stats[slot].clone(),
-        })
+        Some(Pick { snapshot: snapshot.clone(), slot })
     }
 
     fn no_instance(&self, snapshot: &Snapshot) -> Status {
@@ -353,15 +365,15 @@ impl Shared {
     /// Counts a failure against `pick`; ejects it after `eject_after` in a row, or at once
     /// when it refused the connection.
     fn record_failure(self: &Arc<Self>, pick: &Pick, refused: bool) {
-        let failures = pick.stats.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        let failures = pick.stats().consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
         if !refused && failures < self.config.eject_after {
             return;
         }
-        pick.stats.consecutive_failures.store(0, Ordering::Relaxed);
-        let ejections = pick.stats.ejections.fetch_add(1, Ordering::Relaxed);
+        pick.stats().consecutive_failures.store(0, Ordering::Relaxed);
+        let ejections = pick.stats().ejections.fetch_add(1, Ordering::Relaxed);
         let time = (self.config.eject_time * 2u32.saturating_pow(ejections.min(10))).min(MAX_EJECT_TIME);
-        *pick.stats.ejected_until.lock().expect("stats lock") = Some(Instant::now() + time);
-        tracing::warn!(service = %self.name, node = %pick.node.id, address = %pick.node.address, ?time, failures, refused, "instance ejected");
+        *pick.stats().ejected_until.lock().expect("stats lock") = Some(Instant::now() + time);
+        tracing::warn!(service = %self.name, node = %pick.node().id, address = %pick.node().address, ?time, failures, refused, "instance ejected");
         self.republish();
         let channel = Arc::downgrade(self);
         tokio::spawn(async move {
@@ -383,13 +395,13 @@ impl Shared {
         let timeout = requested_timeout(&request)
             .map_or(self.config.request_timeout, |t| t.min(self.config.request_timeout));
         let deadline = started + timeout;
-        let method = request.uri().path().to_owned();
-        let idempotent =
-            self.idempotent.contains(&method) || request.headers().contains_key(IDEMPOTENCY_KEY_HEADER);
         let (mut parts, body) = request.into_parts();
         if !parts.headers.contains_key(REQUEST_ID_HEADER) {
             parts.headers.insert(REQUEST_ID_HEADER, current_request_id().unwrap_or_else(new_request_id));
         }
+        let method = parts.uri.path();
+        let idempotent =
+            self.idempotent.contains(method) || parts.headers.contains_key(IDEMPOTENCY_KEY_HEADER);
         let replay = Replay::new(body);
         self.budget.deposit();
 
@@ -402,7 +414,6 @@ impl Shared {
                 Ok(pick) => pick,
                 Err(status) => return Err(Box::new(retried(last_failure, attempt).unwrap_or(status))),
             };
-            tried.push(pick.node.id.clone());
             let remaining = deadline.saturating_duration_since(Instant::now());
             let (attempt_body, polled) = replay.attempt();
             let mut request = http::Request::from_parts(parts.clone(), attempt_body);
@@ -413,7 +424,9 @@ impl Shared {
                 Err(AttemptError::Deadline) => {
                     let expired = Status::deadline_exceeded(format!(
                         "{method} to {} instance {} at {} exceeded its {timeout:?} deadline",
-                        self.name, pick.node.id, pick.node.address
+                        self.name,
+                        pick.node().id,
+                        pick.node().address
                     ));
                     return Err(Box::new(retried(last_failure, attempt).unwrap_or(expired)));
                 }
@@ -433,14 +446,15 @@ impl Shared {
                 && replay.replayable()
                 && Instant::now() + backoff < deadline
                 && self.budget.withdraw();
-            let status = self.final_status(&method, &pick, failure, sent, idempotent);
+            let status = self.final_status(method, &pick, failure, sent, idempotent);
             if retry {
-                tracing::debug!(service = %self.name, node = %pick.node.id, %method, attempt, sent, "retrying on another instance");
+                tried.push(pick.node().id.clone());
+                tracing::debug!(service = %self.name, node = %pick.node().id, %method, attempt, sent, "retrying on another instance");
                 last_failure = Some(status);
                 tokio::time::sleep(backoff).await;
                 continue;
             }
-            tracing::warn!(service = %self.name, node = %pick.node.id, %method, code = ?status.code(), message = status.message(), retries = attempt, "call failed");
+            tracing::warn!(service = %self.name, node = %pick.node().id, %method, code = ?status.code(), message = status.message(), retries = attempt, "call failed");
             return Err(Box::new(retried(Some(status), attempt).expect("a status")));
         }
         unreachable!("the attempt loop returns")
@@ -453,8 +467,8 @@ impl Shared {
         polled: &AtomicBool,
         deadline: Instant,
     ) -> Result<http::Response<Body>, AttemptError> {
-        let _in_flight = InFlight::start(&pick.stats);
-        let call = pick.channel.clone().oneshot(request);
+        let _in_flight = InFlight::start(pick.stats());
+        let call = pick.snapshot.channels[pick.slot].clone().oneshot(request);
         let result = tokio::time::timeout_at(deadline, call).await;
         self.count_attempt(pick, &result);
         let result = result.map_err(|_| AttemptError::Deadline)?;
@@ -465,7 +479,7 @@ impl Shared {
                     Err(AttemptError::Failed(Failure::Status(status)))
                 }
                 _ => {
-                    self.record_success(&pick.stats);
+                    self.record_success(pick.stats());
                     Ok(response)
                 }
             },
@@ -489,16 +503,26 @@ impl Shared {
         let result = match result {
             Err(_) => "deadline",
             Ok(Err(_)) => "transport_error",
-            Ok(Ok(response)) => {
-                Status::from_header_map(response.headers()).map_or("ok", |s| code_name(s.code()))
-            }
+            // No status in the headers: an answer whose status follows in the trailers.
+            Ok(Ok(response)) => match Status::from_header_map(response.headers()) {
+                None => {
+                    pick.stats().ok_attempts.get_or_init(|| self.attempt_counter(pick, "ok")).inc();
+                    return;
+                }
+                Some(status) if status.code() == Code::Ok => "ok",
+                Some(status) => code_name(status.code()),
+            },
         };
+        self.attempt_counter(pick, result).inc();
+    }
+
+    fn attempt_counter(&self, pick: &Pick, result: &str) -> Counter {
         let labels = AttemptLabels {
             service: self.name.clone(),
-            node: pick.node.id.clone(),
+            node: pick.node().id.clone(),
             result: result.to_owned(),
         };
-        metrics().client_attempts.get_or_create(&labels).inc();
+        metrics().client_attempts.get_or_create(&labels).clone()
     }
 
     fn backoff(&self, attempt: u32) -> Duration {
@@ -515,7 +539,7 @@ impl Shared {
         idempotent: bool,
     ) -> Status {
         let (service, node, address, registry) =
-            (&self.name, &pick.node.id, pick.node.address, self.registry_kind);
+            (&self.name, &pick.node().id, pick.node().address, self.registry_kind);
         match failure {
             Failure::Status(status) => status,
             Failure::Transport { source, .. } if sent && !idempotent => {
