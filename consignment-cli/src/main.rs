@@ -9,6 +9,7 @@ use micro_core::{
     Client,
     client::IDEMPOTENCY_KEY_HEADER,
     config::{ClientArgs, ClientConfig, RegistryArgs, RegistryConfig, TlsArgs},
+    metrics::code_name,
     telemetry::LogArgs,
 };
 use proto::consignment::{Consignment, GetRequest, shipping_service_client::ShippingServiceClient};
@@ -188,29 +189,5 @@ async fn within_response<T>(
             Err(anyhow!("{method} failed: {}: {}", code_name(status.code()), status.message()))
         }
         Err(_) => Err(anyhow!("{method} failed: DEADLINE_EXCEEDED: no answer within {timeout:?}")),
-    }
-}
-
-/// The canonical upper-case name of a gRPC status code.
-fn code_name(code: tonic::Code) -> &'static str {
-    use tonic::Code::*;
-    match code {
-        Ok => "OK",
-        Cancelled => "CANCELLED",
-        Unknown => "UNKNOWN",
-        InvalidArgument => "INVALID_ARGUMENT",
-        DeadlineExceeded => "DEADLINE_EXCEEDED",
-        NotFound => "NOT_FOUND",
-        AlreadyExists => "ALREADY_EXISTS",
-        PermissionDenied => "PERMISSION_DENIED",
-        ResourceExhausted => "RESOURCE_EXHAUSTED",
-        FailedPrecondition => "FAILED_PRECONDITION",
-        Aborted => "ABORTED",
-        OutOfRange => "OUT_OF_RANGE",
-        Unimplemented => "UNIMPLEMENTED",
-        Internal => "INTERNAL",
-        Unavailable => "UNAVAILABLE",
-        DataLoss => "DATA_LOSS",
-        Unauthenticated => "UNAUTHENTICATED",
     }
 }

@@ -11,6 +11,7 @@
 pub mod consul;
 pub mod discovery;
 pub mod process;
+pub mod shippy;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 

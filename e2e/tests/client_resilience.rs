@@ -4,7 +4,7 @@
 
 use std::{
     collections::HashMap,
-    path::{Path, PathBuf},
+    path::Path,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -15,6 +15,7 @@ use std::{
 use e2e::{
     discovery::{mdns, wait_for, wait_pickable},
     process::Process,
+    shippy::fleet_file,
     unique_name,
 };
 use micro_core::{
@@ -26,15 +27,6 @@ use proto::{
 };
 use tokio::time::Instant;
 use tonic::Code;
-
-fn fleet_file(dir: &tempfile::TempDir, label: &str) -> PathBuf {
-    let path = dir.path().join(format!("{label}.json"));
-    let json = format!(
-        r#"[{{"id": "{label}", "name": "{label}", "capacity": 10, "max_weight": 1000, "available": true}}]"#
-    );
-    std::fs::write(&path, json).unwrap();
-    path
-}
 
 fn vessel(name: &str, fleet: &Path, extra_env: &[(&str, &str)]) -> Process {
     let fleet = fleet.display().to_string();
@@ -105,9 +97,9 @@ async fn calls_done_reach(tally: &Tally, count: usize) {
 async fn sigkill_of_one_instance_fails_no_call_and_a_new_one_is_used_within_2s() {
     let registry = mdns();
     let (name, dir) = (unique_name("vessel"), tempfile::tempdir().unwrap());
-    let doomed = vessel(&name, &fleet_file(&dir, "v1"), &[]);
-    let _v2 = vessel(&name, &fleet_file(&dir, "v2"), &[]);
-    let _v3 = vessel(&name, &fleet_file(&dir, "v3"), &[]);
+    let doomed = vessel(&name, &fleet_file(dir.path(), "v1"), &[]);
+    let _v2 = vessel(&name, &fleet_file(dir.path(), "v2"), &[]);
+    let _v3 = vessel(&name, &fleet_file(dir.path(), "v3"), &[]);
     wait_for(&registry, &name, 3).await;
     let channel = client(registry).channel(&name);
     wait_pickable(&channel, 3).await;
@@ -117,7 +109,7 @@ async fn sigkill_of_one_instance_fails_no_call_and_a_new_one_is_used_within_2s()
     calls_done_reach(&tally, 500).await;
     doomed.signal("KILL");
     calls_done_reach(&tally, 800).await;
-    let _v4 = vessel(&name, &fleet_file(&dir, "v4"), &[]);
+    let _v4 = vessel(&name, &fleet_file(dir.path(), "v4"), &[]);
     let v4_started = Instant::now();
     for worker in workers {
         worker.await.unwrap();
@@ -139,10 +131,10 @@ async fn round_robin_is_even_and_the_version_filter_is_strict() {
     let registry = mdns();
     let (name, dir) = (unique_name("vessel"), tempfile::tempdir().unwrap());
     let v1 = [("MICRO_SERVER_VERSION", "1")];
-    let _a = vessel(&name, &fleet_file(&dir, "a"), &v1);
-    let _b = vessel(&name, &fleet_file(&dir, "b"), &v1);
-    let _c = vessel(&name, &fleet_file(&dir, "c"), &v1);
-    let _z = vessel(&name, &fleet_file(&dir, "z"), &[("MICRO_SERVER_VERSION", "2")]);
+    let _a = vessel(&name, &fleet_file(dir.path(), "a"), &v1);
+    let _b = vessel(&name, &fleet_file(dir.path(), "b"), &v1);
+    let _c = vessel(&name, &fleet_file(dir.path(), "c"), &v1);
+    let _z = vessel(&name, &fleet_file(dir.path(), "z"), &[("MICRO_SERVER_VERSION", "2")]);
     wait_for(&registry, &name, 4).await;
     let channel = client(registry).channel_with(&name, Filter::new().version("1"));
     wait_pickable(&channel, 3).await;
@@ -261,7 +253,7 @@ async fn rolling_restart_of_every_instance_fails_no_call() {
     let registry = mdns();
     let (name, dir) = (unique_name("vessel"), tempfile::tempdir().unwrap());
     let mut instances: Vec<Process> =
-        (0..3).map(|i| vessel(&name, &fleet_file(&dir, &format!("old{i}")), &[])).collect();
+        (0..3).map(|i| vessel(&name, &fleet_file(dir.path(), &format!("old{i}")), &[])).collect();
     wait_for(&registry, &name, 3).await;
     let channel = client(registry).channel(&name);
     wait_pickable(&channel, 3).await;
@@ -270,7 +262,8 @@ async fn rolling_restart_of_every_instance_fails_no_call() {
     let (tally, workers) =
         call_stream(channel.clone(), 4, Duration::from_millis(5), usize::MAX, stop.clone());
     for (i, instance) in instances.iter_mut().enumerate() {
-        let mut old = std::mem::replace(instance, vessel(&name, &fleet_file(&dir, &format!("new{i}")), &[]));
+        let mut old =
+            std::mem::replace(instance, vessel(&name, &fleet_file(dir.path(), &format!("new{i}")), &[]));
         assert!(old.terminate(Duration::from_secs(15)).success(), "{}", old.log());
         wait_pickable(&channel, 3).await;
     }
@@ -295,7 +288,7 @@ async fn calls_keep_succeeding_from_the_cache_while_the_registry_is_gone() {
     // The gRPC server registers nowhere others look; a separate responder announces it.
     let _server = vessel(
         &name,
-        &fleet_file(&dir, "cached"),
+        &fleet_file(dir.path(), "cached"),
         &[("MICRO_REGISTRY", "memory"), ("MICRO_SERVER_ADDRESS", &address)],
     );
     let mut responder = Process::start("micro", &["register", &name, &address], &[]);

@@ -14,7 +14,8 @@ use std::{
 
 use e2e::{
     discovery::{STARTUP, mdns, wait_for},
-    process::{Process, binary, workspace_root},
+    process::{Process, workspace_root},
+    shippy::{self, CliRun},
     unique_name,
 };
 use futures::StreamExt;
@@ -22,7 +23,7 @@ use micro_core::{Client, NamedChannel, Registry, selector::Filter};
 use proto::consignment::{
     Consignment, Container, GetRequest, shipping_service_client::ShippingServiceClient,
 };
-use tokio::time::{Instant, timeout};
+use tokio::time::Instant;
 
 /// The request metadata entry consignment-service deduplicates by.
 const IDEMPOTENCY_KEY: &str = "idempotency-key";
@@ -67,27 +68,8 @@ fn shipping(client: &Client, name: &str, boot: &str) -> ShippingServiceClient<Na
     ShippingServiceClient::new(client.channel_with(name, Filter::new().metadata("boot", boot)))
 }
 
-struct CliRun {
-    success: bool,
-    stdout: String,
-    stderr: String,
-}
-
 async fn run_cli(consignment_name: &str, file: &Path, request_id: &str) -> CliRun {
-    let output = tokio::process::Command::new(binary("consignment-cli"))
-        .arg(file)
-        .args(["--request-id", request_id])
-        .env("CONSIGNMENT_SERVICE", consignment_name)
-        .env("CONSIGNMENT_CLI_TIMEOUT", "8000")
-        .kill_on_drop(true)
-        .output();
-    let output =
-        timeout(Duration::from_secs(20), output).await.expect("the CLI must not hang").expect("CLI runs");
-    CliRun {
-        success: output.status.success(),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    }
+    shippy::run_cli(consignment_name, file, &["--request-id", request_id], &[]).await
 }
 
 /// The id in the CLI's "created consignment ID on vessel ..." line.

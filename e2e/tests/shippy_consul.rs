@@ -19,13 +19,15 @@ use std::{
 use e2e::{
     consul::ConsulAgent,
     discovery::{wait_for, wait_pickable},
-    process::{Process, binary, workspace_root},
-    require_private_netns, unique_name,
+    process::{Process, binary},
+    require_private_netns,
+    shippy::{self, CliRun, fleet_file, sample_consignment},
+    unique_name,
 };
 use micro_core::{Client, NamedChannel, Registry, registry::ConsulRegistry};
 use proto::vessel::{Specification, vessel_service_client::VesselServiceClient};
 use serde_json::Value;
-use tokio::time::{Instant, timeout};
+use tokio::time::Instant;
 
 /// TTL and heartbeat interval (seconds) every service in these tests gets.
 const TTL: &str = "2";
@@ -70,16 +72,6 @@ fn vessel(agent: &ConsulAgent, name: &str, fleet: Option<&PathBuf>, extra: &[(&s
 fn consignment(agent: &ConsulAgent, name: &str, vessel_name: &str) -> Process {
     let extra = [("VESSEL_SERVICE", vessel_name), ("CONSIGNMENT_DB", ":memory:")];
     service("consignment-service", &agent.http_address(), name, &[], &extra)
-}
-
-/// A fleet file with one vessel whose id (the label replies carry) is `label`.
-fn fleet_file(dir: &tempfile::TempDir, label: &str) -> PathBuf {
-    let path = dir.path().join(format!("{label}.json"));
-    let json = format!(
-        r#"[{{"id": "{label}", "name": "{label}", "capacity": 10, "max_weight": 1000, "available": true}}]"#
-    );
-    std::fs::write(&path, json).unwrap();
-    path
 }
 
 /// The test process's own view of the agent, through micro-core.
@@ -185,28 +177,10 @@ impl CallStream {
     }
 }
 
-struct CliRun {
-    success: bool,
-    stdout: String,
-    stderr: String,
-}
-
 async fn run_cli(address: &str, consignment_name: &str) -> CliRun {
-    let file = workspace_root().join("consignment-cli").join("consignment.json");
-    let output = tokio::process::Command::new(binary("consignment-cli"))
-        .arg(file)
-        .envs(consul_env(address))
-        .env("CONSIGNMENT_SERVICE", consignment_name)
-        .env("CONSIGNMENT_CLI_TIMEOUT", "8000")
-        .kill_on_drop(true)
-        .output();
-    let output =
-        timeout(Duration::from_secs(20), output).await.expect("the CLI must not hang").expect("CLI runs");
-    CliRun {
-        success: output.status.success(),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    }
+    let env = consul_env(address);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    shippy::run_cli(consignment_name, &sample_consignment(), &[], &env).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -267,10 +241,10 @@ async fn sigkill_turns_the_check_critical_within_the_ttl_and_clients_stop_callin
     let doomed = vessel(
         &agent,
         &name,
-        Some(&fleet_file(&dir, "doomed")),
+        Some(&fleet_file(dir.path(), "doomed")),
         &[("MICRO_SERVER_METADATA", "label=doomed")],
     );
-    let _survivor = vessel(&agent, &name, Some(&fleet_file(&dir, "survivor")), &[]);
+    let _survivor = vessel(&agent, &name, Some(&fleet_file(dir.path(), "survivor")), &[]);
     let registry = registry(&agent);
     let nodes = wait_for(&registry, &name, 2).await;
     let doomed_id =
@@ -331,8 +305,10 @@ async fn two_instances_both_serve_and_a_stopped_one_leaves_the_client_within_1s(
     let agent = agent();
     let address = agent.http_address();
     let (name, dir) = (unique_name("vessel"), tempfile::tempdir().unwrap());
-    let _a = vessel(&agent, &name, Some(&fleet_file(&dir, "a")), &[("MICRO_SERVER_METADATA", "label=a")]);
-    let mut b = vessel(&agent, &name, Some(&fleet_file(&dir, "b")), &[("MICRO_SERVER_METADATA", "label=b")]);
+    let _a =
+        vessel(&agent, &name, Some(&fleet_file(dir.path(), "a")), &[("MICRO_SERVER_METADATA", "label=a")]);
+    let mut b =
+        vessel(&agent, &name, Some(&fleet_file(dir.path(), "b")), &[("MICRO_SERVER_METADATA", "label=b")]);
     let registry = registry(&agent);
     let nodes = wait_for(&registry, &name, 2).await;
     until_passing(&address, &name, SOON, |ids| ids.len() == 2).await;

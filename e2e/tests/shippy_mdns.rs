@@ -5,7 +5,8 @@ use std::{collections::BTreeSet, path::PathBuf, time::Duration};
 
 use e2e::{
     discovery::{mdns, wait_for},
-    process::{Process, binary, workspace_root},
+    process::Process,
+    shippy::{self, CliRun, sample_consignment},
     unique_name,
 };
 use futures::StreamExt;
@@ -38,30 +39,8 @@ fn consignment_service(name: &str, vessel_name: &str) -> Process {
     )
 }
 
-struct CliRun {
-    success: bool,
-    stdout: String,
-    stderr: String,
-}
-
 async fn run_cli(consignment_name: &str, file: &std::path::Path) -> CliRun {
-    let output = tokio::process::Command::new(binary("consignment-cli"))
-        .arg(file)
-        .env("CONSIGNMENT_SERVICE", consignment_name)
-        .env("CONSIGNMENT_CLI_TIMEOUT", "8000")
-        .kill_on_drop(true)
-        .output();
-    let output =
-        timeout(Duration::from_secs(20), output).await.expect("the CLI must not hang").expect("CLI runs");
-    CliRun {
-        success: output.status.success(),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    }
-}
-
-fn sample_consignment() -> PathBuf {
-    workspace_root().join("consignment-cli").join("consignment.json")
+    shippy::run_cli(consignment_name, file, &[], &[]).await
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -53,7 +53,7 @@ use crate::{
     BoxError, Error,
     error::error_chain,
     metrics::{AttemptLabels, code_name, metrics},
-    middleware::{REQUEST_ID_HEADER, current_request_id, new_request_id},
+    middleware::{REQUEST_ID_HEADER, current_request_id},
     registry::{Change, Node, NodeId, Registry},
     selector::{Candidates, Filter, Strategy},
 };
@@ -396,8 +396,11 @@ impl Shared {
             .map_or(self.config.request_timeout, |t| t.min(self.config.request_timeout));
         let deadline = started + timeout;
         let (mut parts, body) = request.into_parts();
-        if !parts.headers.contains_key(REQUEST_ID_HEADER) {
-            parts.headers.insert(REQUEST_ID_HEADER, current_request_id().unwrap_or_else(new_request_id));
+        // Inside a handler the current request id travels on; otherwise the server assigns one.
+        if !parts.headers.contains_key(REQUEST_ID_HEADER)
+            && let Some(request_id) = current_request_id()
+        {
+            parts.headers.insert(REQUEST_ID_HEADER, request_id);
         }
         let method = parts.uri.path();
         let idempotent =
@@ -419,7 +422,7 @@ impl Shared {
             let mut request = http::Request::from_parts(parts.clone(), attempt_body);
             request.headers_mut().insert("grpc-timeout", grpc_timeout(remaining));
 
-            let failure = match self.attempt(&pick, request, &polled, deadline).await {
+            let failure = match self.attempt(&pick, request, &polled).await {
                 Ok(response) => return Ok(response),
                 Err(AttemptError::Deadline) => {
                     let expired = Status::deadline_exceeded(format!(
@@ -465,13 +468,12 @@ impl Shared {
         pick: &Pick,
         request: http::Request<Body>,
         polled: &AtomicBool,
-        deadline: Instant,
     ) -> Result<http::Response<Body>, AttemptError> {
         let _in_flight = InFlight::start(pick.stats());
-        let call = pick.snapshot.channels[pick.slot].clone().oneshot(request);
-        let result = tokio::time::timeout_at(deadline, call).await;
+        // Every attempt carries `grpc-timeout`, and tonic's channel ends the call there
+        // (`TimeoutExpired`), so no timer of our own is needed per call.
+        let result = pick.snapshot.channels[pick.slot].clone().oneshot(request).await;
         self.count_attempt(pick, &result);
-        let result = result.map_err(|_| AttemptError::Deadline)?;
         match result {
             Ok(response) => match Status::from_header_map(response.headers()) {
                 Some(status) if status.code() == Code::Unavailable => {
@@ -495,16 +497,16 @@ impl Shared {
         }
     }
 
-    fn count_attempt<E>(
+    fn count_attempt<E: std::error::Error + 'static>(
         &self,
         pick: &Pick,
-        result: &Result<Result<http::Response<Body>, E>, tokio::time::error::Elapsed>,
+        result: &Result<http::Response<Body>, E>,
     ) {
         let result = match result {
-            Err(_) => "deadline",
-            Ok(Err(_)) => "transport_error",
+            Err(err) if chain_has::<tonic::TimeoutExpired>(err) => "deadline",
+            Err(_) => "transport_error",
             // No status in the headers: an answer whose status follows in the trailers.
-            Ok(Ok(response)) => match Status::from_header_map(response.headers()) {
+            Ok(response) => match Status::from_header_map(response.headers()) {
                 None => {
                     pick.stats().ok_attempts.get_or_init(|| self.attempt_counter(pick, "ok")).inc();
                     return;

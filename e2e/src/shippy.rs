@@ -1,0 +1,55 @@
+//! The shippy pieces tests share: running consignment-cli, fleet files, the sample consignment.
+
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use crate::process::{binary, workspace_root};
+
+/// What a consignment-cli run printed, and whether it succeeded.
+pub struct CliRun {
+    /// Exit status 0.
+    pub success: bool,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+/// Runs consignment-cli on `file` against the consignment service registered as
+/// `consignment_name`, with extra `args` and `env`; fails the test if it takes over 20 s.
+pub async fn run_cli(consignment_name: &str, file: &Path, args: &[&str], env: &[(&str, &str)]) -> CliRun {
+    let output = tokio::process::Command::new(binary("consignment-cli"))
+        .arg(file)
+        .args(args)
+        .env("CONSIGNMENT_SERVICE", consignment_name)
+        .env("CONSIGNMENT_CLI_TIMEOUT", "8000")
+        .envs(env.iter().copied())
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(20), output)
+        .await
+        .expect("the CLI must not hang")
+        .expect("CLI runs");
+    CliRun {
+        success: output.status.success(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+/// The shipped `consignment-cli/consignment.json`.
+pub fn sample_consignment() -> PathBuf {
+    workspace_root().join("consignment-cli").join("consignment.json")
+}
+
+/// A fleet file in `dir` with one vessel whose id (the label replies carry) is `label`.
+pub fn fleet_file(dir: &Path, label: &str) -> PathBuf {
+    let path = dir.join(format!("{label}.json"));
+    let json = format!(
+        r#"[{{"id": "{label}", "name": "{label}", "capacity": 10, "max_weight": 1000, "available": true}}]"#
+    );
+    std::fs::write(&path, json).expect("fleet file");
+    path
+}
