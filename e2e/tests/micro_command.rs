@@ -41,6 +41,7 @@ async fn services_describe_health_call_and_why_over_mdns() {
     assert_eq!(described[0]["address"], node.address.to_string());
     assert_eq!(described[0]["metadata"]["zone"], "test");
     assert!(described[0]["metadata"]["metrics"].is_string(), "the metrics address is announced: {out}");
+    assert_eq!(described[0]["health"], "SERVING", "{out}");
 
     let (ok, out, err) = micro(&["health", &name], &[]);
     assert!(ok && out.contains("SERVING") && out.contains(&node.id), "{out}{err}");

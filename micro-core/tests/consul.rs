@@ -247,3 +247,38 @@ async fn with_retry_connect_waits_for_the_agent_to_come_up() {
     let connected = timeout(Duration::from_secs(15), connecting).await;
     assert!(matches!(connected, Ok(Ok(Ok("consul")))), "{connected:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn consul_runs_its_native_grpc_check_against_the_health_service() {
+    // The server serves only what the builder always adds: health and reflection.
+    let agent = ConsulAgent::start();
+    let registry = std::sync::Arc::new(consul(&agent));
+    let name = e2e::unique_name("checked");
+    let config = micro_core::config::ServerConfig {
+        address: "127.0.0.1:0".parse().unwrap(),
+        ..micro_core::config::ServerConfig::default()
+    };
+    let server = micro_core::Server::builder(&name).config(config).registry(registry).start().await.unwrap();
+
+    // The agent's own view: the catalog gets output-only changes every few minutes.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let grpc_check = loop {
+        let checks = get(&agent, "/v1/agent/checks").await;
+        let ours: Vec<Value> = checks
+            .as_object()
+            .unwrap()
+            .values()
+            .filter(|c| c["ServiceName"] == name.as_str())
+            .cloned()
+            .collect();
+        assert_eq!(ours.len(), 2, "a TTL check and a gRPC check: {ours:?}");
+        let grpc = ours.iter().find(|c| c["Type"] == "grpc").cloned();
+        if let Some(check) = grpc.filter(|c| c["Output"].as_str().is_some_and(|o| o.contains("success"))) {
+            break check;
+        }
+        assert!(Instant::now() < deadline, "Consul's gRPC check did not succeed: {ours:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(grpc_check["Status"], "passing", "{grpc_check}");
+    server.stop().await.unwrap();
+}

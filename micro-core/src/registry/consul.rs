@@ -289,21 +289,14 @@ impl Agent {
             address: node.address.ip().to_string(),
             port: node.address.port(),
             meta,
-            check: TtlCheck {
-                check_id: check_id(&node.id),
-                name: "micro heartbeat".into(),
-                ttl: go_duration(ttl),
-                status: "passing",
-                deregister_critical_service_after: go_duration(
-                    ttl.saturating_mul(3).max(MIN_DEREGISTER_AFTER),
-                ),
-            },
+            checks: checks(node, ttl),
         };
         let request = self.request(Method::PUT, &["v1", "agent", "service", "register"], false);
         self.send(request.json(&registration)).await.map(drop)
     }
 
     /// PUT /v1/agent/check/pass/<check id>.
+
     async fn pass(&self, node_id: &str) -> Result<(), Failure> {
         let check = check_id(node_id);
         let request = self.request(Method::PUT, &["v1", "agent", "check", "pass", &check], false);
@@ -381,19 +374,66 @@ struct ServiceRegistration<'a> {
     address: String,
     port: u16,
     meta: BTreeMap<&'a str, &'a str>,
-    check: TtlCheck,
+    checks: Vec<Check>,
 }
 
-#[derive(Serialize)]
+/// A check definition: the TTL check the heartbeat passes, or Consul's native gRPC check of
+/// the instance's `grpc.health.v1` service.
+#[derive(Serialize, Default)]
 #[serde(rename_all = "PascalCase")]
-struct TtlCheck {
+struct Check {
     #[serde(rename = "CheckID")]
     check_id: String,
     name: String,
-    #[serde(rename = "TTL")]
-    ttl: String,
+    #[serde(rename = "TTL", skip_serializing_if = "Option::is_none")]
+    ttl: Option<String>,
+    #[serde(rename = "GRPC", skip_serializing_if = "Option::is_none")]
+    grpc: Option<String>,
+    #[serde(rename = "GRPCUseTLS", skip_serializing_if = "std::ops::Not::not")]
+    grpc_use_tls: bool,
+    #[serde(rename = "TLSSkipVerify", skip_serializing_if = "std::ops::Not::not")]
+    tls_skip_verify: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    interval: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    timeout: Option<String>,
     status: &'static str,
     deregister_critical_service_after: String,
+}
+
+/// How often Consul runs the gRPC health check of an instance.
+const GRPC_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+/// How long one gRPC health check may take.
+const GRPC_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The checks of a registration: the TTL check the heartbeat keeps passing, and Consul's
+/// native gRPC check of the instance's `grpc.health.v1` service (over TLS, not verifying the
+/// certificate, when the instance's `tls` label says it serves TLS). Both start passing.
+fn checks(node: &Node, ttl: Duration) -> Vec<Check> {
+    let deregister_after = go_duration(ttl.saturating_mul(3).max(MIN_DEREGISTER_AFTER));
+    let tls = node.metadata.get("tls").is_some_and(|v| v == "1");
+    vec![
+        Check {
+            check_id: check_id(&node.id),
+            name: "micro heartbeat".into(),
+            ttl: Some(go_duration(ttl)),
+            status: "passing",
+            deregister_critical_service_after: deregister_after.clone(),
+            ..Check::default()
+        },
+        Check {
+            check_id: format!("{}:grpc", check_id(&node.id)),
+            name: "grpc.health.v1".into(),
+            grpc: Some(node.address.to_string()),
+            grpc_use_tls: tls,
+            tls_skip_verify: tls,
+            interval: Some(go_duration(GRPC_CHECK_INTERVAL)),
+            timeout: Some(go_duration(GRPC_CHECK_TIMEOUT)),
+            status: "passing",
+            deregister_critical_service_after: deregister_after,
+            ..Check::default()
+        },
+    ]
 }
 
 /// One element of /v1/health/service/<name>; fields not read are skipped.
@@ -698,5 +738,19 @@ mod tests {
     fn durations_are_go_durations() {
         assert_eq!(go_duration(Duration::from_secs(2)), "2000ms");
         assert_eq!(go_duration(Duration::ZERO), "1ms");
+    }
+
+    #[test]
+    fn registration_has_a_ttl_and_a_grpc_check_over_tls_when_the_instance_serves_tls() {
+        let mut node = Node::new("svc", "10.0.0.5:50051".parse().unwrap());
+        let plain = serde_json::to_value(checks(&node, Duration::from_secs(30))).unwrap();
+        assert_eq!(plain[0]["TTL"], "30000ms");
+        assert_eq!(plain[1]["GRPC"], "10.0.0.5:50051");
+        assert_eq!(plain[1]["Status"], "passing");
+        assert!(plain[1].get("GRPCUseTLS").is_none(), "{plain}");
+        node.metadata.insert("tls".into(), "1".into());
+        let tls = serde_json::to_value(checks(&node, Duration::from_secs(30))).unwrap();
+        assert_eq!(tls[1]["GRPCUseTLS"], true);
+        assert_eq!(tls[1]["TLSSkipVerify"], true);
     }
 }

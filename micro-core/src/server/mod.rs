@@ -174,6 +174,11 @@ impl Server {
         let mut node = Node::new(&self.name, advertised);
         node.version = self.version;
         node.metadata = self.metadata;
+        let serves_tls = self.tls.as_ref().or(self.config.tls.as_ref()).is_some_and(|t| t.identity.is_some());
+        if serves_tls {
+            // Lets peers and Consul's gRPC health check know to speak TLS.
+            node.metadata.insert("tls".into(), "1".into());
+        }
         if let Some(address) = self.config.metrics_address {
             let bound =
                 crate::metrics::serve(address).await.map_err(|source| Error::Bind { address, source })?;

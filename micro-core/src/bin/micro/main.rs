@@ -147,9 +147,18 @@ async fn run(cli: Cli) -> Result<(), Error> {
         }
         Command::Describe { name } => {
             let nodes = registry.lookup(&name).await?;
+            let probes = nodes.iter().map(|node| why::probe(node, tls.as_ref()));
+            let health = futures::future::join_all(probes).await;
             match cli.output {
-                Output::Json => println!("{}", to_json(&nodes)),
-                Output::Table => print_table(&nodes),
+                Output::Json => {
+                    let described: Vec<Described> = nodes
+                        .into_iter()
+                        .zip(health)
+                        .map(|(node, health)| Described { node, health })
+                        .collect();
+                    println!("{}", to_json(&described));
+                }
+                Output::Table => print_table(&nodes, &health),
             }
         }
         Command::Config => unreachable!("answered before the registry is opened"),
@@ -292,15 +301,25 @@ fn parse_label(text: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("expected key=value, got {text:?}"))
 }
 
-fn print_table(nodes: &[Node]) {
-    let rows: Vec<[String; 4]> = nodes
+/// An instance as `micro describe --output json` prints it: the node's fields and its health.
+#[derive(serde::Serialize)]
+struct Described {
+    #[serde(flatten)]
+    node: Node,
+    health: String,
+}
+
+fn print_table(nodes: &[Node], health: &[String]) {
+    let rows: Vec<[String; 5]> = nodes
         .iter()
-        .map(|n| {
+        .zip(health)
+        .map(|(n, health)| {
             let meta: Vec<String> = n.metadata.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            [n.id.clone(), n.address.to_string(), n.version.clone(), meta.join(",")]
+            let health = if n.draining { format!("{health} (draining)") } else { health.clone() };
+            [n.id.clone(), n.address.to_string(), n.version.clone(), health, meta.join(",")]
         })
         .collect();
-    let header = ["ID", "ADDRESS", "VERSION", "METADATA"].map(String::from);
+    let header = ["ID", "ADDRESS", "VERSION", "HEALTH", "METADATA"].map(String::from);
     let mut widths = header.clone().map(|h| h.len());
     for row in &rows {
         for (width, cell) in widths.iter_mut().zip(row) {
