@@ -423,7 +423,10 @@ async fn a_wrong_agent_address_fails_fast_naming_it_and_consul() {
         run.stderr
     );
     for took in [service_took, cli_took] {
-        assert!(took < Duration::from_secs(10), "took {took:?}: an unreachable agent must fail fast, not hang");
+        assert!(
+            took < Duration::from_secs(10),
+            "took {took:?}: an unreachable agent must fail fast, not hang"
+        );
     }
 }
 
