@@ -227,7 +227,12 @@ impl Server {
                 },
             ));
 
-        registry.register(&node, self.config.register_ttl).await?;
+        if let Err(err) = registry.register(&node, self.config.register_ttl).await {
+            // Nothing may keep serving unregistered.
+            let _ = stop_serving.send(());
+            serve.abort();
+            return Err(err);
+        }
         crate::metrics::metrics().registry_event(registry.kind(), &node.name, "register");
         tracing::info!(service = %node.name, node = %node.id, address = %node.address, %bound, registry = registry.kind(), "registered");
         let health_names: Vec<&str> = std::iter::once("").chain(self.grpc_services.iter().copied()).collect();
