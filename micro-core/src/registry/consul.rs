@@ -406,22 +406,23 @@ const GRPC_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 /// How long one gRPC health check may take.
 const GRPC_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// The checks of a registration: the TTL check the heartbeat keeps passing, and Consul's
-/// native gRPC check of the instance's `grpc.health.v1` service (over TLS, not verifying the
-/// certificate, when the instance's `tls` label says it serves TLS). Both start passing.
+/// The checks of a registration: the TTL check the heartbeat keeps passing and, for an
+/// instance whose `health=grpc` label says it serves `grpc.health.v1` (every SDK server
+/// does), Consul's native gRPC check of it (over TLS, not verifying the certificate, when
+/// its `tls=1` label says it serves TLS). Both start passing.
 fn checks(node: &Node, ttl: Duration) -> Vec<Check> {
     let deregister_after = go_duration(ttl.saturating_mul(3).max(MIN_DEREGISTER_AFTER));
     let tls = node.metadata.get("tls").is_some_and(|v| v == "1");
-    vec![
-        Check {
-            check_id: check_id(&node.id),
-            name: "micro heartbeat".into(),
-            ttl: Some(go_duration(ttl)),
-            status: "passing",
-            deregister_critical_service_after: deregister_after.clone(),
-            ..Check::default()
-        },
-        Check {
+    let mut checks = vec![Check {
+        check_id: check_id(&node.id),
+        name: "micro heartbeat".into(),
+        ttl: Some(go_duration(ttl)),
+        status: "passing",
+        deregister_critical_service_after: deregister_after.clone(),
+        ..Check::default()
+    }];
+    if node.metadata.get("health").is_some_and(|v| v == "grpc") {
+        checks.push(Check {
             check_id: format!("{}:grpc", check_id(&node.id)),
             name: "grpc.health.v1".into(),
             grpc: Some(node.address.to_string()),
@@ -432,8 +433,9 @@ fn checks(node: &Node, ttl: Duration) -> Vec<Check> {
             status: "passing",
             deregister_critical_service_after: deregister_after,
             ..Check::default()
-        },
-    ]
+        });
+    }
+    checks
 }
 
 /// One element of /v1/health/service/<name>; fields not read are skipped.
@@ -743,6 +745,9 @@ mod tests {
     #[test]
     fn registration_has_a_ttl_and_a_grpc_check_over_tls_when_the_instance_serves_tls() {
         let mut node = Node::new("svc", "10.0.0.5:50051".parse().unwrap());
+        let bare = serde_json::to_value(checks(&node, Duration::from_secs(30))).unwrap();
+        assert_eq!(bare.as_array().unwrap().len(), 1, "no health service announced, no gRPC check: {bare}");
+        node.metadata.insert("health".into(), "grpc".into());
         let plain = serde_json::to_value(checks(&node, Duration::from_secs(30))).unwrap();
         assert_eq!(plain[0]["TTL"], "30000ms");
         assert_eq!(plain[1]["GRPC"], "10.0.0.5:50051");

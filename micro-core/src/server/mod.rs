@@ -174,6 +174,8 @@ impl Server {
         let mut node = Node::new(&self.name, advertised);
         node.version = self.version;
         node.metadata = self.metadata;
+        // Every server serves grpc.health.v1; the label lets registries (Consul) check it.
+        node.metadata.insert("health".into(), "grpc".into());
         let serves_tls = self.tls.as_ref().or(self.config.tls.as_ref()).is_some_and(|t| t.identity.is_some());
         if serves_tls {
             // Lets peers and Consul's gRPC health check know to speak TLS.
