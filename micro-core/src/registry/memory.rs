@@ -8,11 +8,10 @@ use std::{
 };
 
 use async_trait::async_trait;
-use futures::{StreamExt, stream::BoxStream};
+use futures::stream::BoxStream;
 use tokio::{sync::broadcast, time::Instant};
-use tokio_stream::wrappers::{BroadcastStream, errors::BroadcastStreamRecvError};
 
-use super::{Change, Node, NodeId, Registry};
+use super::{Change, Node, NodeId, Published, Registry, watch_published};
 use crate::{Error, Result};
 
 /// How often expired registrations are swept out.
@@ -29,7 +28,7 @@ pub struct MemoryRegistry {
 
 struct Shared {
     services: Mutex<HashMap<String, HashMap<NodeId, Entry>>>,
-    changes: broadcast::Sender<(String, Change<NodeId, Node>)>,
+    changes: broadcast::Sender<Published>,
 }
 
 struct Entry {
@@ -146,36 +145,20 @@ impl Registry for MemoryRegistry {
     }
 
     fn watch(&self, name: &str) -> BoxStream<'static, Result<Change<NodeId, Node>>> {
-        let changes = BroadcastStream::new(self.shared.changes.subscribe());
-        let current: Vec<Result<Change<NodeId, Node>>> = {
+        // Subscribe before taking the snapshot, so no change falls between the two.
+        let changes = self.shared.changes.subscribe();
+        let current: Vec<Node> = {
             let services = self.shared.services.lock().expect("memory registry lock");
-            services
-                .get(name)
-                .into_iter()
-                .flat_map(|nodes| nodes.values())
-                .map(|entry| Ok(Change::Insert(entry.node.id.clone(), entry.node.clone())))
-                .collect()
+            services.get(name).into_iter().flat_map(|nodes| nodes.values()).map(|e| e.node.clone()).collect()
         };
-        let name = name.to_owned();
-        let live = changes.filter_map(move |event| {
-            let item = match event {
-                Ok((service, change)) if service == name => Some(Ok(change)),
-                Ok(_) => None,
-                Err(BroadcastStreamRecvError::Lagged(missed)) => Some(Err(Error::Registry {
-                    registry: "memory".into(),
-                    address: "this process".into(),
-                    message: format!("watch fell {missed} events behind; look up again"),
-                    source: None,
-                })),
-            };
-            futures::future::ready(item)
-        });
-        futures::stream::iter(current).chain(live).boxed()
+        watch_published(current, changes, name, self.kind(), self.address())
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use futures::StreamExt;
+
     use super::*;
 
     fn node(name: &str, port: u16) -> Node {

@@ -102,6 +102,38 @@ pub trait Registry: Send + Sync + 'static {
     fn watch(&self, name: &str) -> BoxStream<'static, Result<Change<NodeId, Node>>>;
 }
 
+/// The changes a broadcast-fed registry publishes: the service name and the change.
+pub(crate) type Published = (String, Change<NodeId, Node>);
+
+/// A watch of `name` for registries that keep their instances in memory and publish every
+/// change on a broadcast channel: an `Insert` for each of `current`, then every change of
+/// `name`; a watcher that falls behind gets an error telling it to look up again.
+pub(crate) fn watch_published(
+    current: Vec<Node>,
+    changes: tokio::sync::broadcast::Receiver<Published>,
+    name: &str,
+    registry: &'static str,
+    address: String,
+) -> BoxStream<'static, Result<Change<NodeId, Node>>> {
+    use futures::StreamExt;
+    use tokio_stream::wrappers::{BroadcastStream, errors::BroadcastStreamRecvError};
+    let name = name.to_owned();
+    let live = BroadcastStream::new(changes).filter_map(move |event| {
+        futures::future::ready(match event {
+            Ok((service, change)) if service == name => Some(Ok(change)),
+            Ok(_) => None,
+            Err(BroadcastStreamRecvError::Lagged(missed)) => Some(Err(Error::Registry {
+                registry: registry.into(),
+                address: address.clone(),
+                message: format!("watch fell {missed} events behind; look up again"),
+                source: None,
+            })),
+        })
+    });
+    let current = current.into_iter().map(|node| Ok(Change::Insert(node.id.clone(), node)));
+    futures::stream::iter(current).chain(live).boxed()
+}
+
 /// Checks a service name: 1 to [`MAX_SERVICE_NAME_LEN`] bytes of `a-z`, `0-9`, `-`, `.`, `_`,
 /// starting with a letter or digit.
 pub fn validate_service_name(name: &str) -> Result<()> {

@@ -13,12 +13,11 @@ use std::{
 };
 
 use async_trait::async_trait;
-use futures::{StreamExt, stream::BoxStream};
+use futures::stream::BoxStream;
 use mdns_sd::{IfKind, ResolvedService, ServiceDaemon, ServiceEvent, ServiceInfo, UnregisterStatus};
 use tokio::{sync::broadcast, time::Instant};
-use tokio_stream::wrappers::{BroadcastStream, errors::BroadcastStreamRecvError};
 
-use super::{Change, Node, NodeId, RESERVED_METADATA_KEYS, Registry};
+use super::{Change, Node, NodeId, Published, RESERVED_METADATA_KEYS, Registry, watch_published};
 use crate::{Error, Result};
 
 mod unicast;
@@ -47,7 +46,7 @@ pub struct MdnsRegistry {
 struct Shared {
     /// Resolved instances keyed by lower-case DNS-SD full name.
     nodes: Mutex<HashMap<String, Node>>,
-    changes: broadcast::Sender<(String, Change<NodeId, Node>)>,
+    changes: broadcast::Sender<Published>,
     /// What this process announced, so a heartbeat re-announces only on change.
     announced: Mutex<HashMap<NodeId, Node>>,
 }
@@ -286,23 +285,9 @@ impl Registry for MdnsRegistry {
     }
 
     fn watch(&self, name: &str) -> BoxStream<'static, Result<Change<NodeId, Node>>> {
-        let changes = BroadcastStream::new(self.shared.changes.subscribe());
-        let current: Vec<_> =
-            self.known(name).into_iter().map(|n| Ok(Change::Insert(n.id.clone(), n))).collect();
-        let name = name.to_owned();
-        let live = changes.filter_map(move |event| {
-            futures::future::ready(match event {
-                Ok((service, change)) if service == name => Some(Ok(change)),
-                Ok(_) => None,
-                Err(BroadcastStreamRecvError::Lagged(missed)) => Some(Err(Error::Registry {
-                    registry: "mdns".into(),
-                    address: MDNS_GROUP.into(),
-                    message: format!("watch fell {missed} events behind; look up again"),
-                    source: None,
-                })),
-            })
-        });
-        futures::stream::iter(current).chain(live).boxed()
+        // Subscribe before taking the snapshot, so no change falls between the two.
+        let changes = self.shared.changes.subscribe();
+        watch_published(self.known(name), changes, name, self.kind(), self.address())
     }
 }
 
