@@ -37,19 +37,12 @@ pub async fn wait_pickable(channel: &NamedChannel, count: usize) -> anyhow::Resu
 }
 
 fn require_private_netns() -> anyhow::Result<()> {
-    let interfaces: Vec<String> = std::fs::read_to_string("/proc/net/dev")
-        .unwrap_or_default()
-        .lines()
-        .skip(2)
-        .filter_map(|line| line.split(':').next().map(|n| n.trim().to_owned()))
-        .collect();
-    if std::env::var("MICRO_NETNS").as_deref() != Ok("1") || interfaces.iter().any(|n| n != "lo") {
-        bail!(
+    e2e::in_private_netns().map_err(|interfaces| {
+        anyhow::anyhow!(
             "micro-bench uses mDNS and must run in a private network namespace with only loopback \
              (found {interfaces:?}): run `make bench`, or `scripts/netns-run target/release/micro-bench`"
-        );
-    }
-    Ok(())
+        )
+    })
 }
 
 const EXPLANATIONS: &str = include_str!("../EXPLAINED.md");

@@ -18,6 +18,17 @@ use std::sync::atomic::{AtomicU32, Ordering};
 /// Fails the calling test unless it runs inside the private namespace that
 /// `scripts/netns-run` makes (only `lo`), so multicast never leaves the machine.
 pub fn require_private_netns() {
+    if let Err(interfaces) = in_private_netns() {
+        panic!(
+            "this test uses multicast and must run in a private network namespace with only loopback \
+             (found interfaces {interfaces:?}); run it through `make test`, or `scripts/netns-run cargo test`"
+        );
+    }
+}
+
+/// Whether this process runs inside `scripts/netns-run`'s namespace (only `lo`); when not,
+/// the interfaces it sees.
+pub fn in_private_netns() -> Result<(), Vec<String>> {
     // /proc/net/dev lists the interfaces of this process's own network namespace.
     let interfaces: Vec<String> = std::fs::read_to_string("/proc/net/dev")
         .unwrap_or_default()
@@ -26,11 +37,10 @@ pub fn require_private_netns() {
         .filter_map(|line| line.split(':').next().map(|name| name.trim().to_owned()))
         .collect();
     let only_loopback = interfaces.iter().all(|name| name == "lo");
-    assert!(
-        only_loopback && std::env::var("MICRO_NETNS").as_deref() == Ok("1"),
-        "this test uses multicast and must run in a private network namespace with only loopback \
-         (found interfaces {interfaces:?}); run it through `make test`, or `scripts/netns-run cargo test`"
-    );
+    match only_loopback && std::env::var("MICRO_NETNS").as_deref() == Ok("1") {
+        true => Ok(()),
+        false => Err(interfaces),
+    }
 }
 
 /// `prefix` with a suffix unique to this process and call, so parallel tests never share a
