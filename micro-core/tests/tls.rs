@@ -4,7 +4,7 @@
 use std::{sync::Arc, time::Duration};
 
 use micro_core::{
-    Client, Server,
+    Client, RunningServer, Server,
     client::ClientConfig,
     config::{ServerConfig, TlsConfig},
     registry::MemoryRegistry,
@@ -65,20 +65,25 @@ fn client_with(registry: &MemoryRegistry, tls: Option<TlsConfig>) -> Client {
     Client::new(Arc::new(registry.clone())).config(config)
 }
 
-#[tokio::test]
-async fn plaintext_is_refused_and_a_client_trusting_the_ca_is_served() {
-    let authority = Authority::new();
-    let registry = MemoryRegistry::new();
-    let tls = TlsConfig { identity: Some(authority.identity("vessel-tls")), ca: Some(authority.ca_pem()) };
+/// The fleet, registered as `vessel-tls`, serving TLS with `tls`.
+async fn start_tls_server(registry: &MemoryRegistry, tls: TlsConfig) -> RunningServer {
     let config =
         ServerConfig { address: "127.0.0.1:0".parse().unwrap(), tls: Some(tls), ..ServerConfig::default() };
-    let server = Server::builder("vessel-tls")
+    Server::builder("vessel-tls")
         .config(config)
         .registry(Arc::new(registry.clone()))
         .add_service(VesselServiceServer::new(Fleet))
         .start()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+#[tokio::test]
+async fn plaintext_is_refused_and_a_client_trusting_the_ca_is_served() {
+    let authority = Authority::new();
+    let registry = MemoryRegistry::new();
+    let tls = TlsConfig { identity: Some(authority.identity("vessel-tls")), ca: Some(authority.ca_pem()) };
+    let server = start_tls_server(&registry, tls).await;
 
     let plaintext = client_with(&registry, None);
     let refused = call(&plaintext, "vessel-tls").await.unwrap_err();
@@ -107,15 +112,7 @@ async fn a_certificate_for_another_service_is_refused() {
     let registry = MemoryRegistry::new();
     // The server presents a certificate for a different service name than it registers.
     let tls = TlsConfig { identity: Some(authority.identity("impostor")), ca: None };
-    let config =
-        ServerConfig { address: "127.0.0.1:0".parse().unwrap(), tls: Some(tls), ..ServerConfig::default() };
-    let server = Server::builder("vessel-tls")
-        .config(config)
-        .registry(Arc::new(registry.clone()))
-        .add_service(VesselServiceServer::new(Fleet))
-        .start()
-        .await
-        .unwrap();
+    let server = start_tls_server(&registry, tls).await;
     let client = client_with(&registry, Some(TlsConfig { identity: None, ca: Some(authority.ca_pem()) }));
     let refused = call(&client, "vessel-tls").await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
