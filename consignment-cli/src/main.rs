@@ -1,7 +1,7 @@
 //! consignment-cli: reads a consignment from a JSON file, asks `consignment-service` (found
 //! by name through the registry) to store it, prints the result and every stored consignment.
 
-use std::{path::PathBuf, process::ExitCode, time::Duration};
+use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::{Context, anyhow};
 use clap::{Parser, ValueEnum};
@@ -14,8 +14,6 @@ use micro_core::{
 };
 use proto::consignment::{Consignment, GetRequest, shipping_service_client::ShippingServiceClient};
 
-/// Default time each call may take, in milliseconds.
-const DEFAULT_TIMEOUT_MS: u64 = 10_000;
 /// The longest request id consignment-service accepts, in bytes.
 const MAX_REQUEST_ID_BYTES: usize = 128;
 /// Set to `true` by consignment-service on a reply that an earlier call with the same
@@ -32,9 +30,6 @@ struct Cli {
     /// Name under which consignment-service is registered.
     #[arg(long, env = "CONSIGNMENT_SERVICE", default_value = "consignment-service")]
     consignment_service: String,
-    /// How long each call may take, in milliseconds.
-    #[arg(long, env = "CONSIGNMENT_CLI_TIMEOUT", default_value_t = DEFAULT_TIMEOUT_MS)]
-    timeout: u64,
     /// How to print the result.
     #[arg(long, value_enum, default_value_t = Output::Text)]
     output: Output,
@@ -108,27 +103,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .tls(cli.tls.load()?)
         .idempotent_methods(proto::IDEMPOTENT_METHODS);
     let mut shipping = ShippingServiceClient::new(client.channel(&cli.consignment_service));
-    let timeout = Duration::from_millis(cli.timeout);
 
     // The SDK client resends a call that carries the key when an instance fails; the
     // service stores it once.
+    // Each call's deadline is the client's (`MICRO_CLIENT_REQUEST_TIMEOUT`), retries included.
     let mut request = tonic::Request::new(consignment);
-    request.set_timeout(timeout);
     request.metadata_mut().insert(IDEMPOTENCY_KEY_HEADER, request_id.parse().context("request id")?);
-    let reply = within_response(timeout, "CreateConsignment", shipping.create_consignment(request))
-        .await
-        .map_err(|err| {
-            anyhow!("{err:#} (request id {request_id}: re-run with --request-id {request_id} to retry without storing twice)")
-        })?;
+    let reply = shipping.create_consignment(request).await.map_err(|status| {
+        let err = failed("CreateConsignment", status);
+        anyhow!("{err:#} (request id {request_id}: re-run with --request-id {request_id} to retry without storing twice)")
+    })?;
     let replayed = reply.metadata().get(IDEMPOTENT_REPLAYED_HEADER).is_some_and(|v| v == "true");
     let created = reply
         .into_inner()
         .consignment
         .ok_or_else(|| anyhow!("CreateConsignment answered without the consignment"))?;
 
-    let mut request = tonic::Request::new(GetRequest {});
-    request.set_timeout(timeout);
-    let stored = within(timeout, "GetConsignments", shipping.get_consignments(request)).await?.consignments;
+    let stored = shipping
+        .get_consignments(GetRequest {})
+        .await
+        .map_err(|status| failed("GetConsignments", status))?
+        .into_inner()
+        .consignments;
 
     match cli.output {
         Output::Json => {
@@ -170,24 +166,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn within<T>(
-    timeout: Duration,
-    method: &str,
-    call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
-) -> anyhow::Result<T> {
-    within_response(timeout, method, call).await.map(tonic::Response::into_inner)
-}
-
-async fn within_response<T>(
-    timeout: Duration,
-    method: &str,
-    call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
-) -> anyhow::Result<tonic::Response<T>> {
-    match tokio::time::timeout(timeout, call).await {
-        Ok(Ok(reply)) => Ok(reply),
-        Ok(Err(status)) => {
-            Err(anyhow!("{method} failed: {}: {}", code_name(status.code()), status.message()))
-        }
-        Err(_) => Err(anyhow!("{method} failed: DEADLINE_EXCEEDED: no answer within {timeout:?}")),
-    }
+/// One line saying which call failed, with its status code and message.
+fn failed(method: &str, status: tonic::Status) -> anyhow::Error {
+    anyhow!("{method} failed: {}: {}", code_name(status.code()), status.message())
 }

@@ -24,7 +24,7 @@ pub async fn run_cli(consignment_name: &str, file: &Path, args: &[&str], env: &[
         .arg(file)
         .args(args)
         .env("CONSIGNMENT_SERVICE", consignment_name)
-        .env("CONSIGNMENT_CLI_TIMEOUT", "8000")
+        .env("MICRO_CLIENT_REQUEST_TIMEOUT", "8000")
         .envs(env.iter().copied())
         .kill_on_drop(true)
         .output();
