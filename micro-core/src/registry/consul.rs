@@ -296,7 +296,6 @@ impl Agent {
     }
 
     /// PUT /v1/agent/check/pass/<check id>.
-
     async fn pass(&self, node_id: &str) -> Result<(), Failure> {
         let check = check_id(node_id);
         let request = self.request(Method::PUT, &["v1", "agent", "check", "pass", &check], false);
