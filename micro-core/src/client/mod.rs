@@ -60,6 +60,8 @@ use crate::{
 
 /// The request header that makes any call safe to retry: the server deduplicates by it.
 pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
+/// The request header that carries a call's deadline to the server.
+const GRPC_TIMEOUT_HEADER: http::HeaderName = http::HeaderName::from_static("grpc-timeout");
 /// Pause before a watch that ended is started again.
 const REWATCH_DELAY: Duration = Duration::from_millis(500);
 /// The longest ejection.
@@ -405,8 +407,10 @@ impl Shared {
         let method = parts.uri.path();
         let idempotent =
             self.idempotent.contains(method) || parts.headers.contains_key(IDEMPOTENCY_KEY_HEADER);
-        let replay = Replay::new(body);
+        let replay = Replay::new(body).await;
         self.budget.deposit();
+        // The slot each attempt overwrites, so the attempts' copies of the headers never grow.
+        parts.headers.insert(GRPC_TIMEOUT_HEADER, grpc_timeout(timeout));
 
         let mut tried: Vec<NodeId> = Vec::new();
         // What the last failed attempt ended with: when a retry then runs out of time, that
@@ -420,7 +424,7 @@ impl Shared {
             let remaining = deadline.saturating_duration_since(Instant::now());
             let (attempt_body, polled) = replay.attempt();
             let mut request = http::Request::from_parts(parts.clone(), attempt_body);
-            request.headers_mut().insert("grpc-timeout", grpc_timeout(remaining));
+            request.headers_mut().insert(GRPC_TIMEOUT_HEADER, grpc_timeout(remaining));
 
             let failure = match self.attempt(&pick, request, &polled).await {
                 Ok(response) => return Ok(response),
@@ -599,7 +603,7 @@ fn chain_has_io(err: &(dyn std::error::Error + 'static), kind: impl Fn(std::io::
 
 /// The deadline the caller put on the request as `grpc-timeout`, if any.
 fn requested_timeout(request: &http::Request<Body>) -> Option<Duration> {
-    let value = request.headers().get("grpc-timeout")?.to_str().ok()?;
+    let value = request.headers().get(GRPC_TIMEOUT_HEADER)?.to_str().ok()?;
     let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
     let amount: u64 = digits.parse().ok()?;
     Some(match unit {
@@ -613,15 +617,23 @@ fn requested_timeout(request: &http::Request<Body>) -> Option<Duration> {
     })
 }
 
-/// `remaining` in gRPC's `grpc-timeout` form: at most 8 digits and a unit.
+/// `remaining` in gRPC's `grpc-timeout` form: at most 8 digits and a unit. Calls made under
+/// the same deadline mostly send the same value, so each thread keeps the last one made.
 fn grpc_timeout(remaining: Duration) -> HeaderValue {
-    let millis = remaining.as_millis();
-    let text = if millis < 100_000_000 {
-        format!("{}m", millis.max(1))
-    } else {
-        format!("{}S", remaining.as_secs())
-    };
-    HeaderValue::from_str(&text).expect("digits and a unit")
+    thread_local! {
+        static LAST: std::cell::RefCell<Option<(u128, HeaderValue)>> = const { std::cell::RefCell::new(None) };
+    }
+    let millis = remaining.as_millis().max(1);
+    LAST.with_borrow_mut(|last| match last {
+        Some((cached, value)) if *cached == millis => value.clone(),
+        _ => {
+            let text =
+                if millis < 100_000_000 { format!("{millis}m") } else { format!("{}S", remaining.as_secs()) };
+            let value = HeaderValue::from_str(&text).expect("digits and a unit");
+            *last = Some((millis, value.clone()));
+            value
+        }
+    })
 }
 
 impl Service<http::Request<Body>> for NamedChannel {
