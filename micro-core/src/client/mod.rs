@@ -64,6 +64,11 @@ pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
 const GRPC_TIMEOUT_HEADER: http::HeaderName = http::HeaderName::from_static("grpc-timeout");
 /// Pause before a watch that ended is started again.
 const REWATCH_DELAY: Duration = Duration::from_millis(500);
+/// While a channel lives, a timer of its runtime is always due within this period. Each
+/// call's deadline is a timer (tonic's, from `grpc-timeout`), and tokio wakes its parked
+/// time driver (a syscall and a thread wake-up) whenever a new timer is due before every
+/// other; with this one pending, a deadline longer than the period never is.
+const TIMER_ANCHOR_PERIOD: Duration = Duration::from_secs(1);
 /// The longest ejection.
 const MAX_EJECT_TIME: Duration = Duration::from_secs(30);
 
@@ -617,23 +622,15 @@ fn requested_timeout(request: &http::Request<Body>) -> Option<Duration> {
     })
 }
 
-/// `remaining` in gRPC's `grpc-timeout` form: at most 8 digits and a unit. Calls made under
-/// the same deadline mostly send the same value, so each thread keeps the last one made.
+/// `remaining` in gRPC's `grpc-timeout` form: at most 8 digits and a unit.
 fn grpc_timeout(remaining: Duration) -> HeaderValue {
-    thread_local! {
-        static LAST: std::cell::RefCell<Option<(u128, HeaderValue)>> = const { std::cell::RefCell::new(None) };
-    }
-    let millis = remaining.as_millis().max(1);
-    LAST.with_borrow_mut(|last| match last {
-        Some((cached, value)) if *cached == millis => value.clone(),
-        _ => {
-            let text =
-                if millis < 100_000_000 { format!("{millis}m") } else { format!("{}S", remaining.as_secs()) };
-            let value = HeaderValue::from_str(&text).expect("digits and a unit");
-            *last = Some((millis, value.clone()));
-            value
-        }
-    })
+    let millis = remaining.as_millis();
+    let text = if millis < 100_000_000 {
+        format!("{}m", millis.max(1))
+    } else {
+        format!("{}S", remaining.as_secs())
+    };
+    HeaderValue::from_str(&text).expect("digits and a unit")
 }
 
 impl Service<http::Request<Body>> for NamedChannel {
@@ -661,6 +658,8 @@ async fn follow_registry(channel: Weak<Shared>, registry: Arc<dyn Registry>) {
     let mut known: HashMap<NodeId, Node> = HashMap::new();
     let mut refresh = tokio::time::interval(refresh_interval);
     refresh.tick().await;
+    let mut anchor = tokio::time::interval(TIMER_ANCHOR_PERIOD);
+    anchor.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         let mut changes = registry.watch(&name);
         loop {
@@ -682,6 +681,7 @@ async fn follow_registry(channel: Weak<Shared>, registry: Arc<dyn Registry>) {
                     None => break,
                 },
                 _ = refresh.tick() => refresh_from(&*registry, &name, &mut known).await,
+                _ = anchor.tick() => false,
             };
             if changed {
                 let Some(shared) = channel.upgrade() else { return };
