@@ -212,6 +212,7 @@ fn emit_trials(prefix: &str, sdk: &[Trial], baseline: &[Trial], baseline_is: &st
     );
 }
 
+/// Figure 3 for mDNS: a service's registration to another process's first call.
 pub async fn run_mdns(registry: Arc<dyn Registry>) -> anyhow::Result<()> {
     let client = Client::new(registry)
         .idempotent_methods(proto::IDEMPOTENT_METHODS)
@@ -239,6 +240,7 @@ pub async fn run_mdns(registry: Arc<dyn Registry>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Figure 3 for Consul, against an agent it starts.
 pub async fn run_consul() -> anyhow::Result<()> {
     let agent = match tokio::task::spawn_blocking(|| {
         std::panic::catch_unwind(e2e::consul::ConsulAgent::start).map_err(|panic| {

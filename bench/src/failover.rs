@@ -104,6 +104,7 @@ async fn round(registry: &Arc<dyn Registry>, sdk: bool, tag: &str) -> anyhow::Re
     Ok(analyse(&outcomes, started, killed))
 }
 
+/// Figure 4: calls failed and time to recover after a SIGKILL under load.
 pub async fn run(registry: Arc<dyn Registry>) -> anyhow::Result<()> {
     let (mut s, mut b) = (Vec::new(), Vec::new());
     for r in 0..ROUNDS {

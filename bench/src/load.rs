@@ -15,6 +15,7 @@ pub fn spec() -> Specification {
 
 /// Something that can make one FindAvailable call.
 pub trait Caller: Clone + Send + 'static {
+    /// One FindAvailable call.
     fn call(&mut self) -> impl Future<Output = Result<(), Status>> + Send;
 }
 
@@ -70,12 +71,16 @@ pub async fn sequential<C: Caller>(caller: &mut C, n: usize) -> anyhow::Result<V
 
 /// What [`concurrent`] saw.
 pub struct Run {
+    /// Calls that succeeded.
     pub ok: u64,
+    /// Calls that failed.
     pub failed: u64,
+    /// How long the run took.
     pub seconds: f64,
 }
 
 impl Run {
+    /// Successful calls per second.
     pub fn per_second(&self) -> f64 {
         self.ok as f64 / self.seconds
     }
@@ -112,7 +117,9 @@ pub async fn concurrent<C: Caller>(caller: &C, callers: usize, length: Duration)
 
 /// One call's outcome, for the failover timeline.
 pub struct Outcome {
+    /// When the call ended.
     pub at: Instant,
+    /// Whether it succeeded.
     pub ok: bool,
 }
 

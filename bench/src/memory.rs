@@ -41,6 +41,7 @@ async fn loaded(service: &Service, address: std::net::SocketAddr) -> anyhow::Res
     Ok((mb(highest), run.per_second()))
 }
 
+/// Figure 5: the RSS of an idle vessel-service and under load.
 pub async fn run() -> anyhow::Result<()> {
     let (mut idle, mut busy, mut rate) = ((vec![], vec![]), (vec![], vec![]), (vec![], vec![]));
     for r in 0..ROUNDS {

@@ -28,6 +28,21 @@ pub fn kill_all_children() {
     }
 }
 
+/// Past `limit`, kills every child and exits with status 3, whatever the run is doing.
+pub fn start_watchdog(program: &'static str, limit: Duration) {
+    std::thread::spawn(move || {
+        std::thread::sleep(limit);
+        eprintln!("{program}: over its {limit:?} limit; stopping");
+        kill_all_children();
+        std::process::exit(3);
+    });
+}
+
+/// Lists a child for the watchdog.
+pub fn track(pid: u32) {
+    CHILDREN.lock().expect("children lock").push(pid);
+}
+
 /// A release binary next to this one (`cargo build --release` puts them together).
 pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe().context("where is micro-bench")?;
@@ -49,6 +64,7 @@ pub type Ready = Option<(Instant, SocketAddr)>;
 pub struct Service {
     child: Child,
     pid: u32,
+    /// When it was started.
     pub spawned: Instant,
     ready: watch::Receiver<Ready>,
     log: Arc<Mutex<Vec<String>>>,

@@ -6,9 +6,13 @@ use std::{fmt::Write as _, sync::Mutex};
 /// One measured figure: the SDK's value and the baseline's, measured in the same run.
 #[derive(Debug, Clone)]
 pub struct Figure {
+    /// The figure's name, as scripts read it.
     pub name: String,
+    /// The SDK's value.
     pub sdk: f64,
+    /// The baseline's value.
     pub baseline: f64,
+    /// The unit of both values.
     pub unit: &'static str,
     /// What the baseline is, for the results table.
     pub baseline_is: String,
@@ -17,15 +21,18 @@ pub struct Figure {
 }
 
 impl Figure {
+    /// A figure with no target yet.
     pub fn new(name: impl Into<String>, sdk: f64, baseline: f64, unit: &'static str) -> Self {
         Figure { name: name.into(), sdk, baseline, unit, baseline_is: String::new(), target: None }
     }
 
+    /// Says what the baseline is.
     pub fn baseline_is(mut self, what: impl Into<String>) -> Self {
         self.baseline_is = what.into();
         self
     }
 
+    /// The target in words and whether it was met.
     pub fn target(mut self, what: impl Into<String>, met: bool) -> Self {
         self.target = Some((what.into(), met));
         self
@@ -36,6 +43,7 @@ impl Figure {
         (self.baseline != 0.0).then(|| self.sdk / self.baseline)
     }
 
+    /// The `figure NAME sdk=V baseline=V ratio=V unit=U` line.
     pub fn line(&self) -> String {
         let ratio = self.ratio().map_or("n/a".to_owned(), |r| format!("{r:.3}"));
         format!(
@@ -77,6 +85,7 @@ pub fn note(text: impl Into<String>) {
     NOTES.lock().expect("notes lock").push(text);
 }
 
+/// Every figure emitted so far.
 pub fn figures() -> Vec<Figure> {
     FIGURES.lock().expect("figures lock").clone()
 }

@@ -96,6 +96,7 @@ async fn paired<A: Caller, B: Caller>(sdk: &mut A, raw: &mut B) -> anyhow::Resul
     Ok((quantile(&s, 0.5), quantile(&b, 0.5)))
 }
 
+/// Figure 2: the cost of a cached pick, from 1 to 1,000 instances.
 pub async fn run() -> anyhow::Result<()> {
     eprintln!("[2/5 resolve] strategies over 1..1000 instances");
     for kind in [StrategyKind::RoundRobin, StrategyKind::Random, StrategyKind::P2c] {

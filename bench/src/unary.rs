@@ -8,7 +8,7 @@ use proto::vessel::vessel_service_client::VesselServiceClient;
 
 use crate::{
     load::{Caller, WithSdkHeaders, concurrent, raw_channel, sequential},
-    procs::Service,
+    procs::{self, Service},
     report::{Figure, emit, median, quantile},
     wait_pickable,
 };
@@ -40,6 +40,7 @@ async fn round<C: Caller>(caller: &mut C, side: &mut Side) -> anyhow::Result<()>
     Ok(())
 }
 
+/// Figure 1: latency and throughput of the SDK's client against raw tonic.
 pub async fn run(registry: Arc<dyn Registry>) -> anyhow::Result<()> {
     let name = format!("vessel-bench-unary-{}", std::process::id());
     let mut server = Service::start("vessel-service", &[("MICRO_SERVER_NAME", &name)])?;
@@ -98,4 +99,48 @@ pub async fn run(registry: Arc<dyn Registry>) -> anyhow::Result<()> {
         .baseline_is(headers_is),
     );
     Ok(())
+}
+
+/// Figure 1 again in `unary-mimalloc`, a child process that allocates with mimalloc (the
+/// server keeps glibc's malloc); its figures come back here as `diag_mimalloc_*`. At 64
+/// callers the calling process's allocator weighs on the ratio: glibc's malloc contends
+/// between the worker threads, and the SDK allocates a few blocks per call more than raw
+/// tonic does.
+pub async fn run_under_mimalloc() -> anyhow::Result<()> {
+    eprintln!("[1/5 unary] again in unary-mimalloc");
+    let child = tokio::process::Command::new(procs::binary("unary-mimalloc")?)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    if let Some(pid) = child.id() {
+        procs::track(pid);
+    }
+    let output = child.wait_with_output().await?;
+    anyhow::ensure!(output.status.success(), "unary-mimalloc failed: {}", output.status);
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        let Some((name, sdk, baseline, unit)) = parse_figure(line) else { continue };
+        if name.starts_with("diag_") {
+            continue;
+        }
+        let baseline_is = "raw tonic Channel; the calling process allocates with mimalloc";
+        emit(Figure::new(format!("diag_mimalloc_{name}"), sdk, baseline, unit).baseline_is(baseline_is));
+    }
+    Ok(())
+}
+
+/// NAME, sdk, baseline and unit of a `figure NAME sdk=V baseline=V ratio=V unit=U` line.
+fn parse_figure(line: &str) -> Option<(&str, f64, f64, &'static str)> {
+    let mut words = line.strip_prefix("figure ")?.split(' ');
+    let name = words.next()?;
+    let mut value = |key: &str| words.next()?.strip_prefix(key);
+    let sdk = value("sdk=")?.parse().ok()?;
+    let baseline = value("baseline=")?.parse().ok()?;
+    value("ratio=")?;
+    let unit = match value("unit=")? {
+        "us" => "us",
+        "calls/s" => "calls/s",
+        _ => return None,
+    };
+    Some((name, sdk, baseline, unit))
 }
