@@ -29,6 +29,8 @@ pub struct ConsulAgent {
     binary: PathBuf,
     ports: Ports,
     log: PathBuf,
+    /// With ACLs on (default policy deny), the management token.
+    acl_master_token: Option<String>,
     child: Option<Child>,
 }
 
@@ -46,11 +48,21 @@ impl ConsulAgent {
     /// # Panics
     /// When no `consul` binary is found, or the agent does not become leader in time.
     pub fn start() -> ConsulAgent {
+        Self::start_with(None)
+    }
+
+    /// Like [`ConsulAgent::start`], with ACLs enabled, the default policy `deny`, and
+    /// `master_token` as the management token: a request without a token may do nothing.
+    pub fn start_with_acls(master_token: &str) -> ConsulAgent {
+        Self::start_with(Some(master_token.to_owned()))
+    }
+
+    fn start_with(acl_master_token: Option<String>) -> ConsulAgent {
         let binary = find_binary();
         let ports = free_ports();
         let log =
             std::env::temp_dir().join(format!("micro-consul-{}-{}.log", std::process::id(), ports.http));
-        let mut agent = ConsulAgent { binary, ports, log, child: None };
+        let mut agent = ConsulAgent { binary, ports, log, acl_master_token, child: None };
         agent.spawn();
         agent
     }
@@ -95,6 +107,13 @@ impl ConsulAgent {
                 &port(self.ports.serf_wan),
             ])
             .args(["-server-port", &port(self.ports.server)])
+            .args(self.acl_master_token.iter().flat_map(|token| {
+                // Consul 1.8 names the management token `master`.
+                let acl = format!(
+                    r#"acl {{ enabled = true, default_policy = "deny", tokens {{ master = "{token}", agent = "{token}" }} }}"#
+                );
+                ["-hcl".to_owned(), acl]
+            }))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone the log file"))
             .stderr(log)

@@ -1,5 +1,5 @@
 //! The Consul backend against a real `consul agent -dev`: what lands in Consul, TTL expiry,
-//! an agent restart, an agent that is not there, and retrying at start.
+//! an agent restart, an agent that is not there, retrying at start, and ACL tokens.
 //!
 //! Run with `scripts/install-consul && scripts/netns-run cargo test -p micro-core`.
 
@@ -281,4 +281,32 @@ async fn consul_runs_its_native_grpc_check_against_the_health_service() {
     };
     assert_eq!(grpc_check["Status"], "passing", "{grpc_check}");
     server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_acls_the_token_is_sent_and_a_missing_one_is_named_in_the_error() {
+    const TOKEN: &str = "3f1c0c1e-micro-test-management";
+    let agent = ConsulAgent::start_with_acls(TOKEN);
+    let builder =
+        || ConsulRegistry::builder().address(agent.http_address()).lookup_timeout(Duration::from_millis(300));
+
+    let anonymous = builder().build().expect("valid address");
+    let refused = anonymous.register(&node("acl-svc", 4101), Duration::from_secs(30)).await.unwrap_err();
+    let message = refused.to_string();
+    for expected in ["consul", &agent.http_address(), "CONSUL_HTTP_TOKEN"] {
+        assert!(message.contains(expected), "{message:?} should name {expected:?}");
+    }
+
+    let trusted = builder().token(Some(TOKEN.into())).build().expect("valid address");
+    trusted
+        .register(&node("acl-svc", 4102), Duration::from_secs(30))
+        .await
+        .expect("registered with the token");
+    wait_for_count(&trusted, "acl-svc", 1).await;
+    let found = trusted.lookup("acl-svc").await.expect("lookup with the token");
+    assert_eq!(found[0].address.port(), 4102);
+    assert!(
+        anonymous.lookup("acl-svc").await.map_or(true, |nodes| nodes.is_empty()),
+        "without a token the deny policy hides the instance"
+    );
 }
