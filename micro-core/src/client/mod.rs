@@ -414,8 +414,6 @@ impl Shared {
             self.idempotent.contains(method) || parts.headers.contains_key(IDEMPOTENCY_KEY_HEADER);
         let replay = Replay::new(body).await;
         self.budget.deposit();
-        // The slot each attempt overwrites, so the attempts' copies of the headers never grow.
-        parts.headers.insert(GRPC_TIMEOUT_HEADER, grpc_timeout(timeout));
 
         let mut tried: Vec<NodeId> = Vec::new();
         // What the last failed attempt ended with: when a retry then runs out of time, that
