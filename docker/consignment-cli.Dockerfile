@@ -16,7 +16,7 @@ RUN --mount=type=cache,id=shippy-cargo-registry,target=/usr/local/cargo/registry
     --mount=type=cache,id=shippy-cargo-git,target=/usr/local/cargo/git,sharing=locked \
     --mount=type=cache,id=shippy-target,target=/src/target,sharing=locked \
     cargo build --release --locked -p consignment-cli --bin consignment-cli \
-    && cargo build --release --locked -p micro-core --bin micro \
+    && cargo build --release --locked -p micro-cli --bin micro \
     && install -D target/release/consignment-cli /out/consignment-cli \
     && install -D target/release/micro /out/micro
 

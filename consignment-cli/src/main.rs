@@ -7,10 +7,10 @@ use anyhow::{Context, anyhow};
 use clap::{Parser, ValueEnum};
 use micro_core::{
     Client,
+    cli::{ClientArgs, LogArgs, RegistryArgs, TlsArgs},
     client::IDEMPOTENCY_KEY_HEADER,
-    config::{ClientArgs, ClientConfig, RegistryArgs, RegistryConfig, TlsArgs},
+    config::{ClientConfig, RegistryConfig},
     metrics::code_name,
-    telemetry::LogArgs,
 };
 use proto::consignment::{Consignment, GetRequest, shipping_service_client::ShippingServiceClient};
 
@@ -99,7 +99,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let registry_config = RegistryConfig::from(cli.registry);
     let registry = registry_config.connect().await.context("cannot open the registry")?;
     let client = Client::new(registry)
-        .config(ClientConfig::from_args(cli.client, registry_config.lookup_timeout))
+        .config(ClientConfig::from_args(cli.client, registry_config.lookup_timeout)?)
         .tls(cli.tls.load()?)
         .idempotent_methods(proto::IDEMPOTENT_METHODS);
     let mut shipping = ShippingServiceClient::new(client.channel(&cli.consignment_service));

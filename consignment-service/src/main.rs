@@ -10,8 +10,8 @@ use consignment_service::{
 };
 use micro_core::{
     Client, Server,
-    config::{ClientArgs, ClientConfig, RegistryArgs, RegistryConfig, ServerArgs, TlsArgs},
-    telemetry::LogArgs,
+    cli::{ClientArgs, LogArgs, RegistryArgs, ServerArgs, TlsArgs},
+    config::{ClientConfig, RegistryConfig},
 };
 
 /// Stores consignments once a vessel that can carry them is found.
@@ -56,7 +56,7 @@ async fn main() -> anyhow::Result<()> {
     let registry = registry_config.connect().await.context("cannot open the registry")?;
     let tls = cli.tls.load()?;
     let client = Client::new(registry.clone())
-        .config(ClientConfig::from_args(cli.client, registry_config.lookup_timeout))
+        .config(ClientConfig::from_args(cli.client, registry_config.lookup_timeout)?)
         .tls(tls.clone())
         .idempotent_methods(proto::IDEMPOTENT_METHODS);
     let handler = ShippingHandler::new(

@@ -22,7 +22,7 @@ pub fn binary(name: &str) -> PathBuf {
         return path.clone();
     }
     let package = match name {
-        "micro" => "micro-core",
+        "micro" => "micro-cli",
         "fault-server" => "e2e",
         package => package,
     };
@@ -48,11 +48,17 @@ impl Process {
     /// Starts the workspace binary `name` with `args` and extra environment `env`, on
     /// loopback (`MICRO_SERVER_ADDRESS=127.0.0.1:0` unless `env` says otherwise).
     pub fn start(name: &str, args: &[&str], env: &[(&str, &str)]) -> Process {
+        Process::spawn(name, Command::new(binary(name)), args, env)
+    }
+
+    /// Starts `command` (a program and any leading arguments, e.g. `nsenter -t PID -n
+    /// BINARY` as [`crate::hosts::Host::start`] builds it) with `args` and `env` as
+    /// [`Process::start`] does; `name` labels its log.
+    pub fn spawn(name: &str, mut command: Command, args: &[&str], env: &[(&str, &str)]) -> Process {
         let logs = workspace_root().join("target").join("e2e-logs");
         std::fs::create_dir_all(&logs).expect("log folder");
         let log = logs.join(format!("{}.log", crate::unique_name(name)));
         let file = std::fs::File::create(&log).expect("log file");
-        let mut command = Command::new(binary(name));
         command
             .args(args)
             .env("MICRO_SERVER_ADDRESS", "127.0.0.1:0")

@@ -19,7 +19,7 @@ use e2e::{
     unique_name,
 };
 use micro_core::{
-    Client, NamedChannel, Registry, client::ClientConfig, registry::MdnsRegistry, selector::Filter,
+    Client, NamedChannel, Registry, config::ClientConfig, registry::MdnsRegistry, selector::Filter,
 };
 use proto::{
     consignment::{Consignment, Container, GetRequest, shipping_service_client::ShippingServiceClient},

@@ -10,8 +10,8 @@
 //! | which instance gets a call | [`selector`] |
 //! | calling a name | [`client`] |
 //! | serving under a name | [`server`] |
-//! | flags and environment | [`config`] |
-//! | log set-up for binaries | [`telemetry`] |
+//! | settings as plain values | [`config`] |
+//! | flags and environment, log set-up for binaries (feature `cli`) | `cli` |
 //!
 //! # Examples
 //! ```no_run
@@ -22,6 +22,8 @@
 //! # Ok(()) }
 //! ```
 
+#[cfg(feature = "cli")]
+pub mod cli;
 pub mod client;
 pub mod config;
 pub mod error;
@@ -30,7 +32,6 @@ pub mod middleware;
 pub mod registry;
 pub mod selector;
 pub mod server;
-pub mod telemetry;
 
 pub use client::{Client, NamedChannel};
 pub use error::{BoxError, Error, Result};

@@ -5,8 +5,7 @@ use std::{sync::Arc, time::Duration};
 
 use micro_core::{
     Client, RunningServer, Server,
-    client::ClientConfig,
-    config::{ServerConfig, TlsConfig},
+    config::{ClientConfig, ServerConfig, TlsConfig},
     registry::MemoryRegistry,
 };
 use proto::vessel::{

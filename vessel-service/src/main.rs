@@ -6,8 +6,8 @@ use anyhow::Context;
 use clap::Parser;
 use micro_core::{
     Server,
-    config::{RegistryArgs, RegistryConfig, ServerArgs, TlsArgs},
-    telemetry::LogArgs,
+    cli::{LogArgs, RegistryArgs, ServerArgs, TlsArgs},
+    config::RegistryConfig,
 };
 use proto::vessel::vessel_service_server::VesselServiceServer;
 use vessel_service::{Fleet, VesselHandler};

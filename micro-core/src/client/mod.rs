@@ -25,7 +25,6 @@
 //! # Ok(()) }
 //! ```
 
-mod config;
 mod replay;
 
 use std::{
@@ -38,7 +37,6 @@ use std::{
     time::Duration,
 };
 
-pub use config::*;
 use futures::{StreamExt, future::BoxFuture};
 use http::HeaderValue;
 use prometheus_client::metrics::counter::Counter;
@@ -51,6 +49,7 @@ pub use self::replay::MAX_REPLAY_BYTES;
 use self::replay::Replay;
 use crate::{
     BoxError, Error,
+    config::{ClientConfig, TlsConfig},
     error::error_chain,
     metrics::{AttemptLabels, code_name, metrics},
     middleware::{REQUEST_ID_HEADER, current_request_id},
@@ -80,7 +79,7 @@ pub struct Client {
     config: ClientConfig,
     make_strategy: Option<Arc<dyn Fn() -> Box<dyn Strategy> + Send + Sync>>,
     idempotent: Arc<HashSet<String>>,
-    tls: Option<crate::config::TlsConfig>,
+    tls: Option<TlsConfig>,
     channels: Arc<Mutex<HashMap<(String, Filter), NamedChannel>>>,
 }
 
@@ -100,12 +99,12 @@ impl Client {
     /// Calls instances over TLS when `tls` has a CA, checking that each server's
     /// certificate names the service; presents its identity to servers that ask. Takes
     /// precedence over the config's. Default: plaintext.
-    pub fn tls(mut self, tls: Option<crate::config::TlsConfig>) -> Self {
+    pub fn tls(mut self, tls: Option<TlsConfig>) -> Self {
         self.tls = tls;
         self
     }
 
-    /// All settings at once, e.g. from [`ClientArgs`]. Default: [`ClientConfig::default`].
+    /// All settings at once, e.g. from `cli::ClientArgs`. Default: [`ClientConfig::default`].
     pub fn config(mut self, config: ClientConfig) -> Self {
         self.config = config;
         self
@@ -761,7 +760,7 @@ impl Shared {
 pub fn connect_lazily(
     node: &Node,
     connect_timeout: Duration,
-    tls: Option<&crate::config::TlsConfig>,
+    tls: Option<&TlsConfig>,
 ) -> Result<Channel, BoxError> {
     use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
     let Some((tls, ca)) = tls.and_then(|tls| Some((tls, tls.ca.as_ref()?))) else {

@@ -12,8 +12,6 @@
 
 use std::{collections::BTreeMap, fmt};
 
-use clap::ValueEnum;
-
 use crate::registry::Node;
 
 mod least_loaded;
@@ -78,7 +76,8 @@ impl<'a> Candidates<'a> {
 }
 
 /// The strategies a flag or `MICRO_CLIENT_SELECTOR` can name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 pub enum StrategyKind {
     /// Each instance in turn.
     RoundRobin,

@@ -161,6 +161,7 @@ impl Server {
 
     /// Binds, registers and serves in the background; see [`RunningServer::stop`].
     pub async fn start(mut self) -> Result<RunningServer> {
+        self.config.validate()?;
         validate_service_name(&self.name)?;
         validate_metadata(&self.version, &self.metadata)?;
         let registry = self.registry.unwrap_or_else(|| Arc::new(MemoryRegistry::global()));

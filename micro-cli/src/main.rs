@@ -10,12 +10,10 @@ use std::{net::SocketAddr, process::ExitCode, time::Duration};
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum, parser::ValueSource};
 use micro_core::{
     Error, Node,
-    config::{
-        DEFAULT_REGISTER_INTERVAL_SECS, DEFAULT_REGISTER_TTL_SECS, RegistryArgs, RegistryConfig, TlsArgs,
-    },
+    cli::{LogArgs, RegistryArgs, TlsArgs},
+    config::{DEFAULT_REGISTER_INTERVAL_SECS, DEFAULT_REGISTER_TTL_SECS, RegistryConfig},
     error::error_chain,
     registry::{validate_metadata, validate_service_name},
-    telemetry::LogArgs,
 };
 
 /// Inspect services registered by name.

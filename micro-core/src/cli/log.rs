@@ -7,7 +7,7 @@
 //! #[derive(Parser)]
 //! struct Cli {
 //!     #[command(flatten)]
-//!     log: micro_core::telemetry::LogArgs,
+//!     log: micro_core::cli::LogArgs,
 //! }
 //! Cli::parse().log.init("my_service=info,micro_core=info");
 //! ```

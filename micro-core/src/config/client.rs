@@ -1,11 +1,9 @@
-//! Client settings: flags and environment ([`ClientArgs`]) and their plain values
-//! ([`ClientConfig`]).
+//! How a client picks, times out, retries and ejects, as plain values.
 
 use std::time::Duration;
 
-use clap::Args;
-
-use crate::selector::StrategyKind;
+use super::TlsConfig;
+use crate::{Error, Result, selector::StrategyKind};
 
 /// Default time a call may take, retries included, in milliseconds.
 pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 5000;
@@ -25,33 +23,6 @@ pub const DEFAULT_EJECT_TIME_MS: u64 = 1000;
 pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 2000;
 /// Default first backoff between attempts in milliseconds; it doubles, with full jitter.
 pub const DEFAULT_BACKOFF_MS: u64 = 20;
-
-/// Client flags shared by every binary that calls services.
-#[derive(Debug, Clone, Args)]
-pub struct ClientArgs {
-    /// How a channel picks an instance per call.
-    #[arg(long, env = "MICRO_CLIENT_SELECTOR", value_enum, default_value_t = StrategyKind::RoundRobin)]
-    pub client_selector: StrategyKind,
-    /// Milliseconds a call may take, retries included, unless the caller sets a shorter
-    /// deadline; carried to the server as `grpc-timeout`.
-    #[arg(long, env = "MICRO_CLIENT_REQUEST_TIMEOUT", default_value_t = DEFAULT_REQUEST_TIMEOUT_MS)]
-    pub client_request_timeout: u64,
-    /// Retries after a failed attempt, each on another instance when there is one.
-    #[arg(long, env = "MICRO_CLIENT_RETRIES", default_value_t = DEFAULT_RETRIES)]
-    pub client_retries: u32,
-    /// Retries allowed as a percentage of calls over the last 10 s (plus 10 per second).
-    #[arg(long, env = "MICRO_CLIENT_RETRY_BUDGET", default_value_t = DEFAULT_RETRY_BUDGET_PERCENT)]
-    pub client_retry_budget: f32,
-    /// Seconds between full refreshes of each channel's instances from the registry.
-    #[arg(long, env = "MICRO_CLIENT_REFRESH_INTERVAL", default_value_t = DEFAULT_REFRESH_INTERVAL_SECS)]
-    pub client_refresh_interval: u64,
-    /// Consecutive failures after which an instance is ejected (a refused connection ejects at once).
-    #[arg(long, env = "MICRO_CLIENT_EJECT_AFTER", default_value_t = DEFAULT_EJECT_AFTER)]
-    pub client_eject_after: u32,
-    /// Milliseconds of the first ejection; each further ejection doubles it, up to 30 s.
-    #[arg(long, env = "MICRO_CLIENT_EJECT_TIME", default_value_t = DEFAULT_EJECT_TIME_MS)]
-    pub client_eject_time: u64,
-}
 
 /// How a client picks, times out, retries and ejects, as plain values.
 #[derive(Debug, Clone)]
@@ -79,14 +50,14 @@ pub struct ClientConfig {
     /// First ejection time.
     pub eject_time: Duration,
     /// TLS to instances when it has a CA; the identity is presented when servers ask.
-    pub tls: Option<crate::config::TlsConfig>,
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for ClientConfig {
     fn default() -> Self {
         ClientConfig {
             strategy: StrategyKind::RoundRobin,
-            lookup_timeout: Duration::from_millis(crate::config::DEFAULT_LOOKUP_TIMEOUT_MS),
+            lookup_timeout: Duration::from_millis(super::DEFAULT_LOOKUP_TIMEOUT_MS),
             connect_timeout: Duration::from_millis(DEFAULT_CONNECT_TIMEOUT_MS),
             request_timeout: Duration::from_millis(DEFAULT_REQUEST_TIMEOUT_MS),
             retries: DEFAULT_RETRIES,
@@ -102,18 +73,28 @@ impl Default for ClientConfig {
 }
 
 impl ClientConfig {
-    /// The settings from flags and environment; `lookup_timeout` comes from the registry's.
-    pub fn from_args(args: ClientArgs, lookup_timeout: Duration) -> Self {
-        ClientConfig {
-            strategy: args.client_selector,
-            lookup_timeout,
-            request_timeout: Duration::from_millis(args.client_request_timeout),
-            retries: args.client_retries,
-            retry_budget_percent: args.client_retry_budget.clamp(0.0, 1000.0),
-            refresh_interval: Duration::from_secs(args.client_refresh_interval.max(1)),
-            eject_after: args.client_eject_after.max(1),
-            eject_time: Duration::from_millis(args.client_eject_time),
-            ..ClientConfig::default()
+    /// Checks settings that cannot work: at least one failure before an ejection, a
+    /// deadline and refresh interval above zero, a retry budget from 0 to 1000 percent.
+    /// [`crate::Client::config`] checks this.
+    pub fn validate(&self) -> Result<()> {
+        let invalid =
+            |setting: &str, value: String, why: &str| Err(Error::invalid(format!("{setting}={value}"), why));
+        if self.eject_after == 0 {
+            return invalid("MICRO_CLIENT_EJECT_AFTER", "0".into(), "must be at least 1");
         }
+        if self.request_timeout.is_zero() {
+            return invalid("MICRO_CLIENT_REQUEST_TIMEOUT", "0".into(), "must be above zero");
+        }
+        if self.refresh_interval.is_zero() {
+            return invalid("MICRO_CLIENT_REFRESH_INTERVAL", "0".into(), "must be above zero");
+        }
+        if !(0.0..=1000.0).contains(&self.retry_budget_percent) {
+            return invalid(
+                "MICRO_CLIENT_RETRY_BUDGET",
+                self.retry_budget_percent.to_string(),
+                "must be a percentage from 0 to 1000",
+            );
+        }
+        Ok(())
     }
 }
