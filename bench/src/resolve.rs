@@ -9,14 +9,14 @@
 
 use std::{
     hint::black_box,
-    sync::{Arc, atomic::AtomicUsize, atomic::Ordering},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use micro_core::{
     Client, Node, Registry,
     registry::MemoryRegistry,
-    selector::{Candidates, Filter, StrategyKind},
+    selector::{Candidates, Filter, Load, StrategyKind},
 };
 use proto::vessel::{vessel_service_client::VesselServiceClient, vessel_service_server::VesselServiceServer};
 use tonic::transport::server::TcpIncoming;
@@ -47,14 +47,15 @@ fn nodes(count: usize) -> Vec<Node> {
 /// Nanoseconds per pick of `kind` over `count` instances, the candidates built per pick.
 fn pick_ns(kind: StrategyKind, count: usize) -> f64 {
     let nodes = nodes(count);
-    let loads: Vec<AtomicUsize> = (0..count).map(|_| AtomicUsize::new(0)).collect();
+    let loads: Vec<Load> = (0..count)
+        .map(|i| Load { in_flight: i % 3, latency: Some(Duration::from_micros(100 + i as u64)) })
+        .collect();
     let eligible: Vec<usize> = (0..count).collect();
-    let load = |slot: usize| loads[slot].load(Ordering::Relaxed);
     let strategy = kind.build();
     let started = Instant::now();
     let mut sum = 0usize;
     for _ in 0..PICKS {
-        let candidates = Candidates::with_load(black_box(&nodes), &load, black_box(&eligible));
+        let candidates = Candidates::with_loads(black_box(&nodes), black_box(&loads), black_box(&eligible));
         sum = sum.wrapping_add(strategy.pick(&candidates).unwrap_or(0));
     }
     black_box(sum);

@@ -42,7 +42,7 @@ pub struct Explanation {
 pub async fn probe(node: &Node, tls: Option<&TlsConfig>) -> String {
     let attempt = async {
         let channel =
-            micro_core::client::connect_lazily(node, PROBE_TIMEOUT, tls).map_err(|e| error_chain(&*e))?;
+            micro_core::client::connect_lazily(node, &probe_config(tls)).map_err(|e| error_chain(&*e))?;
         let reply = HealthClient::new(channel)
             .check(HealthCheckRequest { service: String::new() })
             .await
@@ -221,4 +221,9 @@ mod tests {
         assert!(similar("vessel-service", "vessel"));
         assert!(!similar("vessel-service", "consignment-service"));
     }
+}
+
+/// Settings for a probe: a short connect timeout, the caller's TLS.
+fn probe_config(tls: Option<&TlsConfig>) -> micro_core::config::ClientConfig {
+    micro_core::config::ClientConfig { connect_timeout: PROBE_TIMEOUT, tls: tls.cloned(), ..Default::default() }
 }

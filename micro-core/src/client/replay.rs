@@ -66,6 +66,11 @@ impl Replay {
         Replay::Recorded(Arc::new(Mutex::new(recording)))
     }
 
+    /// Whether the whole body was read ahead, so attempts may run side by side.
+    pub(crate) fn is_whole(&self) -> bool {
+        matches!(self, Replay::Whole(_))
+    }
+
     /// Whether a new attempt would send the whole request.
     pub(crate) fn replayable(&self) -> bool {
         match self {

@@ -11,11 +11,15 @@ use proto::vessel::{
 };
 use tonic::{Code, Request, Status};
 
+use tokio::time::Instant;
+
 use super::*;
 use crate::{
     RunningServer, Server,
-    config::{ClientConfig, ServerConfig},
+    config::{ClientConfig, Hedge, ServerConfig},
     registry::MemoryRegistry,
+    registry::Node,
+    selector::StrategyKind,
 };
 
 /// Answers with a vessel whose id is the instance's label.
@@ -64,7 +68,8 @@ async fn round_robin_spreads_calls_evenly() {
         start(&registry, "svc", "b").await,
         start(&registry, "svc", "c").await,
     ];
-    let client = Client::new(Arc::new(registry));
+    let config = ClientConfig { strategy: StrategyKind::RoundRobin, ..ClientConfig::default() };
+    let client = Client::new(Arc::new(registry)).config(config);
     let mut vessels = VesselServiceClient::new(client.channel("svc"));
     wait_for_instances(&client.channel("svc"), 3).await;
     let counts = tally(&mut vessels, 30).await;
@@ -75,7 +80,8 @@ async fn round_robin_spreads_calls_evenly() {
 async fn channel_follows_instances_that_come_and_go() {
     let registry = MemoryRegistry::new();
     let first = start(&registry, "svc", "first").await;
-    let client = Client::new(Arc::new(registry.clone()));
+    let config = ClientConfig { strategy: StrategyKind::RoundRobin, ..ClientConfig::default() };
+    let client = Client::new(Arc::new(registry.clone())).config(config);
     let channel = client.channel("svc");
     let mut vessels = VesselServiceClient::new(channel.clone());
     assert_eq!(call(&mut vessels).await.unwrap(), "first");
@@ -291,4 +297,162 @@ async fn request_id_travels_across_hops() {
     request.metadata_mut().insert("x-request-id", "order-42".parse().unwrap());
     let reply = front.find_available(request).await.unwrap();
     assert_eq!(reply.into_inner().vessel.unwrap().id, "order-42");
+}
+
+/// Answers with its label after a delay, counting the calls that reach it.
+#[derive(Clone)]
+struct Delayed {
+    label: &'static str,
+    delay: Duration,
+    arrived: Arc<AtomicUsize>,
+}
+
+impl Delayed {
+    fn new(label: &'static str, delay: Duration) -> Self {
+        Delayed { label, delay, arrived: Arc::default() }
+    }
+
+    fn arrived(&self) -> usize {
+        self.arrived.load(Ordering::SeqCst)
+    }
+}
+
+#[tonic::async_trait]
+impl VesselService for Delayed {
+    async fn find_available(&self, _: Request<Specification>) -> Result<tonic::Response<Response>, Status> {
+        self.arrived.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(self.delay).await;
+        let vessel = Vessel { id: self.label.into(), ..Default::default() };
+        Ok(tonic::Response::new(Response { vessel: Some(vessel), vessels: vec![] }))
+    }
+}
+
+const FIND_AVAILABLE: &str = "/vessel.VesselService/FindAvailable";
+
+#[tokio::test]
+async fn a_reconfigured_clone_gets_a_channel_with_its_own_settings() {
+    let registry = MemoryRegistry::new();
+    let _slow = start_with(&registry, "svc", Delayed::new("slow", Duration::from_millis(300)), "1").await;
+    let base = Client::new(Arc::new(registry));
+    let mut patient = VesselServiceClient::new(base.channel("svc"));
+    assert_eq!(call(&mut patient).await.unwrap(), "slow");
+
+    let mut hasty =
+        VesselServiceClient::new(base.clone().request_timeout(Duration::from_millis(100)).channel("svc"));
+    let status = call(&mut hasty).await.unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert_eq!(call(&mut patient).await.unwrap(), "slow", "the first client keeps its settings");
+}
+
+#[tokio::test]
+async fn the_registry_follower_ends_with_the_last_clone_of_its_channel() {
+    let registry: Arc<dyn Registry> = Arc::new(MemoryRegistry::new());
+    let client = Client::new(registry.clone());
+    let before = Arc::strong_count(&registry);
+    let channel = client.channel("svc");
+    let copy = channel.clone();
+    assert_eq!(Arc::strong_count(&registry), before + 1, "the follower holds the registry");
+    drop(channel);
+    tokio::task::yield_now().await;
+    assert_eq!(Arc::strong_count(&registry), before + 1, "a clone still lives");
+    drop(copy);
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Arc::strong_count(&registry) > before {
+        assert!(Instant::now() < deadline, "the follower outlived its channel");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let again = client.channel("svc");
+    assert_eq!(Arc::strong_count(&registry), before + 1, "a new channel, with a new follower");
+    drop(again);
+}
+
+fn hedging_client(registry: &MemoryRegistry, hedge: Hedge) -> Client {
+    let config = ClientConfig { strategy: StrategyKind::RoundRobin, hedge, ..ClientConfig::default() };
+    Client::new(Arc::new(registry.clone())).config(config)
+}
+
+#[tokio::test]
+async fn an_idempotent_call_not_answered_in_time_is_hedged_to_another_instance() {
+    let registry = MemoryRegistry::new();
+    let slow = Delayed::new("slow", Duration::from_secs(3));
+    let fast = Delayed::new("fast", Duration::ZERO);
+    let _servers = [
+        start_with(&registry, "svc", slow.clone(), "1").await,
+        start_with(&registry, "svc", fast.clone(), "1").await,
+    ];
+    let client = hedging_client(&registry, Hedge::After(Duration::from_millis(50)))
+        .idempotent_methods(&[FIND_AVAILABLE]);
+    let channel = client.channel("svc");
+    wait_for_instances(&channel, 2).await;
+    let mut vessels = VesselServiceClient::new(channel);
+    for _ in 0..4 {
+        let started = Instant::now();
+        assert_eq!(call(&mut vessels).await.unwrap(), "fast");
+        assert!(started.elapsed() < Duration::from_secs(1), "took {:?}", started.elapsed());
+    }
+    assert!(slow.arrived() >= 1, "round robin sent the slow instance a first attempt");
+}
+
+#[tokio::test]
+async fn a_call_that_may_not_be_sent_twice_is_never_hedged() {
+    let registry = MemoryRegistry::new();
+    let slow = Delayed::new("slow", Duration::from_millis(150));
+    let fast = Delayed::new("fast", Duration::ZERO);
+    let _servers = [
+        start_with(&registry, "svc", slow.clone(), "1").await,
+        start_with(&registry, "svc", fast.clone(), "1").await,
+    ];
+    let client = hedging_client(&registry, Hedge::After(Duration::from_millis(10)));
+    let channel = client.channel("svc");
+    wait_for_instances(&channel, 2).await;
+    let mut vessels = VesselServiceClient::new(channel);
+    for _ in 0..6 {
+        call(&mut vessels).await.unwrap();
+    }
+    assert_eq!((slow.arrived(), fast.arrived()), (3, 3), "each call reached one instance once");
+}
+
+#[tokio::test]
+async fn a_hung_instance_costs_no_call_and_is_ejected() {
+    let registry = MemoryRegistry::new();
+    let hung = Delayed::new("hung", Duration::from_secs(3600));
+    let _servers = [
+        start_with(&registry, "svc", hung.clone(), "1").await,
+        start_with(&registry, "svc", Delayed::new("a", Duration::ZERO), "1").await,
+        start_with(&registry, "svc", Delayed::new("b", Duration::ZERO), "1").await,
+    ];
+    let client = Client::new(Arc::new(registry)).idempotent_methods(&[FIND_AVAILABLE]);
+    let channel = client.channel("svc");
+    wait_for_instances(&channel, 3).await;
+    let mut vessels = VesselServiceClient::new(channel.clone());
+    for _ in 0..60 {
+        let started = Instant::now();
+        assert_ne!(call(&mut vessels).await.unwrap(), "hung");
+        assert!(started.elapsed() < Duration::from_secs(1), "took {:?}", started.elapsed());
+    }
+    assert!(hung.arrived() >= 1, "the hung instance was tried");
+    let views = channel.inspect();
+    let ejected: Vec<&str> =
+        views.iter().filter(|v| v.ejected.is_some()).map(|v| v.node.id.as_str()).collect();
+    assert_eq!(ejected.len(), 1, "the hung instance alone is ejected: {views:?}");
+    assert!(hung.arrived() <= 10, "the hung instance kept getting calls: {}", hung.arrived());
+}
+
+#[tokio::test]
+async fn the_default_strategy_sends_a_slow_instance_few_calls() {
+    let registry = MemoryRegistry::new();
+    let slow = Delayed::new("slow", Duration::from_millis(20));
+    let _servers = [
+        start_with(&registry, "svc", slow.clone(), "1").await,
+        start_with(&registry, "svc", Delayed::new("a", Duration::from_millis(2)), "1").await,
+        start_with(&registry, "svc", Delayed::new("b", Duration::from_millis(2)), "1").await,
+    ];
+    let client = Client::new(Arc::new(registry)).idempotent_methods(&[FIND_AVAILABLE]);
+    let channel = client.channel("svc");
+    wait_for_instances(&channel, 3).await;
+    let mut vessels = VesselServiceClient::new(channel);
+    for _ in 0..200 {
+        call(&mut vessels).await.unwrap();
+    }
+    assert!(slow.arrived() < 10, "the slow instance got {} of 200 calls", slow.arrived());
 }

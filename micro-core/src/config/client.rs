@@ -23,6 +23,54 @@ pub const DEFAULT_EJECT_TIME_MS: u64 = 1000;
 pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 2000;
 /// Default first backoff between attempts in milliseconds; it doubles, with full jitter.
 pub const DEFAULT_BACKOFF_MS: u64 = 20;
+/// Default interval of HTTP/2 keepalive pings on each connection, in milliseconds.
+pub const DEFAULT_KEEPALIVE_INTERVAL_MS: u64 = 1000;
+/// Default time a keepalive ping may go unanswered before the connection is closed as
+/// dead, in milliseconds: a vanished peer is known within interval + timeout.
+pub const DEFAULT_KEEPALIVE_TIMEOUT_MS: u64 = 1000;
+/// The recent latency quantile of a name after which an idempotent call is hedged.
+pub const HEDGE_QUANTILE: f64 = 0.95;
+/// The shortest adaptive hedge delay, in milliseconds: below it, hedges would chase noise.
+pub const DEFAULT_HEDGE_MIN_DELAY_MS: u64 = 20;
+/// The longest adaptive hedge delay, in milliseconds; also the delay before a name has a
+/// latency history.
+pub const DEFAULT_HEDGE_MAX_DELAY_MS: u64 = 500;
+
+/// When an idempotent call that has not answered yet is sent to a second instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hedge {
+    /// Never.
+    Off,
+    /// After the name's recent p95 latency ([`HEDGE_QUANTILE`]), kept between `min` and
+    /// `max`.
+    Adaptive {
+        /// The shortest delay.
+        min: Duration,
+        /// The longest delay, and the delay before the name has a latency history.
+        max: Duration,
+    },
+    /// After this fixed delay.
+    After(Duration),
+}
+
+impl Default for Hedge {
+    fn default() -> Self {
+        Hedge::Adaptive {
+            min: Duration::from_millis(DEFAULT_HEDGE_MIN_DELAY_MS),
+            max: Duration::from_millis(DEFAULT_HEDGE_MAX_DELAY_MS),
+        }
+    }
+}
+
+impl std::fmt::Display for Hedge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Hedge::Off => f.write_str("off"),
+            Hedge::Adaptive { min, max } => write!(f, "adaptive (p95, {min:?} to {max:?})"),
+            Hedge::After(delay) => write!(f, "after {delay:?}"),
+        }
+    }
+}
 
 /// How a client picks, times out, retries and ejects, as plain values.
 #[derive(Debug, Clone)]
@@ -33,6 +81,12 @@ pub struct ClientConfig {
     pub lookup_timeout: Duration,
     /// TCP connect limit per instance.
     pub connect_timeout: Duration,
+    /// HTTP/2 keepalive ping interval per connection; zero turns keepalive off.
+    pub keepalive_interval: Duration,
+    /// How long a keepalive ping may go unanswered before the connection is dropped.
+    pub keepalive_timeout: Duration,
+    /// When idempotent calls are hedged.
+    pub hedge: Hedge,
     /// Deadline of a call, retries included, unless the caller sets a shorter one.
     pub request_timeout: Duration,
     /// Retries after the first attempt.
@@ -56,9 +110,12 @@ pub struct ClientConfig {
 impl Default for ClientConfig {
     fn default() -> Self {
         ClientConfig {
-            strategy: StrategyKind::RoundRobin,
+            strategy: StrategyKind::default(),
             lookup_timeout: Duration::from_millis(super::DEFAULT_LOOKUP_TIMEOUT_MS),
             connect_timeout: Duration::from_millis(DEFAULT_CONNECT_TIMEOUT_MS),
+            keepalive_interval: Duration::from_millis(DEFAULT_KEEPALIVE_INTERVAL_MS),
+            keepalive_timeout: Duration::from_millis(DEFAULT_KEEPALIVE_TIMEOUT_MS),
+            hedge: Hedge::default(),
             request_timeout: Duration::from_millis(DEFAULT_REQUEST_TIMEOUT_MS),
             retries: DEFAULT_RETRIES,
             retry_budget_percent: DEFAULT_RETRY_BUDGET_PERCENT,
@@ -84,6 +141,25 @@ impl ClientConfig {
         }
         if self.request_timeout.is_zero() {
             return invalid("MICRO_CLIENT_REQUEST_TIMEOUT", "0".into(), "must be above zero");
+        }
+        if self.connect_timeout.is_zero() {
+            return invalid("MICRO_CLIENT_CONNECT_TIMEOUT", "0".into(), "must be above zero");
+        }
+        if !self.keepalive_interval.is_zero() && self.keepalive_timeout.is_zero() {
+            return invalid(
+                "MICRO_CLIENT_KEEPALIVE_TIMEOUT",
+                "0".into(),
+                "must be above zero while keepalive is on",
+            );
+        }
+        if let Hedge::Adaptive { min, max } = self.hedge
+            && min > max
+        {
+            return invalid(
+                "hedge delay",
+                format!("{min:?} to {max:?}"),
+                "the shortest must not exceed the longest",
+            );
         }
         if self.refresh_interval.is_zero() {
             return invalid("MICRO_CLIENT_REFRESH_INTERVAL", "0".into(), "must be above zero");

@@ -37,31 +37,33 @@ impl Strategy for PowerOfTwoChoices {
         if len < 2 {
             return (len == 1).then_some(0);
         }
-        let (a, b) = {
-            let mut rng = self.rng.lock().expect("rng lock");
-            let a = rng.random_range(0..len);
-            let b = (a + rng.random_range(1..len)) % len;
-            (a, b)
-        };
+        let (a, b) = two_distinct(&self.rng, len);
         Some(if candidates.in_flight(b) < candidates.in_flight(a) { b } else { a })
     }
+}
+
+/// Two distinct indices below `len` (at least 2), drawn at random.
+pub(super) fn two_distinct(rng: &Mutex<StdRng>, len: usize) -> (usize, usize) {
+    let mut rng = rng.lock().expect("rng lock");
+    let a = rng.random_range(0..len);
+    let b = (a + rng.random_range(1..len)) % len;
+    (a, b)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::Node;
+    use crate::{registry::Node, selector::Load};
 
     #[test]
     fn a_loaded_instance_gets_few_picks() {
         let nodes: Vec<Node> = (1..=3).map(|p| Node::new("svc", ([127, 0, 0, 1], p).into())).collect();
-        let loads = [0, 0, 50];
-        let in_flight = |slot: usize| loads[slot];
+        let loads = [0, 0, 50].map(|in_flight| Load { in_flight, latency: None });
         let eligible = [0, 1, 2];
         let strategy = PowerOfTwoChoices::from_rng(StdRng::seed_from_u64(3));
         let mut counts = [0usize; 3];
         for _ in 0..3_000 {
-            counts[strategy.pick(&Candidates::with_load(&nodes, &in_flight, &eligible)).unwrap()] += 1;
+            counts[strategy.pick(&Candidates::with_loads(&nodes, &loads, &eligible)).unwrap()] += 1;
         }
         // The loaded one wins only when drawn twice, which p2c never does: it draws two distinct.
         assert_eq!(counts[2], 0, "{counts:?}");

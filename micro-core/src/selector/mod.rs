@@ -10,15 +10,19 @@
 //! assert_eq!(picks, [0, 1, 2, 0]);
 //! ```
 
-use std::{collections::BTreeMap, fmt};
+use std::{collections::BTreeMap, fmt, time::Duration};
 
-use crate::registry::Node;
+use tokio::time::Instant;
+
+use crate::{client::Endpoint, registry::Node};
 
 mod least_loaded;
+mod peak_ewma;
 mod random;
 mod round_robin;
 
 pub use least_loaded::PowerOfTwoChoices;
+pub use peak_ewma::PeakEwma;
 pub use random::Random;
 pub use round_robin::RoundRobin;
 
@@ -28,31 +32,50 @@ pub trait Strategy: Send + Sync + 'static {
     fn pick(&self, candidates: &Candidates<'_>) -> Option<usize>;
 }
 
+/// What a strategy may weigh of one instance.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Load {
+    /// Calls in flight to it from this channel.
+    pub in_flight: usize,
+    /// Its peak-EWMA latency estimate; `None` until it has answered once.
+    pub latency: Option<Duration>,
+}
+
 /// The instances a strategy may pick from, with their current load.
 pub struct Candidates<'a> {
-    nodes: &'a [Node],
-    in_flight: Option<&'a dyn Fn(usize) -> usize>,
+    source: Source<'a>,
     eligible: Option<&'a [usize]>,
+}
+
+enum Source<'a> {
+    Nodes(&'a [Node], Option<&'a [Load]>),
+    Endpoints(&'a [Endpoint], Instant),
 }
 
 impl<'a> Candidates<'a> {
     /// Every node of `nodes`, none of them loaded.
     pub fn of(nodes: &'a [Node]) -> Self {
-        Candidates { nodes, in_flight: None, eligible: None }
+        Candidates { source: Source::Nodes(nodes, None), eligible: None }
     }
 
-    /// `nodes[eligible[i]]` for each `i`; `in_flight(j)` gives the calls in flight to `nodes[j]`.
-    pub fn with_load(
-        nodes: &'a [Node],
-        in_flight: &'a dyn Fn(usize) -> usize,
-        eligible: &'a [usize],
-    ) -> Self {
-        Candidates { nodes, in_flight: Some(in_flight), eligible: Some(eligible) }
+    /// `nodes[eligible[i]]` for each `i`, `loads[j]` being the load of `nodes[j]`.
+    pub fn with_loads(nodes: &'a [Node], loads: &'a [Load], eligible: &'a [usize]) -> Self {
+        assert_eq!(nodes.len(), loads.len(), "one load per node");
+        Candidates { source: Source::Nodes(nodes, Some(loads)), eligible: Some(eligible) }
+    }
+
+    /// `endpoints[eligible[i]]` for each `i`, loads read as of `now`.
+    pub(crate) fn of_endpoints(endpoints: &'a [Endpoint], eligible: &'a [usize], now: Instant) -> Self {
+        Candidates { source: Source::Endpoints(endpoints, now), eligible: Some(eligible) }
     }
 
     /// How many instances there are to pick from.
     pub fn len(&self) -> usize {
-        self.eligible.map_or(self.nodes.len(), <[usize]>::len)
+        match (self.eligible, &self.source) {
+            (Some(eligible), _) => eligible.len(),
+            (None, Source::Nodes(nodes, _)) => nodes.len(),
+            (None, Source::Endpoints(endpoints, _)) => endpoints.len(),
+        }
     }
 
     /// Whether there is none.
@@ -66,19 +89,37 @@ impl<'a> Candidates<'a> {
 
     /// The `index`th candidate.
     pub fn node(&self, index: usize) -> &Node {
-        &self.nodes[self.slot(index)]
+        match &self.source {
+            Source::Nodes(nodes, _) => &nodes[self.slot(index)],
+            Source::Endpoints(endpoints, _) => &endpoints[self.slot(index)].node,
+        }
+    }
+
+    /// The load of the `index`th candidate.
+    pub fn load(&self, index: usize) -> Load {
+        match &self.source {
+            Source::Nodes(_, loads) => loads.map(|loads| loads[self.slot(index)]).unwrap_or_default(),
+            Source::Endpoints(endpoints, now) => endpoints[self.slot(index)].stats.load(*now),
+        }
     }
 
     /// Calls in flight to the `index`th candidate from this channel.
     pub fn in_flight(&self, index: usize) -> usize {
-        self.in_flight.map_or(0, |load| load(self.slot(index)))
+        self.load(index).in_flight
     }
 }
 
 /// The strategies a flag or `MICRO_CLIENT_SELECTOR` can name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+///
+/// The default is [`StrategyKind::PeakEwma`]: it does as well as round robin when every
+/// instance is alike (see `make bench`) and steers away from a slow one, which round robin
+/// and in-flight counts cannot see.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 pub enum StrategyKind {
+    /// The cheaper of two random instances, cost being latency times calls in flight.
+    #[default]
+    PeakEwma,
     /// Each instance in turn.
     RoundRobin,
     /// Uniformly at random.
@@ -94,6 +135,7 @@ impl StrategyKind {
             StrategyKind::RoundRobin => Box::new(RoundRobin::new()),
             StrategyKind::Random => Box::new(Random::new()),
             StrategyKind::P2c => Box::new(PowerOfTwoChoices::new()),
+            StrategyKind::PeakEwma => Box::new(PeakEwma::new()),
         }
     }
 }
@@ -104,6 +146,7 @@ impl fmt::Display for StrategyKind {
             StrategyKind::RoundRobin => "round-robin",
             StrategyKind::Random => "random",
             StrategyKind::P2c => "p2c",
+            StrategyKind::PeakEwma => "peak-ewma",
         })
     }
 }
