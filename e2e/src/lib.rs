@@ -10,6 +10,7 @@
 
 pub mod consul;
 pub mod discovery;
+pub mod hosts;
 pub mod process;
 pub mod shippy;
 

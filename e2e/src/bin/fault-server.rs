@@ -5,14 +5,20 @@
 //! | variable | effect |
 //! | --- | --- |
 //! | `FAULT_NAME` | service name to register (required) |
-//! | `FAULT_LABEL` | vessel id it answers with; default `fault` |
+//! | `FAULT_LABEL` | vessel id it answers with (`FindAvailable`'s vessel, `CreateConsignment`'s `vessel_id`); default `fault` |
 //! | `FAULT_DELAY_MS` | sleep before answering |
+//! | `FAULT_HANG` | `1`: accept every call and never answer it (the connection stays healthy) |
 //! | `FAULT_EXIT_ON_CALL` | `1`: exit abruptly once a call arrives, before answering |
+//! | `MICRO_SERVER_ADDRESS` | address to listen on (and advertise unless `0.0.0.0`); default `127.0.0.1:0` |
 //!
-//! `GetConsignments` answers with one consignment per `CreateConsignment` it has served, so
-//! a test can count what reached this instance.
+//! The faults apply to `FindAvailable` and `CreateConsignment`, never to `GetConsignments`,
+//! which reports what reached this instance: calls are counted when they arrive, before any
+//! delay, hang or exit, so a slow or hung instance counts them too. It answers with one
+//! consignment per `CreateConsignment` that arrived, and its response metadata
+//! `fault-arrivals` lists the arrivals per method, e.g. `CreateConsignment=3,FindAvailable=12`.
 
 use std::{
+    net::SocketAddr,
     sync::{
         Arc,
         atomic::{AtomicUsize, Ordering},
@@ -25,30 +31,65 @@ use proto::{
     consignment::{self, Consignment, GetRequest, shipping_service_server::ShippingServiceServer},
     vessel::{Response, Specification, Vessel, vessel_service_server::VesselServiceServer},
 };
-use tonic::{Request, Status};
+use tonic::{Request, Status, metadata::MetadataValue};
+
+/// The `GetConsignments` response metadata listing the calls that arrived per method.
+const ARRIVALS_HEADER: &str = "fault-arrivals";
+/// Listening address when `MICRO_SERVER_ADDRESS` is unset: loopback, a port the system picks.
+const DEFAULT_ADDRESS: &str = "127.0.0.1:0";
+
+/// The methods the faults apply to, in the order [`ARRIVALS_HEADER`] lists them.
+#[derive(Clone, Copy)]
+enum Method {
+    CreateConsignment,
+    FindAvailable,
+}
+
+impl Method {
+    const ALL: [Method; 2] = [Method::CreateConsignment, Method::FindAvailable];
+
+    fn name(self) -> &'static str {
+        match self {
+            Method::CreateConsignment => "CreateConsignment",
+            Method::FindAvailable => "FindAvailable",
+        }
+    }
+}
 
 #[derive(Clone)]
 struct Faults {
     label: String,
     delay: Duration,
+    hang: bool,
     exit_on_call: bool,
-    created: Arc<AtomicUsize>,
+    /// Calls that arrived, per [`Method`] (indexed by its discriminant).
+    arrived: Arc<[AtomicUsize; 2]>,
 }
 
 impl Faults {
-    async fn arrive(&self) {
+    /// Counts the call, then misbehaves as configured.
+    async fn arrive(&self, method: Method) {
+        self.arrived[method as usize].fetch_add(1, Ordering::SeqCst);
         if self.exit_on_call {
             eprintln!("fault-server: exiting on a call, as asked");
             std::process::exit(3);
         }
+        if self.hang {
+            tracing::debug!(method = method.name(), "hanging, as asked");
+            std::future::pending::<()>().await;
+        }
         tokio::time::sleep(self.delay).await;
+    }
+
+    fn arrived(&self, method: Method) -> usize {
+        self.arrived[method as usize].load(Ordering::SeqCst)
     }
 }
 
 #[tonic::async_trait]
 impl proto::vessel::vessel_service_server::VesselService for Faults {
     async fn find_available(&self, _: Request<Specification>) -> Result<tonic::Response<Response>, Status> {
-        self.arrive().await;
+        self.arrive(Method::FindAvailable).await;
         let vessel = Vessel {
             id: self.label.clone(),
             capacity: 1,
@@ -66,13 +107,10 @@ impl proto::consignment::shipping_service_server::ShippingService for Faults {
         &self,
         request: Request<Consignment>,
     ) -> Result<tonic::Response<consignment::Response>, Status> {
-        self.arrive().await;
-        self.created.fetch_add(1, Ordering::SeqCst);
-        let reply = consignment::Response {
-            created: true,
-            consignment: Some(request.into_inner()),
-            consignments: vec![],
-        };
+        self.arrive(Method::CreateConsignment).await;
+        let consignment = Consignment { vessel_id: self.label.clone(), ..request.into_inner() };
+        let reply =
+            consignment::Response { created: true, consignment: Some(consignment), consignments: vec![] };
         Ok(tonic::Response::new(reply))
     }
 
@@ -80,8 +118,14 @@ impl proto::consignment::shipping_service_server::ShippingService for Faults {
         &self,
         _: Request<GetRequest>,
     ) -> Result<tonic::Response<consignment::Response>, Status> {
-        let consignments = vec![Consignment::default(); self.created.load(Ordering::SeqCst)];
-        Ok(tonic::Response::new(consignment::Response { created: false, consignment: None, consignments }))
+        let consignments = vec![Consignment::default(); self.arrived(Method::CreateConsignment)];
+        let mut response =
+            tonic::Response::new(consignment::Response { created: false, consignment: None, consignments });
+        let arrivals: Vec<String> =
+            Method::ALL.iter().map(|&method| format!("{}={}", method.name(), self.arrived(method))).collect();
+        let value = MetadataValue::try_from(arrivals.join(",")).map_err(|_| Status::internal("arrivals"))?;
+        response.metadata_mut().insert(ARRIVALS_HEADER, value);
+        Ok(response)
     }
 }
 
@@ -93,11 +137,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let faults = Faults {
         label: var("FAULT_LABEL").unwrap_or_else(|| "fault".into()),
         delay: Duration::from_millis(var("FAULT_DELAY_MS").and_then(|v| v.parse().ok()).unwrap_or(0)),
+        hang: var("FAULT_HANG").as_deref() == Some("1"),
         exit_on_call: var("FAULT_EXIT_ON_CALL").as_deref() == Some("1"),
-        created: Arc::default(),
+        arrived: Arc::default(),
     };
+    let address = var("MICRO_SERVER_ADDRESS").unwrap_or_else(|| DEFAULT_ADDRESS.into());
+    let address: SocketAddr =
+        address.parse().map_err(|_| format!("MICRO_SERVER_ADDRESS={address:?}: expected ip:port"))?;
     let registry = RegistryConfig::default().connect().await?;
-    let config = ServerConfig { address: "127.0.0.1:0".parse()?, ..ServerConfig::default() };
+    let config = ServerConfig { address, ..ServerConfig::default() };
     Server::builder(name)
         .config(config)
         .registry(registry)
