@@ -195,9 +195,11 @@ fn remap_vessel_status(service: &str, status: Status) -> Status {
             "no vessel can carry this consignment; it was not stored ({service}: {})",
             status.message()
         )),
-        Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted | Code::Aborted => {
-            Status::unavailable(format!("{service} unavailable: {}", status.message()))
-        }
+        Code::Unavailable
+        | Code::DeadlineExceeded
+        | Code::Cancelled
+        | Code::ResourceExhausted
+        | Code::Aborted => Status::unavailable(format!("{service} unavailable: {}", status.message())),
         _ => internal(format!("{service} failed: {status}")),
     }
 }
@@ -425,6 +427,8 @@ mod tests {
         assert!(none_fits.message().contains("not stored"));
         let down = remap_vessel_status("vessel-service", Status::unavailable("no instance"));
         assert_eq!(down.code(), Code::Unavailable);
+        let timed_out = remap_vessel_status("vessel-service", Status::cancelled("Timeout expired"));
+        assert_eq!(timed_out.code(), Code::Unavailable, "a cancellation is no internal error");
         assert_eq!(
             remap_vessel_status("vessel-service", Status::invalid_argument("bug")).code(),
             Code::Internal

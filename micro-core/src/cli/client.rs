@@ -7,8 +7,9 @@ use clap::Args;
 use crate::{
     Result,
     config::{
-        ClientConfig, DEFAULT_EJECT_AFTER, DEFAULT_EJECT_TIME_MS, DEFAULT_REFRESH_INTERVAL_SECS,
-        DEFAULT_REQUEST_TIMEOUT_MS, DEFAULT_RETRIES, DEFAULT_RETRY_BUDGET_PERCENT,
+        ClientConfig, DEFAULT_CONNECT_TIMEOUT_MS, DEFAULT_EJECT_AFTER, DEFAULT_EJECT_TIME_MS,
+        DEFAULT_KEEPALIVE_INTERVAL_MS, DEFAULT_KEEPALIVE_TIMEOUT_MS, DEFAULT_REFRESH_INTERVAL_SECS,
+        DEFAULT_REQUEST_TIMEOUT_MS, DEFAULT_RETRIES, DEFAULT_RETRY_BUDGET_PERCENT, Hedge,
     },
     selector::StrategyKind,
 };
@@ -17,7 +18,7 @@ use crate::{
 #[derive(Debug, Clone, Args)]
 pub struct ClientArgs {
     /// How a channel picks an instance per call.
-    #[arg(long, env = "MICRO_CLIENT_SELECTOR", value_enum, default_value_t = StrategyKind::RoundRobin)]
+    #[arg(long, env = "MICRO_CLIENT_SELECTOR", value_enum, default_value_t = StrategyKind::default())]
     pub client_selector: StrategyKind,
     /// Milliseconds a call may take, retries included, unless the caller sets a shorter
     /// deadline; carried to the server as `grpc-timeout`.
@@ -38,6 +39,34 @@ pub struct ClientArgs {
     /// Milliseconds of the first ejection; each further ejection doubles it, up to 30 s.
     #[arg(long, env = "MICRO_CLIENT_EJECT_TIME", default_value_t = DEFAULT_EJECT_TIME_MS)]
     pub client_eject_time: u64,
+    /// Milliseconds to establish a TCP connection to an instance; past it the instance is
+    /// taken for unreachable and ejected at once.
+    #[arg(long, env = "MICRO_CLIENT_CONNECT_TIMEOUT", default_value_t = DEFAULT_CONNECT_TIMEOUT_MS)]
+    pub client_connect_timeout: u64,
+    /// Milliseconds between HTTP/2 keepalive pings on each connection, busy or idle; 0 turns
+    /// them off. A peer that vanished is known within interval + timeout.
+    #[arg(long, env = "MICRO_CLIENT_KEEPALIVE_INTERVAL", default_value_t = DEFAULT_KEEPALIVE_INTERVAL_MS)]
+    pub client_keepalive_interval: u64,
+    /// Milliseconds a keepalive ping may go unanswered before the connection is closed as
+    /// dead and its instance ejected.
+    #[arg(long, env = "MICRO_CLIENT_KEEPALIVE_TIMEOUT", default_value_t = DEFAULT_KEEPALIVE_TIMEOUT_MS)]
+    pub client_keepalive_timeout: u64,
+    /// When an idempotent call not answered yet goes to a second instance: `auto` (after
+    /// the name's recent p95 latency, between 20 ms and 500 ms), `off`, or a fixed number of
+    /// milliseconds.
+    #[arg(long, env = "MICRO_CLIENT_HEDGE", default_value = "auto", value_parser = parse_hedge)]
+    pub client_hedge: Hedge,
+}
+
+fn parse_hedge(text: &str) -> std::result::Result<Hedge, String> {
+    match text {
+        "auto" => Ok(Hedge::default()),
+        "off" => Ok(Hedge::Off),
+        millis => millis
+            .parse()
+            .map(|millis| Hedge::After(Duration::from_millis(millis)))
+            .map_err(|_| format!("expected auto, off or a number of milliseconds, got {text:?}")),
+    }
 }
 
 impl ClientConfig {
@@ -53,9 +82,61 @@ impl ClientConfig {
             refresh_interval: Duration::from_secs(args.client_refresh_interval),
             eject_after: args.client_eject_after,
             eject_time: Duration::from_millis(args.client_eject_time),
+            connect_timeout: Duration::from_millis(args.client_connect_timeout),
+            keepalive_interval: Duration::from_millis(args.client_keepalive_interval),
+            keepalive_timeout: Duration::from_millis(args.client_keepalive_timeout),
+            hedge: args.client_hedge,
             ..ClientConfig::default()
         };
         config.validate()?;
         Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        client: ClientArgs,
+    }
+
+    fn config(args: &[&str]) -> Result<ClientConfig> {
+        let cli =
+            Cli::try_parse_from(std::iter::once("test").chain(args.iter().copied())).expect("flags parse");
+        ClientConfig::from_args(cli.client, Duration::from_secs(3))
+    }
+
+    #[test]
+    fn silent_failure_settings_come_from_flags_with_documented_defaults() {
+        let defaults = config(&[]).unwrap();
+        assert_eq!(defaults.hedge, Hedge::default());
+        assert_eq!(defaults.strategy, StrategyKind::PeakEwma);
+        assert_eq!(defaults.keepalive_interval, Duration::from_millis(DEFAULT_KEEPALIVE_INTERVAL_MS));
+        let set = config(&[
+            "--client-hedge",
+            "off",
+            "--client-keepalive-interval",
+            "0",
+            "--client-connect-timeout",
+            "250",
+        ])
+        .unwrap();
+        assert_eq!(set.hedge, Hedge::Off);
+        assert!(set.keepalive_interval.is_zero());
+        assert_eq!(set.connect_timeout, Duration::from_millis(250));
+        assert_eq!(config(&["--client-hedge", "40"]).unwrap().hedge, Hedge::After(Duration::from_millis(40)));
+    }
+
+    #[test]
+    fn settings_that_cannot_work_are_refused_naming_the_variable() {
+        let err = config(&["--client-eject-after", "0"]).unwrap_err().to_string();
+        assert!(err.contains("MICRO_CLIENT_EJECT_AFTER"), "{err}");
+        let parse = Cli::try_parse_from(["test", "--client-hedge", "soon"]);
+        assert!(parse.is_err_and(|e| e.to_string().contains("auto, off or a number")));
     }
 }

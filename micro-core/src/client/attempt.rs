@@ -177,6 +177,8 @@ impl ChannelCore {
         let outcome = match result {
             Ok(response) => match Status::from_header_map(response.headers()) {
                 Some(status) if status.code() == Code::Unavailable => Err(Failure::Status(status)),
+                // tonic's server ends a call past its `grpc-timeout` with CANCELLED.
+                Some(status) if is_server_timeout(&status) => Err(Failure::Deadline),
                 _ => {
                     self.latencies.record(in_flight.answered());
                     Ok(response)
@@ -285,6 +287,12 @@ fn attempt_request(
     let remaining = deadline.saturating_duration_since(Instant::now());
     request.headers_mut().insert(GRPC_TIMEOUT_HEADER, grpc_timeout(remaining));
     (request, polled)
+}
+
+/// Whether the server ended the call because its `grpc-timeout` passed: tonic says so
+/// with `CANCELLED` and this message, where gRPC means `DEADLINE_EXCEEDED`.
+fn is_server_timeout(status: &Status) -> bool {
+    status.code() == Code::Cancelled && status.message() == "Timeout expired"
 }
 
 /// Sleeps until `at`, or forever when there is nothing to wait for.

@@ -11,10 +11,10 @@ use std::{
 
 use tokio::time::Instant;
 
-/// How fast an estimate forgets: a sample's weight halves about every 7 s (e^-1 per 10 s),
-/// and an idle instance's estimate decays toward zero at that pace, so a once-slow instance
-/// is tried again.
-const DECAY: Duration = Duration::from_secs(10);
+/// How fast an estimate forgets (e^-1 per 5 s): a peak fades over a few seconds, and an
+/// idle instance's estimate decays toward zero at that pace, so a once-slow instance is
+/// tried again. Linkerd and Finagle take 10 s; half that recovers sooner from one hiccup.
+const DECAY: Duration = Duration::from_secs(5);
 
 /// A peak-sensitive moving average of one instance's latency: a sample above the estimate
 /// replaces it at once; lower samples pull it down slowly. `None` until the second answer:

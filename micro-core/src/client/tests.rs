@@ -441,11 +441,11 @@ async fn a_hung_instance_costs_no_call_and_is_ejected() {
 #[tokio::test]
 async fn the_default_strategy_sends_a_slow_instance_few_calls() {
     let registry = MemoryRegistry::new();
-    let slow = Delayed::new("slow", Duration::from_millis(20));
+    let slow = Delayed::new("slow", Duration::from_millis(50));
     let _servers = [
         start_with(&registry, "svc", slow.clone(), "1").await,
-        start_with(&registry, "svc", Delayed::new("a", Duration::from_millis(2)), "1").await,
-        start_with(&registry, "svc", Delayed::new("b", Duration::from_millis(2)), "1").await,
+        start_with(&registry, "svc", Delayed::new("a", Duration::from_millis(5)), "1").await,
+        start_with(&registry, "svc", Delayed::new("b", Duration::from_millis(5)), "1").await,
     ];
     let client = Client::new(Arc::new(registry)).idempotent_methods(&[FIND_AVAILABLE]);
     let channel = client.channel("svc");
@@ -455,4 +455,23 @@ async fn the_default_strategy_sends_a_slow_instance_few_calls() {
         call(&mut vessels).await.unwrap();
     }
     assert!(slow.arrived() < 10, "the slow instance got {} of 200 calls", slow.arrived());
+}
+
+/// Ends every call as tonic's server does when a call outlives its `grpc-timeout`.
+struct TimedOutOnTheServer;
+
+#[tonic::async_trait]
+impl VesselService for TimedOutOnTheServer {
+    async fn find_available(&self, _: Request<Specification>) -> Result<tonic::Response<Response>, Status> {
+        Err(Status::cancelled("Timeout expired"))
+    }
+}
+
+#[tokio::test]
+async fn a_deadline_that_passed_on_the_server_reaches_the_caller_as_deadline_exceeded() {
+    let registry = MemoryRegistry::new();
+    let _server = start_with(&registry, "svc", TimedOutOnTheServer, "1").await;
+    let client = Client::new(Arc::new(registry)).idempotent_methods(&[FIND_AVAILABLE]);
+    let status = call(&mut VesselServiceClient::new(client.channel("svc"))).await.unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
 }
