@@ -62,7 +62,7 @@ async fn main() -> ExitCode {
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", micro_core::error::error_chain(&*err));
             ExitCode::FAILURE
         }
     }
@@ -86,10 +86,16 @@ fn read_consignment(path: &PathBuf) -> anyhow::Result<Consignment> {
     let shown = path.display();
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read consignment file {shown}"))?;
+    if text.trim().is_empty() {
+        return Err(anyhow!(
+            "{shown}:1:1: malformed consignment JSON: the file is empty; expected an object"
+        ));
+    }
     serde_json::from_str(&text).map_err(|err| {
         let reason = err.to_string();
         let reason = reason.split(" at line ").next().unwrap_or(&reason);
-        anyhow!("{shown}:{}:{}: malformed consignment JSON: {reason}", err.line(), err.column())
+        // serde_json counts columns from 0 before a line's first character; editors from 1.
+        anyhow!("{shown}:{}:{}: malformed consignment JSON: {reason}", err.line(), err.column().max(1))
     })
 }
 
@@ -134,32 +140,34 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 "replayed": replayed,
                 "consignments": stored,
             });
-            println!("{}", serde_json::to_string_pretty(&json)?);
+            line(serde_json::to_string_pretty(&json)?);
         }
         Output::Text => {
-            println!(
+            line(format!(
                 "created consignment {} on vessel {} ({} containers, weight {})",
                 created.id,
                 created.vessel_id,
                 created.containers.len(),
                 created.weight
-            );
+            ));
             match replayed {
-                true => println!("request id {request_id}: stored by an earlier run; nothing new stored"),
-                false => println!(
+                true => {
+                    line(format!("request id {request_id}: stored by an earlier run; nothing new stored"))
+                }
+                false => line(format!(
                     "request id {request_id} (re-run with --request-id {request_id} to retry safely)"
-                ),
+                )),
             }
-            println!("stored consignments: {}", stored.len());
+            line(format!("stored consignments: {}", stored.len()));
             for c in &stored {
-                println!(
+                line(format!(
                     "  {}  vessel {}  {} containers  weight {}  {}",
                     c.id,
                     c.vessel_id,
                     c.containers.len(),
                     c.weight,
                     c.description
-                );
+                ));
             }
         }
     }
@@ -169,4 +177,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 /// One line saying which call failed, with its status code and message.
 fn failed(method: &str, status: tonic::Status) -> anyhow::Error {
     anyhow!("{method} failed: {}: {}", code_name(status.code()), status.message())
+}
+
+/// Writes a line to stdout; exits quietly (0) when stdout is a closed pipe (`| head -1`).
+fn line(text: String) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(err) = writeln!(stdout, "{text}").and_then(|()| stdout.flush()) {
+        if err.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: cannot write to stdout: {err}");
+        std::process::exit(1);
+    }
 }

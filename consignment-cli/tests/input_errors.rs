@@ -23,6 +23,24 @@ fn malformed_json_names_file_line_and_column() {
 }
 
 #[test]
+fn an_empty_file_is_reported_at_line_1_column_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("empty.json");
+    std::fs::write(&path, "").unwrap();
+    let output = cargo_bin_cmd!("consignment-cli").arg(&path).output().unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = stderr_of(&output);
+    assert!(
+        stderr.starts_with(&format!("error: {}:1:1: ", path.display())) && stderr.contains("empty"),
+        "{stderr}"
+    );
+    // An error at the start of a later line is at column 1 too, not 0.
+    std::fs::write(&path, "{\"weight\": 1,\n").unwrap();
+    let stderr = stderr_of(&cargo_bin_cmd!("consignment-cli").arg(&path).output().unwrap());
+    assert!(!stderr.contains(":0: "), "{stderr}");
+}
+
+#[test]
 fn misspelt_field_is_refused_not_ignored() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("typo.json");

@@ -1,7 +1,7 @@
 //! consignment-service: registers as `consignment-service`, finds `vessel-service` by name,
 //! keeps consignments in an SQLite file (`--db`).
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use clap::Parser;
@@ -12,6 +12,7 @@ use micro_core::{
     Client, Server,
     cli::{ClientArgs, LogArgs, RegistryArgs, ServerArgs, TlsArgs},
     config::{ClientConfig, RegistryConfig},
+    error::error_chain,
 };
 
 /// Stores consignments once a vessel that can carry them is found.
@@ -44,9 +45,20 @@ struct Cli {
 const DEFAULT_METRICS_ADDRESS: &str = "127.0.0.1:0";
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> ExitCode {
     let cli = Cli::parse();
     cli.log.init("consignment_service=info,micro_core=info");
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // One line, `error: what: why`, as every binary of the workspace prints it.
+            eprintln!("error: {}", error_chain(&*err));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     let db = cli.db.clone();
     let repository = tokio::task::spawn_blocking(move || SqliteRepository::open(&db))
         .await?

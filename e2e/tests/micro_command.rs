@@ -75,15 +75,24 @@ async fn why_suggests_a_near_name_that_is_registered() {
     wait_for(&registry, &name, 1).await;
     let typo = name.replacen("vessel", "vesel", 1);
     let (ok, out, err) = micro(&["why", &typo, "--lookup-timeout", "500"], &[]);
-    assert!(ok, "{err}");
+    assert!(!ok, "nothing is pickable under the typo: {out}{err}");
     assert!(out.contains(&format!("no instance of {typo} in registry mdns")), "{out}");
     assert!(out.contains("similar names registered") && out.contains(&name), "{out}");
+    // Every command that takes a name suggests it, over mDNS too.
+    for command in ["describe", "health", "call"] {
+        let (ok, _, err) = micro(
+            &[command, &typo, "greeter.Greeter/SayHello"][..if command == "call" { 3 } else { 2 }],
+            &[],
+        );
+        assert!(!ok && err.contains(&format!("did you mean {name}?")), "{command}: {err}");
+    }
 }
 
 #[test]
 fn on_the_memory_registry_micro_sees_only_its_own_process() {
     let (ok, out, err) = micro(&["services"], &[("MICRO_REGISTRY", "memory")]);
     assert!(ok && out.trim().is_empty(), "{out}{err}");
+    assert!(err.contains("no services registered in registry memory"), "{err}");
     let (ok, _, err) = micro(
         &["describe", "vessel-service"],
         &[("MICRO_REGISTRY", "memory"), ("MICRO_LOOKUP_TIMEOUT", "100")],

@@ -2,9 +2,11 @@
 
 use std::{sync::Arc, time::Duration};
 
-use micro_core::{Client, Error, Node, Registry, config::TlsConfig, error::error_chain, selector::Filter};
+use micro_core::{Client, Node, Registry, config::TlsConfig, error::error_chain, selector::Filter};
 use serde::Serialize;
 use tokio::time::Instant;
+
+use crate::{exit::Failure, out};
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
@@ -36,6 +38,31 @@ pub struct Explanation {
     client_cache_ms: u128,
     next_picks: Vec<String>,
     hints: Vec<String>,
+    /// Why the look-up failed, for the exit code.
+    #[serde(skip)]
+    lookup_failure: Option<Failure>,
+}
+
+impl Explanation {
+    /// Why a client could not call the name, if it could not: not found, registry
+    /// unreachable, or found with no instance pickable.
+    pub fn failure(self) -> Option<Failure> {
+        if let Some(failure) = self.lookup_failure {
+            return Some(failure);
+        }
+        let pickable = self.instances.iter().any(|v| v.verdict == "pickable");
+        let verdicts: Vec<String> =
+            self.instances.iter().map(|v| format!("{}: {}", v.node.id, v.verdict)).collect();
+        (!pickable).then(|| {
+            Failure::NotServing(format!(
+                "{} has {} instance(s) in {} and none is pickable: {}",
+                self.name,
+                self.instances.len(),
+                self.registry,
+                verdicts.join("; ")
+            ))
+        })
+    }
 }
 
 /// Asks `instance`'s grpc.health.v1 service about the whole server.
@@ -95,17 +122,18 @@ pub async fn explain(
     }
     let wanted = (version, metadata);
     let started = Instant::now();
-    let lookup = registry.lookup(name).await;
+    // Fails at once, with the closest registered name, when the registry lists others.
+    let lookup = crate::lookup::find(&registry, name).await;
     let lookup_ms = started.elapsed().as_millis();
     let mut hints = Vec::new();
+    let mut lookup_failure = None;
     let (nodes, lookup_error) = match lookup {
         Ok(nodes) => (nodes, None),
-        Err(err) => {
-            if let Error::NoInstance { .. } = err {
+        Err(failure) => {
+            if let Failure::NotFound(_) = failure {
                 let names = registry.list_services().await.unwrap_or_default();
-                let similar: Vec<&String> = names.iter().filter(|n| similar(n, name)).collect();
-                if !similar.is_empty() {
-                    hints.push(format!("similar names registered: {similar:?}"));
+                if let Some(near) = crate::lookup::suggestion(name, &names) {
+                    hints.push(format!("did you mean {near}? similar names registered: [{near:?}]"));
                 } else if !names.is_empty() {
                     hints.push(format!("names registered: {names:?}"));
                 }
@@ -115,7 +143,9 @@ pub async fn explain(
                 "consul" => format!("is the service's check passing? see http://{}/v1/health/checks/{name}", registry.address()),
                 _ => "the memory registry only holds services of this process".into(),
             });
-            (Vec::new(), Some(error_chain(&err)))
+            let message = failure.message().to_owned();
+            lookup_failure = Some(failure);
+            (Vec::new(), Some(message))
         }
     };
 
@@ -153,6 +183,7 @@ pub async fn explain(
         hints.push("no instance can take calls: see each verdict".into());
     }
     Explanation {
+        lookup_failure,
         name: name.to_owned(),
         registry: registry.kind().to_owned(),
         registry_address: registry.address(),
@@ -166,64 +197,39 @@ pub async fn explain(
     }
 }
 
-/// Names within two edits, or one containing the other.
-fn similar(a: &str, b: &str) -> bool {
-    a.contains(b) || b.contains(a) || edit_distance(a, b) <= 2
-}
-
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut previous = row[0];
-        row[0] = i + 1;
-        for (j, cb) in b.iter().enumerate() {
-            let substitution = previous + usize::from(ca != *cb);
-            previous = row[j + 1];
-            row[j + 1] = substitution.min(row[j] + 1).min(row[j + 1] + 1);
-        }
-    }
-    row[b.len()]
-}
-
 /// Prints the explanation for people.
 pub fn print(explanation: &Explanation) {
     let e = explanation;
-    println!(
+    out::line(format!(
         "registry {} at {}: looked up {:?} in {} ms",
         e.registry, e.registry_address, e.name, e.lookup_ms
-    );
+    ));
     if let Some(error) = &e.lookup_error {
-        println!("  {error}");
+        out::line(format!("  {error}"));
     }
     for v in &e.instances {
-        println!(
+        out::line(format!(
             "  {} at {} version {:?} health {}: {}",
             v.node.id, v.node.address, v.node.version, v.health, v.verdict
-        );
+        ));
     }
-    println!("client cache: {} instance(s) known after {} ms", e.client_cache_known, e.client_cache_ms);
+    out::line(format!(
+        "client cache: {} instance(s) known after {} ms",
+        e.client_cache_known, e.client_cache_ms
+    ));
     if !e.next_picks.is_empty() {
-        println!("next picks (round robin): {}", e.next_picks.join(", "));
+        out::line(format!("next picks (round robin): {}", e.next_picks.join(", ")));
     }
     for hint in &e.hints {
-        println!("hint: {hint}");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn near_names_are_suggested() {
-        assert!(similar("vessel-service", "vesel-service"));
-        assert!(similar("vessel-service", "vessel"));
-        assert!(!similar("vessel-service", "consignment-service"));
+        out::line(format!("hint: {hint}"));
     }
 }
 
 /// Settings for a probe: a short connect timeout, the caller's TLS.
 fn probe_config(tls: Option<&TlsConfig>) -> micro_core::config::ClientConfig {
-    micro_core::config::ClientConfig { connect_timeout: PROBE_TIMEOUT, tls: tls.cloned(), ..Default::default() }
+    micro_core::config::ClientConfig {
+        connect_timeout: PROBE_TIMEOUT,
+        tls: tls.cloned(),
+        ..Default::default()
+    }
 }

@@ -6,14 +6,40 @@
 //!
 //! | concept | module |
 //! | --- | --- |
+//! | one line to a service or client configured by flags and environment (feature `cli`) | `service` |
 //! | where instances are listed | [`registry`] |
 //! | which instance gets a call | [`selector`] |
 //! | calling a name | [`client`] |
 //! | serving under a name | [`server`] |
-//! | settings as plain values | [`config`] |
+//! | settings as plain values; they never read the environment | [`config`] |
 //! | flags and environment, log set-up for binaries (feature `cli`) | `cli` |
 //!
 //! # Examples
+//! A service in one line: `service(name)` reads the standard flags and environment
+//! (`MICRO_REGISTRY`, `MICRO_SERVER_ADDRESS`, `MICRO_TLS_*`, `RUST_LOG`, …; `--help` lists
+//! them), installs logging, and serves reflection for the descriptors it is given:
+//! ```no_run
+//! # async fn demo(fleet: impl proto::vessel::vessel_service_server::VesselService) -> micro_core::Result<()> {
+//! use proto::vessel::vessel_service_server::VesselServiceServer;
+//!
+//! micro_core::service("vessel-service")
+//!     .file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+//!     .add_service(VesselServiceServer::new(fleet))
+//!     .run()
+//!     .await
+//! # }
+//! ```
+//! A client in one line, on the same settings:
+//! ```no_run
+//! # async fn demo() -> micro_core::Result<()> {
+//! use proto::vessel::vessel_service_client::VesselServiceClient;
+//!
+//! let client = micro_core::service("vessel-finder").client().await?;
+//! let vessels = VesselServiceClient::new(client.channel("vessel-service"));
+//! # Ok(()) }
+//! ```
+//! The long form reads nothing from the environment: every setting is a plain value, and
+//! [`config::RegistryConfig::default()`] is mDNS whatever `MICRO_REGISTRY` says.
 //! ```no_run
 //! # async fn demo() -> micro_core::Result<()> {
 //! use micro_core::{Client, config::RegistryConfig};
@@ -32,8 +58,12 @@ pub mod middleware;
 pub mod registry;
 pub mod selector;
 pub mod server;
+#[cfg(feature = "cli")]
+pub mod service;
 
 pub use client::{Client, NamedChannel};
 pub use error::{BoxError, Error, Result};
 pub use registry::{Node, Registry};
 pub use server::{RunningServer, Server};
+#[cfg(feature = "cli")]
+pub use service::{Service, service};

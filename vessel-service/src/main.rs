@@ -1,6 +1,6 @@
 //! vessel-service: registers as `vessel-service` and serves `VesselService.FindAvailable`.
 
-use std::path::PathBuf;
+use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::Context;
 use clap::Parser;
@@ -8,6 +8,7 @@ use micro_core::{
     Server,
     cli::{LogArgs, RegistryArgs, ServerArgs, TlsArgs},
     config::RegistryConfig,
+    error::error_chain,
 };
 use proto::vessel::vessel_service_server::VesselServiceServer;
 use vessel_service::{Fleet, VesselHandler};
@@ -33,9 +34,20 @@ struct Cli {
 const DEFAULT_METRICS_ADDRESS: &str = "127.0.0.1:0";
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> ExitCode {
     let cli = Cli::parse();
     cli.log.init("vessel_service=info,micro_core=info");
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // One line, `error: what: why`, as every binary of the workspace prints it.
+            eprintln!("error: {}", error_chain(&*err));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     let fleet = match &cli.fleet {
         Some(path) => Fleet::from_json_file(path)?,
         None => Fleet::default(),

@@ -164,7 +164,10 @@ impl Server {
         self.config.validate()?;
         validate_service_name(&self.name)?;
         validate_metadata(&self.version, &self.metadata)?;
-        let registry = self.registry.unwrap_or_else(|| Arc::new(MemoryRegistry::global()));
+        let registry = self.registry.unwrap_or_else(|| {
+            tracing::warn!(service = %self.name, "no registry given: using this process's memory registry, which no other process sees; pass .registry(config.connect().await?) with a RegistryConfig of kind mdns or consul, or build with micro_core::service(..), which reads MICRO_REGISTRY");
+            Arc::new(MemoryRegistry::global())
+        });
         let listener = TcpListener::bind(self.config.address)
             .await
             .map_err(|source| Error::Bind { address: self.config.address, source })?;
