@@ -6,9 +6,16 @@
 //!
 //! # Examples
 //! ```no_run
-//! let agent = e2e::consul::ConsulAgent::start();
+//! # async fn demo() {
+//! let agent = e2e::consul::ConsulAgent::start_async().await;
 //! println!("Consul HTTP API at {}", agent.http_address());
+//! let agent = agent.restarted().await; // a fresh agent on the same ports
+//! # drop(agent); }
 //! ```
+//!
+//! Starting, stopping and restarting wait for the agent: the plain methods block the
+//! calling thread (for synchronous callers); async tests use the `async` ones, which wait
+//! on a blocking thread instead of the test's runtime.
 
 use std::{
     fs::File,
@@ -55,6 +62,35 @@ impl ConsulAgent {
     /// `master_token` as the management token: a request without a token may do nothing.
     pub fn start_with_acls(master_token: &str) -> ConsulAgent {
         Self::start_with(Some(master_token.to_owned()))
+    }
+
+    /// [`ConsulAgent::start`] for async code: it waits on a blocking thread.
+    pub async fn start_async() -> ConsulAgent {
+        blocking(ConsulAgent::start).await
+    }
+
+    /// [`ConsulAgent::start_with_acls`] for async code: it waits on a blocking thread.
+    pub async fn start_with_acls_async(master_token: &str) -> ConsulAgent {
+        let token = master_token.to_owned();
+        blocking(move || ConsulAgent::start_with_acls(&token)).await
+    }
+
+    /// [`ConsulAgent::stop`] for async code: it waits on a blocking thread.
+    pub async fn stopped(mut self) -> ConsulAgent {
+        blocking(move || {
+            self.stop();
+            self
+        })
+        .await
+    }
+
+    /// [`ConsulAgent::restart`] for async code: it waits on a blocking thread.
+    pub async fn restarted(mut self) -> ConsulAgent {
+        blocking(move || {
+            self.restart();
+            self
+        })
+        .await
     }
 
     fn start_with(acl_master_token: Option<String>) -> ConsulAgent {
@@ -156,6 +192,14 @@ impl Drop for ConsulAgent {
             let _ = child.wait();
         }
         let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// Runs `work` on tokio's blocking threads, passing its panic on.
+async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(value) => value,
+        Err(err) => std::panic::resume_unwind(err.into_panic()),
     }
 }
 

@@ -1,9 +1,11 @@
-//! Finding the services a test started, through a real registry.
+//! Finding the instances a test started, through a real registry: the one copy of "wait
+//! until it is registered" every test uses.
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
 use micro_core::{NamedChannel, Node, Registry, registry::MdnsRegistry};
-use tokio::time::Instant;
+
+use crate::calls::poll_until;
 
 /// How long a started service may take to appear.
 pub const STARTUP: Duration = Duration::from_secs(15);
@@ -14,30 +16,26 @@ pub fn mdns() -> Arc<dyn Registry> {
     Arc::new(MdnsRegistry::new(Duration::from_secs(3)).expect("mdns daemon"))
 }
 
-/// Polls `registry` until `name` has at least `count` instances.
+/// Polls `registry` until `name` has at least `count` instances, and returns them.
 pub async fn wait_for(registry: &Arc<dyn Registry>, name: &str, count: usize) -> Vec<Node> {
-    let deadline = Instant::now() + STARTUP;
-    loop {
-        if let Ok(nodes) = registry.lookup(name).await
-            && nodes.len() >= count
-        {
-            return nodes;
-        }
-        assert!(Instant::now() < deadline, "{name} did not reach {count} instance(s) within {STARTUP:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let what = format!("{name} reaching {count} instance(s) in {}", registry.kind());
+    poll_until(what, STARTUP, async || registry.lookup(name).await.ok().filter(|nodes| nodes.len() >= count))
+        .await
+}
+
+/// Polls `registry` until `name`'s instances are exactly `ids`, and returns them.
+pub async fn wait_for_exactly(registry: &dyn Registry, name: &str, ids: &[&str]) -> Vec<Node> {
+    let want: BTreeSet<&str> = ids.iter().copied().collect();
+    let what = format!("{name} having exactly {want:?} in {}", registry.kind());
+    poll_until(what, STARTUP, async || {
+        let nodes = registry.lookup(name).await.unwrap_or_default();
+        (nodes.iter().map(|n| n.id.as_str()).collect::<BTreeSet<_>>() == want).then_some(nodes)
+    })
+    .await
 }
 
 /// Polls until `channel` can pick exactly `count` instances.
 pub async fn wait_pickable(channel: &NamedChannel, count: usize) {
-    let deadline = Instant::now() + STARTUP;
-    while channel.pickable().len() != count {
-        assert!(
-            Instant::now() < deadline,
-            "{} has {} pickable instance(s), expected {count}",
-            channel.name(),
-            channel.pickable().len()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let what = format!("{} having {count} pickable instance(s)", channel.name());
+    poll_until(what, STARTUP, async || (channel.pickable().len() == count).then_some(())).await
 }

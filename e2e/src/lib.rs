@@ -1,5 +1,6 @@
 //! Support for tests that start real processes and agents: the private network namespace
-//! check, unique names, and (in [`consul`]) a real Consul dev agent.
+//! check, unique names, waiting and paced calls ([`calls`]), and (in [`consul`]) a real
+//! Consul dev agent.
 //!
 //! # Examples
 //! ```no_run
@@ -8,6 +9,7 @@
 //! assert!(name.starts_with("vessel-service-"));
 //! ```
 
+pub mod calls;
 pub mod consul;
 pub mod discovery;
 pub mod hosts;

@@ -6,8 +6,10 @@ use std::{
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
     sync::{Mutex, OnceLock},
-    time::{Duration, Instant},
+    time::Duration,
 };
+
+use tokio::time::Instant;
 
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {
@@ -94,17 +96,18 @@ impl Process {
         assert!(status.is_ok_and(|s| s.success()), "kill -{signal} {} ({}) failed", self.pid(), self.name);
     }
 
-    /// Sends SIGTERM and waits up to `limit` for the exit.
-    pub fn terminate(&mut self, limit: Duration) -> ExitStatus {
+    /// Sends SIGTERM and waits up to `limit` for the exit, without blocking the runtime.
+    pub async fn terminate(&mut self, limit: Duration) -> ExitStatus {
         self.signal("TERM");
-        self.wait(limit)
+        self.wait(limit).await
     }
 
-    /// Waits up to `limit` for the process to exit; panics with its log if it does not.
-    pub fn wait(&mut self, limit: Duration) -> ExitStatus {
+    /// Waits up to `limit` for the process to exit, without blocking the runtime; panics
+    /// with its log if it does not.
+    pub async fn wait(&mut self, limit: Duration) -> ExitStatus {
         let deadline = Instant::now() + limit;
         loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
+            if let Some(status) = self.exit_status() {
                 return status;
             }
             assert!(
@@ -113,7 +116,7 @@ impl Process {
                 self.name,
                 self.log()
             );
-            std::thread::sleep(Duration::from_millis(20));
+            tokio::time::sleep(crate::calls::POLL_EVERY).await;
         }
     }
 }

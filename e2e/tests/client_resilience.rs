@@ -1,25 +1,23 @@
 //! The client under failure, with real processes over real mDNS in the private namespace:
 //! failover under load, even spread and filters, deadlines, no resend of non-idempotent
-//! calls, rolling restarts, and a registry that goes away.
+//! calls, rolling restarts; and, over a real Consul agent, a registry that goes away.
 
-use std::{
-    collections::HashMap,
-    path::Path,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
-    },
-    time::Duration,
-};
+use std::{path::Path, sync::Arc, time::Duration};
 
 use e2e::{
+    calls::CallStream,
+    consul::ConsulAgent,
     discovery::{mdns, wait_for, wait_pickable},
     process::Process,
+    require_private_netns,
     shippy::fleet_file,
     unique_name,
 };
 use micro_core::{
-    Client, NamedChannel, Registry, config::ClientConfig, registry::MdnsRegistry, selector::Filter,
+    Client, Error, NamedChannel, Registry,
+    config::ClientConfig,
+    registry::ConsulRegistry,
+    selector::{Filter, StrategyKind},
 };
 use proto::{
     consignment::{Consignment, Container, GetRequest, shipping_service_client::ShippingServiceClient},
@@ -50,47 +48,13 @@ async fn find(vessels: &mut VesselServiceClient<NamedChannel>) -> Result<String,
     Ok(reply.into_inner().vessel.expect("a vessel").id)
 }
 
-/// Calls made by [`call_stream`]: who answered and when, and every failure.
-#[derive(Default)]
-struct Tally {
-    served: Mutex<Vec<(String, Instant)>>,
-    failures: Mutex<Vec<String>>,
-    done: AtomicUsize,
-}
-
-/// `workers` callers, each pausing `pace` between calls, until `total` calls or `stop`.
-fn call_stream(
-    channel: NamedChannel,
-    workers: usize,
-    pace: Duration,
-    total: usize,
-    stop: Arc<AtomicBool>,
-) -> (Arc<Tally>, Vec<tokio::task::JoinHandle<()>>) {
-    let tally = Arc::new(Tally::default());
-    let handles = (0..workers)
-        .map(|_| {
-            let (tally, stop) = (tally.clone(), stop.clone());
-            let mut vessels = VesselServiceClient::new(channel.clone());
-            tokio::spawn(async move {
-                while !stop.load(Ordering::Relaxed) && tally.done.fetch_add(1, Ordering::SeqCst) < total {
-                    match find(&mut vessels).await {
-                        Ok(label) => tally.served.lock().unwrap().push((label, Instant::now())),
-                        Err(status) => tally.failures.lock().unwrap().push(format!("{status:?}")),
-                    }
-                    tokio::time::sleep(pace).await;
-                }
-            })
-        })
-        .collect();
-    (tally, handles)
-}
-
-async fn calls_done_reach(tally: &Tally, count: usize) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while tally.done.load(Ordering::SeqCst) < count {
-        assert!(Instant::now() < deadline, "the call stream stalled");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+/// `workers` callers of FindAvailable, each pausing `pace` between calls, up to `total`.
+fn call_stream(channel: NamedChannel, workers: usize, pace: Duration, total: usize) -> CallStream {
+    let vessels = VesselServiceClient::new(channel);
+    CallStream::start(workers, pace, total, move || {
+        let mut vessels = vessels.clone();
+        async move { find(&mut vessels).await }
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -104,20 +68,16 @@ async fn sigkill_of_one_instance_fails_no_call_and_a_new_one_is_used_within_2s()
     let channel = client(registry).channel(&name);
     wait_pickable(&channel, 3).await;
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let (tally, workers) = call_stream(channel, 4, Duration::from_millis(8), 2_000, stop);
-    calls_done_reach(&tally, 500).await;
+    let stream = call_stream(channel, 4, Duration::from_millis(8), 2_000);
+    stream.until_done(500).await;
     doomed.signal("KILL");
-    calls_done_reach(&tally, 800).await;
+    stream.until_done(800).await;
     let _v4 = vessel(&name, &fleet_file(dir.path(), "v4"), &[]);
     let v4_started = Instant::now();
-    for worker in workers {
-        worker.await.unwrap();
-    }
+    let tally = stream.join().await;
 
-    let failures = tally.failures.lock().unwrap();
-    assert!(failures.is_empty(), "{} failed calls, e.g. {:?}", failures.len(), failures.first());
-    let served = tally.served.lock().unwrap();
+    tally.assert_no_failures();
+    let served = &tally.served;
     assert_eq!(served.len(), 2_000);
     let first_v4 = served.iter().find(|(label, _)| label == "v4").map(|(_, at)| *at - v4_started);
     assert!(
@@ -136,19 +96,14 @@ async fn round_robin_is_even_and_the_version_filter_is_strict() {
     let _c = vessel(&name, &fleet_file(dir.path(), "c"), &v1);
     let _z = vessel(&name, &fleet_file(dir.path(), "z"), &[("MICRO_SERVER_VERSION", "2")]);
     wait_for(&registry, &name, 4).await;
-    let channel = client(registry).channel_with(&name, Filter::new().version("1"));
+    let round_robin = ClientConfig { strategy: StrategyKind::RoundRobin, ..ClientConfig::default() };
+    let channel = client(registry).config(round_robin).channel_with(&name, Filter::new().version("1"));
     wait_pickable(&channel, 3).await;
     assert_eq!(channel.instances().len(), 4);
 
-    let (tally, workers) = call_stream(channel, 6, Duration::ZERO, 3_000, Arc::default());
-    for worker in workers {
-        worker.await.unwrap();
-    }
-    assert!(tally.failures.lock().unwrap().is_empty());
-    let mut counts: HashMap<String, usize> = HashMap::new();
-    for (label, _) in tally.served.lock().unwrap().iter() {
-        *counts.entry(label.clone()).or_default() += 1;
-    }
+    let tally = call_stream(channel, 6, Duration::ZERO, 3_000).join().await;
+    tally.assert_no_failures();
+    let counts = tally.counts();
     assert_eq!(counts.get("z"), None, "version 2 got calls: {counts:?}");
     for label in ["a", "b", "c"] {
         let count = counts.get(label).copied().unwrap_or(0);
@@ -219,7 +174,7 @@ async fn a_non_idempotent_call_that_reached_a_dying_server_is_not_sent_again() {
     assert!(matches!(status.code(), Code::Unknown | Code::Unavailable), "{status:?}");
     assert!(status.message().contains("outcome unknown"), "{status:?}");
     assert!(
-        !dying.wait(Duration::from_secs(5)).success(),
+        !dying.wait(Duration::from_secs(5)).await.success(),
         "the dying instance should have exited on the call"
     );
     assert!(nodes.iter().any(|n| status.message().contains(&n.id)), "the instance must be named: {status:?}");
@@ -238,7 +193,7 @@ async fn a_non_idempotent_call_refused_before_sending_is_retried_elsewhere() {
     let _healthy = fault_server(&name, "healthy", &[]);
     wait_for(&registry, &name, 2).await;
     gone.signal("KILL"); // no goodbye: the registry still lists it
-    gone.wait(Duration::from_secs(5));
+    gone.wait(Duration::from_secs(5)).await;
     let channel = client(registry.clone()).channel(&name);
     wait_pickable(&channel, 2).await;
     let mut shipping = ShippingServiceClient::new(channel);
@@ -258,58 +213,66 @@ async fn rolling_restart_of_every_instance_fails_no_call() {
     let channel = client(registry).channel(&name);
     wait_pickable(&channel, 3).await;
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let (tally, workers) =
-        call_stream(channel.clone(), 4, Duration::from_millis(5), usize::MAX, stop.clone());
+    let stream = call_stream(channel.clone(), 4, Duration::from_millis(5), usize::MAX);
     for (i, instance) in instances.iter_mut().enumerate() {
         let mut old =
             std::mem::replace(instance, vessel(&name, &fleet_file(dir.path(), &format!("new{i}")), &[]));
-        assert!(old.terminate(Duration::from_secs(15)).success(), "{}", old.log());
+        assert!(old.terminate(Duration::from_secs(15)).await.success(), "{}", old.log());
         wait_pickable(&channel, 3).await;
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    stop.store(true, Ordering::Relaxed);
-    for worker in workers {
-        worker.await.unwrap();
-    }
-    let failures = tally.failures.lock().unwrap();
-    assert!(failures.is_empty(), "{} failed calls, e.g. {:?}", failures.len(), failures.first());
-    let served = tally.served.lock().unwrap();
+    let settled = stream.done() + 40;
+    stream.until_done(settled).await;
+    let tally = stream.finish().await;
+    tally.assert_no_failures();
+    let served = &tally.served;
     assert!(served.iter().any(|(label, _)| label.starts_with("new")), "no call reached a new instance");
     assert!(served.len() > 100, "only {} calls made", served.len());
 }
 
+/// The registry goes away and every look-up fails, while the instance still serves: the
+/// client keeps the instances it knows (its keep-on-error path) and calls go on.
+///
+/// This runs on Consul, not mDNS. A SIGKILLed mDNS responder sends no goodbye, so every
+/// mDNS cache, the client's own included, keeps its records for their 120 s TTL: the
+/// client's look-ups kept answering with the instance and its keep-on-error path was never
+/// taken. A stopped Consul agent makes each look-up fail with a registry error, so the
+/// client's refresh (every second here) meets that error on every tick.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_keep_succeeding_from_the_cache_while_the_registry_is_gone() {
-    let registry = mdns();
+    require_private_netns();
+    let agent = ConsulAgent::start_async().await;
     let (name, dir) = (unique_name("vessel"), tempfile::tempdir().unwrap());
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let address = format!("127.0.0.1:{port}");
-    // The gRPC server registers nowhere others look; a separate responder announces it.
-    let _server = vessel(
-        &name,
-        &fleet_file(dir.path(), "cached"),
-        &[("MICRO_REGISTRY", "memory"), ("MICRO_SERVER_ADDRESS", &address)],
+    let address = agent.http_address();
+    let consul = [("MICRO_REGISTRY", "consul"), ("MICRO_REGISTRY_ADDRESS", address.as_str())];
+    let _server = vessel(&name, &fleet_file(dir.path(), "cached"), &consul);
+    let registry: Arc<dyn Registry> = Arc::new(
+        ConsulRegistry::builder()
+            .address(&address)
+            .lookup_timeout(Duration::from_millis(300))
+            .build()
+            .unwrap(),
     );
-    let mut responder = Process::start("micro", &["register", &name, &address], &[]);
     wait_for(&registry, &name, 1).await;
-    let config = ClientConfig { refresh_interval: Duration::from_secs(1), ..ClientConfig::default() };
-    let channel = client(registry).config(config).channel(&name);
-    let mut vessels = VesselServiceClient::new(channel);
-    assert_eq!(find(&mut vessels).await.unwrap(), "cached");
+    let refresh = Duration::from_secs(1);
+    let config = ClientConfig { refresh_interval: refresh, ..ClientConfig::default() };
+    let channel = client(registry.clone()).config(config).channel(&name);
+    wait_pickable(&channel, 1).await;
+    let stream = call_stream(channel.clone(), 1, Duration::from_millis(50), usize::MAX);
+    stream.until_done(5).await;
 
-    responder.signal("KILL");
-    responder.wait(Duration::from_secs(5));
-    let fresh: Arc<dyn Registry> = Arc::new(MdnsRegistry::new(Duration::from_millis(1500)).unwrap());
-    assert!(fresh.lookup(&name).await.is_err(), "the registry should no longer answer for {name}");
-    let outage_end = Instant::now() + Duration::from_secs(3);
-    let mut calls = 0;
-    while Instant::now() < outage_end {
-        assert_eq!(find(&mut vessels).await.expect("served from the cache"), "cached");
-        calls += 1;
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    let agent = agent.stopped().await;
+    let before = stream.served();
+    // Four refreshes, each a look-up that fails (not one that finds nothing).
+    tokio::time::sleep(4 * refresh).await;
+    match registry.lookup(&name).await {
+        Err(Error::Registry { .. }) => {}
+        other => panic!("the registry should fail while the agent is down, got {other:?}"),
     }
-    assert!(calls > 20);
-    let _responder = Process::start("micro", &["register", &name, &address], &[]);
-    assert_eq!(find(&mut vessels).await.unwrap(), "cached");
+    assert_eq!(channel.instances().len(), 1, "the channel dropped its instance on a registry error");
+    let during_outage = stream.served() - before;
+    let tally = stream.finish().await;
+    tally.assert_no_failures();
+    assert!(tally.served.iter().all(|(label, _)| label == "cached"));
+    assert!(during_outage > 20, "only {during_outage} calls while the registry was gone");
+    drop(agent);
 }

@@ -100,7 +100,11 @@ async fn a_consignment_survives_a_restart_and_a_rerun_with_its_request_id_stores
     assert!(run.stdout.contains("request id restart-test-1"), "{}", run.stdout);
     let id = created_id(&run.stdout);
 
-    assert!(first.terminate(Duration::from_secs(15)).success(), "clean exit expected:\n{}", first.log());
+    assert!(
+        first.terminate(Duration::from_secs(15)).await.success(),
+        "clean exit expected:\n{}",
+        first.log()
+    );
     let _second = consignment_service(&consignment_name, &vessel_name, &db, "2");
     wait_for_boot(&registry, &consignment_name, "2").await;
 

@@ -6,17 +6,10 @@
 //! The agent comes from `scripts/install-consul`; services get `MICRO_REGISTER_TTL=2` and
 //! `MICRO_REGISTER_INTERVAL=1` so expiry is observable in seconds.
 
-use std::{
-    collections::BTreeSet,
-    path::PathBuf,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
-    },
-    time::Duration,
-};
+use std::{collections::BTreeSet, path::PathBuf, sync::Arc, time::Duration};
 
 use e2e::{
+    calls::{CallStream, poll_until},
     consul::ConsulAgent,
     discovery::{wait_for, wait_pickable},
     process::{Process, binary},
@@ -36,9 +29,9 @@ const INTERVAL: &str = "1";
 const SOON: Duration = Duration::from_secs(10);
 
 /// A dev agent on free loopback ports; only inside the private namespace.
-fn agent() -> ConsulAgent {
+async fn agent() -> ConsulAgent {
     require_private_netns();
-    ConsulAgent::start()
+    ConsulAgent::start_async().await
 }
 
 /// Environment that points a binary at the Consul agent at `address`, with a short TTL.
@@ -108,26 +101,17 @@ async fn passing_ids(address: &str, name: &str) -> BTreeSet<String> {
     entries.iter().map(|e| e["Service"]["ID"].as_str().expect("an ID").to_owned()).collect()
 }
 
-/// Polls Consul until `done` holds for the passing ids of `name`; returns when it did.
+/// Polls Consul until `done` holds for the passing ids of `name`.
 async fn until_passing(address: &str, name: &str, limit: Duration, done: impl Fn(&BTreeSet<String>) -> bool) {
-    let deadline = Instant::now() + limit;
-    loop {
-        let ids = passing_ids(address, name).await;
-        if done(&ids) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{name}: passing in Consul after {limit:?}: {ids:?}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    let what = format!("{name} passing in Consul as wanted");
+    poll_until(what, limit, async || done(&passing_ids(address, name).await).then_some(())).await
 }
 
-/// Polls `check` every 10 ms until it holds; panics with `what` after `limit`.
+/// Polls `check` until it holds, and returns how long that took; panics with `what` after
+/// `limit`.
 async fn until(what: &str, limit: Duration, check: impl Fn() -> bool) -> Duration {
     let started = Instant::now();
-    while !check() {
-        assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    poll_until(what, limit, async || check().then_some(())).await;
     started.elapsed()
 }
 
@@ -136,45 +120,20 @@ async fn find(vessels: &mut VesselServiceClient<NamedChannel>) -> Result<String,
     Ok(reply.into_inner().vessel.expect("a vessel").id)
 }
 
-/// A paced stream of FindAvailable calls (idempotent) from one task, until stopped.
-struct CallStream {
-    served: Arc<Mutex<Vec<(String, Instant)>>>,
-    failures: Arc<Mutex<Vec<String>>>,
-    stop: Arc<AtomicBool>,
-    task: tokio::task::JoinHandle<()>,
+/// A paced stream of FindAvailable calls (idempotent) from one task, until finished.
+fn call_stream(channel: NamedChannel, pace: Duration) -> CallStream {
+    let vessels = VesselServiceClient::new(channel);
+    CallStream::start(1, pace, usize::MAX, move || {
+        let mut vessels = vessels.clone();
+        async move { find(&mut vessels).await }
+    })
 }
 
-impl CallStream {
-    fn start(channel: NamedChannel, pace: Duration) -> CallStream {
-        let served: Arc<Mutex<Vec<(String, Instant)>>> = Arc::default();
-        let failures: Arc<Mutex<Vec<String>>> = Arc::default();
-        let stop = Arc::new(AtomicBool::new(false));
-        let (s, f, halt) = (Arc::clone(&served), Arc::clone(&failures), Arc::clone(&stop));
-        let task = tokio::spawn(async move {
-            let mut vessels = VesselServiceClient::new(channel);
-            while !halt.load(Ordering::Relaxed) {
-                match find(&mut vessels).await {
-                    Ok(label) => s.lock().unwrap().push((label, Instant::now())),
-                    Err(status) => f.lock().unwrap().push(format!("{status:?}")),
-                }
-                tokio::time::sleep(pace).await;
-            }
-        });
-        CallStream { served, failures, stop, task }
-    }
-
-    fn served_count(&self) -> usize {
-        self.served.lock().unwrap().len()
-    }
-
-    /// Stops the stream and returns who answered when; panics if any call failed.
-    async fn finish(self) -> Vec<(String, Instant)> {
-        self.stop.store(true, Ordering::Relaxed);
-        self.task.await.unwrap();
-        let failures = self.failures.lock().unwrap();
-        assert!(failures.is_empty(), "{} failed calls, e.g. {:?}", failures.len(), failures.first());
-        std::mem::take(&mut *self.served.lock().unwrap())
-    }
+/// Stops the stream and returns who answered when; panics if any call failed.
+async fn finish(stream: CallStream) -> Vec<(String, Instant)> {
+    let tally = stream.finish().await;
+    tally.assert_no_failures();
+    tally.served
 }
 
 async fn run_cli(address: &str, consignment_name: &str) -> CliRun {
@@ -185,7 +144,7 @@ async fn run_cli(address: &str, consignment_name: &str) -> CliRun {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn shippy_flow_over_consul_and_consul_shows_the_instance_with_its_metadata() {
-    let agent = agent();
+    let agent = agent().await;
     let address = agent.http_address();
     let (vessel_name, consignment_name) = (unique_name("vessel"), unique_name("consignment"));
     let _vessel = vessel(&agent, &vessel_name, None, &[("MICRO_SERVER_METADATA", "zone=test,rack=r7")]);
@@ -215,7 +174,7 @@ async fn shippy_flow_over_consul_and_consul_shows_the_instance_with_its_metadata
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_deregisters_from_consul_at_once() {
-    let agent = agent();
+    let agent = agent().await;
     let address = agent.http_address();
     let name = unique_name("vessel");
     let mut vessel = vessel(&agent, &name, None, &[]);
@@ -237,7 +196,7 @@ async fn sigterm_deregisters_from_consul_at_once() {
     }
     let gone_after = stopped_at.elapsed();
     assert!(passing_ids(&address, &name).await.is_empty(), "out of the catalog, so not passing");
-    let status = tokio::task::block_in_place(|| vessel.wait(Duration::from_secs(10)));
+    let status = vessel.wait(Duration::from_secs(10)).await;
     assert!(status.success(), "clean exit expected:\n{}", vessel.log());
     assert!(vessel.log().contains("deregistered"), "{}", vessel.log());
     eprintln!("{} left Consul {gone_after:?} after SIGTERM", node.id);
@@ -245,7 +204,7 @@ async fn sigterm_deregisters_from_consul_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_turns_the_check_critical_within_the_ttl_and_clients_stop_calling_it() {
-    let agent = agent();
+    let agent = agent().await;
     let address = agent.http_address();
     let (name, dir) = (unique_name("vessel"), tempfile::tempdir().unwrap());
     let doomed = vessel(
@@ -261,8 +220,8 @@ async fn sigkill_turns_the_check_critical_within_the_ttl_and_clients_stop_callin
         nodes.iter().find(|n| n.metadata.get("label").is_some_and(|l| l == "doomed")).unwrap().id.clone();
     let channel = client(registry).channel(&name);
     wait_pickable(&channel, 2).await;
-    let stream = CallStream::start(channel.clone(), Duration::from_millis(20));
-    until("calls to both", SOON, || stream.served_count() >= 10).await;
+    let stream = call_stream(channel.clone(), Duration::from_millis(20));
+    until("calls to both", SOON, || stream.served() >= 10).await;
 
     let killed_at = Instant::now();
     doomed.signal("KILL");
@@ -297,9 +256,9 @@ async fn sigkill_turns_the_check_critical_within_the_ttl_and_clients_stop_callin
     .await;
     assert!(channel.pickable().iter().all(|n| n.id != doomed_id));
     let removed_at = Instant::now();
-    until("more calls", SOON, || stream.served_count() >= 20).await;
+    until("more calls", SOON, || stream.served() >= 20).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let served = stream.finish().await;
+    let served = finish(stream).await;
     assert!(
         served.iter().any(|(label, at)| label == "doomed" && *at < killed_at),
         "the doomed instance never served"
@@ -312,7 +271,7 @@ async fn sigkill_turns_the_check_critical_within_the_ttl_and_clients_stop_callin
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_both_serve_and_a_stopped_one_leaves_the_client_within_1s() {
-    let agent = agent();
+    let agent = agent().await;
     let address = agent.http_address();
     let (name, dir) = (unique_name("vessel"), tempfile::tempdir().unwrap());
     let _a =
@@ -333,8 +292,8 @@ async fn two_instances_both_serve_and_a_stopped_one_leaves_the_client_within_1s(
     }
     assert_eq!(served_by, BTreeSet::from(["a".to_owned(), "b".to_owned()]));
 
-    let stream = CallStream::start(channel.clone(), Duration::from_millis(10));
-    until("calls before the stop", SOON, || stream.served_count() >= 20).await;
+    let stream = call_stream(channel.clone(), Duration::from_millis(10));
+    until("calls before the stop", SOON, || stream.served() >= 20).await;
     let stopped_at = Instant::now();
     b.signal("TERM");
     let unpickable_after = until("b stops being picked", Duration::from_secs(1), || {
@@ -347,10 +306,10 @@ async fn two_instances_both_serve_and_a_stopped_one_leaves_the_client_within_1s(
         channel.instances().iter().all(|n| n.id != b_id)
     })
     .await;
-    assert!(tokio::task::block_in_place(|| b.wait(Duration::from_secs(10))).success(), "{}", b.log());
-    let count = stream.served_count();
-    until("calls after the stop", SOON, || stream.served_count() >= count + 20).await;
-    let served = stream.finish().await;
+    assert!(b.wait(Duration::from_secs(10)).await.success(), "{}", b.log());
+    let count = stream.served();
+    until("calls after the stop", SOON, || stream.served() >= count + 20).await;
+    let served = finish(stream).await;
     let after: Vec<&String> = served.iter().filter(|(_, at)| *at > left_consul).map(|(l, _)| l).collect();
     assert!(after.iter().all(|l| *l == "a"), "b answered after it left: {after:?}");
     eprintln!(
@@ -361,7 +320,7 @@ async fn two_instances_both_serve_and_a_stopped_one_leaves_the_client_within_1s(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn services_register_again_after_an_agent_restart_and_calls_go_on_meanwhile() {
-    let mut agent = agent();
+    let agent = agent().await;
     let address = agent.http_address();
     let (vessel_name, consignment_name) = (unique_name("vessel"), unique_name("consignment"));
     let vessel = vessel(&agent, &vessel_name, None, &[]);
@@ -371,27 +330,27 @@ async fn services_register_again_after_an_agent_restart_and_calls_go_on_meanwhil
     let consignment_id = wait_for(&registry, &consignment_name, 1).await.remove(0).id;
     let channel = client(registry).channel(&vessel_name);
     wait_pickable(&channel, 1).await;
-    let stream = CallStream::start(channel, Duration::from_millis(20));
-    until("first calls", SOON, || stream.served_count() >= 5).await;
+    let stream = call_stream(channel, Duration::from_millis(20));
+    until("first calls", SOON, || stream.served() >= 5).await;
 
-    let before = stream.served_count();
-    tokio::task::block_in_place(|| agent.stop());
-    let during_outage = stream.served_count();
+    let before = stream.served();
+    let agent = agent.stopped().await;
+    let during_outage = stream.served();
     assert!(passing(&address, &vessel_name).await.is_none(), "the agent should be gone");
     tokio::time::sleep(Duration::from_secs(1)).await;
     let restarted_at = Instant::now();
-    tokio::task::block_in_place(|| agent.restart());
+    let _agent = agent.restarted().await;
     let back_after = restarted_at.elapsed();
-    let calls_while_down = stream.served_count() - before;
+    let calls_while_down = stream.served() - before;
 
     until_passing(&address, &vessel_name, Duration::from_secs(5), |ids| ids.contains(&vessel_id)).await;
     until_passing(&address, &consignment_name, Duration::from_secs(5), |ids| ids.contains(&consignment_id))
         .await;
     let registered_again = restarted_at.elapsed();
     assert!(vessel.log().contains("registered again"), "{}", vessel.log());
-    let count = stream.served_count();
-    until("calls after the restart", SOON, || stream.served_count() >= count + 10).await;
-    stream.finish().await;
+    let count = stream.served();
+    until("calls after the restart", SOON, || stream.served() >= count + 10).await;
+    finish(stream).await;
     assert!(calls_while_down >= 20, "only {calls_while_down} calls while the agent was down");
     assert!(during_outage >= before);
 
@@ -414,7 +373,7 @@ async fn a_wrong_agent_address_fails_fast_naming_it_and_consul() {
 
     let started = Instant::now();
     let mut service = service("vessel-service", &address, &unique_name("vessel"), &[], &[]);
-    let status = tokio::task::block_in_place(|| service.wait(Duration::from_secs(10)));
+    let status = service.wait(Duration::from_secs(10)).await;
     let service_took = started.elapsed();
     assert!(!status.success(), "vessel-service must fail without an agent:\n{}", service.log());
     let log = service.log();
@@ -442,16 +401,16 @@ async fn a_wrong_agent_address_fails_fast_naming_it_and_consul() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn with_registry_retry_a_service_waits_for_the_agent_and_then_registers() {
-    let mut agent = agent();
+    let agent = agent().await;
     let address = agent.http_address();
-    tokio::task::block_in_place(|| agent.stop());
+    let agent = agent.stopped().await;
     let name = unique_name("vessel");
     let mut vessel = service("vessel-service", &address, &name, &["--registry-retry"], &[]);
     until("a retry warning", SOON, || vessel.log().contains("trying again")).await;
     assert!(vessel.exit_status().is_none(), "it should wait for the agent, not exit:\n{}", vessel.log());
 
     let agent_started = Instant::now();
-    tokio::task::block_in_place(|| agent.restart());
+    let agent = agent.restarted().await;
     let node = wait_for(&registry(&agent), &name, 1).await.remove(0);
     let registered_after = agent_started.elapsed();
     assert!(registered_after < SOON, "registered {registered_after:?} after the agent started");

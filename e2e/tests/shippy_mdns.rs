@@ -108,7 +108,11 @@ async fn instance_stopped_with_sigterm_vanishes_from_other_processes_within_2s()
     assert!(matches!(changes.next().await, Some(Ok(Change::Insert(..)))));
 
     let stopped_at = Instant::now();
-    assert!(vessel.terminate(Duration::from_secs(10)).success(), "clean exit expected:\n{}", vessel.log());
+    assert!(
+        vessel.terminate(Duration::from_secs(10)).await.success(),
+        "clean exit expected:\n{}",
+        vessel.log()
+    );
     let removed = timeout(Duration::from_secs(2), async {
         while let Some(change) = changes.next().await {
             if let Ok(Change::Remove(id)) = change

@@ -58,6 +58,17 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The server could not bind its metrics address.
+    #[error(
+        "could not serve metrics at {address}: {source}; is the port free and the address local? (set MICRO_METRICS_ADDRESS to another ip:port, or off)"
+    )]
+    MetricsBind {
+        /// The metrics address that was asked for.
+        address: SocketAddr,
+        /// The operating system's reason.
+        #[source]
+        source: std::io::Error,
+    },
     /// An instance was picked but the call to it failed in transport.
     #[error("{service} instance {node} at {address} (registry {registry}): {source}")]
     Transport {
@@ -105,7 +116,7 @@ impl From<Error> for tonic::Status {
             }
             Error::InvalidArgument { .. } => tonic::Status::invalid_argument(message),
             Error::Timeout { .. } => tonic::Status::deadline_exceeded(message),
-            Error::Bind { .. } | Error::Serve(_) => {
+            Error::Bind { .. } | Error::MetricsBind { .. } | Error::Serve(_) => {
                 tracing::error!(error = %message, "internal error");
                 tonic::Status::internal("internal server error")
             }

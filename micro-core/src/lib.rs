@@ -53,6 +53,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod error;
+pub mod labels;
 pub mod metrics;
 pub mod middleware;
 pub mod registry;

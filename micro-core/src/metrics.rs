@@ -13,8 +13,9 @@
 //! # Examples
 //! ```no_run
 //! # async fn demo() -> std::io::Result<()> {
-//! let address = micro_core::metrics::serve("127.0.0.1:0".parse().unwrap()).await?;
-//! println!("scrape http://{address}/metrics");
+//! let endpoint = micro_core::metrics::serve("127.0.0.1:0".parse().unwrap()).await?;
+//! println!("scrape http://{}/metrics", endpoint.address());
+//! endpoint.stop().await; // or drop it
 //! # Ok(()) }
 //! ```
 
@@ -175,8 +176,9 @@ pub fn code_name(code: tonic::Code) -> &'static str {
     }
 }
 
-/// Serves `GET /metrics` on `address` in the background; returns the bound address.
-pub async fn serve(address: SocketAddr) -> std::io::Result<SocketAddr> {
+/// Serves `GET /metrics` on `address` in the background until the returned endpoint is
+/// stopped or dropped. A server given a metrics address owns one and stops it with itself.
+pub async fn serve(address: SocketAddr) -> std::io::Result<MetricsEndpoint> {
     let listener = tokio::net::TcpListener::bind(address).await?;
     let bound = listener.local_addr()?;
     let app = axum::Router::new().route(
@@ -185,11 +187,41 @@ pub async fn serve(address: SocketAddr) -> std::io::Result<SocketAddr> {
             ([(http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], metrics().render())
         }),
     );
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         if let Err(err) = axum::serve(listener, app).await {
             tracing::warn!(error = %err, "metrics endpoint stopped");
         }
     });
     tracing::info!(address = %bound, "metrics at /metrics");
-    Ok(bound)
+    Ok(MetricsEndpoint { address: bound, task: Some(task) })
+}
+
+/// A running `/metrics` endpoint; it stops when [stopped](MetricsEndpoint::stop) or dropped.
+#[derive(Debug)]
+pub struct MetricsEndpoint {
+    address: SocketAddr,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl MetricsEndpoint {
+    /// The address the endpoint is bound to.
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+
+    /// Stops serving and waits until the listener is closed.
+    pub async fn stop(mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for MetricsEndpoint {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
 }

@@ -5,10 +5,15 @@
 
 use std::{
     net::TcpListener,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
-use e2e::consul::ConsulAgent;
+use e2e::{
+    calls::poll_until,
+    consul::ConsulAgent,
+    discovery::{wait_for, wait_for_exactly},
+};
 use futures::StreamExt;
 use micro_core::{
     Error, Node, Registry,
@@ -43,22 +48,9 @@ async fn get(agent: &ConsulAgent, path: &str) -> Value {
     response.json().await.expect("JSON")
 }
 
-/// Polls until `lookup(name)` gives `want` instances.
-async fn wait_for_count(registry: &ConsulRegistry, name: &str, want: usize) {
-    let deadline = Instant::now() + SOON;
-    loop {
-        let count = registry.lookup(name).await.map(|n| n.len()).unwrap_or(0);
-        if count == want {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{name}: {count} passing instances, wanted {want}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn registration_lands_in_consul_with_meta_and_a_passing_ttl_check() {
-    let agent = ConsulAgent::start();
+    let agent = ConsulAgent::start_async().await;
     let registry = consul(&agent);
     let name = e2e::unique_name("visible");
     let node = node(&name, 42001);
@@ -98,7 +90,7 @@ async fn registration_lands_in_consul_with_meta_and_a_passing_ttl_check() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn instance_without_heartbeats_leaves_the_passing_list_within_its_ttl() {
-    let agent = ConsulAgent::start();
+    let agent = ConsulAgent::start_async().await;
     let registry = consul(&agent);
     let name = e2e::unique_name("ttl");
     let ttl = Duration::from_secs(2);
@@ -106,7 +98,7 @@ async fn instance_without_heartbeats_leaves_the_passing_list_within_its_ttl() {
     registry.register(&lapsing, ttl).await.unwrap();
     registry.register(&kept, ttl).await.unwrap();
     let registered = Instant::now();
-    wait_for_count(&registry, &name, 2).await;
+    wait_for_exactly(&registry, &name, &[&lapsing.id, &kept.id]).await;
 
     let mut watch = registry.watch(&name);
     for _ in 0..2 {
@@ -143,7 +135,7 @@ async fn instance_without_heartbeats_leaves_the_passing_list_within_its_ttl() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn heartbeat_after_an_agent_restart_registers_again() {
-    let mut agent = ConsulAgent::start();
+    let agent = ConsulAgent::start_async().await;
     let registry = consul(&agent);
     let name = e2e::unique_name("restart");
     let node = node(&name, 42021);
@@ -162,12 +154,7 @@ async fn heartbeat_after_an_agent_restart_registers_again() {
     });
     assert!(matches!(timeout(SOON, watch.recv()).await, Ok(Some(Ok(Change::Insert(..))))));
 
-    let agent = tokio::task::spawn_blocking(move || {
-        agent.restart();
-        agent
-    })
-    .await
-    .unwrap();
+    let agent = agent.restarted().await;
     // A dev agent forgets everything; the watch rides out the restart and reports the loss.
     match timeout(SOON, watch.recv()).await {
         Ok(Some(Ok(Change::Remove(id)))) => assert_eq!(id, node.id),
@@ -220,14 +207,9 @@ async fn missing_agent_is_a_fast_error_naming_consul_and_the_address() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn with_retry_connect_waits_for_the_agent_to_come_up() {
-    let mut agent = ConsulAgent::start();
+    let agent = ConsulAgent::start_async().await;
     let address = agent.http_address();
-    let mut agent = tokio::task::spawn_blocking(move || {
-        agent.stop();
-        agent
-    })
-    .await
-    .unwrap();
+    let agent = agent.stopped().await;
     let config = RegistryConfig {
         kind: RegistryKind::Consul,
         address: Some(address),
@@ -238,12 +220,7 @@ async fn with_retry_connect_waits_for_the_agent_to_come_up() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(!connecting.is_finished(), "connect gave up although retry is set");
 
-    let _agent = tokio::task::spawn_blocking(move || {
-        agent.restart();
-        agent
-    })
-    .await
-    .unwrap();
+    let _agent = agent.restarted().await;
     let connected = timeout(Duration::from_secs(15), connecting).await;
     assert!(matches!(connected, Ok(Ok(Ok("consul")))), "{connected:?}");
 }
@@ -251,8 +228,8 @@ async fn with_retry_connect_waits_for_the_agent_to_come_up() {
 #[tokio::test(flavor = "multi_thread")]
 async fn consul_runs_its_native_grpc_check_against_the_health_service() {
     // The server serves only what the builder always adds: health and reflection.
-    let agent = ConsulAgent::start();
-    let registry = std::sync::Arc::new(consul(&agent));
+    let agent = ConsulAgent::start_async().await;
+    let registry = Arc::new(consul(&agent));
     let name = e2e::unique_name("checked");
     let config = micro_core::config::ServerConfig {
         address: "127.0.0.1:0".parse().unwrap(),
@@ -261,8 +238,7 @@ async fn consul_runs_its_native_grpc_check_against_the_health_service() {
     let server = micro_core::Server::builder(&name).config(config).registry(registry).start().await.unwrap();
 
     // The agent's own view: the catalog gets output-only changes every few minutes.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let grpc_check = loop {
+    let grpc_check = poll_until("Consul's gRPC check succeeding", Duration::from_secs(15), async || {
         let checks = get(&agent, "/v1/agent/checks").await;
         let ours: Vec<Value> = checks
             .as_object()
@@ -273,12 +249,9 @@ async fn consul_runs_its_native_grpc_check_against_the_health_service() {
             .collect();
         assert_eq!(ours.len(), 2, "a TTL check and a gRPC check: {ours:?}");
         let grpc = ours.iter().find(|c| c["Type"] == "grpc").cloned();
-        if let Some(check) = grpc.filter(|c| c["Output"].as_str().is_some_and(|o| o.contains("success"))) {
-            break check;
-        }
-        assert!(Instant::now() < deadline, "Consul's gRPC check did not succeed: {ours:?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+        grpc.filter(|c| c["Output"].as_str().is_some_and(|o| o.contains("success")))
+    })
+    .await;
     assert_eq!(grpc_check["Status"], "passing", "{grpc_check}");
     server.stop().await.unwrap();
 }
@@ -286,7 +259,7 @@ async fn consul_runs_its_native_grpc_check_against_the_health_service() {
 #[tokio::test(flavor = "multi_thread")]
 async fn with_acls_the_token_is_sent_and_a_missing_one_is_named_in_the_error() {
     const TOKEN: &str = "3f1c0c1e-micro-test-management";
-    let agent = ConsulAgent::start_with_acls(TOKEN);
+    let agent = ConsulAgent::start_with_acls_async(TOKEN).await;
     let builder =
         || ConsulRegistry::builder().address(agent.http_address()).lookup_timeout(Duration::from_millis(300));
 
@@ -297,12 +270,13 @@ async fn with_acls_the_token_is_sent_and_a_missing_one_is_named_in_the_error() {
         assert!(message.contains(expected), "{message:?} should name {expected:?}");
     }
 
-    let trusted = builder().token(Some(TOKEN.into())).build().expect("valid address");
+    let trusted: Arc<dyn Registry> =
+        Arc::new(builder().token(Some(TOKEN.into())).build().expect("valid address"));
     trusted
         .register(&node("acl-svc", 4102), Duration::from_secs(30))
         .await
         .expect("registered with the token");
-    wait_for_count(&trusted, "acl-svc", 1).await;
+    wait_for(&trusted, "acl-svc", 1).await;
     let found = trusted.lookup("acl-svc").await.expect("lookup with the token");
     assert_eq!(found[0].address.port(), 4102);
     assert!(

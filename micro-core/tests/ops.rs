@@ -2,31 +2,15 @@
 
 use std::{sync::Arc, time::Duration};
 
-use micro_core::{Client, Server, config::ServerConfig, registry::MemoryRegistry};
-use proto::vessel::{
-    Response, Specification, Vessel,
-    vessel_service_client::VesselServiceClient,
-    vessel_service_server::{VesselService, VesselServiceServer},
+use micro_core::{Client, Server, config::ServerConfig, labels, registry::MemoryRegistry};
+use test_proto::{
+    Labelled,
+    echo::{Message, echo_client::EchoClient, echo_server::EchoServer},
+    say,
 };
-use tonic::{Request, Status};
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
-
-struct Fleet;
-
-#[tonic::async_trait]
-impl VesselService for Fleet {
-    async fn find_available(
-        &self,
-        request: Request<Specification>,
-    ) -> Result<tonic::Response<Response>, Status> {
-        if request.into_inner().capacity > 500 {
-            return Err(Status::failed_precondition("no vessel fits"));
-        }
-        Ok(tonic::Response::new(Response { vessel: Some(Vessel::default()), vessels: vec![] }))
-    }
-}
 
 fn config() -> ServerConfig {
     ServerConfig {
@@ -54,18 +38,18 @@ async fn health_is_serving_once_registered_and_not_serving_while_draining() {
     let server = Server::builder("fleet")
         .config(config())
         .registry(Arc::new(registry))
-        .add_service(VesselServiceServer::new(Fleet))
+        .add_service(EchoServer::new(Labelled::new("a")))
         .start()
         .await
         .unwrap();
     let address = server.local_addr();
     assert_eq!(health_of(address, "").await, ServingStatus::Serving);
-    assert_eq!(health_of(address, "vessel.VesselService").await, ServingStatus::Serving);
+    assert_eq!(health_of(address, test_proto::SERVICE_NAME).await, ServingStatus::Serving);
 
     let stopping = tokio::spawn(server.stop());
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(health_of(address, "").await, ServingStatus::NotServing);
-    assert_eq!(health_of(address, "vessel.VesselService").await, ServingStatus::NotServing);
+    assert_eq!(health_of(address, test_proto::SERVICE_NAME).await, ServingStatus::NotServing);
     stopping.await.unwrap().unwrap();
 }
 
@@ -84,27 +68,26 @@ async fn a_scrape_after_n_calls_counts_n_by_method_and_status() {
     let server = Server::builder("counted")
         .config(config())
         .registry(Arc::new(registry.clone()))
-        .add_service(VesselServiceServer::new(Fleet))
+        .add_service(EchoServer::new(Labelled::new("a")))
         .start()
         .await
         .unwrap();
     let metrics_address =
-        server.node().metadata.get("metrics").expect("the metrics address is announced").clone();
+        server.node().metadata.get(labels::METRICS).expect("the metrics address is announced").clone();
 
     let client = Client::new(Arc::new(registry));
-    let mut vessels = VesselServiceClient::new(client.channel("counted"));
+    let mut echo = EchoClient::new(client.channel("counted"));
     for _ in 0..7 {
-        vessels.find_available(Specification { capacity: 1, max_weight: 1 }).await.unwrap();
+        echo.say(say("hello")).await.unwrap();
     }
     for _ in 0..3 {
-        let status =
-            vessels.find_available(Specification { capacity: 900, max_weight: 1 }).await.unwrap_err();
+        let status = echo.say(Message { fail: true, ..say("no") }).await.unwrap_err();
         assert_eq!(status.code(), tonic::Code::FailedPrecondition);
     }
 
     let scrape =
         reqwest::get(format!("http://{metrics_address}/metrics")).await.unwrap().text().await.unwrap();
-    let method = r#"method="/vessel.VesselService/FindAvailable""#;
+    let method = r#"method="/echo.Echo/Say""#;
     assert_eq!(counter(&scrape, "micro_server_requests_total", &[method, r#"code="OK""#]), 7, "{scrape}");
     assert_eq!(
         counter(&scrape, "micro_server_requests_total", &[method, r#"code="FAILED_PRECONDITION""#]),

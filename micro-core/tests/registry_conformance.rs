@@ -5,13 +5,14 @@
 
 use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
+use e2e::{calls::poll_until, discovery::wait_for_exactly};
 use futures::StreamExt;
 use micro_core::{
     Error, Node, Registry,
     config::{RegistryConfig, RegistryKind},
     registry::{Change, MdnsRegistry, MemoryRegistry},
 };
-use tokio::time::{Instant, timeout};
+use tokio::time::timeout;
 
 /// Bound on anything the registry should reflect "soon".
 const SOON: Duration = Duration::from_secs(10);
@@ -25,26 +26,6 @@ fn node(name: &str, port: u16, zone: &str) -> Node {
     node
 }
 
-/// Polls `lookup` until it returns exactly `expected` (by id), then returns what it saw.
-async fn lookup_until(registry: &dyn Registry, name: &str, expected: &[&Node]) -> Vec<Node> {
-    let want: BTreeSet<&str> = expected.iter().map(|n| n.id.as_str()).collect();
-    let deadline = Instant::now() + SOON;
-    loop {
-        let seen = registry.lookup(name).await;
-        if let Ok(nodes) = &seen
-            && nodes.iter().map(|n| n.id.as_str()).collect::<BTreeSet<_>>() == want
-        {
-            return nodes.clone();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{}: lookup({name}) gave {seen:?}, wanted {want:?}",
-            registry.kind()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 async fn conformance(registry: Arc<dyn Registry>) {
     let kind = registry.kind();
     let name = e2e::unique_name("conformance");
@@ -54,7 +35,7 @@ async fn conformance(registry: Arc<dyn Registry>) {
     registry.register(&a, Duration::from_secs(30)).await.expect("register a");
     registry.register(&b, Duration::from_secs(30)).await.expect("register b");
 
-    let mut seen = lookup_until(&*registry, &name, &[&a, &b]).await;
+    let mut seen = wait_for_exactly(&*registry, &name, &[&a.id, &b.id]).await;
     seen.sort_by(|x, y| x.id.cmp(&y.id));
     let mut want = vec![a.clone(), b.clone()];
     want.sort_by(|x, y| x.id.cmp(&y.id));
@@ -72,16 +53,12 @@ async fn conformance(registry: Arc<dyn Registry>) {
         }
     }
 
-    let deadline = Instant::now() + SOON;
-    loop {
+    let names = poll_until(format!("{kind}: {name} listed"), SOON, async || {
         let names = registry.list_services().await.expect("list_services");
-        if names.contains(&name) {
-            assert!(names.is_sorted(), "{kind}: list_services must be sorted: {names:?}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "{kind}: {name} not in {names:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        names.contains(&name).then_some(names)
+    })
+    .await;
+    assert!(names.is_sorted(), "{kind}: list_services must be sorted: {names:?}");
 
     registry.deregister(&a).await.expect("deregister a");
     loop {
@@ -94,7 +71,7 @@ async fn conformance(registry: Arc<dyn Registry>) {
             other => panic!("{kind}: expected a's Remove, got {other:?}"),
         }
     }
-    lookup_until(&*registry, &name, &[&b]).await;
+    wait_for_exactly(&*registry, &name, &[&b.id]).await;
     registry.deregister(&b).await.expect("deregister b");
 
     let unknown = e2e::unique_name("nobody");
@@ -120,7 +97,7 @@ async fn mdns_registry_conforms() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn consul_registry_conforms() {
-    let agent = e2e::consul::ConsulAgent::start();
+    let agent = e2e::consul::ConsulAgent::start_async().await;
     let config = RegistryConfig {
         kind: RegistryKind::Consul,
         address: Some(agent.http_address()),

@@ -8,25 +8,13 @@ use micro_core::{
     config::{ClientConfig, ServerConfig, TlsConfig},
     registry::MemoryRegistry,
 };
-use proto::vessel::{
-    Response, Specification, Vessel,
-    vessel_service_client::VesselServiceClient,
-    vessel_service_server::{VesselService, VesselServiceServer},
-};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
-use tonic::{Request, Status};
-
-struct Fleet;
-
-#[tonic::async_trait]
-impl VesselService for Fleet {
-    async fn find_available(&self, _: Request<Specification>) -> Result<tonic::Response<Response>, Status> {
-        Ok(tonic::Response::new(Response {
-            vessel: Some(Vessel { id: "tls-vessel".into(), ..Default::default() }),
-            vessels: vec![],
-        }))
-    }
-}
+use test_proto::{
+    Labelled,
+    echo::{echo_client::EchoClient, echo_server::EchoServer},
+    say,
+};
+use tonic::Status;
 
 struct Authority {
     issuer: CertifiedIssuer<'static, KeyPair>,
@@ -53,9 +41,8 @@ impl Authority {
 }
 
 async fn call(client: &Client, name: &str) -> Result<String, Status> {
-    let mut vessels = VesselServiceClient::new(client.channel(name));
-    let reply = vessels.find_available(Specification { capacity: 1, max_weight: 1 }).await?;
-    Ok(reply.into_inner().vessel.unwrap().id)
+    let mut echo = EchoClient::new(client.channel(name));
+    Ok(echo.say(say("hello")).await?.into_inner().instance)
 }
 
 fn client_with(registry: &MemoryRegistry, tls: Option<TlsConfig>) -> Client {
@@ -64,14 +51,14 @@ fn client_with(registry: &MemoryRegistry, tls: Option<TlsConfig>) -> Client {
     Client::new(Arc::new(registry.clone())).config(config)
 }
 
-/// The fleet, registered as `vessel-tls`, serving TLS with `tls`.
+/// An echo instance labelled `tls-echo`, registered as `vessel-tls`, serving TLS with `tls`.
 async fn start_tls_server(registry: &MemoryRegistry, tls: TlsConfig) -> RunningServer {
     let config =
         ServerConfig { address: "127.0.0.1:0".parse().unwrap(), tls: Some(tls), ..ServerConfig::default() };
     Server::builder("vessel-tls")
         .config(config)
         .registry(Arc::new(registry.clone()))
-        .add_service(VesselServiceServer::new(Fleet))
+        .add_service(EchoServer::new(Labelled::new("tls-echo")))
         .start()
         .await
         .unwrap()
@@ -89,13 +76,13 @@ async fn plaintext_is_refused_and_a_client_trusting_the_ca_is_served() {
     assert_ne!(refused.code(), tonic::Code::Ok);
 
     let trusting = client_with(&registry, Some(TlsConfig { identity: None, ca: Some(authority.ca_pem()) }));
-    assert_eq!(call(&trusting, "vessel-tls").await.unwrap(), "tls-vessel");
+    assert_eq!(call(&trusting, "vessel-tls").await.unwrap(), "tls-echo");
 
     let mutual = client_with(
         &registry,
         Some(TlsConfig { identity: Some(authority.identity("cli")), ca: Some(authority.ca_pem()) }),
     );
-    assert_eq!(call(&mutual, "vessel-tls").await.unwrap(), "tls-vessel");
+    assert_eq!(call(&mutual, "vessel-tls").await.unwrap(), "tls-echo");
 
     let stranger = Authority::new();
     let distrusting = client_with(&registry, Some(TlsConfig { identity: None, ca: Some(stranger.ca_pem()) }));

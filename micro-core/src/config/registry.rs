@@ -30,13 +30,20 @@ pub enum RegistryKind {
     Memory,
 }
 
-impl fmt::Display for RegistryKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl RegistryKind {
+    /// The kind as `MICRO_REGISTRY` spells it, and as [`Registry::kind`] returns it.
+    pub const fn as_str(self) -> &'static str {
+        match self {
             RegistryKind::Mdns => "mdns",
             RegistryKind::Consul => "consul",
             RegistryKind::Memory => "memory",
-        })
+        }
+    }
+}
+
+impl fmt::Display for RegistryKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

@@ -49,8 +49,8 @@ use reqwest::{Method, StatusCode, Url};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use tokio::time::Instant;
 
-use super::{Change, Node, NodeId, RESERVED_METADATA_KEYS, Registry};
-use crate::{Error, Result};
+use super::{Change, Node, NodeId, Registry};
+use crate::{Error, Result, config::RegistryKind, labels};
 
 /// Where a local Consul agent serves its HTTP API by default.
 pub const DEFAULT_CONSUL_ADDRESS: &str = "127.0.0.1:8500";
@@ -70,10 +70,8 @@ const WATCH_MIN_INTERVAL: Duration = Duration::from_millis(50);
 const WATCH_BACKOFF: (Duration, Duration) = (Duration::from_millis(250), Duration::from_secs(15));
 /// The shortest `DeregisterCriticalServiceAfter`: Consul reaps about once a minute anyway.
 const MIN_DEREGISTER_AFTER: Duration = Duration::from_secs(60);
-/// The `Meta` key that carries the node's version.
-const VERSION_KEY: &str = "version";
-/// The `Meta` key, set to `1`, that marks a draining node.
-const DRAINING_KEY: &str = "draining";
+/// This backend's kind.
+const KIND: RegistryKind = RegistryKind::Consul;
 
 /// A registry over a Consul agent's HTTP API. Cheap to share behind an `Arc`.
 pub struct ConsulRegistry {
@@ -269,16 +267,16 @@ impl Agent {
             }
             Failure::Refused(message) => (format!("{what}: {message}"), None),
         };
-        Error::Registry { registry: "consul".into(), address: self.address.clone(), message, source }
+        Error::Registry { registry: KIND.to_string(), address: self.address.clone(), message, source }
     }
 
     /// PUT /v1/agent/service/register with a TTL check that starts out passing.
     async fn register(&self, node: &Node, ttl: Duration) -> Result<(), Failure> {
         let mut meta: BTreeMap<&str, &str> =
             node.metadata.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        meta.insert(VERSION_KEY, &node.version);
+        meta.insert(labels::VERSION, &node.version);
         if node.draining {
-            meta.insert(DRAINING_KEY, "1");
+            meta.insert(labels::DRAINING, labels::FLAG_ON);
         }
         let tags =
             if node.version.is_empty() { Vec::new() } else { vec![format!("version={}", node.version)] };
@@ -406,12 +404,13 @@ const GRPC_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 const GRPC_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The checks of a registration: the TTL check the heartbeat keeps passing and, for an
-/// instance whose `health=grpc` label says it serves `grpc.health.v1` (every SDK server
-/// does), Consul's native gRPC check of it (over TLS, not verifying the certificate, when
-/// its `tls=1` label says it serves TLS). Both start passing.
+/// instance whose reserved [`labels::HEALTH`] label says it serves `grpc.health.v1` (every
+/// SDK server sets it; users cannot), Consul's native gRPC check of it (over TLS, not
+/// verifying the certificate, when its [`labels::TLS`] label says it serves TLS). Both
+/// start passing.
 fn checks(node: &Node, ttl: Duration) -> Vec<Check> {
     let deregister_after = go_duration(ttl.saturating_mul(3).max(MIN_DEREGISTER_AFTER));
-    let tls = node.metadata.get("tls").is_some_and(|v| v == "1");
+    let tls = node.metadata.get(labels::TLS).is_some_and(|v| v == labels::FLAG_ON);
     let mut checks = vec![Check {
         check_id: check_id(&node.id),
         name: "micro heartbeat".into(),
@@ -420,7 +419,7 @@ fn checks(node: &Node, ttl: Duration) -> Vec<Check> {
         deregister_critical_service_after: deregister_after.clone(),
         ..Check::default()
     }];
-    if node.metadata.get("health").is_some_and(|v| v == "grpc") {
+    if node.metadata.get(labels::HEALTH).is_some_and(|v| v == labels::HEALTH_GRPC) {
         checks.push(Check {
             check_id: format!("{}:grpc", check_id(&node.id)),
             name: "grpc.health.v1".into(),
@@ -475,9 +474,9 @@ impl ServiceEntry {
             return None;
         };
         let mut metadata = service.meta.unwrap_or_default();
-        let version = metadata.remove(VERSION_KEY).unwrap_or_default();
-        let draining = metadata.remove(DRAINING_KEY).is_some_and(|v| v == "1");
-        metadata.retain(|key, _| !RESERVED_METADATA_KEYS.contains(&key.as_str()));
+        let version = metadata.remove(labels::VERSION).unwrap_or_default();
+        let draining = metadata.remove(labels::DRAINING).is_some_and(|v| v == labels::FLAG_ON);
+        metadata.retain(|key, _| !labels::is_registry_field(key));
         Some(Node {
             id: service.id,
             name: service.service,
@@ -507,7 +506,7 @@ fn diff(known: &mut BTreeMap<NodeId, Node>, now: Vec<Node>) -> Vec<Change<NodeId
 #[async_trait]
 impl Registry for ConsulRegistry {
     fn kind(&self) -> &'static str {
-        "consul"
+        KIND.as_str()
     }
 
     fn address(&self) -> String {
@@ -746,13 +745,13 @@ mod tests {
         let mut node = Node::new("svc", "10.0.0.5:50051".parse().unwrap());
         let bare = serde_json::to_value(checks(&node, Duration::from_secs(30))).unwrap();
         assert_eq!(bare.as_array().unwrap().len(), 1, "no health service announced, no gRPC check: {bare}");
-        node.metadata.insert("health".into(), "grpc".into());
+        node.metadata.insert(labels::HEALTH.into(), labels::HEALTH_GRPC.into());
         let plain = serde_json::to_value(checks(&node, Duration::from_secs(30))).unwrap();
         assert_eq!(plain[0]["TTL"], "30000ms");
         assert_eq!(plain[1]["GRPC"], "10.0.0.5:50051");
         assert_eq!(plain[1]["Status"], "passing");
         assert!(plain[1].get("GRPCUseTLS").is_none(), "{plain}");
-        node.metadata.insert("tls".into(), "1".into());
+        node.metadata.insert(labels::TLS.into(), labels::FLAG_ON.into());
         let tls = serde_json::to_value(checks(&node, Duration::from_secs(30))).unwrap();
         assert_eq!(tls[1]["GRPCUseTLS"], true);
         assert_eq!(tls[1]["TLSSkipVerify"], true);

@@ -1,5 +1,20 @@
 //! A registry inside one process: for tests of a single binary, examples and tools that
 //! host several services at once. Processes do not see each other's memory registry.
+//!
+//! Expiry needs no task of its own: every operation sweeps expired registrations first,
+//! and every watch sweeps while it waits, so expiry works for as long as the registry is
+//! used, on whichever runtime uses it (a background task would die with the runtime that
+//! happened to create the registry, such as the first test's).
+//!
+//! # Examples
+//! ```
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> micro_core::Result<()> {
+//! use micro_core::registry::{MemoryRegistry, Node, Registry};
+//! let registry = MemoryRegistry::new();
+//! registry.register(&Node::new("svc", "127.0.0.1:1".parse().unwrap()), std::time::Duration::from_secs(1)).await?;
+//! assert_eq!(registry.list_services().await?, ["svc"]);
+//! # Ok(()) }
+//! ```
 
 use std::{
     collections::HashMap,
@@ -8,19 +23,19 @@ use std::{
 };
 
 use async_trait::async_trait;
-use futures::stream::BoxStream;
+use futures::{StreamExt, stream::BoxStream};
 use tokio::{sync::broadcast, time::Instant};
 
 use super::{Change, Node, NodeId, Published, Registry, watch_published};
 use crate::{Error, Result};
 
-/// How often expired registrations are swept out.
+/// How often a waiting watch sweeps expired registrations out.
 const SWEEP_INTERVAL: Duration = Duration::from_millis(500);
 
 /// A registry held in this process's memory. Clones share the same entries.
 ///
-/// Registrations expire after their TTL unless registered again; expiry is swept every
-/// 500 ms and reported to watchers as a `Remove`.
+/// Registrations expire after their TTL unless registered again; an expired registration
+/// is gone from look-ups at once and reported to watchers as a `Remove` within 500 ms.
 #[derive(Clone)]
 pub struct MemoryRegistry {
     shared: Arc<Shared>,
@@ -43,14 +58,10 @@ impl Default for MemoryRegistry {
 }
 
 impl MemoryRegistry {
-    /// An empty registry. Inside a tokio runtime it also starts the expiry sweeper.
+    /// An empty registry; it starts no task, so it may be made outside a runtime.
     pub fn new() -> Self {
         let (changes, _) = broadcast::channel(1024);
-        let shared = Arc::new(Shared { services: Mutex::default(), changes });
-        if tokio::runtime::Handle::try_current().is_ok() {
-            tokio::spawn(sweep_expired(Arc::downgrade(&shared)));
-        }
-        MemoryRegistry { shared }
+        MemoryRegistry { shared: Arc::new(Shared { services: Mutex::default(), changes }) }
     }
 
     /// The registry every `MICRO_REGISTRY=memory` user in this process shares.
@@ -60,18 +71,17 @@ impl MemoryRegistry {
     }
 }
 
-async fn sweep_expired(shared: Weak<Shared>) {
-    loop {
-        tokio::time::sleep(SWEEP_INTERVAL).await;
-        let Some(shared) = shared.upgrade() else { return };
+impl Shared {
+    /// Removes every registration whose TTL ran out, telling the watchers.
+    fn sweep(&self) {
         let now = Instant::now();
-        let mut services = shared.services.lock().expect("memory registry lock");
+        let mut services = self.services.lock().expect("memory registry lock");
         for (name, nodes) in services.iter_mut() {
             nodes.retain(|id, entry| {
                 let live = entry.expires > now;
                 if !live {
                     tracing::warn!(service = %name, node = %id, "registration expired");
-                    let _ = shared.changes.send((name.clone(), Change::Remove(id.clone())));
+                    let _ = self.changes.send((name.clone(), Change::Remove(id.clone())));
                 }
                 live
             });
@@ -80,10 +90,22 @@ async fn sweep_expired(shared: Weak<Shared>) {
     }
 }
 
+/// Sweeps every [`SWEEP_INTERVAL`] while polled, for as long as the registry lives; yields
+/// nothing.
+fn sweeping(shared: Weak<Shared>) -> BoxStream<'static, Result<Change<NodeId, Node>>> {
+    futures::stream::unfold(shared, |shared| async move {
+        tokio::time::sleep(SWEEP_INTERVAL).await;
+        shared.upgrade()?.sweep();
+        Some(((), shared))
+    })
+    .filter_map(|()| futures::future::ready(None))
+    .boxed()
+}
+
 #[async_trait]
 impl Registry for MemoryRegistry {
     fn kind(&self) -> &'static str {
-        "memory"
+        crate::config::RegistryKind::Memory.as_str()
     }
 
     fn address(&self) -> String {
@@ -91,6 +113,7 @@ impl Registry for MemoryRegistry {
     }
 
     async fn register(&self, node: &Node, ttl: Duration) -> Result<()> {
+        self.shared.sweep();
         let entry = Entry { node: node.clone(), expires: Instant::now() + ttl };
         let previous = self
             .shared
@@ -121,6 +144,7 @@ impl Registry for MemoryRegistry {
     }
 
     async fn lookup(&self, name: &str) -> Result<Vec<Node>> {
+        self.shared.sweep();
         let now = Instant::now();
         let services = self.shared.services.lock().expect("memory registry lock");
         let mut nodes: Vec<Node> = services
@@ -138,6 +162,7 @@ impl Registry for MemoryRegistry {
     }
 
     async fn list_services(&self) -> Result<Vec<String>> {
+        self.shared.sweep();
         let services = self.shared.services.lock().expect("memory registry lock");
         let mut names: Vec<String> = services.keys().cloned().collect();
         names.sort();
@@ -147,18 +172,18 @@ impl Registry for MemoryRegistry {
     fn watch(&self, name: &str) -> BoxStream<'static, Result<Change<NodeId, Node>>> {
         // Subscribe before taking the snapshot, so no change falls between the two.
         let changes = self.shared.changes.subscribe();
+        self.shared.sweep();
         let current: Vec<Node> = {
             let services = self.shared.services.lock().expect("memory registry lock");
             services.get(name).into_iter().flat_map(|nodes| nodes.values()).map(|e| e.node.clone()).collect()
         };
-        watch_published(current, changes, name, self.kind(), self.address())
+        let published = watch_published(current, changes, name, self.kind(), self.address());
+        futures::stream::select(published, sweeping(Arc::downgrade(&self.shared))).boxed()
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use futures::StreamExt;
-
     use super::*;
 
     fn node(name: &str, port: u16) -> Node {
@@ -186,6 +211,33 @@ mod tests {
             Some(Ok(Change::Remove(id))) => assert_eq!(id, lapsed.id),
             other => panic!("expected the lapsed node's removal, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn expiry_outlives_the_runtime_that_made_the_registry() {
+        // Made (and first used) on a runtime that is then shut down, as `global()` is by
+        // whichever test touches it first.
+        let first = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let registry = first.block_on(async {
+            let registry = MemoryRegistry::new();
+            registry.register(&node("warm-up", 1), Duration::from_secs(60)).await.unwrap();
+            registry
+        });
+        drop(first);
+
+        let second =
+            tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build().unwrap();
+        second.block_on(async {
+            let lapsing = node("svc", 2);
+            registry.register(&lapsing, Duration::from_secs(1)).await.unwrap();
+            let mut watch = registry.watch("svc");
+            assert!(matches!(watch.next().await, Some(Ok(Change::Insert(..)))));
+            let removed = tokio::time::timeout(Duration::from_secs(5), watch.next()).await;
+            match removed {
+                Ok(Some(Ok(Change::Remove(id)))) => assert_eq!(id, lapsing.id),
+                other => panic!("expected the expired node's removal, got {other:?}"),
+            }
+        });
     }
 
     #[tokio::test]

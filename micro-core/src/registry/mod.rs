@@ -151,8 +151,10 @@ pub fn validate_service_name(name: &str) -> Result<()> {
     Ok(())
 }
 
-/// Metadata keys the registries use themselves.
-pub const RESERVED_METADATA_KEYS: [&str; 5] = ["txtvers", "name", "version", "id", "draining"];
+/// The node's own fields as registries write them beside the metadata, which decoding
+/// strips: [`crate::labels::REGISTRY_FIELDS`]. Users may set none of these, nor the SDK's
+/// own labels: [`crate::labels::RESERVED`] lists both.
+pub const RESERVED_METADATA_KEYS: [&str; 5] = crate::labels::REGISTRY_FIELDS;
 /// The longest metadata key.
 pub const MAX_METADATA_KEY_LEN: usize = 64;
 /// The longest metadata value, and the longest version.
@@ -162,7 +164,7 @@ pub const MAX_METADATA_VALUE_LEN: usize = 190;
 pub const MAX_METADATA_BYTES: usize = 768;
 
 /// Checks a node's version and metadata against limits every backend can carry: keys of
-/// `A-Z a-z 0-9 _ -` up to 64 bytes, not reserved; values up to 190 bytes; 768 bytes in all.
+/// `A-Z a-z 0-9 _ -` up to 64 bytes, not [reserved](crate::labels::RESERVED); values up to 190 bytes; 768 bytes in all.
 pub fn validate_metadata(version: &str, metadata: &BTreeMap<String, String>) -> Result<()> {
     if version.len() > MAX_METADATA_VALUE_LEN {
         return Err(Error::invalid(
@@ -180,10 +182,13 @@ pub fn validate_metadata(version: &str, metadata: &BTreeMap<String, String>) -> 
                 format!("use 1 to {MAX_METADATA_KEY_LEN} of A-Z a-z 0-9 _ -"),
             ));
         }
-        if RESERVED_METADATA_KEYS.contains(&key.as_str()) {
+        if crate::labels::is_reserved(key) {
             return Err(Error::invalid(
                 what(),
-                format!("reserved; the registry sets {RESERVED_METADATA_KEYS:?} itself"),
+                format!(
+                    "the label {key:?} is reserved: the SDK sets {:?} itself; choose another key",
+                    crate::labels::RESERVED
+                ),
             ));
         }
         if value.len() > MAX_METADATA_VALUE_LEN {
@@ -224,6 +229,10 @@ mod tests {
         let meta = |k: &str, v: &str| BTreeMap::from([(k.to_owned(), v.to_owned())]);
         assert!(validate_metadata("1.0.0", &meta("zone", "eu-1")).is_ok());
         assert!(validate_metadata("1", &meta("name", "x")).is_err(), "reserved key");
+        for label in crate::labels::RESERVED {
+            let err = validate_metadata("1", &meta(label, "grpc")).unwrap_err().to_string();
+            assert!(err.contains(&format!("{label:?}")) && err.contains("reserved"), "{err}");
+        }
         assert!(validate_metadata("1", &meta("a=b", "x")).is_err(), "'=' in key");
         assert!(validate_metadata("1", &meta("k", &"v".repeat(191))).is_err(), "long value");
         let many: BTreeMap<_, _> = (0..14).map(|i| (format!("k{i}"), "v".repeat(60))).collect();

@@ -1,6 +1,7 @@
 //! Serving by name: [`Server`] binds, registers once the listener is bound, keeps the
 //! registration alive, and on SIGINT/SIGTERM deregisters first, then drains in-flight
-//! calls, then returns.
+//! calls, then returns. [`Server::start`] gives a [`RunningServer`]: `stop()` it to drain;
+//! dropping it deregisters and stops everything it started, without draining.
 //!
 //! # Examples
 //! ```no_run
@@ -19,14 +20,9 @@
 //! # }
 //! ```
 
-use std::{
-    collections::BTreeMap,
-    convert::Infallible,
-    net::{IpAddr, Ipv4Addr, SocketAddr},
-    sync::Arc,
-};
+use std::{collections::BTreeMap, convert::Infallible, net::SocketAddr, sync::Arc};
 
-use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tokio::{net::TcpListener, sync::oneshot};
 use tonic::{
     body::Body,
     server::NamedService,
@@ -39,9 +35,18 @@ use tower::{Layer, util::BoxCloneSyncService};
 use crate::{
     Error, Result,
     config::ServerConfig,
+    labels,
     middleware::ServerTraceLayer,
     registry::{MemoryRegistry, Node, Registry, validate_metadata, validate_service_name},
 };
+
+mod advertise;
+mod running;
+
+pub use advertise::advertise_address;
+use advertise::interfaces;
+pub use running::RunningServer;
+use running::{Serving, Task, check_visible, keep_registered};
 
 /// The HTTP-level service a server's layers wrap.
 pub type HttpService = BoxCloneSyncService<http::Request<Body>, http::Response<Body>, Infallible>;
@@ -159,15 +164,42 @@ impl Server {
         self
     }
 
-    /// Binds, registers and serves in the background; see [`RunningServer::stop`].
+    /// Binds, registers and serves in the background; see [`RunningServer::stop`]. A start
+    /// that fails leaves nothing behind: no listener, no task, no registration.
     pub async fn start(mut self) -> Result<RunningServer> {
         self.config.validate()?;
         validate_service_name(&self.name)?;
         validate_metadata(&self.version, &self.metadata)?;
+        // What can fail without touching the network comes first.
+        let tls = self.tls.take().or_else(|| self.config.tls.clone());
+        let serves_tls = tls.as_ref().is_some_and(|t| t.identity.is_some());
+        let mut builder = tonic::transport::Server::builder();
+        if let Some((tls, (cert, key))) = tls.as_ref().and_then(|t| Some((t, t.identity.as_ref()?))) {
+            use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+            let mut config = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
+            if let Some(ca) = &tls.ca {
+                config = config.client_ca_root(Certificate::from_pem(ca)).client_auth_optional(true);
+            }
+            builder = builder.tls_config(config).map_err(|err| {
+                Error::invalid("MICRO_TLS_CERT/MICRO_TLS_KEY", crate::error::error_chain(&err))
+            })?;
+        }
+        let (health, health_service) = tonic_health::server::health_reporter();
+        let mut reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
+        for set in &self.descriptor_sets {
+            reflection = reflection.register_encoded_file_descriptor_set(set);
+        }
+        let reflection =
+            reflection.build_v1().map_err(|err| Error::invalid("file descriptor set", err.to_string()))?;
+        self.routes.add_service(health_service).add_service(reflection);
         let registry = self.registry.unwrap_or_else(|| {
             tracing::warn!(service = %self.name, "no registry given: using this process's memory registry, which no other process sees; pass .registry(config.connect().await?) with a RegistryConfig of kind mdns or consul, or build with micro_core::service(..), which reads MICRO_REGISTRY");
             Arc::new(MemoryRegistry::global())
         });
+
+        // From here on, each early return drops what was started so far: the listener, then
+        // the metrics endpoint (which stops when dropped).
         let listener = TcpListener::bind(self.config.address)
             .await
             .map_err(|source| Error::Bind { address: self.config.address, source })?;
@@ -178,33 +210,29 @@ impl Server {
         let mut node = Node::new(&self.name, advertised);
         node.version = self.version;
         node.metadata = self.metadata;
+        // Reserved labels, so no user label can claim them (validate_metadata refused them).
         // Every server serves grpc.health.v1; the label lets registries (Consul) check it.
-        node.metadata.insert("health".into(), "grpc".into());
-        let serves_tls = self.tls.as_ref().or(self.config.tls.as_ref()).is_some_and(|t| t.identity.is_some());
+        node.metadata.insert(labels::HEALTH.into(), labels::HEALTH_GRPC.into());
         if serves_tls {
             // Lets peers and Consul's gRPC health check know to speak TLS.
-            node.metadata.insert("tls".into(), "1".into());
+            node.metadata.insert(labels::TLS.into(), labels::FLAG_ON.into());
         }
-        if let Some(address) = self.config.metrics_address {
-            let bound =
-                crate::metrics::serve(address).await.map_err(|source| Error::Bind { address, source })?;
-            let reachable = if bound.ip().is_unspecified() {
-                SocketAddr::new(advertised.ip(), bound.port())
-            } else {
-                bound
-            };
-            node.metadata.insert("metrics".into(), reachable.to_string());
-        }
-
-        let (health, health_service) = tonic_health::server::health_reporter();
-        let mut reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
-        for set in &self.descriptor_sets {
-            reflection = reflection.register_encoded_file_descriptor_set(set);
-        }
-        let reflection =
-            reflection.build_v1().map_err(|err| Error::invalid("file descriptor set", err.to_string()))?;
-        self.routes.add_service(health_service).add_service(reflection);
+        let metrics = match self.config.metrics_address {
+            Some(address) => {
+                let endpoint = crate::metrics::serve(address)
+                    .await
+                    .map_err(|source| Error::MetricsBind { address, source })?;
+                let bound = endpoint.address();
+                let reachable = if bound.ip().is_unspecified() {
+                    SocketAddr::new(advertised.ip(), bound.port())
+                } else {
+                    bound
+                };
+                node.metadata.insert(labels::METRICS.into(), reachable.to_string());
+                Some(endpoint)
+            }
+            None => None,
+        };
 
         let (stop_serving, serving_stopped) = oneshot::channel::<()>();
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
@@ -213,18 +241,6 @@ impl Server {
             let inner = layers.iter().rev().fold(HttpService::new(routes), |inner, layer| layer(inner));
             ServerTraceLayer.layer(inner)
         });
-        let mut builder = tonic::transport::Server::builder();
-        let tls = self.tls.as_ref().or(self.config.tls.as_ref());
-        if let Some((tls, (cert, key))) = tls.and_then(|t| Some((t, t.identity.as_ref()?))) {
-            use tonic::transport::{Certificate, Identity, ServerTlsConfig};
-            let mut config = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
-            if let Some(ca) = &tls.ca {
-                config = config.client_ca_root(Certificate::from_pem(ca)).client_auth_optional(true);
-            }
-            builder = builder.tls_config(config).map_err(|err| {
-                Error::invalid("MICRO_TLS_CERT/MICRO_TLS_KEY", crate::error::error_chain(&err))
-            })?;
-        }
         let serve =
             tokio::spawn(builder.layer(stack).add_routes(self.routes.routes()).serve_with_incoming_shutdown(
                 incoming,
@@ -234,9 +250,17 @@ impl Server {
             ));
 
         if let Err(err) = registry.register(&node, self.config.register_ttl).await {
-            // Nothing may keep serving unregistered.
+            // Nothing may keep serving unregistered, nor stay half-registered (Consul may
+            // hold the service although its first heartbeat failed).
             let _ = stop_serving.send(());
             serve.abort();
+            let _ = serve.await;
+            if let Some(metrics) = metrics {
+                metrics.stop().await;
+            }
+            if let Err(cleanup) = registry.deregister(&node).await {
+                tracing::debug!(service = %node.name, error = %crate::error::error_chain(&cleanup), "nothing to withdraw after the failed registration");
+            }
             return Err(err);
         }
         crate::metrics::metrics().registry_event(registry.kind(), &node.name, "register");
@@ -245,18 +269,17 @@ impl Server {
         for name in &health_names {
             health.set_service_status(*name, ServingStatus::Serving).await;
         }
-        let heartbeat = tokio::spawn(keep_registered(registry.clone(), node.clone(), self.config.clone()));
-        tokio::spawn(check_visible(registry.clone(), node.clone()));
+        let heartbeat =
+            Task(tokio::spawn(keep_registered(registry.clone(), node.clone(), self.config.clone())));
+        let visibility = Task(tokio::spawn(check_visible(registry.clone(), node.clone())));
         Ok(RunningServer {
             node,
             bound,
             registry,
             config: self.config,
-            stop_serving,
-            serve,
-            heartbeat,
             health,
             health_names,
+            serving: Some(Serving { stop_serving, serve, heartbeat, visibility, metrics }),
         })
     }
 
@@ -274,112 +297,6 @@ impl Server {
     }
 }
 
-/// A server that is serving and registered.
-pub struct RunningServer {
-    node: Node,
-    bound: SocketAddr,
-    registry: Arc<dyn Registry>,
-    config: ServerConfig,
-    stop_serving: oneshot::Sender<()>,
-    serve: JoinHandle<Result<(), tonic::transport::Error>>,
-    heartbeat: JoinHandle<()>,
-    health: tonic_health::server::HealthReporter,
-    health_names: Vec<&'static str>,
-}
-
-impl RunningServer {
-    /// The registered instance: id, name, version, advertised address, metadata.
-    pub fn node(&self) -> &Node {
-        &self.node
-    }
-
-    /// The address the listener is bound to.
-    pub fn local_addr(&self) -> SocketAddr {
-        self.bound
-    }
-
-    /// Announces that it is draining (clients stop picking it), keeps serving for the drain
-    /// delay, deregisters, then drains in-flight calls for up to the shutdown grace, then closes.
-    pub async fn stop(self) -> Result<()> {
-        self.heartbeat.abort();
-        for name in &self.health_names {
-            self.health.set_service_status(*name, ServingStatus::NotServing).await;
-        }
-        if !self.config.drain_delay.is_zero() {
-            let draining = Node { draining: true, ..self.node.clone() };
-            match self.registry.register(&draining, self.config.register_ttl).await {
-                Ok(()) => {
-                    tracing::info!(service = %self.node.name, node = %self.node.id, delay = ?self.config.drain_delay, "draining");
-                    tokio::time::sleep(self.config.drain_delay).await;
-                }
-                Err(err) => {
-                    tracing::warn!(service = %self.node.name, error = %crate::error::error_chain(&err), "could not announce draining")
-                }
-            }
-        }
-        crate::metrics::metrics().registry_event(self.registry.kind(), &self.node.name, "deregister");
-        match self.registry.deregister(&self.node).await {
-            Ok(()) => tracing::info!(service = %self.node.name, node = %self.node.id, "deregistered"),
-            Err(err) => {
-                tracing::warn!(service = %self.node.name, error = %crate::error::error_chain(&err), "deregistration failed; the registration will expire")
-            }
-        }
-        let _ = self.stop_serving.send(());
-        let mut serve = self.serve;
-        match tokio::time::timeout(self.config.shutdown_grace, &mut serve).await {
-            Ok(Ok(Ok(()))) => {
-                tracing::info!(service = %self.node.name, "drained and stopped");
-                Ok(())
-            }
-            Ok(Ok(Err(err))) => Err(Error::Serve(Box::new(err))),
-            Ok(Err(join)) => Err(Error::Serve(Box::new(join))),
-            Err(_) => {
-                serve.abort();
-                tracing::warn!(service = %self.node.name, grace = ?self.config.shutdown_grace, "calls still in flight after the shutdown grace; closed anyway");
-                Ok(())
-            }
-        }
-    }
-}
-
-async fn keep_registered(registry: Arc<dyn Registry>, node: Node, config: ServerConfig) {
-    let mut failing = false;
-    let mut ticks = tokio::time::interval(config.register_interval);
-    ticks.tick().await;
-    loop {
-        ticks.tick().await;
-        match registry.register(&node, config.register_ttl).await {
-            Ok(()) if failing => {
-                failing = false;
-                tracing::info!(service = %node.name, node = %node.id, "registered again");
-            }
-            Ok(()) => tracing::trace!(service = %node.name, "heartbeat"),
-            Err(err) => {
-                failing = true;
-                crate::metrics::metrics().registry_event(registry.kind(), &node.name, "heartbeat_failed");
-                tracing::warn!(service = %node.name, node = %node.id, error = %crate::error::error_chain(&err), "heartbeat failed; retrying");
-            }
-        }
-    }
-}
-
-/// Warns once when this instance's own registration cannot be seen in its registry: over
-/// mDNS that means multicast does not come back on this interface (a Docker bridge, a
-/// firewall), and peers will not find the service either.
-async fn check_visible(registry: Arc<dyn Registry>, node: Node) {
-    let visible = match registry.lookup(&node.name).await {
-        Ok(nodes) => nodes.iter().any(|n| n.id == node.id),
-        Err(_) => false,
-    };
-    if visible {
-        tracing::debug!(service = %node.name, registry = registry.kind(), "own registration visible");
-    } else if registry.kind() == "mdns" {
-        tracing::warn!(service = %node.name, node = %node.id, "no mDNS answer came back for this instance's own announcement: multicast seems blocked on this network (Docker bridge, firewall); peers will not find it. Use MICRO_REGISTRY=consul there");
-    } else {
-        tracing::warn!(service = %node.name, node = %node.id, registry = registry.kind(), address = %registry.address(), "this instance's own registration is not visible in the registry");
-    }
-}
-
 /// Resolves on SIGINT or (on Unix) SIGTERM.
 pub async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
@@ -394,85 +311,4 @@ pub async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
-}
-
-/// Interface name prefixes whose addresses peers on other hosts cannot reach.
-const UNREACHABLE_INTERFACE_PREFIXES: [&str; 10] =
-    ["docker", "br-", "veth", "virbr", "cni", "flannel", "cali", "vxlan", "lxc", "podman"];
-
-fn interfaces() -> Vec<(String, IpAddr)> {
-    if_addrs::get_if_addrs()
-        .map(|list| list.into_iter().map(|i| (i.name.clone(), i.ip())).collect())
-        .unwrap_or_default()
-}
-
-/// The address to announce for a listener bound at `bound`: the override when given (a
-/// missing port is the bound one), the bound address when it is specific, else the first
-/// IPv4 address of an interface that is neither loopback nor a container or VM bridge,
-/// else loopback.
-pub fn advertise_address(
-    bound: SocketAddr,
-    advertise: Option<&str>,
-    interfaces: &[(String, IpAddr)],
-) -> Result<SocketAddr> {
-    if let Some(text) = advertise {
-        if let Ok(addr) = text.parse::<SocketAddr>() {
-            return Ok(addr);
-        }
-        if let Ok(ip) = text.trim_matches(['[', ']']).parse::<IpAddr>() {
-            return Ok(SocketAddr::new(ip, bound.port()));
-        }
-        return Err(Error::invalid(
-            format!("MICRO_SERVER_ADVERTISE={text:?}"),
-            "expected an IP address, with or without :port",
-        ));
-    }
-    if !bound.ip().is_unspecified() {
-        return Ok(bound);
-    }
-    let reachable = interfaces.iter().find(|(name, ip)| {
-        ip.is_ipv4()
-            && !ip.is_loopback()
-            && !UNREACHABLE_INTERFACE_PREFIXES.iter().any(|prefix| name.starts_with(prefix))
-    });
-    let ip = reachable.map_or(IpAddr::V4(Ipv4Addr::LOCALHOST), |(_, ip)| *ip);
-    Ok(SocketAddr::new(ip, bound.port()))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn ifs(list: &[(&str, &str)]) -> Vec<(String, IpAddr)> {
-        list.iter().map(|(n, ip)| (n.to_string(), ip.parse().unwrap())).collect()
-    }
-
-    #[test]
-    fn wildcard_bind_never_advertises_a_bridge() {
-        let bound = "0.0.0.0:4000".parse().unwrap();
-        let list = ifs(&[
-            ("lo", "127.0.0.1"),
-            ("docker0", "172.17.0.1"),
-            ("veth12", "10.1.0.1"),
-            ("eth0", "192.168.1.20"),
-        ]);
-        assert_eq!(advertise_address(bound, None, &list).unwrap(), "192.168.1.20:4000".parse().unwrap());
-        let only_bridges = ifs(&[("lo", "127.0.0.1"), ("br-5f2a", "172.18.0.1")]);
-        assert_eq!(advertise_address(bound, None, &only_bridges).unwrap(), "127.0.0.1:4000".parse().unwrap());
-    }
-
-    #[test]
-    fn specific_bind_and_override_win() {
-        let bound = "127.0.0.1:4000".parse().unwrap();
-        assert_eq!(advertise_address(bound, None, &[]).unwrap(), bound);
-        assert_eq!(
-            advertise_address(bound, Some("10.0.0.5"), &[]).unwrap(),
-            "10.0.0.5:4000".parse().unwrap()
-        );
-        assert_eq!(
-            advertise_address(bound, Some("10.0.0.5:80"), &[]).unwrap(),
-            "10.0.0.5:80".parse().unwrap()
-        );
-        assert!(advertise_address(bound, Some("vessel.local"), &[]).is_err());
-    }
 }

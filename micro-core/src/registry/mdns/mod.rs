@@ -17,15 +17,18 @@ use futures::stream::BoxStream;
 use mdns_sd::{IfKind, ResolvedService, ServiceDaemon, ServiceEvent, ServiceInfo, UnregisterStatus};
 use tokio::{sync::broadcast, time::Instant};
 
-use super::{Change, Node, NodeId, Published, RESERVED_METADATA_KEYS, Registry, watch_published};
-use crate::{Error, Result};
+use super::{Change, Node, NodeId, Published, Registry, watch_published};
+use crate::{Error, Result, config::RegistryKind, labels};
 
 mod unicast;
 
 /// The DNS-SD service type every micro service registers under.
 pub const SERVICE_TYPE: &str = "_micro._tcp.local.";
-/// The mDNS multicast group and port, for messages.
-const MDNS_GROUP: &str = "224.0.0.251:5353";
+/// The mDNS multicast group and port: where queries go, and what messages name.
+const MDNS_GROUP: std::net::SocketAddrV4 =
+    std::net::SocketAddrV4::new(std::net::Ipv4Addr::new(224, 0, 0, 251), 5353);
+/// This backend's kind.
+const KIND: RegistryKind = RegistryKind::Mdns;
 /// The longest `list_services` waits for a fresh registry's first answers.
 const BROWSE_WARM_UP: Duration = Duration::from_millis(1500);
 /// How long a unicast query collects answers.
@@ -95,8 +98,8 @@ impl Drop for MdnsRegistry {
 
 fn mdns_error(message: &'static str) -> impl Fn(mdns_sd::Error) -> Error {
     move |source| Error::Registry {
-        registry: "mdns".into(),
-        address: MDNS_GROUP.into(),
+        registry: KIND.to_string(),
+        address: MDNS_GROUP.to_string(),
         message: format!("{message}; check that a network interface has multicast enabled"),
         source: Some(Box::new(source)),
     }
@@ -159,13 +162,13 @@ async fn follow_browse(events: mdns_sd::Receiver<ServiceEvent>, shared: std::syn
 /// `draining=1` while it drains, then metadata by key. Call [`super::validate_metadata`] first; this does not check sizes.
 pub(crate) fn encode_txt(node: &Node) -> Vec<(String, String)> {
     let mut txt = vec![
-        ("txtvers".to_owned(), "1".to_owned()),
-        ("name".to_owned(), node.name.clone()),
-        ("version".to_owned(), node.version.clone()),
-        ("id".to_owned(), node.id.clone()),
+        (labels::TXTVERS.to_owned(), labels::TXTVERS_CURRENT.to_owned()),
+        (labels::NAME.to_owned(), node.name.clone()),
+        (labels::VERSION.to_owned(), node.version.clone()),
+        (labels::ID.to_owned(), node.id.clone()),
     ];
     if node.draining {
-        txt.push(("draining".to_owned(), "1".to_owned()));
+        txt.push((labels::DRAINING.to_owned(), labels::FLAG_ON.to_owned()));
     }
     txt.extend(node.metadata.iter().map(|(k, v)| (k.clone(), v.clone())));
     txt
@@ -180,11 +183,11 @@ pub(crate) fn decode_txt<'a>(
     let mut metadata = BTreeMap::new();
     for (key, value) in entries {
         match key {
-            "name" => name = Some(value.to_owned()),
-            "id" => id = Some(value.to_owned()),
-            "version" => version = value.to_owned(),
-            "draining" => draining = value == "1",
-            key if RESERVED_METADATA_KEYS.contains(&key) => {}
+            labels::NAME => name = Some(value.to_owned()),
+            labels::ID => id = Some(value.to_owned()),
+            labels::VERSION => version = value.to_owned(),
+            labels::DRAINING => draining = value == labels::FLAG_ON,
+            key if labels::is_registry_field(key) => {}
             key => {
                 metadata.insert(key.to_owned(), value.to_owned());
             }
@@ -203,11 +206,11 @@ fn decode_resolved(resolved: &ResolvedService) -> Option<Node> {
 #[async_trait]
 impl Registry for MdnsRegistry {
     fn kind(&self) -> &'static str {
-        "mdns"
+        KIND.as_str()
     }
 
     fn address(&self) -> String {
-        MDNS_GROUP.into()
+        MDNS_GROUP.to_string()
     }
 
     async fn register(&self, node: &Node, _ttl: Duration) -> Result<()> {
@@ -242,8 +245,8 @@ impl Registry for MdnsRegistry {
                 Ok(())
             }
             Ok(Err(_)) | Err(_) => Err(Error::Registry {
-                registry: "mdns".into(),
-                address: MDNS_GROUP.into(),
+                registry: KIND.to_string(),
+                address: MDNS_GROUP.to_string(),
                 message: format!("the goodbye for {} was not confirmed", node.id),
                 source: None,
             }),
@@ -303,7 +306,7 @@ mod tests {
         node.metadata.insert("team".into(), "fleet".into());
         node.draining = true;
         let txt = encode_txt(&node);
-        assert_eq!(txt[0], ("txtvers".into(), "1".into()));
+        assert_eq!(txt[0], (labels::TXTVERS.into(), labels::TXTVERS_CURRENT.into()));
         let decoded = decode_txt(txt.iter().map(|(k, v)| (k.as_str(), v.as_str())), node.address);
         assert_eq!(decoded, Some(node));
     }

@@ -5,17 +5,15 @@
 
 use std::{
     collections::HashMap,
-    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     time::Duration,
 };
 
 use simple_dns::{CLASS, Name, Packet, Question, TYPE, rdata::RData};
 use tokio::{net::UdpSocket, time::Instant};
 
-use super::{SERVICE_TYPE, decode_txt};
+use super::{MDNS_GROUP, SERVICE_TYPE, decode_txt};
 use crate::registry::Node;
-
-const MDNS_GROUP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(224, 0, 0, 251), 5353);
 
 /// Sends one PTR query for [`SERVICE_TYPE`] on every IPv4 interface and collects the
 /// instances answered within `window`, keyed by lower-case full name.
