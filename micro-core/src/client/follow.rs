@@ -21,7 +21,7 @@ use super::{
 use crate::{
     Error,
     error::error_chain,
-    metrics::metrics,
+    metrics::{AttemptLabels, code_name, metrics},
     registry::{Change, Node, NodeId, Registry},
 };
 
@@ -129,8 +129,27 @@ impl ChannelCore {
             }
             set.endpoints.push(Endpoint { node: node.clone(), channel, stats });
         }
+        for gone in previous.endpoints.iter().filter(|old| !known.contains_key(&old.node.id)) {
+            forget_attempt_series(&self.name, &gone.node.id);
+        }
         let set = set.with_pickable(Instant::now());
         tracing::debug!(service = %self.name, known = set.endpoints.len(), pickable = set.pickable.len(), "instances changed");
         self.endpoints.send_replace(Arc::new(set));
+    }
+}
+
+/// Every `result` a client attempt is counted under.
+fn attempt_results() -> impl Iterator<Item = &'static str> {
+    let codes = (0..=16).map(|code| code_name(tonic::Code::from_i32(code)));
+    ["ok", "deadline", "transport_error", "cancelled"].into_iter().chain(codes)
+}
+
+/// Drops the attempt series of an instance that left the registry, so instances that come
+/// and go (every deploy) do not grow the metrics page without bound.
+fn forget_attempt_series(service: &str, node: &str) {
+    for result in attempt_results() {
+        let labels =
+            AttemptLabels { service: service.to_owned(), node: node.to_owned(), result: result.to_owned() };
+        metrics().client_attempts.remove(&labels);
     }
 }

@@ -475,3 +475,24 @@ async fn a_deadline_that_passed_on_the_server_reaches_the_caller_as_deadline_exc
     let status = call(&mut VesselServiceClient::new(client.channel("svc"))).await.unwrap_err();
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
 }
+
+#[tokio::test]
+async fn the_attempt_series_of_an_instance_that_left_are_dropped() {
+    let registry = MemoryRegistry::new();
+    let name = "series-svc";
+    let leaving = start(&registry, name, "leaving").await;
+    let client = Client::new(Arc::new(registry.clone()));
+    let channel = client.channel(name);
+    let mut vessels = VesselServiceClient::new(channel.clone());
+    call(&mut vessels).await.unwrap();
+    let node = channel.instances()[0].id.clone();
+    let labels = crate::metrics::AttemptLabels { service: name.into(), node, result: "ok".into() };
+    assert!(crate::metrics::metrics().client_attempts.get(&labels).is_some());
+
+    leaving.stop().await.unwrap();
+    wait_for_instances(&channel, 0).await;
+    assert!(
+        !crate::metrics::metrics().client_attempts.get(&labels).is_some(),
+        "the series outlived its instance"
+    );
+}
