@@ -4,6 +4,8 @@ use std::time::Duration;
 
 use clap::Args;
 
+use super::{Millis, Seconds};
+
 use crate::{
     Result,
     config::{
@@ -14,7 +16,8 @@ use crate::{
     selector::StrategyKind,
 };
 
-/// Client flags shared by every binary that calls services.
+/// Client flags shared by every binary that calls services. Durations accept units
+/// (`500ms`, `2s`, `1m`); a bare number is in the unit each setting names.
 #[derive(Debug, Clone, Args)]
 pub struct ClientArgs {
     /// How a channel picks an instance per call.
@@ -22,8 +25,8 @@ pub struct ClientArgs {
     pub client_selector: StrategyKind,
     /// Milliseconds a call may take, retries included, unless the caller sets a shorter
     /// deadline; carried to the server as `grpc-timeout`.
-    #[arg(long, env = "MICRO_CLIENT_REQUEST_TIMEOUT", default_value_t = DEFAULT_REQUEST_TIMEOUT_MS)]
-    pub client_request_timeout: u64,
+    #[arg(long, env = "MICRO_CLIENT_REQUEST_TIMEOUT", default_value_t = Millis::from_units(DEFAULT_REQUEST_TIMEOUT_MS))]
+    pub client_request_timeout: Millis,
     /// Retries after a failed attempt, each on another instance when there is one.
     #[arg(long, env = "MICRO_CLIENT_RETRIES", default_value_t = DEFAULT_RETRIES)]
     pub client_retries: u32,
@@ -31,26 +34,26 @@ pub struct ClientArgs {
     #[arg(long, env = "MICRO_CLIENT_RETRY_BUDGET", default_value_t = DEFAULT_RETRY_BUDGET_PERCENT)]
     pub client_retry_budget: f32,
     /// Seconds between full refreshes of each channel's instances from the registry.
-    #[arg(long, env = "MICRO_CLIENT_REFRESH_INTERVAL", default_value_t = DEFAULT_REFRESH_INTERVAL_SECS)]
-    pub client_refresh_interval: u64,
+    #[arg(long, env = "MICRO_CLIENT_REFRESH_INTERVAL", default_value_t = Seconds::from_units(DEFAULT_REFRESH_INTERVAL_SECS))]
+    pub client_refresh_interval: Seconds,
     /// Consecutive failures after which an instance is ejected (a refused connection ejects at once).
     #[arg(long, env = "MICRO_CLIENT_EJECT_AFTER", default_value_t = DEFAULT_EJECT_AFTER)]
     pub client_eject_after: u32,
     /// Milliseconds of the first ejection; each further ejection doubles it, up to 30 s.
-    #[arg(long, env = "MICRO_CLIENT_EJECT_TIME", default_value_t = DEFAULT_EJECT_TIME_MS)]
-    pub client_eject_time: u64,
+    #[arg(long, env = "MICRO_CLIENT_EJECT_TIME", default_value_t = Millis::from_units(DEFAULT_EJECT_TIME_MS))]
+    pub client_eject_time: Millis,
     /// Milliseconds to establish a TCP connection to an instance; past it the instance is
     /// taken for unreachable and ejected at once.
-    #[arg(long, env = "MICRO_CLIENT_CONNECT_TIMEOUT", default_value_t = DEFAULT_CONNECT_TIMEOUT_MS)]
-    pub client_connect_timeout: u64,
+    #[arg(long, env = "MICRO_CLIENT_CONNECT_TIMEOUT", default_value_t = Millis::from_units(DEFAULT_CONNECT_TIMEOUT_MS))]
+    pub client_connect_timeout: Millis,
     /// Milliseconds between HTTP/2 keepalive pings on each connection, busy or idle; 0 turns
     /// them off. A peer that vanished is known within interval + timeout.
-    #[arg(long, env = "MICRO_CLIENT_KEEPALIVE_INTERVAL", default_value_t = DEFAULT_KEEPALIVE_INTERVAL_MS)]
-    pub client_keepalive_interval: u64,
+    #[arg(long, env = "MICRO_CLIENT_KEEPALIVE_INTERVAL", default_value_t = Millis::from_units(DEFAULT_KEEPALIVE_INTERVAL_MS))]
+    pub client_keepalive_interval: Millis,
     /// Milliseconds a keepalive ping may go unanswered before the connection is closed as
     /// dead and its instance ejected.
-    #[arg(long, env = "MICRO_CLIENT_KEEPALIVE_TIMEOUT", default_value_t = DEFAULT_KEEPALIVE_TIMEOUT_MS)]
-    pub client_keepalive_timeout: u64,
+    #[arg(long, env = "MICRO_CLIENT_KEEPALIVE_TIMEOUT", default_value_t = Millis::from_units(DEFAULT_KEEPALIVE_TIMEOUT_MS))]
+    pub client_keepalive_timeout: Millis,
     /// When an idempotent call not answered yet goes to a second instance: `auto` (after
     /// the name's recent p95 latency, between 20 ms and 500 ms), `off`, or a fixed number of
     /// milliseconds.
@@ -76,15 +79,15 @@ impl ClientConfig {
         let config = ClientConfig {
             strategy: args.client_selector,
             lookup_timeout,
-            request_timeout: Duration::from_millis(args.client_request_timeout),
+            request_timeout: args.client_request_timeout.into(),
             retries: args.client_retries,
             retry_budget_percent: args.client_retry_budget,
-            refresh_interval: Duration::from_secs(args.client_refresh_interval),
+            refresh_interval: args.client_refresh_interval.into(),
             eject_after: args.client_eject_after,
-            eject_time: Duration::from_millis(args.client_eject_time),
-            connect_timeout: Duration::from_millis(args.client_connect_timeout),
-            keepalive_interval: Duration::from_millis(args.client_keepalive_interval),
-            keepalive_timeout: Duration::from_millis(args.client_keepalive_timeout),
+            eject_time: args.client_eject_time.into(),
+            connect_timeout: args.client_connect_timeout.into(),
+            keepalive_interval: args.client_keepalive_interval.into(),
+            keepalive_timeout: args.client_keepalive_timeout.into(),
             hedge: args.client_hedge,
             ..ClientConfig::default()
         };

@@ -12,8 +12,10 @@
 //! Cli::parse().log.init("my_service=info,micro_core=info");
 //! ```
 
+use std::io::IsTerminal;
+
 use clap::{Args, ValueEnum};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::{EnvFilter, fmt::MakeWriter, util::SubscriberInitExt};
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -34,12 +36,67 @@ pub struct LogArgs {
 
 impl LogArgs {
     /// Installs the global subscriber on stderr: `RUST_LOG` when set, else `default_filter`.
+    /// Text lines carry ANSI colour codes only when stderr is a terminal, so log files and
+    /// container logs stay plain.
     pub fn init(&self, default_filter: &str) {
         let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
-        let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-        let _ = match self.log_format {
-            LogFormat::Text => builder.try_init(),
-            LogFormat::Json => builder.json().try_init(),
-        };
+        let ansi = std::io::stderr().is_terminal();
+        // try_init also forwards the `log` records of dependencies (mdns-sd) to tracing.
+        let _ = self.subscriber(filter, ansi, std::io::stderr).try_init();
+    }
+
+    /// The subscriber [`LogArgs::init`] installs, writing to `writer`, with colours when `ansi`.
+    fn subscriber<W>(
+        &self,
+        filter: EnvFilter,
+        ansi: bool,
+        writer: W,
+    ) -> Box<dyn tracing::Subscriber + Send + Sync>
+    where
+        W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+    {
+        let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(writer);
+        match self.log_format {
+            LogFormat::Text => Box::new(builder.finish()),
+            LogFormat::Json => Box::new(builder.json().finish()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    /// A writer that keeps what is written.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn logged(ansi: bool) -> String {
+        let captured = Captured::default();
+        let sink = captured.clone();
+        let args = LogArgs { log_format: LogFormat::Text };
+        let subscriber = args.subscriber(EnvFilter::new("info"), ansi, move || sink.clone());
+        tracing::subscriber::with_default(subscriber, || tracing::warn!(service = "svc", "heartbeat failed"));
+        String::from_utf8(captured.0.lock().unwrap().clone()).unwrap()
+    }
+
+    #[test]
+    fn lines_carry_colour_codes_only_for_a_terminal() {
+        let plain = logged(false);
+        assert!(plain.contains("heartbeat failed") && !plain.contains('\x1b'), "{plain:?}");
+        assert!(logged(true).contains('\x1b'), "a terminal gets colours");
     }
 }

@@ -1,7 +1,8 @@
 //! The command-line flags every binary shares (feature `cli`, on by default), each with its
 //! environment variable and default: flag, then environment, then default. Binaries flatten
 //! them into their clap parser and convert them into the plain [`crate::config`] types, so
-//! the library itself never reads the environment.
+//! the library itself never reads the environment. Durations accept units (`500ms`, `30s`,
+//! `2m`); a bare number keeps the setting's own unit ([`Seconds`], [`Millis`]).
 //!
 //! # Examples
 //! ```
@@ -18,12 +19,14 @@
 //! ```
 
 mod client;
+mod duration;
 mod log;
 mod registry;
 mod server;
 mod tls;
 
 pub use client::ClientArgs;
+pub use duration::{DurationArg, Millis, Seconds};
 pub use log::{LogArgs, LogFormat};
 pub use registry::RegistryArgs;
 pub use server::{MetricsAddress, ServerArgs};
@@ -55,10 +58,10 @@ mod tests {
     fn flag_beats_default() {
         let cli = parse(&[]).unwrap();
         assert_eq!(cli.registry.registry, RegistryKind::Mdns);
-        assert_eq!(cli.server.register_ttl, DEFAULT_REGISTER_TTL_SECS);
+        assert_eq!(cli.server.register_ttl, Seconds::from_units(DEFAULT_REGISTER_TTL_SECS));
         let cli = parse(&["--registry", "consul", "--register-ttl", "60"]).unwrap();
         assert_eq!(cli.registry.registry, RegistryKind::Consul);
-        assert_eq!(cli.server.register_ttl, 60);
+        assert_eq!(cli.server.register_ttl, Seconds::from_units(60));
     }
 
     #[test]
@@ -80,6 +83,29 @@ mod tests {
     fn unknown_registry_lists_the_valid_ones() {
         let err = parse(&["--registry", "etcd"]).err().expect("etcd is not a backend").to_string();
         assert!(err.contains("mdns") && err.contains("consul") && err.contains("memory"), "{err}");
+    }
+
+    #[test]
+    fn duration_settings_accept_units_and_bare_numbers_keep_their_unit() {
+        let cli = parse(&["--register-ttl", "2m", "--register-interval", "500ms", "--lookup-timeout", "2s"])
+            .unwrap();
+        let lookup_timeout = RegistryConfig::from(cli.registry).lookup_timeout;
+        let server = ServerConfig::try_from(cli.server).unwrap();
+        assert_eq!(server.register_ttl, std::time::Duration::from_secs(120));
+        assert_eq!(server.register_interval, std::time::Duration::from_millis(500));
+        assert_eq!(lookup_timeout, std::time::Duration::from_secs(2));
+
+        let cli =
+            parse(&["--register-ttl", "45", "--shutdown-drain-delay", "250", "--lookup-timeout", "750"])
+                .unwrap();
+        let lookup_timeout = RegistryConfig::from(cli.registry).lookup_timeout;
+        let server = ServerConfig::try_from(cli.server).unwrap();
+        assert_eq!(server.register_ttl, std::time::Duration::from_secs(45), "bare TTL: seconds");
+        assert_eq!(server.drain_delay, std::time::Duration::from_millis(250), "bare drain delay: ms");
+        assert_eq!(lookup_timeout, std::time::Duration::from_millis(750), "bare look-up timeout: ms");
+
+        let err = parse(&["--register-ttl", "soon"]).err().expect("not a duration").to_string();
+        assert!(err.contains("500ms"), "{err}");
     }
 
     #[test]

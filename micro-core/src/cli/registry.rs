@@ -1,8 +1,8 @@
 //! Registry flags: `--registry` / `MICRO_REGISTRY` and the backend's settings.
 
-use std::time::Duration;
-
 use clap::Args;
+
+use super::Millis;
 
 use crate::config::{
     DEFAULT_LOOKUP_TIMEOUT_MS, DEFAULT_REGISTRY_RETRY, RegistryConfig, RegistryKind, Secret,
@@ -17,9 +17,9 @@ pub struct RegistryArgs {
     /// Registry address (Consul: host:port of the agent's HTTP API); mdns and memory ignore it.
     #[arg(long, global = true, env = "MICRO_REGISTRY_ADDRESS")]
     pub registry_address: Option<String>,
-    /// How long a look-up waits for a first instance of a name, in milliseconds.
-    #[arg(long, global = true, env = "MICRO_LOOKUP_TIMEOUT", default_value_t = DEFAULT_LOOKUP_TIMEOUT_MS)]
-    pub lookup_timeout: u64,
+    /// How long a look-up waits for a first instance of a name; a bare number is milliseconds.
+    #[arg(long, global = true, env = "MICRO_LOOKUP_TIMEOUT", default_value_t = Millis::from_units(DEFAULT_LOOKUP_TIMEOUT_MS))]
+    pub lookup_timeout: Millis,
     /// At start, keep trying an unreachable registry (Consul), with backoff and a warning
     /// each time, instead of failing.
     #[arg(long, global = true, env = "MICRO_REGISTRY_RETRY", default_value_t = DEFAULT_REGISTRY_RETRY)]
@@ -37,7 +37,7 @@ impl From<RegistryArgs> for RegistryConfig {
         RegistryConfig {
             kind: args.registry,
             address: args.registry_address,
-            lookup_timeout: Duration::from_millis(args.lookup_timeout),
+            lookup_timeout: args.lookup_timeout.into(),
             retry: args.registry_retry,
             consul_token: args.consul_token,
             consul_datacenter: args.consul_datacenter,

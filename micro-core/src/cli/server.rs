@@ -1,9 +1,10 @@
 //! Server flags: name, version, labels, addresses, registration timing, shutdown, metrics.
 
-use std::{net::SocketAddr, time::Duration};
+use std::net::SocketAddr;
 
 use clap::Args;
 
+use super::{Millis, Seconds};
 use crate::{
     Error, Result,
     config::{
@@ -32,19 +33,21 @@ pub struct ServerArgs {
     /// interface that is not loopback, docker, veth or a bridge.
     #[arg(long, env = "MICRO_SERVER_ADVERTISE")]
     pub server_advertise: Option<String>,
-    /// Seconds a registration stays valid without a heartbeat.
-    #[arg(long, env = "MICRO_REGISTER_TTL", default_value_t = DEFAULT_REGISTER_TTL_SECS)]
-    pub register_ttl: u64,
-    /// Seconds between heartbeats (re-registrations); must be less than the TTL.
-    #[arg(long, env = "MICRO_REGISTER_INTERVAL", default_value_t = DEFAULT_REGISTER_INTERVAL_SECS)]
-    pub register_interval: u64,
-    /// Seconds in-flight calls get to finish at shutdown before the server closes anyway.
-    #[arg(long, env = "MICRO_SHUTDOWN_GRACE", default_value_t = DEFAULT_SHUTDOWN_GRACE_SECS)]
-    pub shutdown_grace: u64,
-    /// Milliseconds a stopping server keeps serving after announcing that it drains, so
-    /// clients stop picking it before it deregisters; 0 skips the announcement.
-    #[arg(long, env = "MICRO_SHUTDOWN_DRAIN_DELAY", default_value_t = DEFAULT_DRAIN_DELAY_MS)]
-    pub shutdown_drain_delay: u64,
+    /// How long a registration stays valid without a heartbeat; a bare number is seconds.
+    #[arg(long, env = "MICRO_REGISTER_TTL", default_value_t = Seconds::from_units(DEFAULT_REGISTER_TTL_SECS))]
+    pub register_ttl: Seconds,
+    /// Time between heartbeats (re-registrations), less than the TTL; a bare number is seconds.
+    #[arg(long, env = "MICRO_REGISTER_INTERVAL", default_value_t = Seconds::from_units(DEFAULT_REGISTER_INTERVAL_SECS))]
+    pub register_interval: Seconds,
+    /// How long in-flight calls get to finish at shutdown before the server closes anyway; a
+    /// bare number is seconds.
+    #[arg(long, env = "MICRO_SHUTDOWN_GRACE", default_value_t = Seconds::from_units(DEFAULT_SHUTDOWN_GRACE_SECS))]
+    pub shutdown_grace: Seconds,
+    /// How long a stopping server keeps serving after announcing that it drains, so clients
+    /// stop picking it before it deregisters; 0 skips the announcement. A bare number is
+    /// milliseconds.
+    #[arg(long, env = "MICRO_SHUTDOWN_DRAIN_DELAY", default_value_t = Millis::from_units(DEFAULT_DRAIN_DELAY_MS))]
+    pub shutdown_drain_delay: Millis,
     /// Where to serve Prometheus metrics (`ip:port`, port 0 picks one), or `off`; unset,
     /// the binary decides (the shippy services serve them on 127.0.0.1, any port).
     #[arg(long, env = "MICRO_METRICS_ADDRESS", value_parser = parse_metrics_address)]
@@ -99,10 +102,10 @@ impl TryFrom<ServerArgs> for ServerConfig {
             metadata: args.server_metadata,
             address: args.server_address,
             advertise: args.server_advertise,
-            register_ttl: Duration::from_secs(args.register_ttl),
-            register_interval: Duration::from_secs(args.register_interval),
-            shutdown_grace: Duration::from_secs(args.shutdown_grace),
-            drain_delay: Duration::from_millis(args.shutdown_drain_delay),
+            register_ttl: args.register_ttl.into(),
+            register_interval: args.register_interval.into(),
+            shutdown_grace: args.shutdown_grace.into(),
+            drain_delay: args.shutdown_drain_delay.into(),
             metrics_address: match args.metrics_address {
                 Some(MetricsAddress::At(address)) => Some(address),
                 Some(MetricsAddress::Off) | None => None,

@@ -11,7 +11,9 @@ use crate::{
 pub const DEFAULT_LOOKUP_TIMEOUT_MS: u64 = 3000;
 /// Default for retrying an unreachable registry at start: off, so it fails at once.
 pub const DEFAULT_REGISTRY_RETRY: bool = false;
-/// First pause before an unreachable registry is tried again (with `MICRO_REGISTRY_RETRY`).
+/// First pause before an unreachable registry is tried again (with `MICRO_REGISTRY_RETRY`);
+/// each pause is drawn from the upper half of its nominal delay, so services do not retry
+/// in lockstep.
 #[cfg(feature = "consul")]
 const REGISTRY_RETRY_FIRST_DELAY: Duration = Duration::from_millis(500);
 /// Longest pause between tries of an unreachable registry.
@@ -112,7 +114,8 @@ impl RegistryConfig {
     ///
     /// Consul: the agent at `address` (default [`crate::registry::DEFAULT_CONSUL_ADDRESS`])
     /// must answer and know a leader; if it does not, this fails within a couple of seconds,
-    /// or with `retry` keeps trying (500 ms doubling to 30 s), logging a warning each time.
+    /// or with `retry` keeps trying (500 ms doubling to 30 s, with jitter), logging a warning
+    /// each time.
     pub async fn connect(&self) -> Result<Arc<dyn Registry>> {
         match self.kind {
             RegistryKind::Memory => Ok(Arc::new(MemoryRegistry::global())),
@@ -131,7 +134,8 @@ impl RegistryConfig {
                     .datacenter(self.consul_datacenter.clone())
                     .lookup_timeout(self.lookup_timeout)
                     .build()?;
-                let mut delay = REGISTRY_RETRY_FIRST_DELAY;
+                let mut backoff =
+                    crate::registry::Backoff::new(REGISTRY_RETRY_FIRST_DELAY, REGISTRY_RETRY_MAX_DELAY);
                 loop {
                     match consul.ping().await {
                         Ok(leader) => {
@@ -140,9 +144,9 @@ impl RegistryConfig {
                         }
                         Err(err) if self.retry => {
                             let error = crate::error::error_chain(&err);
-                            tracing::warn!(%error, retry_in = ?delay, "registry not ready; trying again (MICRO_REGISTRY_RETRY is set)");
-                            tokio::time::sleep(delay).await;
-                            delay = (delay * 2).min(REGISTRY_RETRY_MAX_DELAY);
+                            let retry_in = backoff.next_delay();
+                            tracing::warn!(%error, ?retry_in, "registry not ready; trying again (MICRO_REGISTRY_RETRY is set)");
+                            tokio::time::sleep(retry_in).await;
                         }
                         Err(err) => return Err(err),
                     }

@@ -49,7 +49,7 @@ use reqwest::{Method, StatusCode, Url};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use tokio::time::Instant;
 
-use super::{Change, Node, NodeId, Registry};
+use super::{Backoff, Change, Node, NodeId, Registry};
 use crate::{Error, Result, config::RegistryKind, labels};
 
 /// Where a local Consul agent serves its HTTP API by default.
@@ -66,7 +66,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const WATCH_WAIT: Duration = Duration::from_secs(30);
 /// The least time between the starts of two queries of one watch.
 const WATCH_MIN_INTERVAL: Duration = Duration::from_millis(50);
-/// First and longest pause before a failed watch query is tried again.
+/// First and longest pause before a failed watch query is tried again (with jitter).
 const WATCH_BACKOFF: (Duration, Duration) = (Duration::from_millis(250), Duration::from_secs(15));
 /// The shortest `DeregisterCriticalServiceAfter`: Consul reaps about once a minute anyway.
 const MIN_DEREGISTER_AFTER: Duration = Duration::from_secs(60);
@@ -597,7 +597,7 @@ impl Registry for ConsulRegistry {
     }
 
     /// Blocking queries on the passing instances of `name`, diffed into changes. A failed
-    /// query is logged and tried again with backoff (250 ms doubling to 15 s) instead of
+    /// query is logged and tried again with jittered backoff (250 ms doubling to 15 s) instead of
     /// ending the stream, so the stream keeps what it knows and, once the agent answers
     /// again, reports exactly what changed meanwhile; it never yields an error.
     fn watch(&self, name: &str) -> BoxStream<'static, Result<Change<NodeId, Node>>> {
@@ -607,7 +607,7 @@ impl Registry for ConsulRegistry {
             index: 0,
             known: BTreeMap::new(),
             last_query: None,
-            backoff: WATCH_BACKOFF.0,
+            backoff: Backoff::new(WATCH_BACKOFF.0, WATCH_BACKOFF.1),
             failing: false,
         };
         futures::stream::unfold(state, |mut state| async move {
@@ -625,7 +625,7 @@ struct WatchState {
     index: u64,
     known: BTreeMap<NodeId, Node>,
     last_query: Option<Instant>,
-    backoff: Duration,
+    backoff: Backoff,
     failing: bool,
 }
 
@@ -649,7 +649,7 @@ impl WatchState {
                     self.index = next_index(previous, answered);
                     let changes = diff(&mut self.known, nodes);
                     if !changes.is_empty() {
-                        self.backoff = WATCH_BACKOFF.0;
+                        self.backoff.reset();
                         return changes;
                     }
                     let early = index.is_some() && answered == previous && started.elapsed() < WATCH_WAIT;
@@ -659,21 +659,20 @@ impl WatchState {
                         // read afresh (index 0), pausing longer each time this repeats.
                         tracing::debug!(service = %self.name, index = answered, "consul: blocking query woke early without a change; reading afresh");
                         self.index = 0;
-                        tokio::time::sleep(self.backoff).await;
-                        self.backoff = (self.backoff * 2).min(WATCH_BACKOFF.1);
+                        tokio::time::sleep(self.backoff.next_delay()).await;
                     } else {
-                        self.backoff = WATCH_BACKOFF.0;
+                        self.backoff.reset();
                         tracing::trace!(service = %self.name, index = self.index, "consul: watch poll, no change");
                     }
                 }
                 Err(failure) => {
                     let err = self.agent.error("watch", failure);
-                    tracing::warn!(service = %self.name, error = %crate::error::error_chain(&err), retry_in = ?self.backoff, "consul: watch failed; keeping known instances");
+                    let retry_in = self.backoff.next_delay();
+                    tracing::warn!(service = %self.name, error = %crate::error::error_chain(&err), ?retry_in, "consul: watch failed; keeping known instances");
                     self.failing = true;
                     // The agent may come back as a new process with a fresh index.
                     self.index = 0;
-                    tokio::time::sleep(self.backoff).await;
-                    self.backoff = (self.backoff * 2).min(WATCH_BACKOFF.1);
+                    tokio::time::sleep(retry_in).await;
                 }
             }
         }

@@ -24,12 +24,14 @@ use futures::stream::BoxStream;
 
 use crate::{Error, Result};
 
+mod backoff;
 #[cfg(feature = "consul")]
 mod consul;
 #[cfg(feature = "mdns")]
 mod mdns;
 mod memory;
 
+pub use backoff::Backoff;
 #[cfg(feature = "consul")]
 pub use consul::{
     ConsulRegistry, ConsulRegistryBuilder, DEFAULT_CONSUL_ADDRESS, DEFAULT_CONSUL_LOOKUP_TIMEOUT,
