@@ -11,12 +11,13 @@ export MICRO_REGISTRY
 build:
 	$(CARGO) build --workspace --bins
 
-## run: build, then the shippy demo in a private network namespace (MICRO_REGISTRY=mdns|consul).
+## run: build, then the shippy demo in a private network namespace (MICRO_REGISTRY=mdns|consul|etcd).
 run: build
 	@if [ "$(MICRO_REGISTRY)" = consul ]; then scripts/install-consul; fi
+	@if [ "$(MICRO_REGISTRY)" = etcd ] && ! command -v etcd >/dev/null; then scripts/install-test-deps; fi
 	scripts/netns-run scripts/demo
 
-## test-deps: install what the tests need (iproute2, util-linux, a Consul agent).
+## test-deps: install what the tests need (iproute2, util-linux, curl, etcd, dnsmasq, a Consul agent).
 test-deps:
 	scripts/install-test-deps
 

@@ -12,6 +12,8 @@
 pub mod calls;
 pub mod consul;
 pub mod discovery;
+pub mod dnsmasq;
+pub mod etcd;
 pub mod hosts;
 pub mod process;
 pub mod shippy;

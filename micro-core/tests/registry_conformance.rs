@@ -1,5 +1,7 @@
 //! One test body, [`conformance`], run against every registry backend: memory, mDNS (in the
-//! private namespace `scripts/netns-run` makes) and a real Consul dev agent.
+//! private namespace `scripts/netns-run` makes), a real Consul dev agent and a real etcd.
+//! The dns registry is discovery only (registration is the platform's), so its look-ups and
+//! watches are tested against dnsmasq in `tests/dns.rs`.
 //!
 //! Run with `scripts/install-consul && scripts/netns-run cargo test -p micro-core`.
 
@@ -105,4 +107,16 @@ async fn consul_registry_conforms() {
         ..RegistryConfig::default()
     };
     conformance(config.connect().await.expect("consul agent answers")).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn etcd_registry_conforms() {
+    let cluster = e2e::etcd::EtcdCluster::start(1);
+    let config = RegistryConfig {
+        kind: RegistryKind::Etcd,
+        address: Some(cluster.endpoints()),
+        lookup_timeout: LOOKUP_TIMEOUT,
+        ..RegistryConfig::default()
+    };
+    conformance(config.connect().await.expect("etcd answers")).await;
 }

@@ -2,9 +2,10 @@
 
 use clap::Args;
 
-use super::Millis;
+use super::{Millis, Seconds};
 
 use crate::config::{
+    DEFAULT_DNS_MAX_TTL_SECS, DEFAULT_DNS_MIN_TTL_SECS, DEFAULT_DNS_PORT, DEFAULT_DNS_TEMPLATE,
     DEFAULT_LOOKUP_TIMEOUT_MS, DEFAULT_REGISTRY_RETRY, RegistryConfig, RegistryKind, Secret,
 };
 
@@ -14,7 +15,9 @@ pub struct RegistryArgs {
     /// Registry backend.
     #[arg(long, global = true, env = "MICRO_REGISTRY", value_enum, default_value_t = RegistryKind::Mdns)]
     pub registry: RegistryKind,
-    /// Registry address (Consul: host:port of the agent's HTTP API); mdns and memory ignore it.
+    /// Registry address (Consul: host:port of the agent's HTTP API; etcd: the cluster's client
+    /// endpoints, host:port comma-separated, default 127.0.0.1:2379; dns: the nameserver,
+    /// ip:port); mdns and memory ignore it.
     #[arg(long, global = true, env = "MICRO_REGISTRY_ADDRESS")]
     pub registry_address: Option<String>,
     /// How long a look-up waits for a first instance of a name; a bare number is milliseconds.
@@ -30,6 +33,27 @@ pub struct RegistryArgs {
     /// Consul datacenter whose services are looked up; unset: the agent's own.
     #[arg(long, global = true, env = "MICRO_CONSUL_DATACENTER")]
     pub consul_datacenter: Option<String>,
+    /// DNS registry: the SRV query for a name, `{name}` standing for it.
+    #[arg(long, global = true, env = "MICRO_DNS_TEMPLATE", default_value = DEFAULT_DNS_TEMPLATE)]
+    pub dns_template: String,
+    /// DNS registry: the domain appended to queries (e.g. shippy.svc.cluster.local); unset:
+    /// the system's search list.
+    #[arg(long, global = true, env = "MICRO_DNS_DOMAIN")]
+    pub dns_domain: Option<String>,
+    /// DNS registry: the nameserver to ask, ip:port; unset: the system's (/etc/resolv.conf).
+    #[arg(long, global = true, env = "MICRO_DNS_NAMESERVER")]
+    pub dns_nameserver: Option<std::net::SocketAddr>,
+    /// DNS registry: the port of instances found through A/AAAA records (no SRV record).
+    #[arg(long, global = true, env = "MICRO_DNS_PORT", default_value_t = DEFAULT_DNS_PORT)]
+    pub dns_port: u16,
+    /// DNS registry: the least time an answer is used before it is asked again; a bare
+    /// number is seconds.
+    #[arg(long, global = true, env = "MICRO_DNS_MIN_TTL", default_value_t = Seconds::from_units(DEFAULT_DNS_MIN_TTL_SECS))]
+    pub dns_min_ttl: Seconds,
+    /// DNS registry: the most time an answer is used before it is asked again; a bare number
+    /// is seconds.
+    #[arg(long, global = true, env = "MICRO_DNS_MAX_TTL", default_value_t = Seconds::from_units(DEFAULT_DNS_MAX_TTL_SECS))]
+    pub dns_max_ttl: Seconds,
 }
 
 impl From<RegistryArgs> for RegistryConfig {
@@ -41,6 +65,12 @@ impl From<RegistryArgs> for RegistryConfig {
             retry: args.registry_retry,
             consul_token: args.consul_token,
             consul_datacenter: args.consul_datacenter,
+            dns_template: args.dns_template,
+            dns_domain: args.dns_domain,
+            dns_nameserver: args.dns_nameserver,
+            dns_port: args.dns_port,
+            dns_min_ttl: args.dns_min_ttl.into(),
+            dns_max_ttl: args.dns_max_ttl.into(),
         }
     }
 }

@@ -14,11 +14,20 @@ pub const DEFAULT_REGISTRY_RETRY: bool = false;
 /// First pause before an unreachable registry is tried again (with `MICRO_REGISTRY_RETRY`);
 /// each pause is drawn from the upper half of its nominal delay, so services do not retry
 /// in lockstep.
-#[cfg(feature = "consul")]
+#[cfg(any(feature = "consul", feature = "etcd"))]
 const REGISTRY_RETRY_FIRST_DELAY: Duration = Duration::from_millis(500);
 /// Longest pause between tries of an unreachable registry.
-#[cfg(feature = "consul")]
+#[cfg(any(feature = "consul", feature = "etcd"))]
 const REGISTRY_RETRY_MAX_DELAY: Duration = Duration::from_secs(30);
+
+/// Default SRV query of the DNS registry; `{name}` stands for the service name.
+pub const DEFAULT_DNS_TEMPLATE: &str = "_grpc._tcp.{name}";
+/// Default port of instances the DNS registry finds through A/AAAA records.
+pub const DEFAULT_DNS_PORT: u16 = 50051;
+/// Default lower bound, in seconds, on how long a DNS answer is used before it is asked again.
+pub const DEFAULT_DNS_MIN_TTL_SECS: u64 = 1;
+/// Default upper bound, in seconds, on how long a DNS answer is used before it is asked again.
+pub const DEFAULT_DNS_MAX_TTL_SECS: u64 = 30;
 
 /// Which registry backend to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,6 +39,10 @@ pub enum RegistryKind {
     Consul,
     /// This process only.
     Memory,
+    /// An etcd v3 cluster, keys laid out as go-micro's etcd registry lays them.
+    Etcd,
+    /// DNS SRV and A/AAAA records: discovery only; the platform registers.
+    Dns,
 }
 
 impl RegistryKind {
@@ -39,6 +52,8 @@ impl RegistryKind {
             RegistryKind::Mdns => "mdns",
             RegistryKind::Consul => "consul",
             RegistryKind::Memory => "memory",
+            RegistryKind::Etcd => "etcd",
+            RegistryKind::Dns => "dns",
         }
     }
 }
@@ -94,6 +109,18 @@ pub struct RegistryConfig {
     pub consul_token: Option<Secret>,
     /// Consul datacenter for look-ups; `None`: the agent's own.
     pub consul_datacenter: Option<String>,
+    /// DNS: the SRV query, `{name}` standing for the service name.
+    pub dns_template: String,
+    /// DNS: the domain appended to queries; `None`: the system's search list.
+    pub dns_domain: Option<String>,
+    /// DNS: the nameserver to ask; `None`: the system's (or `address`, when set).
+    pub dns_nameserver: Option<std::net::SocketAddr>,
+    /// DNS: the port of instances found through A/AAAA records.
+    pub dns_port: u16,
+    /// DNS: the least time an answer is used before it is asked again.
+    pub dns_min_ttl: Duration,
+    /// DNS: the most time an answer is used before it is asked again.
+    pub dns_max_ttl: Duration,
 }
 
 impl Default for RegistryConfig {
@@ -105,6 +132,12 @@ impl Default for RegistryConfig {
             retry: DEFAULT_REGISTRY_RETRY,
             consul_token: None,
             consul_datacenter: None,
+            dns_template: DEFAULT_DNS_TEMPLATE.into(),
+            dns_domain: None,
+            dns_nameserver: None,
+            dns_port: DEFAULT_DNS_PORT,
+            dns_min_ttl: Duration::from_secs(DEFAULT_DNS_MIN_TTL_SECS),
+            dns_max_ttl: Duration::from_secs(DEFAULT_DNS_MAX_TTL_SECS),
         }
     }
 }
@@ -157,6 +190,56 @@ impl RegistryConfig {
                 "registry consul",
                 "micro-core was built without its `consul` feature",
             )),
+            #[cfg(feature = "etcd")]
+            RegistryKind::Etcd => {
+                use crate::registry::{DEFAULT_ETCD_ADDRESS, EtcdRegistry};
+                let etcd = EtcdRegistry::builder()
+                    .endpoints(self.address.as_deref().unwrap_or(DEFAULT_ETCD_ADDRESS))
+                    .lookup_timeout(self.lookup_timeout)
+                    .connect()
+                    .await?;
+                let mut backoff =
+                    crate::registry::Backoff::new(REGISTRY_RETRY_FIRST_DELAY, REGISTRY_RETRY_MAX_DELAY);
+                loop {
+                    match etcd.ping().await {
+                        Ok(()) => return Ok(Arc::new(etcd)),
+                        Err(err) if self.retry => {
+                            let error = crate::error::error_chain(&err);
+                            let retry_in = backoff.next_delay();
+                            tracing::warn!(%error, ?retry_in, "registry not ready; trying again (MICRO_REGISTRY_RETRY is set)");
+                            tokio::time::sleep(retry_in).await;
+                        }
+                        Err(err) => return Err(err),
+                    }
+                }
+            }
+            #[cfg(not(feature = "etcd"))]
+            RegistryKind::Etcd => {
+                Err(crate::Error::invalid("registry etcd", "micro-core was built without its `etcd` feature"))
+            }
+            #[cfg(feature = "dns")]
+            RegistryKind::Dns => {
+                let nameserver = match (self.dns_nameserver, &self.address) {
+                    (Some(nameserver), _) => Some(nameserver),
+                    (None, Some(address)) => Some(address.parse().map_err(|_| {
+                        crate::Error::invalid(format!("DNS nameserver {address:?}"), "expected ip:port")
+                    })?),
+                    (None, None) => None,
+                };
+                let dns = crate::registry::DnsRegistry::builder()
+                    .template(self.dns_template.clone())
+                    .domain(self.dns_domain.clone())
+                    .nameserver(nameserver)
+                    .default_port(self.dns_port)
+                    .ttl_bounds(self.dns_min_ttl, self.dns_max_ttl)
+                    .lookup_timeout(self.lookup_timeout)
+                    .build()?;
+                Ok(Arc::new(dns))
+            }
+            #[cfg(not(feature = "dns"))]
+            RegistryKind::Dns => {
+                Err(crate::Error::invalid("registry dns", "micro-core was built without its `dns` feature"))
+            }
         }
     }
 }

@@ -2,7 +2,9 @@
 //!
 //! One trait, [`Registry`], and one module per backend: [`MemoryRegistry`] for a single
 //! process, [`MdnsRegistry`] (feature `mdns`) for zero set-up discovery on one network
-//! segment, [`ConsulRegistry`] (feature `consul`) for a Consul agent.
+//! segment, [`ConsulRegistry`] (feature `consul`) for a Consul agent, [`EtcdRegistry`]
+//! (feature `etcd`) for an etcd cluster, laid out as go-micro lays it, and [`DnsRegistry`]
+//! (feature `dns`), discovery only, from DNS SRV records.
 //!
 //! # Examples
 //! ```
@@ -27,6 +29,10 @@ use crate::{Error, Result};
 mod backoff;
 #[cfg(feature = "consul")]
 mod consul;
+#[cfg(feature = "dns")]
+mod dns;
+#[cfg(feature = "etcd")]
+mod etcd;
 #[cfg(feature = "mdns")]
 mod mdns;
 mod memory;
@@ -35,6 +41,16 @@ pub use backoff::Backoff;
 #[cfg(feature = "consul")]
 pub use consul::{
     ConsulRegistry, ConsulRegistryBuilder, DEFAULT_CONSUL_ADDRESS, DEFAULT_CONSUL_LOOKUP_TIMEOUT,
+};
+#[cfg(feature = "dns")]
+pub use dns::{
+    DEFAULT_DNS_LOOKUP_TIMEOUT, DEFAULT_DNS_MAX_TTL, DEFAULT_DNS_MIN_TTL, DEFAULT_DNS_PORT,
+    DEFAULT_DNS_TEMPLATE, DnsRegistry, DnsRegistryBuilder,
+};
+#[cfg(feature = "etcd")]
+pub use etcd::{
+    DEFAULT_ETCD_ADDRESS, DEFAULT_ETCD_LOOKUP_TIMEOUT, ETCD_PREFIX, EtcdRegistry, EtcdRegistryBuilder,
+    etcd_key,
 };
 #[cfg(feature = "mdns")]
 pub use mdns::{MdnsRegistry, SERVICE_TYPE};
