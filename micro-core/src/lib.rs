@@ -11,6 +11,7 @@
 //! | which instance gets a call | [`selector`] |
 //! | calling a name | [`client`] |
 //! | serving under a name | [`server`] |
+//! | well-known labels (`health`, `tls`, `metrics`, `draining`, …), reserved for the SDK | [`labels`] |
 //! | settings as plain values; they never read the environment | [`config`] |
 //! | flags and environment, log set-up for binaries (feature `cli`) | `cli` |
 //!

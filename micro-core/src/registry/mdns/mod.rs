@@ -44,6 +44,8 @@ pub struct MdnsRegistry {
     browse_started: Instant,
     /// Turns true once the first unicast query has collected its answers.
     first_answers: tokio::sync::watch::Receiver<bool>,
+    /// The browse follower and the first unicast query, stopped with the registry.
+    tasks: [tokio::task::AbortHandle; 2],
 }
 
 struct Shared {
@@ -66,14 +68,21 @@ impl MdnsRegistry {
         let events = daemon.browse(SERVICE_TYPE).map_err(mdns_error("could not browse"))?;
         let (changes, _) = broadcast::channel(1024);
         let shared = Arc::new(Shared { nodes: Mutex::default(), changes, announced: Mutex::default() });
-        tokio::spawn(follow_browse(events, Arc::downgrade(&shared)));
+        let browse = tokio::spawn(follow_browse(events, Arc::downgrade(&shared)));
         let (answered, first_answers) = tokio::sync::watch::channel(false);
         let asking = shared.clone();
-        tokio::spawn(async move {
+        let first_query = tokio::spawn(async move {
             asking.ask_by_unicast().await;
             let _ = answered.send(true);
         });
-        Ok(MdnsRegistry { daemon, shared, lookup_timeout, browse_started: Instant::now(), first_answers })
+        Ok(MdnsRegistry {
+            daemon,
+            shared,
+            lookup_timeout,
+            browse_started: Instant::now(),
+            first_answers,
+            tasks: [browse.abort_handle(), first_query.abort_handle()],
+        })
     }
 
     /// Waits (up to `deadline`) until the first unicast query has collected its answers.
@@ -92,6 +101,9 @@ impl MdnsRegistry {
 
 impl Drop for MdnsRegistry {
     fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
         let _ = self.daemon.shutdown();
     }
 }
