@@ -35,10 +35,10 @@ lint:
 docker-check:
 	$(CARGO) test -p e2e --test docker_files -- --nocapture
 
-## bench: release build, then the SDK against raw tonic in a private network namespace (< 3 min); writes bench/results.md.
+## bench: release build, then the SDK against its baselines in a private network namespace (about 160 s; the run stops itself at 240 s); writes bench/results.md.
 bench:
 	scripts/install-consul >/dev/null
-	$(CARGO) build --release -p bench -p vessel-service
+	$(CARGO) build --release -p bench -p vessel-service -p e2e
 	scripts/netns-run target/release/micro-bench --results bench/results.md
 
 ## bench-peers: the SDK against volo-grpc (bench/peers, built on its own into target/peers); writes bench/peers/results.txt.

@@ -220,7 +220,7 @@ pub async fn run_mdns(registry: Arc<dyn Registry>) -> anyhow::Result<()> {
         .request_timeout(LIMIT);
     let (mut sdk, mut baseline) = (Vec::new(), Vec::new());
     for t in 0..TRIALS {
-        eprintln!("[3/5 discovery] mdns trial {}/{TRIALS}", t + 1);
+        eprintln!("[3/6 discovery] mdns trial {}/{TRIALS}", t + 1);
         let name = format!("vessel-reg-{}-{t}", std::process::id());
         sdk.push(sdk_trial(&client, &[("MICRO_REGISTRY", "mdns")], &format!("{name}-sdk")).await?);
         baseline.push(mdns_baseline_trial(&format!("{name}-raw")).await?);
@@ -229,7 +229,7 @@ pub async fn run_mdns(registry: Arc<dyn Registry>) -> anyhow::Result<()> {
 
     let (mut sdk, mut baseline) = (Vec::new(), Vec::new());
     for t in 0..COLD_TRIALS {
-        eprintln!("[3/5 discovery] mdns cold consumer trial {}/{COLD_TRIALS}", t + 1);
+        eprintln!("[3/6 discovery] mdns cold consumer trial {}/{COLD_TRIALS}", t + 1);
         let name = format!("vessel-cold-{}-{t}", std::process::id());
         sdk.push(cold_trial(&format!("{name}-sdk"), true).await?);
         baseline.push(cold_trial(&format!("{name}-raw"), false).await?);
@@ -265,7 +265,7 @@ pub async fn run_consul() -> anyhow::Result<()> {
     let env = [("MICRO_REGISTRY", "consul"), ("MICRO_REGISTRY_ADDRESS", address.as_str())];
     let (mut sdk, mut baseline) = (Vec::new(), Vec::new());
     for t in 0..TRIALS {
-        eprintln!("[3/5 discovery] consul trial {}/{TRIALS}", t + 1);
+        eprintln!("[3/6 discovery] consul trial {}/{TRIALS}", t + 1);
         let name = format!("vessel-reg-{}-{t}", std::process::id());
         sdk.push(sdk_trial(&client, &env, &format!("{name}-sdk")).await?);
         baseline.push(consul_baseline_trial(&address, &format!("{name}-raw")).await?);

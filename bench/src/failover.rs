@@ -108,7 +108,7 @@ async fn round(registry: &Arc<dyn Registry>, sdk: bool, tag: &str) -> anyhow::Re
 pub async fn run(registry: Arc<dyn Registry>) -> anyhow::Result<()> {
     let (mut s, mut b) = (Vec::new(), Vec::new());
     for r in 0..ROUNDS {
-        eprintln!("[4/5 failover] round {}/{ROUNDS}", r + 1);
+        eprintln!("[4/6 failover] round {}/{ROUNDS}", r + 1);
         for sdk in if r % 2 == 0 { [true, false] } else { [false, true] } {
             let result = round(&registry, sdk, &format!("{r}-{}", if sdk { "sdk" } else { "raw" })).await?;
             if sdk { s.push(result) } else { b.push(result) }

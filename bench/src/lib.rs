@@ -9,6 +9,7 @@ pub mod memory;
 pub mod procs;
 pub mod report;
 pub mod resolve;
+pub mod silent;
 pub mod unary;
 
 use anyhow::bail;

@@ -146,3 +146,58 @@ pub async fn timeline<C: Caller>(caller: &C, callers: usize, until: Instant) -> 
     all.sort_by_key(|o| o.at);
     all
 }
+
+/// A raw tonic client whose every call carries a deadline (`grpc-timeout`, which tonic's
+/// channel also enforces on the client side), as the SDK's calls carry its default one.
+#[derive(Clone)]
+pub struct WithDeadline(pub VesselServiceClient<Channel>, pub Duration);
+
+impl Caller for WithDeadline {
+    async fn call(&mut self) -> Result<(), Status> {
+        let mut request = tonic::Request::new(spec());
+        request.set_timeout(self.1);
+        self.0.find_available(request).await.map(drop)
+    }
+}
+
+/// One call of a [`paced`] run.
+pub struct Timed {
+    /// When it started.
+    pub started: Instant,
+    /// How long it took, to its answer or its failure.
+    pub latency: Duration,
+    /// Its failure, if it failed.
+    pub error: Option<Status>,
+}
+
+/// `rate` calls per second for `length`, each in a task of its own, started on schedule
+/// whether or not earlier calls have answered (an open loop, as requests come to a
+/// service, so a stuck call holds back no other). Each call is given up at `limit`; every
+/// call's outcome, in the order they started.
+pub async fn paced<C: Caller>(caller: C, rate: u32, length: Duration, limit: Duration) -> Vec<Timed> {
+    let count = (f64::from(rate) * length.as_secs_f64()).round() as u32;
+    let period = Duration::from_secs(1) / rate.max(1);
+    let start = Instant::now();
+    let mut tasks = Vec::with_capacity(count as usize);
+    for i in 0..count {
+        tokio::time::sleep_until(start + period * i).await;
+        let mut caller = caller.clone();
+        tasks.push(tokio::spawn(async move {
+            let started = Instant::now();
+            let outcome = tokio::time::timeout(limit, caller.call()).await;
+            let error = match outcome {
+                Ok(Ok(())) => None,
+                Ok(Err(status)) => Some(status),
+                Err(_) => Some(Status::deadline_exceeded(format!("no answer within the bench's {limit:?}"))),
+            };
+            Timed { started, latency: started.elapsed(), error }
+        }));
+    }
+    let mut calls = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        if let Ok(call) = task.await {
+            calls.push(call);
+        }
+    }
+    calls
+}

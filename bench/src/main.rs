@@ -4,17 +4,18 @@
 //!
 //! Run it with `make bench`: it needs the release binaries next to it and a private network
 //! namespace (`scripts/netns-run`) for mDNS. The whole run stops by itself within
-//! [`TIME_LIMIT`].
+//! [`TIME_LIMIT`]. `--only FIGURE` (unary, resolve, discovery, failover, memory, silent)
+//! measures one figure, e.g. while working on it.
 
 use std::{sync::Arc, time::Duration};
 
 use anyhow::Context;
-use bench::{discovery, failover, memory, procs, report, require_private_netns, resolve, unary};
+use bench::{discovery, failover, memory, procs, report, require_private_netns, resolve, silent, unary};
 use micro_core::{Registry, registry::MdnsRegistry};
 use tokio::time::Instant;
 
 /// The whole run's bound; the watchdog kills every child and exits past it.
-const TIME_LIMIT: Duration = Duration::from_secs(170);
+const TIME_LIMIT: Duration = Duration::from_secs(240);
 
 const EXPLANATIONS: &str = include_str!("../EXPLAINED.md");
 
@@ -25,11 +26,19 @@ async fn main() -> anyhow::Result<()> {
         Some(i) => Some(args.get(i + 1).context("--results needs a file")?.clone()),
         None => None,
     };
+    let only = match args.iter().position(|a| a == "--only") {
+        Some(i) => {
+            let figure = args.get(i + 1).context("--only needs a figure")?;
+            anyhow::ensure!(FIGURES.contains(&figure.as_str()), "--only takes one of {FIGURES:?}");
+            Some(figure.clone())
+        }
+        None => None,
+    };
     require_private_netns()?;
     procs::start_watchdog("micro-bench", TIME_LIMIT);
     let started = Instant::now();
     eprintln!("micro-bench on {}", report::machine());
-    let outcome = run().await;
+    let outcome = run(only.as_deref()).await;
     procs::kill_all_children();
     outcome?;
     let elapsed = started.elapsed().as_secs_f64();
@@ -43,15 +52,33 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run() -> anyhow::Result<()> {
+/// The figures `--only` takes, in the order they run.
+const FIGURES: [&str; 6] = ["unary", "resolve", "discovery", "failover", "memory", "silent"];
+
+/// Every figure, or only the one named.
+async fn run(only: Option<&str>) -> anyhow::Result<()> {
+    let wanted = |figure: &str| only.is_none_or(|only| only == figure);
     // One long-lived mDNS browse, as a running service has.
     let registry: Arc<dyn Registry> = Arc::new(MdnsRegistry::new(Duration::from_secs(3))?);
-    unary::run(registry.clone()).await.context("figure 1 (unary)")?;
-    unary::run_under_mimalloc().await.context("figure 1 again, under mimalloc")?;
-    resolve::run().await.context("figure 2 (resolution)")?;
-    discovery::run_mdns(registry.clone()).await.context("figure 3 (mdns discovery)")?;
-    discovery::run_consul().await.context("figure 3 (consul discovery)")?;
-    failover::run(registry).await.context("figure 4 (failover)")?;
-    memory::run().await.context("figure 5 (memory)")?;
+    if wanted("unary") {
+        unary::run(registry.clone()).await.context("figure 1 (unary)")?;
+        unary::run_under_mimalloc().await.context("figure 1 again, under mimalloc")?;
+    }
+    if wanted("resolve") {
+        resolve::run().await.context("figure 2 (resolution)")?;
+    }
+    if wanted("discovery") {
+        discovery::run_mdns(registry.clone()).await.context("figure 3 (mdns discovery)")?;
+        discovery::run_consul().await.context("figure 3 (consul discovery)")?;
+    }
+    if wanted("failover") {
+        failover::run(registry).await.context("figure 4 (failover)")?;
+    }
+    if wanted("memory") {
+        memory::run().await.context("figure 5 (memory)")?;
+    }
+    if wanted("silent") {
+        silent::run().await.context("figure 6 (silent failures across hosts)")?;
+    }
     Ok(())
 }

@@ -45,7 +45,7 @@ async fn loaded(service: &Service, address: std::net::SocketAddr) -> anyhow::Res
 pub async fn run() -> anyhow::Result<()> {
     let (mut idle, mut busy, mut rate) = ((vec![], vec![]), (vec![], vec![]), (vec![], vec![]));
     for r in 0..ROUNDS {
-        eprintln!("[5/5 memory] round {}/{ROUNDS}", r + 1);
+        eprintln!("[5/6 memory] round {}/{ROUNDS}", r + 1);
         let name = format!("vessel-memory-{}-{r}", std::process::id());
         let mut sdk =
             Service::start("vessel-service", &[("MICRO_REGISTRY", "mdns"), ("MICRO_SERVER_NAME", &name)])?;

@@ -20,12 +20,30 @@ use tokio::{
 
 /// Every child's pid, so the watchdog can kill what is left.
 static CHILDREN: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+/// The network namespaces of hosts (`net:[INODE]`), whose every process the watchdog kills.
+static NAMESPACES: Mutex<Vec<String>> = Mutex::new(Vec::new());
 
-/// SIGKILLs every child still listed; for the watchdog and for exits on error.
+/// SIGKILLs every child still listed and every process in a listed namespace; for the
+/// watchdog and for exits on error.
 pub fn kill_all_children() {
-    for pid in CHILDREN.lock().map(|c| c.clone()).unwrap_or_default() {
+    let mut pids = CHILDREN.lock().map(|c| c.clone()).unwrap_or_default();
+    for namespace in NAMESPACES.lock().map(|n| n.clone()).unwrap_or_default() {
+        pids.extend(e2e::hosts::processes_in(&namespace));
+    }
+    for pid in pids {
         let _ = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status();
     }
+}
+
+/// Lists network namespaces (of an `e2e::hosts::Network`) whose processes the watchdog
+/// kills; `untrack_namespaces` takes them off once the network is down.
+pub fn track_namespaces(ids: &[String]) {
+    NAMESPACES.lock().expect("namespaces lock").extend_from_slice(ids);
+}
+
+/// Takes namespaces listed by [`track_namespaces`] off the list.
+pub fn untrack_namespaces(ids: &[String]) {
+    NAMESPACES.lock().expect("namespaces lock").retain(|id| !ids.contains(id));
 }
 
 /// Past `limit`, kills every child and exits with status 3, whatever the run is doing.
@@ -43,6 +61,11 @@ pub fn track(pid: u32) {
     CHILDREN.lock().expect("children lock").push(pid);
 }
 
+/// Takes a child that was stopped off the watchdog's list.
+pub fn untrack(pid: u32) {
+    CHILDREN.lock().expect("children lock").retain(|&p| p != pid);
+}
+
 /// A release binary next to this one (`cargo build --release` puts them together).
 pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe().context("where is micro-bench")?;
@@ -51,7 +74,11 @@ pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
         bail!(
             "{} not found: build it first with `cargo build --release -p {} -p bench` (`make bench` does)",
             path.display(),
-            if name == "raw-vessel" { "bench" } else { name }
+            match name {
+                "raw-vessel" => "bench",
+                "fault-server" => "e2e",
+                package => package,
+            }
         );
     }
     Ok(path)

@@ -99,7 +99,7 @@ async fn paired<A: Caller, B: Caller>(sdk: &mut A, raw: &mut B) -> anyhow::Resul
 
 /// Figure 2: the cost of a cached pick, from 1 to 1,000 instances.
 pub async fn run() -> anyhow::Result<()> {
-    eprintln!("[2/5 resolve] strategies over 1..1000 instances");
+    eprintln!("[2/6 resolve] strategies over 1..1000 instances");
     for kind in [StrategyKind::RoundRobin, StrategyKind::Random, StrategyKind::P2c] {
         let mut per_size: Vec<Vec<f64>> = vec![Vec::new(); SIZES.len()];
         for _ in 0..PICK_ROUNDS {
@@ -143,7 +143,7 @@ pub async fn run() -> anyhow::Result<()> {
     let mut raw = VesselServiceClient::new(raw_channel(address).await?);
     sequential(&mut raw, 500).await?;
     for &n in &SIZES {
-        eprintln!("[2/5 resolve] whole calls with {n} instance(s) behind the name");
+        eprintln!("[2/6 resolve] whole calls with {n} instance(s) behind the name");
         let name = format!("vessel-n{n}");
         for i in 0..n {
             let mut node = Node::new(&name, address);

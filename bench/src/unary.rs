@@ -58,7 +58,7 @@ pub async fn run(registry: Arc<dyn Registry>) -> anyhow::Result<()> {
 
     let (mut s, mut b, mut h) = (Side::default(), Side::default(), Side::default());
     for r in 0..ROUNDS {
-        eprintln!("[1/5 unary] round {}/{ROUNDS}", r + 1);
+        eprintln!("[1/6 unary] round {}/{ROUNDS}", r + 1);
         // Rotate which goes first, so a drift of the machine hits all alike.
         for turn in 0..3 {
             match (r + turn) % 3 {
@@ -107,7 +107,7 @@ pub async fn run(registry: Arc<dyn Registry>) -> anyhow::Result<()> {
 /// between the worker threads, and the SDK allocates a few blocks per call more than raw
 /// tonic does.
 pub async fn run_under_mimalloc() -> anyhow::Result<()> {
-    eprintln!("[1/5 unary] again in unary-mimalloc");
+    eprintln!("[1/6 unary] again in unary-mimalloc");
     let child = tokio::process::Command::new(procs::binary("unary-mimalloc")?)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
