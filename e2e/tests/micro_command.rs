@@ -61,7 +61,7 @@ async fn services_describe_health_call_and_why_over_mdns() {
     assert!(!ok && err.contains("FAILED_PRECONDITION"), "{err}");
 
     let (ok, out, err) = micro(&["why", &name, "--version", "0.0.0-other", "--output", "json"], &[]);
-    assert!(ok, "{err}");
+    assert!(!ok && err.contains("none is pickable"), "nothing is pickable under that filter: {err}");
     let why: serde_json::Value = serde_json::from_str(&out).unwrap();
     let verdict = why["instances"][0]["verdict"].as_str().unwrap();
     assert!(verdict.starts_with("filtered out: version"), "{out}");
@@ -98,4 +98,27 @@ fn on_the_memory_registry_micro_sees_only_its_own_process() {
         &[("MICRO_REGISTRY", "memory"), ("MICRO_LOOKUP_TIMEOUT", "100")],
     );
     assert!(!ok && err.contains("no instance of vessel-service in registry memory"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn why_names_the_configured_strategy_and_shows_what_the_client_measured() {
+    let registry = mdns();
+    let name = unique_name("vessel");
+    let _a = Process::start("vessel-service", &[], &[("MICRO_SERVER_NAME", &name)]);
+    let _b = Process::start("vessel-service", &[], &[("MICRO_SERVER_NAME", &name)]);
+    wait_for(&registry, &name, 2).await;
+
+    let (ok, out, err) = micro(&["why", &name, "--output", "json"], &[]);
+    assert!(ok, "{out}{err}");
+    let why: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(why["strategy"], "peak-ewma", "{out}");
+    assert_eq!(why["next_picks"].as_array().map(Vec::len), Some(4), "{out}");
+    for instance in why["instances"].as_array().unwrap() {
+        assert!(instance["latency_ms"].as_f64().is_some_and(|ms| ms > 0.0), "each instance measured: {out}");
+        assert!(instance["ejected"].is_null(), "{out}");
+    }
+
+    let (ok, out, err) = micro(&["why", &name], &[("MICRO_CLIENT_SELECTOR", "round-robin")]);
+    assert!(ok && out.contains("next picks (round-robin"), "{out}{err}");
+    assert!(out.contains("latency ") && out.contains(" ms"), "{out}");
 }

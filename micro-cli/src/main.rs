@@ -17,8 +17,8 @@ use std::{net::SocketAddr, process::ExitCode, time::Duration};
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use micro_core::{
     Error,
-    cli::{LogArgs, RegistryArgs, TlsArgs},
-    config::{DEFAULT_REGISTER_INTERVAL_SECS, DEFAULT_REGISTER_TTL_SECS, RegistryConfig},
+    cli::{ClientArgs, LogArgs, RegistryArgs, TlsArgs},
+    config::{ClientConfig, DEFAULT_REGISTER_INTERVAL_SECS, DEFAULT_REGISTER_TTL_SECS, RegistryConfig},
 };
 
 use exit::Failure;
@@ -40,6 +40,8 @@ struct Cli {
     registry: RegistryArgs,
     #[command(flatten)]
     tls: TlsArgs,
+    #[command(flatten)]
+    client: ClientArgs,
     #[command(flatten)]
     log: LogArgs,
 }
@@ -143,6 +145,7 @@ async fn main() -> ExitCode {
 async fn run(cli: Cli) -> Result<(), Failure> {
     let config = RegistryConfig::from(cli.registry);
     let tls = cli.tls.load()?;
+    let client_config = ClientConfig::from_args(cli.client, config.lookup_timeout)?;
     let registry = config.connect().await?;
     let output = cli.output;
     match cli.command {
@@ -162,8 +165,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Watch { names } => watch::watch(registry, names, output).await?,
         Command::Call { name, method, json } => {
             lookup::find(&registry, &name).await?;
-            let client =
-                micro_core::Client::new(registry.clone()).lookup_timeout(config.lookup_timeout).tls(tls);
+            let client = micro_core::Client::new(registry.clone()).config(client_config).tls(tls);
             let reply =
                 call::call(client.channel(&name), &method, &json).await.map_err(|failure| match failure {
                     Failure::CallFailed { code, message } => {
@@ -174,7 +176,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             out::line(reply);
         }
         Command::Why { name, version, metadata } => {
-            let explanation = why::explain(registry, &name, version, metadata, tls).await;
+            let explanation = why::explain(registry, &name, (version, metadata), client_config, tls).await;
             match output {
                 Output::Json => out::line(out::json(&explanation)),
                 Output::Table => why::print(&explanation),

@@ -2,7 +2,12 @@
 
 use std::{sync::Arc, time::Duration};
 
-use micro_core::{Client, Node, Registry, config::TlsConfig, error::error_chain, selector::Filter};
+use micro_core::{
+    Client, NamedChannel, Node, Registry,
+    config::{ClientConfig, TlsConfig},
+    error::error_chain,
+    selector::Filter,
+};
 use serde::Serialize;
 use tokio::time::Instant;
 
@@ -10,6 +15,12 @@ use crate::{exit::Failure, out};
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
+
+/// The health check's gRPC path: safe to send twice, so probes are hedged like any
+/// idempotent call.
+const HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";
+/// Probe calls through the client per instance, for its latency estimates and ejections.
+const PROBES_PER_INSTANCE: usize = 3;
 
 /// How long a health probe of one instance may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -23,6 +34,10 @@ pub struct Verdict {
     pub health: String,
     /// `pickable`, or why not.
     pub verdict: String,
+    /// The client's latency estimate after the probe calls, in milliseconds.
+    pub latency_ms: Option<f64>,
+    /// Why and for how much longer the client ejected it, if it did.
+    pub ejected: Option<String>,
 }
 
 /// The whole explanation.
@@ -36,6 +51,8 @@ pub struct Explanation {
     instances: Vec<Verdict>,
     client_cache_known: usize,
     client_cache_ms: u128,
+    strategy: String,
+    probe_calls: usize,
     next_picks: Vec<String>,
     hints: Vec<String>,
     /// Why the look-up failed, for the exit code.
@@ -109,8 +126,8 @@ fn filter_reason(
 pub async fn explain(
     registry: Arc<dyn Registry>,
     name: &str,
-    version: Option<String>,
-    metadata: Vec<(String, String)>,
+    (version, metadata): (Option<String>, Vec<(String, String)>),
+    client_config: ClientConfig,
     tls: Option<TlsConfig>,
 ) -> Explanation {
     let mut filter = Filter::new();
@@ -163,10 +180,11 @@ pub async fn explain(
         } else {
             "pickable".into()
         };
-        instances.push(Verdict { node, health, verdict });
+        instances.push(Verdict { node, health, verdict, latency_ms: None, ejected: None });
     }
 
-    let client = Client::new(registry.clone()).tls(tls);
+    let client =
+        Client::new(registry.clone()).config(client_config).tls(tls).idempotent_methods(&[HEALTH_CHECK]);
     let channel = client.channel_with(name, filter);
     let cache_started = Instant::now();
     let expected = instances.len();
@@ -176,9 +194,17 @@ pub async fn explain(
     let client_cache_ms = cache_started.elapsed().as_millis();
     let pickable: Vec<String> =
         instances.iter().filter(|v| v.verdict == "pickable").map(|v| v.node.id.clone()).collect();
-    let next_picks = (0..pickable.len().max(1) * 2)
-        .filter_map(|i| pickable.get(i % pickable.len().max(1)).cloned())
-        .collect();
+    // The client learns latency and ejects by calling: a few health checks through the
+    // channel, picked, hedged and judged as any call would be.
+    let probe_calls = if pickable.is_empty() { 0 } else { PROBES_PER_INSTANCE * expected };
+    probe_through(&channel, probe_calls).await;
+    for view in channel.inspect() {
+        if let Some(verdict) = instances.iter_mut().find(|v| v.node.id == view.node.id) {
+            verdict.latency_ms = view.load.latency.map(|l| l.as_secs_f64() * 1000.0);
+            verdict.ejected = view.ejected.map(|(left, why)| format!("{why}, {} ms more", left.as_millis()));
+        }
+    }
+    let next_picks = channel.next_picks(pickable.len().max(1) * 2).into_iter().map(|node| node.id).collect();
     if pickable.is_empty() && lookup_error.is_none() {
         hints.push("no instance can take calls: see each verdict".into());
     }
@@ -191,6 +217,8 @@ pub async fn explain(
         lookup_error,
         client_cache_known: channel.instances().len(),
         client_cache_ms,
+        strategy: channel.strategy().to_owned(),
+        probe_calls,
         instances,
         next_picks,
         hints,
@@ -208,8 +236,10 @@ pub fn print(explanation: &Explanation) {
         out::line(format!("  {error}"));
     }
     for v in &e.instances {
+        let latency = v.latency_ms.map_or("not measured".to_owned(), |ms| format!("{ms:.2} ms"));
+        let ejected = v.ejected.as_ref().map_or(String::new(), |why| format!("; ejected: {why}"));
         out::line(format!(
-            "  {} at {} version {:?} health {}: {}",
+            "  {} at {} version {:?} health {}: {}; latency {latency}{ejected}",
             v.node.id, v.node.address, v.node.version, v.health, v.verdict
         ));
     }
@@ -218,7 +248,12 @@ pub fn print(explanation: &Explanation) {
         e.client_cache_known, e.client_cache_ms
     ));
     if !e.next_picks.is_empty() {
-        out::line(format!("next picks (round robin): {}", e.next_picks.join(", ")));
+        out::line(format!(
+            "next picks ({}, after {} probe calls): {}",
+            e.strategy,
+            e.probe_calls,
+            e.next_picks.join(", ")
+        ));
     }
     for hint in &e.hints {
         out::line(format!("hint: {hint}"));
@@ -231,5 +266,16 @@ fn probe_config(tls: Option<&TlsConfig>) -> micro_core::config::ClientConfig {
         connect_timeout: PROBE_TIMEOUT,
         tls: tls.cloned(),
         ..Default::default()
+    }
+}
+
+/// Sends `calls` health checks through `channel`, one after another, ignoring their results:
+/// what matters is what the channel learns of each instance.
+async fn probe_through(channel: &NamedChannel, calls: usize) {
+    let mut health = HealthClient::new(channel.clone());
+    for _ in 0..calls {
+        let mut request = tonic::Request::new(HealthCheckRequest { service: String::new() });
+        request.set_timeout(PROBE_TIMEOUT);
+        let _ = health.check(request).await;
     }
 }
