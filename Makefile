@@ -21,10 +21,10 @@ run: build
 test-deps:
 	scripts/install-test-deps
 
-## test: install the test dependencies, build, then run every test in a private network namespace.
+## test: install the test dependencies, build, then run every test binary (TEST_JOBS at a time, default 4) in a private network namespace.
 test: test-deps
 	$(CARGO) build --workspace --bins --tests
-	scripts/netns-run env CARGO_NET_OFFLINE=true $(CARGO) test --workspace --no-fail-fast
+	scripts/netns-run env CARGO_NET_OFFLINE=true scripts/run-tests
 
 ## lint: formatting and clippy, warnings as errors.
 lint:
