@@ -7,13 +7,27 @@ use micro_core::{Error, Node, Registry, error::error_chain};
 
 use crate::exit::Failure;
 
+/// How long after a listing without the name a second listing confirms it is not there.
+const RELIST_AFTER: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// The instances of `name`. When the registry lists names but not `name`, fails at once
 /// (no look-up timeout) with [`Failure::NotFound`], suggesting the closest registered name.
 pub async fn find(registry: &Arc<dyn Registry>, name: &str) -> Result<Vec<Node>, Failure> {
+    // Two listings a moment apart must both lack the name, so an instance whose mDNS answer
+    // comes a little after the others' is still found.
     let elsewhere = async {
-        match registry.list_services().await {
-            Ok(names) if !names.is_empty() && !names.iter().any(|n| n == name) => names,
-            _ => std::future::pending().await,
+        let mut absent_before = false;
+        loop {
+            match registry.list_services().await {
+                Ok(names) if !names.is_empty() && !names.iter().any(|n| n == name) => {
+                    if absent_before {
+                        return names;
+                    }
+                    absent_before = true;
+                }
+                _ => absent_before = false,
+            }
+            tokio::time::sleep(RELIST_AFTER).await;
         }
     };
     tokio::select! {

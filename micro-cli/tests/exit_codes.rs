@@ -141,6 +141,14 @@ async fn each_exit_code_is_caused_by_its_situation() {
         assert!(shown.contains(&hint), "{command}: {shown}");
         assert!(started.elapsed() < Duration::from_secs(2), "{command} took {:?}", started.elapsed());
     }
+    // watch keeps watching the name asked for (it may come), with the suggestion.
+    let watch = Process::spawn("micro-watch", Command::new(MICRO), &["watch", &typo], &consul_env);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !watch.log().contains(&format!("did you mean {vessels}?")) {
+        assert!(Instant::now() < deadline, "{}", watch.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(watch);
     let output = micro(addr, &["wait", &typo], &[("MICRO_LOOKUP_TIMEOUT", "300")]);
     assert_exit(&output, 3, &format!("did you mean {vessels}?"));
     let output = micro(addr, &["describe", "no-such-service"], &[("MICRO_LOOKUP_TIMEOUT", "300")]);
