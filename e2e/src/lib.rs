@@ -15,6 +15,7 @@ pub mod discovery;
 pub mod dnsmasq;
 pub mod etcd;
 pub mod hosts;
+pub mod nats;
 pub mod process;
 pub mod shippy;
 

@@ -18,6 +18,7 @@
 //! assert_eq!(RegistryConfig::from(cli.registry).kind, RegistryKind::Memory);
 //! ```
 
+mod broker;
 mod client;
 mod duration;
 mod log;
@@ -25,6 +26,7 @@ mod registry;
 mod server;
 mod tls;
 
+pub use broker::BrokerArgs;
 pub use client::ClientArgs;
 pub use duration::{DurationArg, Millis, Seconds};
 pub use log::{LogArgs, LogFormat};

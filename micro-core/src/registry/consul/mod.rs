@@ -38,7 +38,6 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -46,11 +45,14 @@ use std::{
 use async_trait::async_trait;
 use futures::{StreamExt, stream::BoxStream};
 use reqwest::{Method, StatusCode, Url};
-use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use tokio::time::Instant;
 
+use self::{
+    agent::{Agent, Failure},
+    watch::{WatchState, next_index},
+};
 use super::{Backoff, Change, Node, NodeId, Registry};
-use crate::{Error, Result, config::RegistryKind, labels};
+use crate::{Error, Result, config::RegistryKind};
 
 /// Where a local Consul agent serves its HTTP API by default.
 pub const DEFAULT_CONSUL_ADDRESS: &str = "127.0.0.1:8500";
@@ -180,329 +182,6 @@ impl ConsulRegistryBuilder {
     }
 }
 
-/// The typed HTTP client for the few endpoints used.
-struct Agent {
-    http: reqwest::Client,
-    base: Url,
-    /// `host:port`, for messages.
-    address: String,
-    token: Option<String>,
-    datacenter: Option<String>,
-}
-
-/// Why a request did not give what was asked.
-enum Failure {
-    /// No connection, or no answer in time.
-    Unreachable(reqwest::Error),
-    /// The agent answered with a status other than 2xx, and this body.
-    Status(StatusCode, String),
-    /// The agent answered, but not with what was expected.
-    Refused(String),
-}
-
-impl Agent {
-    /// The URL of `/<segments>`, with `dc` when it reads the `catalog`.
-    fn url(&self, segments: &[&str], catalog: bool) -> Url {
-        let mut url = self.base.clone();
-        url.path_segments_mut().expect("checked in build").pop_if_empty().extend(segments);
-        if let (true, Some(dc)) = (catalog, &self.datacenter) {
-            url.query_pairs_mut().append_pair("dc", dc);
-        }
-        url
-    }
-
-    /// A request to `url` with the token and the usual timeout.
-    fn request_to(&self, method: Method, url: Url) -> reqwest::RequestBuilder {
-        let mut request = self.http.request(method, url).timeout(REQUEST_TIMEOUT);
-        if let Some(token) = &self.token {
-            request = request.header("X-Consul-Token", token);
-        }
-        request
-    }
-
-    /// A request to `/<segments>`, with `dc` when it reads the `catalog`.
-    fn request(&self, method: Method, segments: &[&str], catalog: bool) -> reqwest::RequestBuilder {
-        self.request_to(method, self.url(segments, catalog))
-    }
-
-    async fn send(&self, request: reqwest::RequestBuilder) -> Result<reqwest::Response, Failure> {
-        let response = request.send().await.map_err(Failure::Unreachable)?;
-        let status = response.status();
-        if status.is_success() {
-            return Ok(response);
-        }
-        let body = response.text().await.unwrap_or_default();
-        Err(Failure::Status(status, body.trim().to_owned()))
-    }
-
-    async fn json<T: DeserializeOwned>(&self, what: &str, request: reqwest::RequestBuilder) -> Result<T> {
-        let response = self.send(request).await.map_err(|failure| self.error(what, failure))?;
-        response
-            .json()
-            .await
-            .map_err(|err| self.error(what, Failure::Refused(format!("unexpected answer: {err}"))))
-    }
-
-    fn error(&self, what: &str, failure: Failure) -> Error {
-        let (message, source): (String, Option<crate::BoxError>) = match failure {
-            Failure::Unreachable(err) => {
-                let cause = root_cause(&err);
-                let what_happened = if err.is_timeout() { "no answer in time" } else { "could not connect" };
-                (
-                    format!(
-                        "{what}: {what_happened} ({cause}); is a Consul agent running there? \
-                         Set MICRO_REGISTRY_ADDRESS (--registry-address) to its HTTP address"
-                    ),
-                    Some(Box::new(err)),
-                )
-            }
-            Failure::Status(status, body) => {
-                let hint = match status {
-                    StatusCode::FORBIDDEN | StatusCode::UNAUTHORIZED => {
-                        "; check the ACL token (CONSUL_HTTP_TOKEN, --consul-token)"
-                    }
-                    _ => "",
-                };
-                (format!("{what}: the agent answered {status}: {body}{hint}"), None)
-            }
-            Failure::Refused(message) => (format!("{what}: {message}"), None),
-        };
-        Error::Registry { registry: KIND.to_string(), address: self.address.clone(), message, source }
-    }
-
-    /// PUT /v1/agent/service/register with a TTL check that starts out passing.
-    async fn register(&self, node: &Node, ttl: Duration) -> Result<(), Failure> {
-        let mut meta: BTreeMap<&str, &str> =
-            node.metadata.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        meta.insert(labels::VERSION, &node.version);
-        if node.draining {
-            meta.insert(labels::DRAINING, labels::FLAG_ON);
-        }
-        let tags =
-            if node.version.is_empty() { Vec::new() } else { vec![format!("version={}", node.version)] };
-        let registration = ServiceRegistration {
-            id: &node.id,
-            name: &node.name,
-            tags,
-            address: node.address.ip().to_string(),
-            port: node.address.port(),
-            meta,
-            checks: checks(node, ttl),
-        };
-        let request = self.request(Method::PUT, &["v1", "agent", "service", "register"], false);
-        self.send(request.json(&registration)).await.map(drop)
-    }
-
-    /// PUT /v1/agent/check/pass/<check id>.
-    async fn pass(&self, node_id: &str) -> Result<(), Failure> {
-        let check = check_id(node_id);
-        let request = self.request(Method::PUT, &["v1", "agent", "check", "pass", &check], false);
-        self.send(request).await.map(drop)
-    }
-
-    /// GET /v1/health/service/<name>?passing: the passing instances and the index to block on
-    /// next. With `index`, waits up to `wait` for something newer.
-    async fn passing(
-        &self,
-        name: &str,
-        index: Option<u64>,
-        wait: Duration,
-    ) -> Result<(u64, Vec<Node>), Failure> {
-        let mut url = self.url(&["v1", "health", "service", name], true);
-        url.query_pairs_mut().append_key_only("passing");
-        if let Some(index) = index {
-            url.query_pairs_mut()
-                .append_pair("index", &index.to_string())
-                .append_pair("wait", &go_duration(wait));
-        }
-        let mut request = self.request_to(Method::GET, url);
-        if index.is_some() {
-            // Consul adds up to wait/16 of jitter before it answers an idle query.
-            request = request.timeout(wait + wait / 16 + REQUEST_TIMEOUT);
-        }
-        let response = self.send(request).await?;
-        let index = response
-            .headers()
-            .get("X-Consul-Index")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        let entries: Vec<ServiceEntry> =
-            response.json().await.map_err(|err| Failure::Refused(format!("unexpected answer: {err}")))?;
-        let mut nodes: Vec<Node> = entries.into_iter().filter_map(ServiceEntry::into_node).collect();
-        nodes.sort_by(|a, b| a.id.cmp(&b.id));
-        Ok((index, nodes))
-    }
-}
-
-/// The innermost cause of an error, e.g. `Connection refused (os error 111)`.
-fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut cause = err;
-    while let Some(next) = cause.source() {
-        cause = next;
-    }
-    cause.to_string()
-}
-
-/// The TTL check of a node: the id Consul itself would give a service's only check.
-fn check_id(node_id: &str) -> String {
-    format!("service:{node_id}")
-}
-
-/// A duration as Go's `time.ParseDuration` reads it, in whole milliseconds.
-fn go_duration(duration: Duration) -> String {
-    format!("{}ms", duration.as_millis().max(1))
-}
-
-/// The index to send with the next blocking query, following Consul's advice: an index that
-/// went backwards (the agent's state was reset) starts over from 0, and a 0 answer becomes 1
-/// so the next query blocks.
-fn next_index(previous: u64, answered: u64) -> u64 {
-    if answered < previous { 0 } else { answered.max(1) }
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "PascalCase")]
-struct ServiceRegistration<'a> {
-    #[serde(rename = "ID")]
-    id: &'a str,
-    name: &'a str,
-    tags: Vec<String>,
-    address: String,
-    port: u16,
-    meta: BTreeMap<&'a str, &'a str>,
-    checks: Vec<Check>,
-}
-
-/// A check definition: the TTL check the heartbeat passes, or Consul's native gRPC check of
-/// the instance's `grpc.health.v1` service.
-#[derive(Serialize, Default)]
-#[serde(rename_all = "PascalCase")]
-struct Check {
-    #[serde(rename = "CheckID")]
-    check_id: String,
-    name: String,
-    #[serde(rename = "TTL", skip_serializing_if = "Option::is_none")]
-    ttl: Option<String>,
-    #[serde(rename = "GRPC", skip_serializing_if = "Option::is_none")]
-    grpc: Option<String>,
-    #[serde(rename = "GRPCUseTLS", skip_serializing_if = "std::ops::Not::not")]
-    grpc_use_tls: bool,
-    #[serde(rename = "TLSSkipVerify", skip_serializing_if = "std::ops::Not::not")]
-    tls_skip_verify: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    interval: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    timeout: Option<String>,
-    status: &'static str,
-    deregister_critical_service_after: String,
-}
-
-/// How often Consul runs the gRPC health check of an instance.
-const GRPC_CHECK_INTERVAL: Duration = Duration::from_secs(5);
-/// How long one gRPC health check may take.
-const GRPC_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// The checks of a registration: the TTL check the heartbeat keeps passing and, for an
-/// instance whose reserved [`labels::HEALTH`] label says it serves `grpc.health.v1` (every
-/// SDK server sets it; users cannot), Consul's native gRPC check of it (over TLS, not
-/// verifying the certificate, when its [`labels::TLS`] label says it serves TLS). Both
-/// start passing.
-fn checks(node: &Node, ttl: Duration) -> Vec<Check> {
-    let deregister_after = go_duration(ttl.saturating_mul(3).max(MIN_DEREGISTER_AFTER));
-    let tls = node.metadata.get(labels::TLS).is_some_and(|v| v == labels::FLAG_ON);
-    let mut checks = vec![Check {
-        check_id: check_id(&node.id),
-        name: "micro heartbeat".into(),
-        ttl: Some(go_duration(ttl)),
-        status: "passing",
-        deregister_critical_service_after: deregister_after.clone(),
-        ..Check::default()
-    }];
-    if node.metadata.get(labels::HEALTH).is_some_and(|v| v == labels::HEALTH_GRPC) {
-        checks.push(Check {
-            check_id: format!("{}:grpc", check_id(&node.id)),
-            name: "grpc.health.v1".into(),
-            grpc: Some(node.address.to_string()),
-            grpc_use_tls: tls,
-            tls_skip_verify: tls,
-            interval: Some(go_duration(GRPC_CHECK_INTERVAL)),
-            timeout: Some(go_duration(GRPC_CHECK_TIMEOUT)),
-            status: "passing",
-            deregister_critical_service_after: deregister_after,
-            ..Check::default()
-        });
-    }
-    checks
-}
-
-/// One element of /v1/health/service/<name>; fields not read are skipped.
-#[derive(Deserialize)]
-#[serde(rename_all = "PascalCase")]
-struct ServiceEntry {
-    node: CatalogNode,
-    service: AgentService,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "PascalCase")]
-struct CatalogNode {
-    #[serde(default)]
-    address: String,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "PascalCase")]
-struct AgentService {
-    #[serde(rename = "ID")]
-    id: String,
-    service: String,
-    #[serde(default)]
-    address: String,
-    port: u16,
-    #[serde(default)]
-    meta: Option<BTreeMap<String, String>>,
-}
-
-impl ServiceEntry {
-    /// The node this entry announces; `None` (logged) when its address is not an IP address.
-    fn into_node(self) -> Option<Node> {
-        let service = self.service;
-        let host = if service.address.is_empty() { &self.node.address } else { &service.address };
-        let Ok(ip) = host.parse::<IpAddr>() else {
-            tracing::warn!(service = %service.service, node = %service.id, address = %host, "consul: skipped an instance whose address is not an IP address");
-            return None;
-        };
-        let mut metadata = service.meta.unwrap_or_default();
-        let version = metadata.remove(labels::VERSION).unwrap_or_default();
-        let draining = metadata.remove(labels::DRAINING).is_some_and(|v| v == labels::FLAG_ON);
-        metadata.retain(|key, _| !labels::is_registry_field(key));
-        Some(Node {
-            id: service.id,
-            name: service.service,
-            version,
-            address: SocketAddr::new(ip, service.port),
-            metadata,
-            draining,
-        })
-    }
-}
-
-/// The changes that turn `known` into `now`, applied to `known`: removals, then insertions
-/// (new or changed instances), each in id order.
-fn diff(known: &mut BTreeMap<NodeId, Node>, now: Vec<Node>) -> Vec<Change<NodeId, Node>> {
-    let now: BTreeMap<NodeId, Node> = now.into_iter().map(|n| (n.id.clone(), n)).collect();
-    let mut changes: Vec<Change<NodeId, Node>> =
-        known.keys().filter(|id| !now.contains_key(*id)).map(|id| Change::Remove(id.clone())).collect();
-    for (id, node) in &now {
-        if known.get(id) != Some(node) {
-            changes.push(Change::Insert(id.clone(), node.clone()));
-        }
-    }
-    *known = now;
-    changes
-}
-
 #[async_trait]
 impl Registry for ConsulRegistry {
     fn kind(&self) -> &'static str {
@@ -619,69 +298,18 @@ impl Registry for ConsulRegistry {
     }
 }
 
-struct WatchState {
-    agent: Arc<Agent>,
-    name: String,
-    index: u64,
-    known: BTreeMap<NodeId, Node>,
-    last_query: Option<Instant>,
-    backoff: Backoff,
-    failing: bool,
-}
-
-impl WatchState {
-    /// Queries until something changed.
-    async fn next_changes(&mut self) -> Vec<Change<NodeId, Node>> {
-        loop {
-            if let Some(last) = self.last_query {
-                tokio::time::sleep_until(last + WATCH_MIN_INTERVAL).await;
-            }
-            self.last_query = Some(Instant::now());
-            let index = (self.index > 0).then_some(self.index);
-            let started = Instant::now();
-            match self.agent.passing(&self.name, index, WATCH_WAIT).await {
-                Ok((answered, nodes)) => {
-                    if self.failing {
-                        self.failing = false;
-                        tracing::info!(service = %self.name, address = %self.agent.address, "consul: watch answered again");
-                    }
-                    let previous = self.index;
-                    self.index = next_index(previous, answered);
-                    let changes = diff(&mut self.known, nodes);
-                    if !changes.is_empty() {
-                        self.backoff.reset();
-                        return changes;
-                    }
-                    let early = index.is_some() && answered == previous && started.elapsed() < WATCH_WAIT;
-                    if early {
-                        // An agent that shuts down answers its blocking queries at once, unchanged;
-                        // its successor would hold the same index far longer than it should. So
-                        // read afresh (index 0), pausing longer each time this repeats.
-                        tracing::debug!(service = %self.name, index = answered, "consul: blocking query woke early without a change; reading afresh");
-                        self.index = 0;
-                        tokio::time::sleep(self.backoff.next_delay()).await;
-                    } else {
-                        self.backoff.reset();
-                        tracing::trace!(service = %self.name, index = self.index, "consul: watch poll, no change");
-                    }
-                }
-                Err(failure) => {
-                    let err = self.agent.error("watch", failure);
-                    let retry_in = self.backoff.next_delay();
-                    tracing::warn!(service = %self.name, error = %crate::error::error_chain(&err), ?retry_in, "consul: watch failed; keeping known instances");
-                    self.failing = true;
-                    // The agent may come back as a new process with a fresh index.
-                    self.index = 0;
-                    tokio::time::sleep(retry_in).await;
-                }
-            }
-        }
-    }
-}
+mod agent;
+mod watch;
+mod wire;
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::{
+        watch::{diff, next_index},
+        wire::{ServiceEntry, checks, go_duration},
+        *,
+    };
+    use crate::labels;
 
     fn node(id: &str, port: u16) -> Node {
         let mut node = Node::new("svc", ([127, 0, 0, 1], port).into());
