@@ -7,9 +7,12 @@
 //! | `FAULT_NAME` | service name to register (required) |
 //! | `FAULT_LABEL` | vessel id it answers with (`FindAvailable`'s vessel, `CreateConsignment`'s `vessel_id`); default `fault` |
 //! | `FAULT_DELAY_MS` | sleep before answering |
+//! | `FAULT_DELAY_AFTER` | the first N calls of each method answer at once, later ones after `FAULT_DELAY_MS` (a service that turns slow); default 0 |
 //! | `FAULT_HANG` | `1`: accept every call and never answer it (the connection stays healthy) |
 //! | `FAULT_EXIT_ON_CALL` | `1`: exit abruptly once a call arrives, before answering |
 //! | `MICRO_SERVER_ADDRESS` | address to listen on (and advertise unless `0.0.0.0`); default `127.0.0.1:0` |
+//!
+//! It serves reflection for shippy's protos, so `micro call` and `micro gateway` reach it too.
 //!
 //! The faults apply to `FindAvailable` and `CreateConsignment`, never to `GetConsignments`,
 //! which reports what reached this instance: calls are counted when they arrive, before any
@@ -60,6 +63,8 @@ impl Method {
 struct Faults {
     label: String,
     delay: Duration,
+    /// Calls of each method that arrive before the delay starts.
+    delay_after: usize,
     hang: bool,
     exit_on_call: bool,
     /// Calls that arrived, per [`Method`] (indexed by its discriminant).
@@ -69,7 +74,7 @@ struct Faults {
 impl Faults {
     /// Counts the call, then misbehaves as configured.
     async fn arrive(&self, method: Method) {
-        self.arrived[method as usize].fetch_add(1, Ordering::SeqCst);
+        let earlier = self.arrived[method as usize].fetch_add(1, Ordering::SeqCst);
         if self.exit_on_call {
             eprintln!("fault-server: exiting on a call, as asked");
             std::process::exit(3);
@@ -78,7 +83,9 @@ impl Faults {
             tracing::debug!(method = method.name(), "hanging, as asked");
             std::future::pending::<()>().await;
         }
-        tokio::time::sleep(self.delay).await;
+        if earlier >= self.delay_after {
+            tokio::time::sleep(self.delay).await;
+        }
     }
 
     fn arrived(&self, method: Method) -> usize {
@@ -137,6 +144,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let faults = Faults {
         label: var("FAULT_LABEL").unwrap_or_else(|| "fault".into()),
         delay: Duration::from_millis(var("FAULT_DELAY_MS").and_then(|v| v.parse().ok()).unwrap_or(0)),
+        delay_after: var("FAULT_DELAY_AFTER").and_then(|v| v.parse().ok()).unwrap_or(0),
         hang: var("FAULT_HANG").as_deref() == Some("1"),
         exit_on_call: var("FAULT_EXIT_ON_CALL").as_deref() == Some("1"),
         arrived: Arc::default(),
@@ -149,6 +157,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     Server::builder(name)
         .config(config)
         .registry(registry)
+        .file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .add_service(VesselServiceServer::new(faults.clone()))
         .add_service(ShippingServiceServer::new(faults))
         .run()
