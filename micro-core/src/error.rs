@@ -95,6 +95,32 @@ pub enum Error {
     /// The server stopped with an error while serving.
     #[error("server error: {0}")]
     Serve(#[source] BoxError),
+    /// The message broker could not be reached, or refused or failed a publish or subscribe.
+    #[error("broker {broker} at {address}: {message}")]
+    Broker {
+        /// The broker kind (`registry`, `memory`, `nats`).
+        broker: String,
+        /// Where the broker was expected.
+        address: String,
+        /// What happened and what to check.
+        message: String,
+        /// The underlying failure, if any.
+        #[source]
+        source: Option<BoxError>,
+    },
+    /// A message's body is not the type its subscriber expects.
+    #[error("topic {topic}: message {message_id} is not a valid {type_name}: {source}")]
+    Decode {
+        /// The topic it came on.
+        topic: String,
+        /// Its message id, `-` when it had none.
+        message_id: String,
+        /// The Rust type it should have decoded into.
+        type_name: &'static str,
+        /// What the decoder said.
+        #[source]
+        source: prost::DecodeError,
+    },
 }
 
 /// Shorthand for results with [`Error`].
@@ -111,10 +137,11 @@ impl From<Error> for tonic::Status {
     fn from(err: Error) -> Self {
         let message = error_chain(&err);
         match err {
-            Error::NoInstance { .. } | Error::Registry { .. } | Error::Transport { .. } => {
-                tonic::Status::unavailable(message)
-            }
-            Error::InvalidArgument { .. } => tonic::Status::invalid_argument(message),
+            Error::NoInstance { .. }
+            | Error::Registry { .. }
+            | Error::Transport { .. }
+            | Error::Broker { .. } => tonic::Status::unavailable(message),
+            Error::InvalidArgument { .. } | Error::Decode { .. } => tonic::Status::invalid_argument(message),
             Error::Timeout { .. } => tonic::Status::deadline_exceeded(message),
             Error::Bind { .. } | Error::MetricsBind { .. } | Error::Serve(_) => {
                 tracing::error!(error = %message, "internal error");

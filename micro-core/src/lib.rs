@@ -7,6 +7,7 @@
 //! | concept | module |
 //! | --- | --- |
 //! | one line to a service or client configured by flags and environment (feature `cli`) | `service` |
+//! | events between services: publish, subscribe, queue groups | [`broker`] |
 //! | where instances are listed | [`registry`] |
 //! | which instance gets a call | [`selector`] |
 //! | calling a name | [`client`] |
@@ -49,6 +50,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod broker;
 #[cfg(feature = "cli")]
 pub mod cli;
 pub mod client;

@@ -15,11 +15,13 @@
 //! assert!(client.validate().is_ok());
 //! ```
 
+mod broker;
 mod client;
 mod registry;
 mod server;
 mod tls;
 
+pub use broker::*;
 pub use client::*;
 pub use registry::*;
 pub use server::*;

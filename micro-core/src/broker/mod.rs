@@ -1,0 +1,319 @@
+//! Events between services: publish a message to a topic, subscribe to a topic alone or in
+//! a queue group (each message goes to one member of each group), acknowledge after the
+//! handler succeeds.
+//!
+//! One trait, [`Broker`], and one module per backend: [`MemoryBroker`] for one process,
+//! [`RegistryBroker`], the zero set-up default (subscribers register in the service
+//! registry and publishes go to them over gRPC; at most once, nothing kept), and
+//! [`NatsBroker`] (feature `nats`), core NATS or, for a durable subscriber, JetStream.
+//! [`crate::config::BrokerConfig`] picks one from `MICRO_BROKER`.
+//!
+//! Every message carries [`headers`]: its content type, a message id subscribers can
+//! deduplicate on, and the trace context when the publisher is in a traced call.
+//! [`publish_proto`] and [`subscribe_proto`] send and receive prost messages.
+//!
+//! # Examples
+//! ```
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> micro_core::Result<()> {
+//! use micro_core::broker::{Broker, MemoryBroker, SubscribeOptions, publish_proto, subscribe_proto};
+//!
+//! let broker = MemoryBroker::new();
+//! let (seen, mut rx) = tokio::sync::mpsc::unbounded_channel();
+//! let _subscription = subscribe_proto(&broker, "greetings", SubscribeOptions::default(), move |text: String, _message| {
+//!     let seen = seen.clone();
+//!     async move { seen.send(text).map_err(Into::into) }
+//! })
+//! .await?;
+//! publish_proto(&broker, "greetings", None, &"hello".to_owned()).await?;
+//! assert_eq!(rx.recv().await.as_deref(), Some("hello"));
+//! # Ok(()) }
+//! ```
+
+use std::{collections::BTreeMap, future::Future, sync::Arc};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::future::BoxFuture;
+
+use crate::{BoxError, Error, Result};
+
+mod memory;
+#[cfg(feature = "nats")]
+mod nats;
+mod registry;
+#[cfg(test)]
+mod tests;
+
+pub use memory::MemoryBroker;
+#[cfg(feature = "nats")]
+pub use nats::{DEFAULT_NATS_ADDRESS, NatsBroker};
+pub use registry::{DELIVER_PATH, RegistryBroker, topic_service_name};
+
+/// Header names every backend carries, and the content types the typed helpers write.
+pub mod headers {
+    /// The body's media type, e.g. [`PROTOBUF`].
+    pub const CONTENT_TYPE: &str = "content-type";
+    /// A unique id per event; a redelivery or a replayed publish keeps it, so subscribers
+    /// can deduplicate on it.
+    pub const MESSAGE_ID: &str = "message-id";
+    /// W3C trace context of the publishing call, when it was traced.
+    pub const TRACEPARENT: &str = "traceparent";
+    /// W3C trace state that goes with [`TRACEPARENT`].
+    pub const TRACESTATE: &str = "tracestate";
+    /// Content type of a prost-encoded body.
+    pub const PROTOBUF: &str = "application/protobuf";
+    /// Content type of a JSON body.
+    pub const JSON: &str = "application/json";
+}
+
+/// One event: its topic, headers and body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    /// Where it is published, e.g. `consignment.created`.
+    pub topic: String,
+    /// Text headers ([`headers`] names the well-known ones).
+    pub headers: BTreeMap<String, String>,
+    /// The payload.
+    pub body: Bytes,
+}
+
+impl Message {
+    /// A message on `topic` with `body` and a fresh [`headers::MESSAGE_ID`].
+    pub fn new(topic: impl Into<String>, body: impl Into<Bytes>) -> Self {
+        let headers = BTreeMap::from([(headers::MESSAGE_ID.to_owned(), new_message_id())]);
+        Message { topic: topic.into(), headers, body: body.into() }
+    }
+
+    /// Sets a header. Default: only a message id.
+    pub fn header(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.insert(key.into(), value.into());
+        self
+    }
+
+    /// The message id, when it has one.
+    pub fn id(&self) -> Option<&str> {
+        self.headers.get(headers::MESSAGE_ID).map(String::as_str)
+    }
+
+    /// The content type, when it has one.
+    pub fn content_type(&self) -> Option<&str> {
+        self.headers.get(headers::CONTENT_TYPE).map(String::as_str)
+    }
+}
+
+/// A fresh message id: 32 random hex digits.
+pub fn new_message_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+/// How to subscribe. Default: alone (every subscriber gets every message), not durable.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SubscribeOptions {
+    /// The queue group: each message goes to one member of each group. Default: none.
+    pub queue: Option<String>,
+    /// Keep messages for this subscriber (or its queue group) while it is away and redeliver
+    /// until it acknowledges (nats: JetStream). The memory and registry brokers keep nothing
+    /// and refuse it. Default: off.
+    pub durable: bool,
+}
+
+impl SubscribeOptions {
+    /// Joins queue group `queue`. Default: none.
+    pub fn queue(mut self, queue: impl Into<String>) -> Self {
+        self.queue = Some(queue.into());
+        self
+    }
+
+    /// Asks for durable delivery. Default: off.
+    pub fn durable(mut self) -> Self {
+        self.durable = true;
+        self
+    }
+}
+
+/// What a subscriber runs for each message: `Ok` acknowledges it; an error is logged with
+/// the topic and message id, and a durable backend delivers the message again.
+pub type Handler = Arc<dyn Fn(Message) -> BoxFuture<'static, Result<(), BoxError>> + Send + Sync>;
+
+/// Makes a [`Handler`] from an async closure.
+pub fn handler<F, Fut>(f: F) -> Handler
+where
+    F: Fn(Message) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), BoxError>> + Send + 'static,
+{
+    Arc::new(move |message| Box::pin(f(message)))
+}
+
+/// A live subscription; dropping it unsubscribes.
+pub struct Subscription {
+    topic: String,
+    queue: Option<String>,
+    _guard: Box<dyn Send + Sync>,
+}
+
+impl Subscription {
+    /// A subscription that lasts as long as `guard`: dropping the guard must stop delivery.
+    pub fn new(topic: impl Into<String>, queue: Option<String>, guard: impl Send + Sync + 'static) -> Self {
+        Subscription { topic: topic.into(), queue, _guard: Box::new(guard) }
+    }
+
+    /// The topic.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// The queue group, if any.
+    pub fn queue(&self) -> Option<&str> {
+        self.queue.as_deref()
+    }
+}
+
+impl std::fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscription").field("topic", &self.topic).field("queue", &self.queue).finish()
+    }
+}
+
+/// Aborts a task when dropped: the guard of a subscription served by one task.
+pub(crate) struct AbortOnDrop(pub(crate) tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Publishes and subscribes; chosen by `MICRO_BROKER` ([`crate::config::BrokerConfig`]).
+#[async_trait]
+pub trait Broker: Send + Sync + 'static {
+    /// The backend's short name, as `MICRO_BROKER` spells it.
+    fn kind(&self) -> &'static str;
+
+    /// Where the backend lives, for error messages.
+    fn address(&self) -> String;
+
+    /// Publishes `message` to `message.topic`. Returns once the backend took it (nats with
+    /// JetStream: once the stream stored it); an error means it may not have been delivered.
+    async fn publish(&self, message: Message) -> Result<()>;
+
+    /// Runs `handler` for each message on `topic` until the [`Subscription`] is dropped.
+    async fn subscribe(
+        &self,
+        topic: &str,
+        options: SubscribeOptions,
+        handler: Handler,
+    ) -> Result<Subscription>;
+}
+
+/// How trace context crosses a broker: written into a message's headers at publish, and
+/// made the parent of the subscriber's `broker.handle` span. The SDK's tracing installs one
+/// with [`set_trace_propagation`]; without one, messages carry no trace context.
+pub trait TracePropagation: Send + Sync + 'static {
+    /// Writes the current call's context ([`headers::TRACEPARENT`], [`headers::TRACESTATE`]).
+    fn inject(&self, headers: &mut BTreeMap<String, String>);
+    /// Makes the context `headers` carry the parent of `span`.
+    fn set_parent(&self, headers: &BTreeMap<String, String>, span: &tracing::Span);
+}
+
+static TRACE_PROPAGATION: std::sync::OnceLock<Box<dyn TracePropagation>> = std::sync::OnceLock::new();
+
+/// Installs the process's [`TracePropagation`]; `false` when one was installed already.
+pub fn set_trace_propagation(propagation: impl TracePropagation) -> bool {
+    TRACE_PROPAGATION.set(Box::new(propagation)).is_ok()
+}
+
+/// Adds the current call's trace context to `message`, when there is one.
+pub(crate) fn with_trace_context(mut message: Message) -> Message {
+    if let Some(propagation) = TRACE_PROPAGATION.get() {
+        propagation.inject(&mut message.headers);
+    }
+    message
+}
+
+/// Runs `handler` on `message` in a span continuing the publisher's trace; logs a failure
+/// with the topic and message id. Returns whether the message should be acknowledged.
+pub(crate) async fn run_handler(handler: &Handler, message: Message) -> bool {
+    use tracing::Instrument;
+    let topic = message.topic.clone();
+    let message_id = message.id().unwrap_or("-").to_owned();
+    let span = tracing::info_span!("broker.handle", topic = %topic, message_id = %message_id);
+    if let Some(propagation) = TRACE_PROPAGATION.get() {
+        propagation.set_parent(&message.headers, &span);
+    }
+    match handler(message).instrument(span).await {
+        Ok(()) => true,
+        Err(err) => {
+            tracing::warn!(%topic, %message_id, error = %crate::error::error_chain(&*err), "handler failed");
+            false
+        }
+    }
+}
+
+/// Decodes `message`'s body as `M`; the error names the topic, the message id and the type.
+pub fn decode<M: prost::Message + Default>(message: &Message) -> Result<M> {
+    M::decode(message.body.clone()).map_err(|source| Error::Decode {
+        topic: message.topic.clone(),
+        message_id: message.id().unwrap_or("-").to_owned(),
+        type_name: std::any::type_name::<M>(),
+        source,
+    })
+}
+
+/// Publishes `value` prost-encoded on `topic`, content type [`headers::PROTOBUF`], with
+/// `message_id` (a fresh one when `None`) and the current trace context. Returns the id.
+pub async fn publish_proto<M: prost::Message>(
+    broker: &(impl Broker + ?Sized),
+    topic: &str,
+    message_id: Option<String>,
+    value: &M,
+) -> Result<String> {
+    let mut message =
+        Message::new(topic, value.encode_to_vec()).header(headers::CONTENT_TYPE, headers::PROTOBUF);
+    if let Some(id) = message_id {
+        message.headers.insert(headers::MESSAGE_ID.to_owned(), id);
+    }
+    let id = message.id().unwrap_or_default().to_owned();
+    broker.publish(with_trace_context(message)).await?;
+    Ok(id)
+}
+
+/// Subscribes with a handler that receives `M` decoded from the body (and the message, for
+/// its headers). A body that does not decode is logged as an error naming the topic, the
+/// message id and the type, and acknowledged (dropped), so it cannot block a queue.
+pub async fn subscribe_proto<M, F, Fut>(
+    broker: &(impl Broker + ?Sized),
+    topic: &str,
+    options: SubscribeOptions,
+    f: F,
+) -> Result<Subscription>
+where
+    M: prost::Message + Default + 'static,
+    F: Fn(M, Message) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), BoxError>> + Send + 'static,
+{
+    let f = Arc::new(f);
+    let typed = handler(move |message: Message| {
+        let f = f.clone();
+        async move {
+            match decode::<M>(&message) {
+                Ok(value) => f(value, message).await,
+                Err(err) => {
+                    tracing::error!(error = %err, "dropped a malformed message (acknowledged, not redelivered)");
+                    Ok(())
+                }
+            }
+        }
+    });
+    broker.subscribe(topic, options, typed).await
+}
+
+/// The error a broker without durable storage gives a durable subscriber.
+pub(crate) fn refuse_durable(broker: &dyn Broker) -> Error {
+    Error::Broker {
+        broker: broker.kind().into(),
+        address: broker.address(),
+        message: "keeps nothing, so it cannot deliver durably; use MICRO_BROKER=nats for durable subscribers"
+            .into(),
+        source: None,
+    }
+}

@@ -1,0 +1,299 @@
+//! A NATS server as broker (feature `nats`, async-nats).
+//!
+//! - **Publish** goes through JetStream when the server has it: each topic gets a stream
+//!   (`micro_<topic>`, file storage, interest retention: a message is kept until every
+//!   durable consumer acknowledged it), and a publish returns once the stream stored it, or
+//!   fails with an error naming the topic after `publish_timeout`, never silently. A server
+//!   without JetStream gets a plain core publish.
+//! - **Plain subscribers** use core NATS (a queue subscription for a queue group): at most
+//!   once, fast.
+//! - **Durable subscribers** (`SubscribeOptions::durable`, which needs a queue group) get a
+//!   JetStream durable pull consumer named after the group: each message goes to one member,
+//!   stays until the handler succeeds (`ack`), and a failed handler gets it again (`nak`).
+//!
+//! The client reconnects forever; core subscriptions are renewed by async-nats, and a
+//! durable subscriber re-attaches its consumer, so a restarted server loses no subscription.
+//!
+//! # Examples
+//! ```no_run
+//! # async fn demo() -> micro_core::Result<()> {
+//! use micro_core::broker::{Broker, Message, NatsBroker, SubscribeOptions, handler};
+//!
+//! let broker = NatsBroker::connect("127.0.0.1:4222").await?;
+//! let _sub = broker
+//!     .subscribe("consignment.created", SubscribeOptions::default().queue("vessel-service").durable(),
+//!         handler(|m: Message| async move { println!("{:?}", m.id()); Ok(()) }))
+//!     .await?;
+//! broker.publish(Message::new("consignment.created", "…")).await?;
+//! # Ok(()) }
+//! ```
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    sync::Mutex,
+    time::Duration,
+};
+
+use async_nats::jetstream::{self, consumer::pull, stream};
+use async_trait::async_trait;
+use futures::StreamExt;
+
+use super::{AbortOnDrop, Broker, Handler, Message, SubscribeOptions, Subscription, run_handler};
+use crate::{BoxError, Error, Result};
+
+/// Default NATS address.
+pub const DEFAULT_NATS_ADDRESS: &str = "127.0.0.1:4222";
+/// Default bound on a publish waiting for the stream's acknowledgement, reconnect included.
+pub const DEFAULT_PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a durable message may stay unacknowledged (handler running) before redelivery.
+const ACK_WAIT: Duration = Duration::from_secs(30);
+
+/// A broker on a NATS server.
+pub struct NatsBroker {
+    address: String,
+    client: async_nats::Client,
+    jetstream: jetstream::Context,
+    publish_timeout: Duration,
+    /// Topics whose stream is known to exist; `None` once the server said it has no JetStream.
+    streams: Mutex<Option<HashSet<String>>>,
+}
+
+/// The stream name of `topic`: `micro_` and the topic with every character that is not
+/// `A-Z a-z 0-9 - _` as `_`.
+pub fn stream_name(topic: &str) -> String {
+    format!("micro_{}", sanitize(topic))
+}
+
+fn sanitize(text: &str) -> String {
+    text.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect()
+}
+
+impl NatsBroker {
+    /// Connects to the server at `address` (`host:port` or a `nats://` URL); fails at once
+    /// when it is not there. Later outages are reconnected forever.
+    pub async fn connect(address: &str) -> Result<Self> {
+        let client = async_nats::ConnectOptions::new()
+            .max_reconnects(None)
+            .connection_timeout(Duration::from_secs(5))
+            .event_callback(|event| async move {
+                match event {
+                    async_nats::Event::Connected => tracing::info!("nats connected"),
+                    async_nats::Event::Disconnected => tracing::warn!("nats disconnected: reconnecting"),
+                    other => tracing::debug!(event = %other, "nats"),
+                }
+            })
+            .connect(address)
+            .await
+            .map_err(|err| broker_error(address, "cannot connect; is nats-server running there?", err))?;
+        let jetstream = jetstream::new(client.clone());
+        Ok(NatsBroker {
+            address: address.to_owned(),
+            client,
+            jetstream,
+            publish_timeout: DEFAULT_PUBLISH_TIMEOUT,
+            streams: Mutex::new(Some(HashSet::new())),
+        })
+    }
+
+    /// How long a publish waits for the stream to store it, across a reconnect.
+    /// Default: [`DEFAULT_PUBLISH_TIMEOUT`].
+    pub fn publish_timeout(mut self, timeout: Duration) -> Self {
+        self.publish_timeout = timeout;
+        self
+    }
+
+    fn error(&self, message: impl Into<String>, source: impl Into<BoxError>) -> Error {
+        broker_error(&self.address, message, source)
+    }
+
+    /// Makes sure `topic`'s stream exists; `false` when the server has no JetStream.
+    async fn ensure_stream(&self, topic: &str) -> Result<bool> {
+        match self.streams.lock().expect("streams lock").as_ref() {
+            None => return Ok(false),
+            Some(known) if known.contains(topic) => return Ok(true),
+            Some(_) => {}
+        }
+        let config = stream::Config {
+            name: stream_name(topic),
+            subjects: vec![topic.to_owned()],
+            retention: stream::RetentionPolicy::Interest,
+            storage: stream::StorageType::File,
+            ..Default::default()
+        };
+        let created =
+            tokio::time::timeout(self.publish_timeout, self.jetstream.get_or_create_stream(config)).await;
+        match created {
+            Ok(Ok(_)) => {
+                if let Some(known) = self.streams.lock().expect("streams lock").as_mut() {
+                    known.insert(topic.to_owned());
+                }
+                Ok(true)
+            }
+            Ok(Err(err)) if err.to_string().to_lowercase().contains("jetstream not enabled") => {
+                tracing::warn!(address = %self.address, "nats-server has no JetStream: core NATS only, no durable delivery");
+                *self.streams.lock().expect("streams lock") = None;
+                Ok(false)
+            }
+            Ok(Err(err)) => Err(self.error(format!("cannot create the stream of topic {topic}"), err)),
+            Err(elapsed) => {
+                Err(self.error(format!("no answer creating the stream of topic {topic}"), elapsed))
+            }
+        }
+    }
+}
+
+fn broker_error(address: &str, message: impl Into<String>, source: impl Into<BoxError>) -> Error {
+    Error::Broker {
+        broker: "nats".into(),
+        address: address.into(),
+        message: message.into(),
+        source: Some(source.into()),
+    }
+}
+
+fn to_nats_headers(headers: &BTreeMap<String, String>) -> async_nats::HeaderMap {
+    let mut map = async_nats::HeaderMap::new();
+    for (key, value) in headers {
+        map.insert(key.as_str(), value.as_str());
+    }
+    map
+}
+
+fn from_nats(message: &async_nats::Message) -> Message {
+    let headers = message
+        .headers
+        .iter()
+        .flat_map(|map| map.iter())
+        .filter_map(|(key, values)| {
+            let key: &str = key.as_ref();
+            values.first().map(|v| (key.to_owned(), AsRef::<str>::as_ref(v).to_owned()))
+        })
+        .collect();
+    Message { topic: message.subject.to_string(), headers, body: message.payload.clone() }
+}
+
+#[async_trait]
+impl Broker for NatsBroker {
+    fn kind(&self) -> &'static str {
+        "nats"
+    }
+
+    fn address(&self) -> String {
+        self.address.clone()
+    }
+
+    async fn publish(&self, message: Message) -> Result<()> {
+        let topic = message.topic.clone();
+        let message_id = message.id().unwrap_or("-").to_owned();
+        let headers = to_nats_headers(&message.headers);
+        if self.ensure_stream(&topic).await? {
+            let stored = tokio::time::timeout(self.publish_timeout, async {
+                let ack = self.jetstream.publish_with_headers(topic.clone(), headers, message.body).await?;
+                ack.await.map(drop).map_err(BoxError::from)
+            })
+            .await;
+            match stored {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(err)) => {
+                    Err(self.error(format!("topic {topic} message {message_id}: not stored"), err))
+                }
+                Err(elapsed) => Err(self.error(
+                    format!(
+                        "topic {topic} message {message_id}: not stored within {:?}",
+                        self.publish_timeout
+                    ),
+                    elapsed,
+                )),
+            }
+        } else {
+            self.client
+                .publish_with_headers(topic.clone(), headers, message.body)
+                .await
+                .map_err(|err| self.error(format!("topic {topic} message {message_id}: not sent"), err))
+        }
+    }
+
+    async fn subscribe(
+        &self,
+        topic: &str,
+        options: SubscribeOptions,
+        handler: Handler,
+    ) -> Result<Subscription> {
+        if !options.durable {
+            let subscriber = match &options.queue {
+                Some(queue) => self.client.queue_subscribe(topic.to_owned(), queue.clone()).await,
+                None => self.client.subscribe(topic.to_owned()).await,
+            }
+            .map_err(|err| self.error(format!("cannot subscribe to {topic}"), err))?;
+            // The subscription is in force on the server once a flush returns.
+            self.client.flush().await.map_err(|err| self.error("flush after subscribe", err))?;
+            let task = tokio::spawn(async move {
+                let mut subscriber = subscriber;
+                while let Some(message) = subscriber.next().await {
+                    run_handler(&handler, from_nats(&message)).await;
+                }
+            });
+            return Ok(Subscription::new(topic, options.queue, AbortOnDrop(task)));
+        }
+        let Some(queue) = options.queue.clone() else {
+            return Err(Error::invalid(
+                format!("durable subscription to {topic}"),
+                "name a queue group: it names the JetStream consumer that keeps the subscriber's place",
+            ));
+        };
+        if !self.ensure_stream(topic).await? {
+            return Err(self.error(
+                "durable delivery needs JetStream: start nats-server with -js",
+                format!("topic {topic}"),
+            ));
+        }
+        let stream = self
+            .jetstream
+            .get_stream(stream_name(topic))
+            .await
+            .map_err(|err| self.error(format!("cannot open the stream of topic {topic}"), err))?;
+        let durable = sanitize(&queue);
+        let config = pull::Config {
+            durable_name: Some(durable.clone()),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ack_wait: ACK_WAIT,
+            ..Default::default()
+        };
+        let consumer = stream
+            .get_or_create_consumer(&durable, config)
+            .await
+            .map_err(|err| self.error(format!("cannot create consumer {durable} on topic {topic}"), err))?;
+        let topic_owned = topic.to_owned();
+        let task = tokio::spawn(async move {
+            loop {
+                let mut messages = match consumer.messages().await {
+                    Ok(messages) => messages,
+                    Err(err) => {
+                        tracing::warn!(topic = %topic_owned, consumer = %durable, error = %err, "cannot pull; trying again");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                };
+                while let Some(next) = messages.next().await {
+                    let message = match next {
+                        Ok(message) => message,
+                        Err(err) => {
+                            tracing::debug!(topic = %topic_owned, error = %err, "pull interrupted");
+                            continue;
+                        }
+                    };
+                    let ack = if run_handler(&handler, from_nats(&message)).await {
+                        message.ack().await
+                    } else {
+                        message.ack_with(jetstream::AckKind::Nak(None)).await
+                    };
+                    if let Err(err) = ack {
+                        tracing::warn!(topic = %topic_owned, error = %err, "acknowledgement not sent; the message will come again");
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+        Ok(Subscription::new(topic, options.queue, AbortOnDrop(task)))
+    }
+}

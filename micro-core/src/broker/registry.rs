@@ -1,0 +1,292 @@
+//! The zero set-up broker, as go-micro's default is: no broker server at all.
+//!
+//! Each subscription serves a small gRPC endpoint ([`DELIVER_PATH`]) and registers it in the
+//! service registry (mDNS by default) as an instance of the topic's broker service
+//! ([`topic_service_name`]), labelled with its topic, its queue group and its id. A publish
+//! looks the topic's subscribers up and calls every plain subscriber and one member of each
+//! queue group, through the SDK's [`Client`] (balancing, ejection, deadlines) like any call.
+//!
+//! **At most once, nothing kept**: a subscriber that is down, or not yet discovered, misses
+//! the message; a failed handler is logged, not retried. For durable events use nats.
+//!
+//! # Examples
+//! ```no_run
+//! # async fn demo() -> micro_core::Result<()> {
+//! use micro_core::{Client, broker::{Broker, Message, RegistryBroker}, config::RegistryConfig};
+//!
+//! let registry = RegistryConfig::default().connect().await?; // mDNS
+//! let broker = RegistryBroker::new(Client::new(registry));
+//! broker.publish(Message::new("consignment.created", "…")).await?;
+//! # Ok(()) }
+//! ```
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    convert::Infallible,
+    sync::Mutex,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use futures::future::BoxFuture;
+use tonic::{body::Body, server::NamedService};
+
+use super::{Broker, Handler, Message, SubscribeOptions, Subscription, refuse_durable, run_handler};
+use crate::{
+    Client, Error, NamedChannel, Result, Server,
+    config::ServerConfig,
+    registry::{MAX_SERVICE_NAME_LEN, validate_service_name},
+    selector::Filter,
+};
+
+/// The gRPC service subscribers serve.
+pub const DELIVER_SERVICE: &str = "micro.broker.Broker";
+/// The method a publish calls on a subscriber.
+pub const DELIVER_PATH: &str = "/micro.broker.Broker/Deliver";
+/// Metadata label: the topic a subscriber listens to.
+pub const TOPIC_LABEL: &str = "broker-topic";
+/// Metadata label: the subscriber's queue group (absent for a plain subscriber).
+pub const QUEUE_LABEL: &str = "broker-queue";
+/// Metadata label: the subscription's own id.
+pub const SUBSCRIBER_LABEL: &str = "broker-subscriber";
+/// Prefix of the registry name under which a topic's subscribers register.
+pub const SERVICE_PREFIX: &str = "broker.";
+
+/// The registry name of `topic`'s subscribers: `broker.<topic>` when that is a valid
+/// service name, else `broker.` and a 16-digit FNV-1a hash of the topic.
+pub fn topic_service_name(topic: &str) -> String {
+    let plain = format!("{SERVICE_PREFIX}{topic}");
+    if plain.len() <= MAX_SERVICE_NAME_LEN && validate_service_name(&plain).is_ok() {
+        return plain;
+    }
+    let hash = topic
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    format!("{SERVICE_PREFIX}{hash:016x}")
+}
+
+/// The wire form of a delivery: the message as one protobuf.
+#[derive(Clone, PartialEq, prost::Message)]
+struct Delivery {
+    #[prost(string, tag = "1")]
+    topic: String,
+    #[prost(btree_map = "string, string", tag = "2")]
+    headers: BTreeMap<String, String>,
+    #[prost(bytes = "bytes", tag = "3")]
+    body: bytes::Bytes,
+}
+
+/// The subscriber's answer: the handler succeeded.
+#[derive(Clone, PartialEq, prost::Message)]
+struct Ack {}
+
+/// Publishes to and subscribes through the service registry of a [`Client`].
+pub struct RegistryBroker {
+    client: Client,
+    server: ServerConfig,
+    /// Channels kept alive per topic, so their registry follow survives between publishes.
+    routes: Mutex<HashMap<String, Routes>>,
+}
+
+struct Routes {
+    all: NamedChannel,
+    targets: HashMap<String, NamedChannel>,
+}
+
+impl RegistryBroker {
+    /// A broker over `client`'s registry; subscribers serve on [`ServerConfig::default`]
+    /// (every interface, a free port, announced as the server's advertise rule says).
+    pub fn new(client: Client) -> Self {
+        let server = ServerConfig { drain_delay: Duration::ZERO, ..ServerConfig::default() };
+        RegistryBroker { client, server, routes: Mutex::new(HashMap::new()) }
+    }
+
+    /// Where subscribers listen and how they register. Default: [`ServerConfig::default`]
+    /// without a drain delay.
+    pub fn server_config(mut self, config: ServerConfig) -> Self {
+        self.server = config;
+        self
+    }
+
+    fn error(&self, message: impl Into<String>, source: Option<crate::BoxError>) -> Error {
+        Error::Broker { broker: self.kind().into(), address: self.address(), message: message.into(), source }
+    }
+
+    /// The channels to deliver `topic`'s message on: one per plain subscriber, one per queue group.
+    async fn targets(&self, topic: &str) -> Result<Vec<(String, NamedChannel)>> {
+        let name = topic_service_name(topic);
+        let all = {
+            let mut routes = self.routes.lock().expect("broker routes lock");
+            let entry = routes.entry(topic.to_owned()).or_insert_with(|| Routes {
+                all: self.client.channel_with(&name, Filter::new().metadata(TOPIC_LABEL, topic)),
+                targets: HashMap::new(),
+            });
+            entry.all.clone()
+        };
+        let mut nodes = all.instances();
+        if nodes.is_empty() {
+            // Not followed yet: ask the registry once (its look-up waits for a first instance).
+            nodes = match self.client.registry().lookup(&name).await {
+                Ok(nodes) => nodes,
+                Err(Error::NoInstance { .. }) => Vec::new(),
+                Err(err) => return Err(err),
+            };
+            nodes.retain(|n| n.metadata.get(TOPIC_LABEL).map(String::as_str) == Some(topic));
+        }
+        let mut wanted: BTreeMap<String, Filter> = BTreeMap::new();
+        for node in nodes.iter().filter(|n| !n.draining) {
+            let base = Filter::new().metadata(TOPIC_LABEL, topic);
+            match (node.metadata.get(QUEUE_LABEL), node.metadata.get(SUBSCRIBER_LABEL)) {
+                (Some(queue), _) => {
+                    wanted.insert(format!("queue {queue}"), base.metadata(QUEUE_LABEL, queue));
+                }
+                (None, Some(id)) => {
+                    wanted.insert(format!("subscriber {id}"), base.metadata(SUBSCRIBER_LABEL, id));
+                }
+                (None, None) => {}
+            }
+        }
+        let mut routes = self.routes.lock().expect("broker routes lock");
+        let entry = routes.get_mut(topic).expect("routes of the topic were just made");
+        entry.targets.retain(|key, _| wanted.contains_key(key));
+        Ok(wanted
+            .into_iter()
+            .map(|(key, filter)| {
+                let channel = entry
+                    .targets
+                    .entry(key.clone())
+                    .or_insert_with(|| self.client.channel_with(&name, filter))
+                    .clone();
+                (key, channel)
+            })
+            .collect())
+    }
+}
+
+async fn deliver(channel: NamedChannel, delivery: Delivery) -> Result<(), tonic::Status> {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.map_err(|err| tonic::Status::unavailable(err.to_string()))?;
+    let codec = tonic_prost::ProstCodec::<Delivery, Ack>::default();
+    let path = http::uri::PathAndQuery::from_static(DELIVER_PATH);
+    grpc.unary(tonic::Request::new(delivery), path, codec).await.map(drop)
+}
+
+#[async_trait]
+impl Broker for RegistryBroker {
+    fn kind(&self) -> &'static str {
+        "registry"
+    }
+
+    fn address(&self) -> String {
+        format!("registry {} at {}", self.client.registry().kind(), self.client.registry().address())
+    }
+
+    async fn publish(&self, message: Message) -> Result<()> {
+        let targets = self.targets(&message.topic).await?;
+        let message_id = message.id().unwrap_or("-").to_owned();
+        if targets.is_empty() {
+            tracing::debug!(topic = %message.topic, %message_id, "no subscriber: message dropped");
+            return Ok(());
+        }
+        let delivery =
+            Delivery { topic: message.topic.clone(), headers: message.headers, body: message.body };
+        let calls = targets.into_iter().map(|(key, channel)| {
+            let delivery = delivery.clone();
+            async move { (key, deliver(channel, delivery).await) }
+        });
+        let failed: Vec<String> = futures::future::join_all(calls)
+            .await
+            .into_iter()
+            .filter_map(|(key, outcome)| outcome.err().map(|status| format!("{key}: {}", status.message())))
+            .collect();
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(self.error(
+                format!(
+                    "topic {} message {message_id}: not delivered to {}",
+                    message.topic,
+                    failed.join("; ")
+                ),
+                None,
+            ))
+        }
+    }
+
+    async fn subscribe(
+        &self,
+        topic: &str,
+        options: SubscribeOptions,
+        handler: Handler,
+    ) -> Result<Subscription> {
+        if options.durable {
+            return Err(refuse_durable(self));
+        }
+        let id = format!("{:016x}", rand::random::<u64>());
+        let mut server = Server::builder(topic_service_name(topic))
+            .metadata(TOPIC_LABEL, topic)
+            .metadata(SUBSCRIBER_LABEL, &id)
+            .config(self.server.clone())
+            .registry(self.client.registry().clone())
+            .add_service(DeliverServer { handler });
+        if let Some(queue) = &options.queue {
+            server = server.metadata(QUEUE_LABEL, queue);
+        }
+        let running = server.start().await?;
+        tracing::info!(%topic, queue = options.queue.as_deref().unwrap_or(""), address = %running.node().address, "subscribed");
+        Ok(Subscription::new(topic, options.queue, running))
+    }
+}
+
+/// The subscriber's gRPC endpoint: runs the handler, answers OK once it succeeded.
+#[derive(Clone)]
+struct DeliverServer {
+    handler: Handler,
+}
+
+impl NamedService for DeliverServer {
+    const NAME: &'static str = DELIVER_SERVICE;
+}
+
+struct DeliverMethod(Handler);
+
+impl tonic::server::UnaryService<Delivery> for DeliverMethod {
+    type Response = Ack;
+    type Future = BoxFuture<'static, Result<tonic::Response<Ack>, tonic::Status>>;
+
+    fn call(&mut self, request: tonic::Request<Delivery>) -> Self::Future {
+        let handler = self.0.clone();
+        Box::pin(async move {
+            let Delivery { topic, headers, body } = request.into_inner();
+            let message_id = headers.get(super::headers::MESSAGE_ID).cloned().unwrap_or_default();
+            if run_handler(&handler, Message { topic: topic.clone(), headers, body }).await {
+                Ok(tonic::Response::new(Ack {}))
+            } else {
+                Err(tonic::Status::unknown(format!("topic {topic} message {message_id}: the handler failed")))
+            }
+        })
+    }
+}
+
+impl tower::Service<http::Request<Body>> for DeliverServer {
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let handler = self.handler.clone();
+        Box::pin(async move {
+            if request.uri().path() != DELIVER_PATH {
+                return Ok(tonic::Status::unimplemented(request.uri().path().to_owned()).into_http());
+            }
+            let codec = tonic_prost::ProstCodec::<Ack, Delivery>::default();
+            let mut grpc = tonic::server::Grpc::new(codec);
+            Ok(grpc.unary(DeliverMethod(handler), request).await)
+        })
+    }
+}

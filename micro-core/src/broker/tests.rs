@@ -1,0 +1,272 @@
+//! One test body, [`conformance`], run against every backend; real servers, no mocks.
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use tokio::sync::mpsc;
+
+use super::*;
+
+/// A subscriber that forwards what it gets, tagged with its own name.
+async fn forwarding(
+    broker: &dyn Broker,
+    topic: &str,
+    options: SubscribeOptions,
+    tag: &'static str,
+    tx: mpsc::UnboundedSender<(&'static str, Message)>,
+) -> Subscription {
+    broker
+        .subscribe(
+            topic,
+            options,
+            handler(move |m| {
+                let tx = tx.clone();
+                async move { tx.send((tag, m)).map_err(Into::into) }
+            }),
+        )
+        .await
+        .expect("subscribe")
+}
+
+async fn collect<T: std::fmt::Debug>(rx: &mut mpsc::UnboundedReceiver<T>, n: usize) -> Vec<T> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        match tokio::time::timeout(Duration::from_secs(10), rx.recv()).await {
+            Ok(Some(item)) => got.push(item),
+            _ => panic!("only {} of {n} messages arrived within 10 s: {got:?}", got.len()),
+        }
+    }
+    // Nothing more may come.
+    if let Ok(Some(extra)) = tokio::time::timeout(Duration::from_millis(300), rx.recv()).await {
+        panic!("an extra delivery: {extra:?}");
+    }
+    got
+}
+
+/// What every broker does: fan-out to plain subscribers, one delivery per queue group,
+/// headers kept, typed helpers, malformed bodies dropped without blocking, unsubscribe on drop.
+/// `settle` waits until the backend has the subscriptions made so far in force.
+pub(crate) async fn conformance(broker: Arc<dyn Broker>, settle: impl AsyncFn()) {
+    let suffix = format!("{:08x}", rand::random::<u32>());
+    let topic = format!("conf.{suffix}");
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let plain_a = forwarding(&*broker, &topic, SubscribeOptions::default(), "a", tx.clone()).await;
+    let _plain_b = forwarding(&*broker, &topic, SubscribeOptions::default(), "b", tx.clone()).await;
+    let group = SubscribeOptions::default().queue("workers");
+    let _g1 = forwarding(&*broker, &topic, group.clone(), "g1", tx.clone()).await;
+    let _g2 = forwarding(&*broker, &topic, group.clone(), "g2", tx.clone()).await;
+    settle().await;
+
+    // Headers survive, and each plain subscriber and one group member get the message.
+    let message =
+        Message::new(&topic, "one").header(headers::CONTENT_TYPE, "text/plain").header("x-custom", "1");
+    broker.publish(message.clone()).await.expect("publish");
+    let got = collect(&mut rx, 3).await;
+    let mut tags: Vec<&str> = got.iter().map(|(tag, _)| *tag).collect();
+    tags.sort();
+    assert_eq!(&tags[..2], ["a", "b"], "{tags:?}");
+    assert!(tags[2] == "g1" || tags[2] == "g2", "{tags:?}");
+    for (_, m) in &got {
+        assert_eq!((m.topic.as_str(), &m.body[..]), (topic.as_str(), &b"one"[..]));
+        assert_eq!(m.id(), message.id());
+        assert_eq!(m.content_type(), Some("text/plain"));
+        assert_eq!(m.headers.get("x-custom").map(String::as_str), Some("1"));
+    }
+
+    // A queue group gets each of 20 messages once.
+    for i in 0..20 {
+        broker.publish(Message::new(&topic, format!("{i}"))).await.expect("publish");
+    }
+    let got = collect(&mut rx, 60).await;
+    let mut per_tag: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for (tag, m) in got {
+        per_tag.entry(tag).or_default().push(String::from_utf8(m.body.to_vec()).unwrap());
+    }
+    assert_eq!(per_tag["a"].len(), 20);
+    assert_eq!(per_tag["b"].len(), 20);
+    let mut group_got: Vec<u32> = ["g1", "g2"]
+        .iter()
+        .flat_map(|t| per_tag.get(t).cloned().unwrap_or_default())
+        .map(|b| b.parse().unwrap())
+        .collect();
+    group_got.sort();
+    assert_eq!(group_got, (0..20).collect::<Vec<_>>(), "each message once in the group");
+
+    // Unsubscribing stops delivery.
+    drop(plain_a);
+    settle().await;
+    broker.publish(Message::new(&topic, "after")).await.expect("publish");
+    let mut tags: Vec<&str> = collect(&mut rx, 2).await.iter().map(|(tag, _)| *tag).collect();
+    tags.sort();
+    assert_eq!(tags[0], "b", "{tags:?}");
+
+    // Typed: a malformed body is dropped (acked), the next good one still arrives.
+    let typed = format!("typed.{suffix}");
+    let (ttx, mut trx) = mpsc::unbounded_channel();
+    let _typed =
+        subscribe_proto(&*broker, &typed, SubscribeOptions::default().queue("t"), move |value: u64, m| {
+            let ttx = ttx.clone();
+            async move { ttx.send((value, m.content_type().map(str::to_owned))).map_err(Into::into) }
+        })
+        .await
+        .expect("subscribe typed");
+    settle().await;
+    broker.publish(Message::new(&typed, vec![0xff_u8; 3])).await.expect("publish malformed");
+    publish_proto(&*broker, &typed, Some("id-7".into()), &7_u64).await.expect("publish typed");
+    let got = tokio::time::timeout(Duration::from_secs(10), trx.recv()).await.expect("typed arrives");
+    assert_eq!(got, Some((7, Some(headers::PROTOBUF.to_owned()))));
+}
+
+#[test]
+fn decode_names_the_topic_the_id_and_the_type() {
+    let message = Message::new("consignment.created", vec![0xff_u8; 2]).header(headers::MESSAGE_ID, "m-1");
+    let err = decode::<u64>(&message).unwrap_err().to_string();
+    assert!(err.contains("consignment.created") && err.contains("m-1") && err.contains("u64"), "{err}");
+}
+
+#[test]
+fn long_or_odd_topics_get_a_valid_service_name() {
+    assert_eq!(topic_service_name("consignment.created"), "broker.consignment.created");
+    let odd = topic_service_name("Orders/EU");
+    assert!(crate::registry::validate_service_name(&odd).is_ok(), "{odd}");
+    assert_ne!(odd, topic_service_name("Orders/US"));
+    assert!(crate::registry::validate_service_name(&topic_service_name(&"x".repeat(100))).is_ok());
+}
+
+#[tokio::test]
+async fn memory_conformance() {
+    conformance(Arc::new(MemoryBroker::new()), async || {}).await;
+}
+
+#[tokio::test]
+async fn registry_conformance_over_real_grpc() {
+    use crate::{Client, config::ServerConfig, registry::MemoryRegistry};
+    let client = Client::new(Arc::new(MemoryRegistry::new()));
+    let server = ServerConfig {
+        address: "127.0.0.1:0".parse().unwrap(),
+        drain_delay: Duration::ZERO,
+        ..ServerConfig::default()
+    };
+    let broker = RegistryBroker::new(client).server_config(server);
+    // The publisher follows the registry; give a change time to reach it.
+    conformance(Arc::new(broker), async || tokio::time::sleep(Duration::from_millis(200)).await).await;
+}
+
+#[tokio::test]
+async fn durable_subscribers_are_refused_where_nothing_is_kept() {
+    let broker = MemoryBroker::new();
+    let err = broker
+        .subscribe("t", SubscribeOptions::default().durable(), handler(|_| async { Ok(()) }))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("nats"), "{err}");
+}
+
+#[cfg(feature = "nats")]
+mod nats {
+    use super::*;
+    use e2e::nats::NatsServer;
+
+    async fn broker(server: &NatsServer) -> Arc<NatsBroker> {
+        Arc::new(NatsBroker::connect(&server.address()).await.expect("connect to nats-server"))
+    }
+
+    #[tokio::test]
+    async fn nats_conformance() {
+        let server = NatsServer::start();
+        conformance(broker(&server).await, async || {}).await;
+    }
+
+    #[tokio::test]
+    async fn nats_connect_fails_clearly_without_a_server() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let err = NatsBroker::connect(&format!("127.0.0.1:{port}"))
+            .await
+            .err()
+            .expect("nothing listens")
+            .to_string();
+        assert!(err.contains("nats") && err.contains(&port.to_string()), "{err}");
+    }
+
+    #[tokio::test]
+    async fn durable_failed_handler_is_redelivered_until_acked_and_one_member_per_group() {
+        let server = NatsServer::start();
+        let broker = broker(&server).await;
+        let topic = format!("durable.{:08x}", rand::random::<u32>());
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let failed = Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+        let make = |tag: &'static str| {
+            let tx = tx.clone();
+            let failed = failed.clone();
+            handler(move |m: Message| {
+                let tx = tx.clone();
+                let id = m.id().unwrap().to_owned();
+                // The first attempt at every message fails.
+                let first = failed.lock().unwrap().insert(id.clone());
+                async move {
+                    if first {
+                        return Err("first attempt fails".into());
+                    }
+                    tx.send((tag, id)).map_err(Into::into)
+                }
+            })
+        };
+        let options = SubscribeOptions::default().queue("workers").durable();
+        let _a = broker.subscribe(&topic, options.clone(), make("a")).await.expect("durable subscribe");
+        let _b = broker.subscribe(&topic, options.clone(), make("b")).await.expect("durable subscribe");
+        let mut ids = Vec::new();
+        for i in 0..10 {
+            ids.push(publish_proto(&*broker, &topic, None, &(i as u64)).await.expect("publish"));
+        }
+        let mut got: Vec<String> = collect(&mut rx, 10).await.into_iter().map(|(_, id)| id).collect();
+        got.sort();
+        ids.sort();
+        assert_eq!(got, ids, "every message handled once after its redelivery");
+        assert_eq!(failed.lock().unwrap().len(), 10, "each first attempt failed");
+        let refused = broker.subscribe(&topic, SubscribeOptions::default().durable(), make("c")).await;
+        assert!(refused.unwrap_err().to_string().contains("queue group"));
+    }
+
+    #[tokio::test]
+    async fn a_restarted_server_loses_no_subscription_and_no_durable_message() {
+        let mut server = NatsServer::start();
+        let broker = broker(&server).await;
+        let topic = format!("restart.{:08x}", rand::random::<u32>());
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let _durable = forwarding(
+            &*broker,
+            &topic,
+            SubscribeOptions::default().queue("keepers").durable(),
+            "durable",
+            tx.clone(),
+        )
+        .await;
+        let _plain = forwarding(&*broker, &topic, SubscribeOptions::default(), "plain", tx.clone()).await;
+        broker.publish(Message::new(&topic, "before")).await.expect("publish before");
+        assert_eq!(collect(&mut rx, 2).await.len(), 2);
+
+        server.stop();
+        // Published while the server is down: it succeeds after the reconnect, or fails clearly.
+        let during = {
+            let broker = broker.clone();
+            let topic = topic.clone();
+            tokio::spawn(async move { broker.publish(Message::new(&topic, "during")).await })
+        };
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        server.restart();
+        let during = during.await.unwrap();
+        let mut expected = 2;
+        if let Err(err) = &during {
+            assert!(err.to_string().contains("during") || err.to_string().contains("not stored"), "{err}");
+            expected = 0;
+        }
+        let arrived = collect(&mut rx, expected).await;
+        assert!(arrived.iter().all(|(_, m)| &m.body[..] == b"during"));
+
+        // Both subscriptions are back by themselves.
+        broker.publish(Message::new(&topic, "after")).await.expect("publish after the restart");
+        let mut tags: Vec<&str> = collect(&mut rx, 2).await.iter().map(|(tag, _)| *tag).collect();
+        tags.sort();
+        assert_eq!(tags, ["durable", "plain"]);
+    }
+}
