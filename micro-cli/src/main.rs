@@ -1,9 +1,11 @@
 //! `micro`: see and use what is registered: `services`, `describe`, `health`, `watch`,
-//! `call`, `why`, `wait`, `register`, `config`; same `MICRO_REGISTRY` switch and flags as
+//! `call`, `why`, `wait`, `register`, `config`, `gateway`; same `MICRO_REGISTRY` switch and flags as
 //! the services. Exit codes: see [`exit`].
 
 mod call;
+mod dynamic;
 mod exit;
+mod gateway;
 mod health;
 mod lookup;
 mod out;
@@ -111,6 +113,9 @@ enum Command {
         #[arg(long, alias = "register-interval", env = "MICRO_REGISTER_INTERVAL", default_value_t = DEFAULT_REGISTER_INTERVAL_SECS)]
         interval: u64,
     },
+    /// Serve every registered service as HTTP/JSON (`POST /NAME/package.Service/Method`),
+    /// with a dashboard at /ui, until SIGINT/SIGTERM.
+    Gateway(gateway::GatewayArgs),
     /// Wait until every named service has an instance; fails (exit 3) after the look-up timeout.
     Wait {
         /// The service names.
@@ -131,7 +136,8 @@ pub(crate) enum Output {
 async fn main() -> ExitCode {
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|err| err.exit());
-    cli.log.init("micro_core=error");
+    let quiet = !matches!(cli.command, Command::Gateway(_));
+    cli.log.init(if quiet { "micro_core=error" } else { "micro=info,micro_core=info" });
     if let Command::Config = cli.command {
         settings::print(&matches, cli.output);
         return ExitCode::SUCCESS;
@@ -188,6 +194,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Register { name, address, version, metadata, ttl, interval } => {
             let registration = register::Registration { name, address, version, metadata, ttl, interval };
             register::register(registry, registration).await?;
+        }
+        Command::Gateway(args) => {
+            let client = micro_core::Client::new(registry).config(client_config).tls(tls);
+            gateway::run(args, client).await?;
         }
         Command::Wait { names } => {
             for name in &names {

@@ -1,0 +1,251 @@
+//! `micro gateway` as a real process in front of the real shippy binaries over mDNS:
+//! HTTP/JSON calls by name, errors as HTTP statuses with `{"code", "message"}`, headers as
+//! call metadata and deadlines, the body limit, discovery, health and metrics.
+
+use std::time::Duration;
+
+use e2e::{
+    calls::poll_until,
+    discovery::{STARTUP, mdns, wait_for},
+    process::Process,
+    unique_name,
+};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+/// A running `micro gateway` and the base URL it serves.
+struct Gateway {
+    process: Process,
+    url: String,
+}
+
+impl Gateway {
+    /// Starts the gateway on a port the system picks, with extra `args`, and waits for
+    /// its address line.
+    async fn start(args: &[&str]) -> Gateway {
+        let mut all = vec!["gateway", "--address", "127.0.0.1:0"];
+        all.extend(args);
+        let process = Process::start("micro", &all, &[("MICRO_LOOKUP_TIMEOUT", "1500")]);
+        let url = poll_until("the gateway's address line", STARTUP, async || {
+            let log = process.log();
+            let line = log.lines().find(|l| l.starts_with("micro gateway on "))?;
+            Some(
+                line.trim_start_matches("micro gateway on ")
+                    .split(' ')
+                    .next()?
+                    .trim_end_matches('/')
+                    .to_owned(),
+            )
+        })
+        .await;
+        Gateway { process, url }
+    }
+
+    /// Polls `GET /` until it lists every one of `names`.
+    async fn wait_listed(&self, names: &[&str]) {
+        let http = reqwest::Client::new();
+        let what = format!("the gateway listing {names:?}");
+        poll_until(what, STARTUP, async || {
+            let listed: Value = http.get(format!("{}/", self.url)).send().await.ok()?.json().await.ok()?;
+            let listed = listed["services"].as_array()?.clone();
+            names.iter().all(|n| listed.iter().any(|l| l == n)).then_some(())
+        })
+        .await;
+    }
+
+    async fn post(&self, path: &str, body: impl Into<reqwest::Body>, headers: &[(&str, &str)]) -> Answer {
+        let mut request = reqwest::Client::new().post(format!("{}{path}", self.url)).body(body);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        Answer::of(request.send().await.expect("the gateway answers")).await
+    }
+
+    async fn get(&self, path: &str) -> Answer {
+        Answer::of(reqwest::get(format!("{}{path}", self.url)).await.expect("the gateway answers")).await
+    }
+}
+
+/// An HTTP answer: status, headers and body.
+struct Answer {
+    status: StatusCode,
+    headers: reqwest::header::HeaderMap,
+    text: String,
+}
+
+impl Answer {
+    async fn of(response: reqwest::Response) -> Answer {
+        let (status, headers) = (response.status(), response.headers().clone());
+        Answer { status, headers, text: response.text().await.expect("a body") }
+    }
+
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.text).unwrap_or_else(|err| panic!("{err}: {}", self.text))
+    }
+
+    /// Asserts an error answer: the status, the gRPC code name, and what the message says.
+    fn assert_error(&self, status: u16, code: &str, says: &[&str]) {
+        assert_eq!(self.status.as_u16(), status, "{}", self.text);
+        assert_eq!(self.headers["content-type"], "application/json");
+        let body = self.json();
+        assert_eq!(body["code"], code, "{}", self.text);
+        let message = body["message"].as_str().unwrap_or_default();
+        for part in says {
+            assert!(message.contains(part), "{message:?} should say {part:?}");
+        }
+    }
+}
+
+fn shippy(vessel_name: &str, consignment_name: &str) -> (Process, Process) {
+    let vessel = Process::start("vessel-service", &[], &[("MICRO_SERVER_NAME", vessel_name)]);
+    let consignment = Process::start(
+        "consignment-service",
+        &[],
+        &[
+            ("MICRO_SERVER_NAME", consignment_name),
+            ("VESSEL_SERVICE", vessel_name),
+            ("MICRO_LOOKUP_TIMEOUT", "1500"),
+            ("CONSIGNMENT_DB", ":memory:"),
+        ],
+    );
+    (vessel, consignment)
+}
+
+fn consignment(weight: u32) -> String {
+    json!({
+        "description": "through the gateway",
+        "weight": weight,
+        "containers": [{ "customer_id": "cust001", "user_id": "user001", "origin": "Derby" }],
+    })
+    .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shippy_through_the_gateway() {
+    let registry = mdns();
+    let (vessel_name, consignment_name) = (unique_name("vessel"), unique_name("consignment"));
+    let (mut vessel, _consignment) = shippy(&vessel_name, &consignment_name);
+    wait_for(&registry, &vessel_name, 1).await;
+    wait_for(&registry, &consignment_name, 1).await;
+    let mut gateway = Gateway::start(&[]).await;
+    gateway.wait_listed(&[&vessel_name, &consignment_name]).await;
+
+    // A call by name, replied as proto3 JSON.
+    let find = format!("/{vessel_name}/vessel.VesselService/FindAvailable");
+    let answer =
+        gateway.post(&find, r#"{"capacity": 3, "maxWeight": 55000}"#, &[("x-request-id", "req-1")]).await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.text);
+    assert_eq!(answer.json()["vessel"]["id"], "vessel001", "{}", answer.text);
+    assert_eq!(answer.headers["x-request-id"], "req-1", "the request id comes back");
+    assert!(answer.headers.get("access-control-allow-origin").is_none(), "CORS is off by default");
+
+    // A create stores once per idempotency key; the replay says so in a header.
+    let create = format!("/{consignment_name}/consignment.ShippingService/CreateConsignment");
+    let key = [("idempotency-key", "gateway-test-key-1")];
+    let first = gateway.post(&create, consignment(55_000), &key).await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.text);
+    assert_eq!(first.json()["created"], true, "{}", first.text);
+    assert_eq!(first.json()["consignment"]["vesselId"], "vessel001", "{}", first.text);
+    let again = gateway.post(&create, consignment(55_000), &key).await;
+    assert_eq!(again.status, StatusCode::OK, "{}", again.text);
+    assert_eq!(again.json()["consignment"]["id"], first.json()["consignment"]["id"]);
+    assert_eq!(again.headers["idempotent-replayed"], "true", "response metadata comes back as headers");
+    let get = format!("/{consignment_name}/consignment.ShippingService/GetConsignments");
+    let listed = gateway.post(&get, "", &[]).await;
+    assert_eq!(listed.status, StatusCode::OK, "{}", listed.text);
+    assert_eq!(
+        listed.json()["consignments"].as_array().map(Vec::len),
+        Some(1),
+        "stored once: {}",
+        listed.text
+    );
+
+    // Errors: the refusal, malformed JSON, unknown names, the body limit.
+    let heavy = gateway.post(&create, consignment(300_000), &[]).await;
+    heavy.assert_error(400, "FAILED_PRECONDITION", &["vessel"]);
+    let malformed = gateway.post(&find, "{\n  \"capacity\": 3,\n  \"maxWeight\" 55000\n}", &[]).await;
+    malformed.assert_error(400, "INVALID_ARGUMENT", &["malformed JSON", "line 3 column"]);
+    let wrong_field = gateway.post(&find, r#"{"capacity": "lots"}"#, &[]).await;
+    wrong_field.assert_error(400, "INVALID_ARGUMENT", &["line 1 column"]);
+    let unknown_method =
+        gateway.post(&format!("/{vessel_name}/vessel.VesselService/FindAll"), "{}", &[]).await;
+    unknown_method.assert_error(404, "NOT_FOUND", &["FindAll", "vessel.VesselService/FindAvailable"]);
+    let typo = vessel_name.replacen("vessel", "vesel", 1);
+    let unknown_service =
+        gateway.post(&format!("/{typo}/vessel.VesselService/FindAvailable"), "{}", &[]).await;
+    unknown_service.assert_error(
+        404,
+        "NOT_FOUND",
+        &[&typo, &format!("did you mean {vessel_name}"), &consignment_name],
+    );
+    let huge = gateway.post(&find, vec![b' '; 5 * 1024 * 1024], &[]).await;
+    huge.assert_error(413, "RESOURCE_EXHAUSTED", &["4194304 bytes"]);
+
+    // Discovery, health and metrics; unknown names created no cache entries.
+    let described = gateway.get(&format!("/{vessel_name}")).await;
+    assert_eq!(described.status, StatusCode::OK, "{}", described.text);
+    let method = &described.json()["methods"][0];
+    assert_eq!(method["path"], "vessel.VesselService/FindAvailable");
+    assert_eq!(method["request"]["type"], "vessel.Specification");
+    assert_eq!(method["request"]["fields"][1]["name"], "maxWeight");
+    assert_eq!(method["response"]["fields"][0]["message"]["type"], "vessel.Vessel");
+    assert_eq!(method["example"], json!({ "capacity": 0, "maxWeight": 0 }));
+    let health = gateway.get("/healthz").await;
+    assert_eq!(health.status, StatusCode::OK);
+    assert_eq!(health.json()["status"], "SERVING");
+    assert_eq!(health.json()["cached_services"], 2, "only listed names are cached: {}", health.text);
+    let metrics = gateway.get("/metrics").await;
+    let ok_line = format!(
+        r#"micro_gateway_requests_total{{service="{vessel_name}",method="vessel.VesselService/FindAvailable",status="200"}}"#
+    );
+    assert!(metrics.text.contains(&ok_line), "{}", metrics.text);
+    assert!(metrics.text.contains("micro_client_attempts_total"), "the SDK's metrics too");
+    gateway.get("/no/such/route/here").await.assert_error(404, "NOT_FOUND", &["no route"]);
+
+    // vessel-service gone: the create is 503 naming it.
+    vessel.terminate(Duration::from_secs(10)).await;
+    let down = gateway.post(&create, consignment(1_000), &[]).await;
+    down.assert_error(503, "UNAVAILABLE", &[&vessel_name]);
+
+    let status = gateway.process.terminate(Duration::from_secs(10)).await;
+    assert!(status.success(), "the gateway stops cleanly on SIGTERM: {status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn x_timeout_is_the_deadline_and_cors_is_one_flag() {
+    let registry = mdns();
+    let slow_name = unique_name("slow");
+    let _slow =
+        Process::start("fault-server", &[], &[("FAULT_NAME", &slow_name), ("FAULT_DELAY_MS", "5000")]);
+    wait_for(&registry, &slow_name, 1).await;
+    let gateway = Gateway::start(&["--cors-origin", "https://ops.example", "--max-body", "1000"]).await;
+    gateway.wait_listed(&[&slow_name]).await;
+
+    let find = format!("/{slow_name}/vessel.VesselService/FindAvailable");
+    let started = std::time::Instant::now();
+    let answer = gateway.post(&find, "{}", &[("X-Timeout", "300ms")]).await;
+    answer.assert_error(504, "DEADLINE_EXCEEDED", &[]);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "answered at the deadline, not after the reply: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(answer.headers["access-control-allow-origin"], "https://ops.example");
+    gateway.post(&find, "{}", &[("X-Timeout", "soon")]).await.assert_error(
+        400,
+        "INVALID_ARGUMENT",
+        &["X-Timeout"],
+    );
+    gateway.post(&find, vec![b' '; 1001], &[]).await.assert_error(413, "RESOURCE_EXHAUSTED", &["1000 bytes"]);
+
+    let preflight = reqwest::Client::new()
+        .request(reqwest::Method::OPTIONS, format!("{}{find}", gateway.url))
+        .header("origin", "https://ops.example")
+        .header("access-control-request-method", "POST")
+        .send()
+        .await
+        .expect("preflight");
+    assert_eq!(preflight.status(), StatusCode::NO_CONTENT);
+    let allowed = preflight.headers()["access-control-allow-headers"].to_str().unwrap().to_owned();
+    assert!(allowed.contains("idempotency-key") && allowed.contains("x-timeout"), "{allowed}");
+}

@@ -1,0 +1,96 @@
+//! `micro gateway`: HTTP/JSON in front of every registered service. `POST
+//! /{service}/{package.Service}/{Method}` with a JSON body becomes a unary gRPC call through
+//! the SDK client (balancing, retries, hedging, ejection and deadlines apply), with the
+//! message types learned from the service's server reflection; the reply comes back as
+//! JSON (proto3 JSON mapping).
+//!
+//! | concern | file |
+//! | --- | --- |
+//! | flags, start and stop | `gateway/mod.rs` |
+//! | routes, CORS | `gateway/routes.rs` |
+//! | reflection cache per service, refreshed on registry changes | `gateway/reflection.rs` |
+//! | JSON and headers to a call and back, schemas | `gateway/transcode.rs` |
+//! | gRPC code to HTTP status, the error body | `gateway/status.rs` |
+//! | Prometheus metrics | `gateway/metrics.rs` |
+//!
+//! # Examples
+//! ```sh
+//! micro gateway --address 127.0.0.1:8080 &
+//! curl -s localhost:8080/vessel-service/vessel.VesselService/FindAvailable \
+//!      -d '{"capacity": 3, "maxWeight": 55000}'
+//! ```
+
+mod metrics;
+mod reflection;
+mod routes;
+mod status;
+mod transcode;
+
+use std::{net::SocketAddr, sync::Arc};
+
+use http::HeaderValue;
+use micro_core::Client;
+
+use crate::exit::Failure;
+use reflection::ReflectionCache;
+
+/// Where the gateway listens unless `--address` or `MICRO_GATEWAY_ADDRESS` says otherwise.
+pub const DEFAULT_ADDRESS: &str = "127.0.0.1:8080";
+/// The largest request body, in bytes, unless `--max-body` says otherwise.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+
+/// The gateway's own flags; the registry, client and TLS flags are `micro`'s.
+#[derive(Debug, Clone, clap::Args)]
+pub struct GatewayArgs {
+    /// Address to serve HTTP/1.1 and cleartext HTTP/2 on.
+    #[arg(long, env = "MICRO_GATEWAY_ADDRESS", default_value = DEFAULT_ADDRESS)]
+    pub address: SocketAddr,
+    /// Largest request body in bytes; a larger one is answered 413.
+    #[arg(long, env = "MICRO_GATEWAY_MAX_BODY", default_value_t = DEFAULT_MAX_BODY_BYTES)]
+    pub max_body: usize,
+    /// Let pages from this origin (`*`: any) call the gateway (CORS); off when unset.
+    #[arg(long, env = "MICRO_GATEWAY_CORS_ORIGIN")]
+    pub cors_origin: Option<String>,
+}
+
+/// What every route shares.
+pub struct Gateway {
+    cache: ReflectionCache,
+    max_body: usize,
+    cors_origin: Option<HeaderValue>,
+}
+
+/// Serves until SIGINT or SIGTERM, then finishes the requests in flight.
+pub async fn run(args: GatewayArgs, client: Client) -> Result<(), Failure> {
+    let cors_origin = args
+        .cors_origin
+        .as_deref()
+        .map(|origin| {
+            HeaderValue::from_str(origin)
+                .map_err(|_| Failure::Other(format!("--cors-origin {origin:?}: not a header value")))
+        })
+        .transpose()?;
+    let gateway =
+        Arc::new(Gateway { cache: ReflectionCache::new(client), max_body: args.max_body, cors_origin });
+    let listener = tokio::net::TcpListener::bind(args.address).await.map_err(|err| {
+        Failure::Other(format!("gateway address {} (MICRO_GATEWAY_ADDRESS): {err}", args.address))
+    })?;
+    let address = listener.local_addr().map_err(|err| Failure::Other(err.to_string()))?;
+    tracing::info!(%address, cors = gateway.cors_origin.is_some(), max_body = args.max_body, "gateway listening");
+    crate::out::line(format!("micro gateway on http://{address}/ (dashboard: http://{address}/ui)"));
+    axum::serve(listener, routes::router(gateway))
+        .with_graceful_shutdown(shutdown())
+        .await
+        .map_err(|err| Failure::Other(format!("gateway: {err}")))?;
+    tracing::info!("gateway stopped");
+    Ok(())
+}
+
+async fn shutdown() {
+    let mut term =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,177 @@
+//! The HTTP routes: `GET /` (services), `GET /healthz`, `GET /metrics`, `GET /{service}`
+//! (methods and schemas), `POST /{service}/{package.Service}/{Method}` (a call), and the
+//! optional CORS layer.
+
+use std::{sync::Arc, time::Instant};
+
+use axum::{
+    Router,
+    body::Body,
+    extract::{Path, Request, State},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use serde_json::json;
+use tonic::Code;
+
+use super::{
+    Gateway, metrics,
+    reflection::unknown_method,
+    status::GatewayError,
+    transcode::{self, FORWARDED_HEADERS, TIMEOUT_HEADER},
+};
+use crate::dynamic;
+
+/// The routes of `gateway`.
+pub fn router(gateway: Arc<Gateway>) -> Router {
+    let router = Router::new()
+        .route("/", get(list))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics_page))
+        .route("/{service}", get(describe))
+        .route("/{service}/{grpc_service}/{method}", post(call))
+        .fallback(not_found)
+        .with_state(gateway.clone());
+    match gateway.cors_origin.clone() {
+        Some(origin) => router.layer(middleware::from_fn_with_state(origin, cors)),
+        None => router,
+    }
+}
+
+fn json_response(status: StatusCode, headers: HeaderMap, body: String) -> Response {
+    let mut response = (status, [(header::CONTENT_TYPE, "application/json")], body).into_response();
+    response.headers_mut().extend(headers);
+    response
+}
+
+async fn list(State(gateway): State<Arc<Gateway>>) -> Result<Response, GatewayError> {
+    let names = gateway.cache.list().await?;
+    Ok(json_response(StatusCode::OK, HeaderMap::new(), json!({ "services": names }).to_string()))
+}
+
+async fn healthz(State(gateway): State<Arc<Gateway>>) -> Response {
+    let registry = gateway.cache.registry();
+    let body = json!({ "status": "SERVING", "registry": registry.kind(), "registry_address": registry.address(),
+        "cached_services": gateway.cache.held() });
+    json_response(StatusCode::OK, HeaderMap::new(), body.to_string())
+}
+
+async fn metrics_page() -> Response {
+    let content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+    ([(header::CONTENT_TYPE, content_type)], metrics::render()).into_response()
+}
+
+async fn describe(
+    State(gateway): State<Arc<Gateway>>,
+    Path(service): Path<String>,
+) -> Result<Response, GatewayError> {
+    let entry = gateway.cache.entry(&service).await?;
+    let api = entry.api().await?;
+    let methods: Vec<_> =
+        api.services.iter().flat_map(|s| s.methods()).map(|m| transcode::describe_method(&m)).collect();
+    let body = json!({ "service": service, "methods": methods });
+    Ok(json_response(StatusCode::OK, HeaderMap::new(), serde_json::to_string_pretty(&body).expect("json")))
+}
+
+async fn call(
+    State(gateway): State<Arc<Gateway>>,
+    Path((service, grpc_service, method)): Path<(String, String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let started = Instant::now();
+    let mut labels = (metrics::OTHER.to_owned(), metrics::OTHER.to_owned());
+    let result = forward(&gateway, (&service, &grpc_service, &method), &headers, body, &mut labels).await;
+    let mut response = match result {
+        Ok(response) => response,
+        Err(err) => {
+            tracing::debug!(%service, %grpc_service, %method, code = ?err.code, message = %err.message, "call failed");
+            err.into_response()
+        }
+    };
+    if let Some((name, value)) = transcode::request_id(&headers) {
+        response.headers_mut().insert(name, value);
+    }
+    metrics::record(&labels.0, &labels.1, response.status().as_u16(), started.elapsed().as_secs_f64());
+    response
+}
+
+async fn forward(
+    gateway: &Gateway,
+    (service, grpc_service, method): (&str, &str, &str),
+    headers: &HeaderMap,
+    body: Body,
+    labels: &mut (String, String),
+) -> Result<Response, GatewayError> {
+    let body = transcode::read_body(headers, body, gateway.max_body).await?;
+    let entry = gateway.cache.entry(service).await?;
+    let api = entry.api().await?;
+    let path = format!("{grpc_service}/{method}");
+    let descriptor = api.method(grpc_service, method).ok_or_else(|| unknown_method(service, &path, &api))?;
+    *labels = (service.to_owned(), path.clone());
+    if descriptor.is_client_streaming() || descriptor.is_server_streaming() {
+        return Err(GatewayError::new(
+            Code::Unimplemented,
+            format!("{path} is a streaming method; the gateway makes unary calls"),
+        ));
+    }
+    let message = transcode::request(&descriptor, &body)?;
+    let request = transcode::call_request(headers, message)?;
+    let deadline = transcode::timeout(headers)?;
+    let call = dynamic::unary(entry.channel.clone(), &descriptor, request);
+    let outcome = match deadline {
+        // The client ends the call at its deadline; this is the backstop.
+        Some(limit) => tokio::time::timeout(limit + limit / 10, call).await.unwrap_or_else(|_| {
+            Err(tonic::Status::deadline_exceeded(format!("no reply within X-Timeout {limit:?}")))
+        }),
+        None => call.await,
+    };
+    match outcome {
+        Ok(reply) => Ok(json_response(
+            StatusCode::OK,
+            transcode::headers_of(reply.metadata()),
+            dynamic::to_json(reply.get_ref()),
+        )),
+        Err(status) => Err(GatewayError {
+            headers: Box::new(transcode::headers_of(status.metadata())),
+            ..GatewayError::new(status.code(), format!("{service} {path}: {}", status.message()))
+        }),
+    }
+}
+
+async fn not_found(method: Method, uri: http::Uri) -> GatewayError {
+    GatewayError::new(
+        Code::NotFound,
+        format!(
+            "no route for {method} {}: use GET / (services), GET /{{service}} (methods), \
+             POST /{{service}}/{{package.Service}}/{{Method}} (a call), GET /ui, /healthz, /metrics",
+            uri.path()
+        ),
+    )
+}
+
+/// Answers preflight requests and lets `origin` read every response.
+async fn cors(State(origin): State<HeaderValue>, request: Request, next: Next) -> Response {
+    let preflight = request.method() == Method::OPTIONS && request.headers().contains_key(header::ORIGIN);
+    let mut response =
+        if preflight { StatusCode::NO_CONTENT.into_response() } else { next.run(request).await };
+    let headers = response.headers_mut();
+    headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+    headers.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, HeaderValue::from_static("*"));
+    if preflight {
+        let allowed = ["content-type", TIMEOUT_HEADER]
+            .into_iter()
+            .chain(FORWARDED_HEADERS)
+            .collect::<Vec<_>>()
+            .join(", ");
+        headers.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("GET, POST, OPTIONS"));
+        headers.insert(
+            header::ACCESS_CONTROL_ALLOW_HEADERS,
+            HeaderValue::from_str(&allowed).expect("ASCII names"),
+        );
+        headers.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
+    }
+    response
+}
