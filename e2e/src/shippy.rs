@@ -1,9 +1,12 @@
-//! The shippy pieces tests share: running consignment-cli, fleet files, the sample consignment.
+//! The shippy pieces tests share: running consignment-cli, fleet files, asking for a vessel,
+//! the sample consignment.
 
 use std::{
     path::{Path, PathBuf},
     time::Duration,
 };
+
+use proto::vessel::{Specification, vessel_service_client::VesselServiceClient};
 
 use crate::process::{binary, workspace_root};
 
@@ -37,6 +40,16 @@ pub async fn run_cli(consignment_name: &str, file: &Path, args: &[&str], env: &[
         stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
     }
+}
+
+/// Asks vessel-service (any instance the channel picks) for a vessel that carries 1 unit,
+/// and returns the vessel id: in tests, the label of the instance that answered (see
+/// [`fleet_file`]).
+pub async fn find_vessel(
+    vessels: &mut VesselServiceClient<micro_core::NamedChannel>,
+) -> Result<String, tonic::Status> {
+    let reply = vessels.find_available(Specification { capacity: 1, max_weight: 1 }).await?;
+    Ok(reply.into_inner().vessel.unwrap_or_default().id)
 }
 
 /// The shipped `consignment-cli/consignment.json`.

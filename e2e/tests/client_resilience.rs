@@ -10,7 +10,7 @@ use e2e::{
     discovery::{mdns, wait_for, wait_pickable},
     process::Process,
     require_private_netns,
-    shippy::fleet_file,
+    shippy::{find_vessel, fleet_file},
     unique_name,
 };
 use micro_core::{
@@ -43,17 +43,12 @@ fn client(registry: Arc<dyn Registry>) -> Client {
     Client::new(registry).idempotent_methods(proto::IDEMPOTENT_METHODS)
 }
 
-async fn find(vessels: &mut VesselServiceClient<NamedChannel>) -> Result<String, tonic::Status> {
-    let reply = vessels.find_available(Specification { capacity: 1, max_weight: 1 }).await?;
-    Ok(reply.into_inner().vessel.expect("a vessel").id)
-}
-
 /// `workers` callers of FindAvailable, each pausing `pace` between calls, up to `total`.
 fn call_stream(channel: NamedChannel, workers: usize, pace: Duration, total: usize) -> CallStream {
     let vessels = VesselServiceClient::new(channel);
     CallStream::start(workers, pace, total, move || {
         let mut vessels = vessels.clone();
-        async move { find(&mut vessels).await }
+        async move { find_vessel(&mut vessels).await }
     })
 }
 

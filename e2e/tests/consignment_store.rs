@@ -52,15 +52,11 @@ fn consignment_service(name: &str, vessel_name: &str, db: &Path, boot: &str) -> 
 
 /// Waits until an instance of `name` announcing `boot` is registered.
 async fn wait_for_boot(registry: &Arc<dyn Registry>, name: &str, boot: &str) {
-    let deadline = Instant::now() + STARTUP;
-    loop {
+    e2e::calls::poll_until(format!("{name} boot {boot} registering"), STARTUP, async || {
         let nodes = registry.lookup(name).await.unwrap_or_default();
-        if nodes.iter().any(|node| node.metadata.get("boot").map(String::as_str) == Some(boot)) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{name} boot {boot} did not register within {STARTUP:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        nodes.iter().any(|node| node.metadata.get("boot").map(String::as_str) == Some(boot)).then_some(())
+    })
+    .await
 }
 
 /// A client of the instance of `name` that announced `boot` only.

@@ -14,11 +14,11 @@ use e2e::{
     discovery::{wait_for, wait_pickable},
     process::{Process, binary},
     require_private_netns,
-    shippy::{self, CliRun, fleet_file, sample_consignment},
+    shippy::{self, CliRun, find_vessel, fleet_file, sample_consignment},
     unique_name,
 };
 use micro_core::{Client, NamedChannel, Registry, registry::ConsulRegistry};
-use proto::vessel::{Specification, vessel_service_client::VesselServiceClient};
+use proto::vessel::vessel_service_client::VesselServiceClient;
 use serde_json::Value;
 use tokio::time::Instant;
 
@@ -115,17 +115,12 @@ async fn until(what: &str, limit: Duration, check: impl Fn() -> bool) -> Duratio
     started.elapsed()
 }
 
-async fn find(vessels: &mut VesselServiceClient<NamedChannel>) -> Result<String, tonic::Status> {
-    let reply = vessels.find_available(Specification { capacity: 1, max_weight: 1 }).await?;
-    Ok(reply.into_inner().vessel.expect("a vessel").id)
-}
-
 /// A paced stream of FindAvailable calls (idempotent) from one task, until finished.
 fn call_stream(channel: NamedChannel, pace: Duration) -> CallStream {
     let vessels = VesselServiceClient::new(channel);
     CallStream::start(1, pace, usize::MAX, move || {
         let mut vessels = vessels.clone();
-        async move { find(&mut vessels).await }
+        async move { find_vessel(&mut vessels).await }
     })
 }
 
@@ -288,7 +283,7 @@ async fn two_instances_both_serve_and_a_stopped_one_leaves_the_client_within_1s(
     let mut vessels = VesselServiceClient::new(channel.clone());
     let mut served_by = BTreeSet::new();
     for _ in 0..10 {
-        served_by.insert(find(&mut vessels).await.unwrap());
+        served_by.insert(find_vessel(&mut vessels).await.unwrap());
     }
     assert_eq!(served_by, BTreeSet::from(["a".to_owned(), "b".to_owned()]));
 
@@ -415,7 +410,7 @@ async fn with_registry_retry_a_service_waits_for_the_agent_and_then_registers() 
     let registered_after = agent_started.elapsed();
     assert!(registered_after < SOON, "registered {registered_after:?} after the agent started");
     let mut vessels = VesselServiceClient::new(client(registry(&agent)).channel(&name));
-    assert_eq!(find(&mut vessels).await.unwrap(), "vessel001");
+    assert_eq!(find_vessel(&mut vessels).await.unwrap(), "vessel001");
     assert!(vessel.log().contains(&node.id));
     eprintln!("registered {registered_after:?} after the agent started");
 }
