@@ -1,6 +1,6 @@
 //! Real etcd servers for tests (Debian's `etcd-server`, with `etcdctl` from `etcd-client`):
-//! a cluster of one or more members on loopback ports picked at start, or one member per
-//! host of an [`e2e::hosts::Network`](crate::hosts::Network). Every member is killed, and
+//! a cluster of one or more members on loopback ports picked at start, or one member on
+//! each of the first hosts of an [`e2e::hosts::Network`](crate::hosts::Network). Every member is killed, and
 //! its data folder removed, when the cluster is dropped.
 //!
 //! The binaries come from `ETCD_BIN` / `ETCDCTL_BIN`, else `etcd` / `etcdctl` on `PATH`.
@@ -108,10 +108,11 @@ impl EtcdCluster {
         cluster
     }
 
-    /// Starts one member on each host of `network` (client port 2379 on the host's address
-    /// and on its loopback, peer port 2380) and waits until every one is healthy.
-    pub fn start_on(network: &Network) -> EtcdCluster {
-        let hosts = network.hosts();
+    /// Starts one member on each of the first `size` hosts of `network` (client port 2379 on
+    /// the host's address and on its loopback, peer port 2380) and waits until every one is
+    /// healthy.
+    pub fn start_on(network: &Network, size: usize) -> EtcdCluster {
+        let hosts = &network.hosts()[..size];
         let initial = hosts
             .iter()
             .enumerate()

@@ -88,7 +88,7 @@ async fn shippy_on_one_etcd_member() {
 fn shippy_across_hosts_on_a_three_member_etcd_cluster_survives_a_dead_member() {
     init_logs();
     let network = Network::new(3);
-    let mut cluster = EtcdCluster::start_on(&network);
+    let mut cluster = EtcdCluster::start_on(&network, 3);
     let endpoints = cluster.endpoints();
     let env = etcd_env(&endpoints);
     let (vessel_name, consignment_name) = (unique_name("vessel"), unique_name("consignment"));
@@ -124,6 +124,46 @@ fn shippy_across_hosts_on_a_three_member_etcd_cluster_survives_a_dead_member() {
     });
     let again = cli.within(|| tokio_run(create(&consignment_name, &env)));
     assert!(again.contains("vessel001"), "{again}");
+}
+
+/// Four hosts: etcd members on hosts 0 to 2, shippy on host 3 with every endpoint. The
+/// member on host 0 is partitioned (its packets vanish, nothing is refused): heartbeats go
+/// on past the TTL, a new instance registers, and the flow works, until it is healed.
+#[test]
+fn shippy_goes_on_while_an_etcd_member_is_partitioned() {
+    init_logs();
+    let network = Network::new(4);
+    let cluster = EtcdCluster::start_on(&network, 3);
+    let endpoints = cluster.endpoints();
+    let mut env = etcd_env(&endpoints);
+    env.retain(|(key, _)| *key != "MICRO_REGISTER_TTL");
+    env.push(("MICRO_REGISTER_TTL", "5".into()));
+    let (vessel_name, consignment_name) = (unique_name("vessel"), unique_name("consignment"));
+    let shippy = network.host(3);
+    let _vessel =
+        shippy.start("vessel-service", &[], &refs(&with(&env, &[("MICRO_SERVER_NAME", &vessel_name)])));
+    let consignment_env =
+        with(&env, &[("MICRO_SERVER_NAME", &consignment_name), ("VESSEL_SERVICE", &vessel_name)]);
+    let _consignment = shippy.start("consignment-service", &[], &refs(&consignment_env));
+    shippy.block_on(|| async {
+        wait_registered(&etcd_view(&endpoints).await, &[&vessel_name, &consignment_name]).await;
+    });
+    let first = shippy.within(|| tokio_run(create(&consignment_name, &env)));
+    assert!(first.contains("vessel001"), "{first}");
+
+    network.partition(0);
+    // Twice the TTL: every lease must have been renewed through members 1 and 2.
+    std::thread::sleep(Duration::from_secs(10));
+    let _second =
+        shippy.start("vessel-service", &[], &refs(&with(&env, &[("MICRO_SERVER_NAME", &vessel_name)])));
+    shippy.block_on(|| async {
+        let view = etcd_view(&cluster.endpoint(1)).await;
+        wait_registered(&view, &[&consignment_name]).await;
+        e2e::discovery::wait_for(&view, &vessel_name, 2).await;
+    });
+    let again = shippy.within(|| tokio_run(create(&consignment_name, &env)));
+    assert!(again.contains("vessel001"), "{again}");
+    network.heal(0);
 }
 
 /// Runs `future` on a fresh runtime on the calling thread (a host's, inside `within`).

@@ -24,11 +24,12 @@
 //!   read saw, so no change between the two is missed. A broken watch resumes from the last
 //!   revision it delivered; one whose revision was compacted reads afresh and reports the
 //!   difference.
-//! - **Endpoints**: every endpoint of the cluster is given to one client, which balances
-//!   over those that answer. Every request has a deadline; a request that fails or times
-//!   out makes the client start over with fresh connections to every endpoint, and HTTP/2
-//!   keep-alive pings close a connection to a member that vanished, so registration,
-//!   heartbeats and watches move to the members that are left.
+//! - **Endpoints**: requests go to one endpoint at a time, as etcd's own Go client sends
+//!   them. Every request has a deadline; one that fails or times out moves to the next
+//!   endpoint (with a fresh connection for the failed one) and is tried there, once per
+//!   endpoint. HTTP/2 keep-alive pings close a watch's connection to a member that
+//!   vanished, and watches require a leader, so registration, heartbeats and watches move
+//!   to the members that are left.
 //!
 //! # Examples
 //! ```no_run
@@ -47,7 +48,10 @@ use std::{
     collections::{BTreeMap, HashMap, HashSet, VecDeque},
     future::Future,
     net::{IpAddr, SocketAddr},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::Duration,
 };
 
@@ -69,7 +73,7 @@ pub const DEFAULT_ETCD_LOOKUP_TIMEOUT: Duration = Duration::from_secs(3);
 /// The prefix of every key, as go-micro's etcd registry writes it.
 pub const ETCD_PREFIX: &str = "/micro/registry/";
 /// Bound on one request (a read, a write, a lease grant or keep-alive).
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long opening a connection to one endpoint may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// HTTP/2 keep-alive while a stream (a watch) is open: etcd refuses pings more often than
@@ -200,8 +204,7 @@ impl EtcdRegistryBuilder {
             return Err(Error::invalid("etcd endpoints", "none given; expected host:port[,host:port…]"));
         }
         let address = endpoints.iter().map(|e| e.trim_start_matches("http://")).collect::<Vec<_>>().join(",");
-        let client = Conn::client_for(&endpoints, &address).await?;
-        let conn = Conn { endpoints, address, client: Mutex::new((0, client)), warned: Mutex::default() };
+        let conn = Conn::connect(endpoints, address).await?;
         Ok(EtcdRegistry {
             conn: Arc::new(conn),
             lookup_timeout: self.lookup_timeout,
@@ -210,68 +213,101 @@ impl EtcdRegistryBuilder {
     }
 }
 
-/// The client and what is needed to make a fresh one.
+/// One client per endpoint, and the endpoint in use: requests go to one member at a time
+/// and move to the next when it fails, as etcd's own Go client does.
 struct Conn {
     endpoints: Vec<String>,
     /// The endpoints, comma-separated, for messages.
     address: String,
-    /// The current client and its generation.
-    client: Mutex<(u64, Client)>,
+    /// A client per endpoint, replaced by a fresh one (new connection) when it fails.
+    clients: Mutex<Vec<Client>>,
+    /// The index of the endpoint in use.
+    current: AtomicUsize,
     /// Keys (with their revision) whose bad value was already warned about.
     warned: Mutex<HashSet<(String, i64)>>,
 }
 
 impl Conn {
-    async fn client_for(endpoints: &[String], address: &str) -> Result<Client> {
+    async fn connect(endpoints: Vec<String>, address: String) -> Result<Conn> {
+        let mut clients = Vec::new();
+        for endpoint in &endpoints {
+            clients.push(Self::client_for(endpoint, &address).await?);
+        }
+        Ok(Conn {
+            endpoints,
+            address,
+            clients: Mutex::new(clients),
+            current: AtomicUsize::new(0),
+            warned: Mutex::default(),
+        })
+    }
+
+    /// A client of `endpoint` alone; it connects on first use.
+    async fn client_for(endpoint: &str, address: &str) -> Result<Client> {
         let options = ConnectOptions::new()
             .with_connect_timeout(CONNECT_TIMEOUT)
             .with_keep_alive(KEEP_ALIVE.0, KEEP_ALIVE.1)
             .with_require_leader(true);
-        Client::connect(endpoints, Some(options)).await.map_err(|err| Error::Registry {
+        Client::connect([endpoint], Some(options)).await.map_err(|err| Error::Registry {
             registry: KIND.to_string(),
             address: address.to_owned(),
-            message: format!("could not set up the client: {err}"),
+            message: format!("could not set up the client of {endpoint}: {err}"),
             source: Some(Box::new(err)),
         })
     }
 
-    fn current(&self) -> (u64, Client) {
-        self.client.lock().expect("etcd client lock").clone()
+    /// The endpoint in use and its client.
+    fn current(&self) -> (usize, Client) {
+        let index = self.current.load(Ordering::Relaxed) % self.endpoints.len();
+        (index, self.clients.lock().expect("etcd clients lock")[index].clone())
     }
 
-    /// Replaces the client of `generation` (unless that happened already) with one that
-    /// connects afresh to every endpoint.
-    async fn reset(&self, generation: u64) {
-        match Self::client_for(&self.endpoints, &self.address).await {
-            Ok(fresh) => {
-                let mut current = self.client.lock().expect("etcd client lock");
-                if current.0 == generation {
-                    *current = (generation + 1, fresh);
-                }
-            }
+    /// After a failure on endpoint `index`: its client is replaced by a fresh one (dropping a
+    /// connection that may hang), and requests move to the next endpoint, unless another
+    /// failure moved them already.
+    async fn failed(&self, index: usize) {
+        let next = (index + 1) % self.endpoints.len();
+        if self.current.compare_exchange(index, next, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+            && self.endpoints.len() > 1
+        {
+            tracing::warn!(failed = %self.endpoints[index], next = %self.endpoints[next], "etcd: endpoint failed; moving to the next");
+        }
+        match Self::client_for(&self.endpoints[index], &self.address).await {
+            Ok(fresh) => self.clients.lock().expect("etcd clients lock")[index] = fresh,
             Err(err) => {
                 tracing::warn!(error = %crate::error::error_chain(&err), "etcd: could not make a fresh client")
             }
         }
     }
 
-    /// Runs `request` with a deadline; on a failure tries once more with a fresh client.
-    async fn call<T, F, Fut>(&self, what: &str, request: F) -> Result<T>
+    /// Runs `request` with a deadline on the endpoint in use; on a failure moves to the next
+    /// endpoint and tries again, once per endpoint (at least twice). Returns the endpoint
+    /// that answered, too.
+    async fn call_on<T, F, Fut>(&self, what: &str, request: F) -> Result<(usize, T)>
     where
         F: Fn(Client) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
         let mut last = None;
-        for _ in 0..2 {
-            let (generation, client) = self.current();
+        for _ in 0..self.endpoints.len().max(2) {
+            let (index, client) = self.current();
             match tokio::time::timeout(REQUEST_TIMEOUT, request(client)).await {
-                Ok(Ok(value)) => return Ok(value),
+                Ok(Ok(value)) => return Ok((index, value)),
                 Ok(Err(err)) => last = Some(self.error(what, err)),
                 Err(_) => last = Some(self.timeout(what)),
             }
-            self.reset(generation).await;
+            self.failed(index).await;
         }
         Err(last.expect("tried at least once"))
+    }
+
+    /// [`Conn::call_on`] without the endpoint.
+    async fn call<T, F, Fut>(&self, what: &str, request: F) -> Result<T>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        self.call_on(what, request).await.map(|(_, value)| value)
     }
 
     fn error(&self, what: &str, err: etcd_client::Error) -> Error {
@@ -538,7 +574,8 @@ struct WatchState {
     known: BTreeMap<String, Node>,
     /// The last revision reflected in `known`; `None`: read afresh.
     revision: Option<i64>,
-    stream: Option<WatchStream>,
+    /// The open watch and the endpoint it runs on.
+    stream: Option<(usize, WatchStream)>,
     pending: VecDeque<Change<NodeId, Node>>,
     backoff: Duration,
     failing: bool,
@@ -551,11 +588,10 @@ impl WatchState {
                 return change;
             }
             if let Err(err) = self.step().await {
-                let generation = self.conn.current().0;
+                let endpoint = self.stream.take().map_or(self.conn.current().0, |(index, _)| index);
                 tracing::warn!(service = %self.name, error = %crate::error::error_chain(&err), retry_in = ?self.backoff, "etcd: watch failed; keeping known instances");
                 self.failing = true;
-                self.stream = None;
-                self.conn.reset(generation).await;
+                self.conn.failed(endpoint).await;
                 tokio::time::sleep(self.backoff).await;
                 self.backoff = (self.backoff * 2).min(WATCH_BACKOFF.1);
             }
@@ -570,11 +606,11 @@ impl WatchState {
             self.revision = Some(revision);
             return Ok(());
         };
-        let Some(stream) = &mut self.stream else {
+        let Some((_, stream)) = &mut self.stream else {
             let options = WatchOptions::new().with_prefix().with_prev_key().with_start_revision(revision + 1);
             let stream = self
                 .conn
-                .call("watch", |mut c| {
+                .call_on("watch", |mut c| {
                     let (prefix, options) = (self.prefix.clone(), options.clone());
                     async move { c.watch(prefix, Some(options)).await }
                 })
