@@ -59,7 +59,10 @@ enum Output {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     cli.log.init("consignment_cli=warn,micro_core=error");
-    match run(cli).await {
+    let outcome = run(cli).await;
+    // Spans not exported yet go out before the process ends (nothing to do without OTLP).
+    tokio::task::spawn_blocking(micro_core::cli::flush_telemetry).await.ok();
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {}", micro_core::error::error_chain(&*err));

@@ -16,6 +16,7 @@ pub mod dnsmasq;
 pub mod etcd;
 pub mod hosts;
 pub mod nats;
+pub mod otlp;
 pub mod process;
 pub mod shippy;
 

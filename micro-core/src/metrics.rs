@@ -7,8 +7,17 @@
 //! | `micro_server_requests_total` | `method`, `code` |
 //! | `micro_server_request_duration_seconds` (histogram) | `method` |
 //! | `micro_server_requests_in_flight` | `method` |
+//! | `micro_client_requests_total` | `service`, `method`, `code` |
+//! | `micro_client_request_duration_seconds` (histogram) | `service`, `method` |
 //! | `micro_client_attempts_total` | `service`, `node`, `result` |
 //! | `micro_registry_events_total` | `registry`, `service`, `event` |
+//!
+//! No caller can grow the page: a `method` label is only ever a method the server serves
+//! (or, on the client, one that has answered), every other path counts as
+//! [`UNKNOWN_METHOD`]; a client's per-instance series go when the instance leaves.
+//!
+//! The page is Prometheus text (`text/plain; version=0.0.4`) unless the scraper's `Accept`
+//! asks for OpenMetrics (`application/openmetrics-text`), which Prometheus does by default.
 //!
 //! # Examples
 //! ```no_run
@@ -20,8 +29,9 @@
 //! ```
 
 use std::{
+    collections::HashMap,
     net::SocketAddr,
-    sync::{Mutex, OnceLock},
+    sync::{Arc, Mutex, OnceLock, RwLock},
 };
 
 use prometheus_client::{
@@ -62,6 +72,34 @@ pub struct AttemptLabels {
     pub result: String,
 }
 
+/// Labels of a client call's outcome.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClientRequestLabels {
+    /// The service name called.
+    pub service: String,
+    /// `/package.Service/Method`, or [`UNKNOWN_METHOD`].
+    pub method: String,
+    /// The gRPC status code name the caller got.
+    pub code: String,
+}
+
+/// Labels of a client call's duration.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClientMethodLabels {
+    /// The service name called.
+    pub service: String,
+    /// `/package.Service/Method`, or [`UNKNOWN_METHOD`].
+    pub method: String,
+}
+
+/// The `method` label of every call to a path that is not a method served (or, on the
+/// client, not yet answered), so made-up paths cannot add series.
+pub const UNKNOWN_METHOD: &str = "unknown";
+
+/// At most this many methods per client service get a label of their own; the others
+/// count as [`UNKNOWN_METHOD`].
+pub const MAX_CLIENT_METHODS: usize = 256;
+
 /// Labels of a registry event.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RegistryLabels {
@@ -81,11 +119,43 @@ pub struct Metrics {
     pub server_duration: Family<MethodLabels, Histogram, fn() -> Histogram>,
     /// Calls being served, by method.
     pub server_in_flight: Family<MethodLabels, Gauge>,
+    /// Client calls (all attempts together), by service, method and status.
+    pub client_requests: Family<ClientRequestLabels, Counter>,
+    /// Time to the end of each client call, by service and method.
+    pub client_duration: Family<ClientMethodLabels, Histogram, fn() -> Histogram>,
     /// Client attempts, by service, instance and result.
     pub client_attempts: Family<AttemptLabels, Counter>,
     /// Registry events seen or made.
     pub registry_events: Family<RegistryLabels, Counter>,
+    /// Per service, the methods that have answered a client call, with their handles.
+    client_methods: RwLock<HashMap<String, HashMap<String, Arc<ClientMethod>>>>,
     registry: Mutex<Registry>,
+}
+
+/// One client method's metric handles, looked up once rather than on every call.
+pub struct ClientMethod {
+    /// Time to the end of each call.
+    pub duration: Histogram,
+    /// Calls that ended `OK`.
+    pub ok: Counter,
+    labels: ClientMethodLabels,
+}
+
+impl ClientMethod {
+    /// Counts a call that ended with `code` after `seconds`.
+    pub fn record(&self, code: tonic::Code, seconds: f64) {
+        self.duration.observe(seconds);
+        if code == tonic::Code::Ok {
+            self.ok.inc();
+        } else {
+            let labels = ClientRequestLabels {
+                service: self.labels.service.clone(),
+                method: self.labels.method.clone(),
+                code: code_name(code).to_owned(),
+            };
+            metrics().client_requests.get_or_create(&labels).inc();
+        }
+    }
 }
 
 fn latency_histogram() -> Histogram {
@@ -100,8 +170,11 @@ pub fn metrics() -> &'static Metrics {
             server_requests: Family::default(),
             server_duration: Family::new_with_constructor(latency_histogram),
             server_in_flight: Family::default(),
+            client_requests: Family::default(),
+            client_duration: Family::new_with_constructor(latency_histogram),
             client_attempts: Family::default(),
             registry_events: Family::default(),
+            client_methods: RwLock::default(),
             registry: Mutex::new(Registry::with_prefix("micro")),
         };
         {
@@ -116,6 +189,16 @@ pub fn metrics() -> &'static Metrics {
                 "server_requests_in_flight",
                 "gRPC calls being served",
                 metrics.server_in_flight.clone(),
+            );
+            registry.register(
+                "client_requests",
+                "gRPC calls made, all attempts of a call together, by the status the caller got",
+                metrics.client_requests.clone(),
+            );
+            registry.register(
+                "client_request_duration_seconds",
+                "Time from a client call to the end of its response, retries and hedges included",
+                metrics.client_duration.clone(),
             );
             registry.register(
                 "client_attempts",
@@ -143,13 +226,115 @@ impl Metrics {
         self.registry_events.get_or_create(&labels).inc();
     }
 
-    /// The metrics in Prometheus text format.
+    /// The handles of a client's calls to `method` of `service`. `method` has a label of
+    /// its own once `answered` says a server answered it (anything but `UNIMPLEMENTED`),
+    /// for at most [`MAX_CLIENT_METHODS`] methods per service; until then, and beyond
+    /// that, it counts as [`UNKNOWN_METHOD`].
+    pub fn client_method(&self, service: &str, method: &str, answered: bool) -> Arc<ClientMethod> {
+        if let Some(found) =
+            self.client_methods.read().expect("metrics lock").get(service).and_then(|m| m.get(method))
+        {
+            return found.clone();
+        }
+        let mut known = self.client_methods.write().expect("metrics lock");
+        let methods = known.entry(service.to_owned()).or_default();
+        // Paths start with '/', so no method is keyed like the unknown one.
+        let key = if answered && methods.len() < MAX_CLIENT_METHODS { method } else { UNKNOWN_METHOD };
+        methods
+            .entry(key.to_owned())
+            .or_insert_with(|| {
+                let labels = ClientMethodLabels { service: service.to_owned(), method: key.to_owned() };
+                let ok = ClientRequestLabels {
+                    service: service.to_owned(),
+                    method: key.to_owned(),
+                    code: "OK".into(),
+                };
+                Arc::new(ClientMethod {
+                    duration: self.client_duration.get_or_create(&labels).clone(),
+                    ok: self.client_requests.get_or_create(&ok).clone(),
+                    labels,
+                })
+            })
+            .clone()
+    }
+
+    /// The metrics in OpenMetrics text format, ending `# EOF`.
     pub fn render(&self) -> String {
         let mut text = String::new();
         let registry = self.registry.lock().expect("metrics lock");
         prometheus_client::encoding::text::encode(&mut text, &registry).expect("writing to a String");
         text
     }
+
+    /// The metrics in `format`.
+    pub fn render_as(&self, format: Format) -> String {
+        match format {
+            Format::OpenMetrics => self.render(),
+            Format::Prometheus => openmetrics_to_prometheus(&self.render()),
+        }
+    }
+}
+
+/// An exposition format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// OpenMetrics 1.0 text.
+    OpenMetrics,
+    /// Prometheus text 0.0.4.
+    Prometheus,
+}
+
+impl Format {
+    /// The format a scraper asks for with its `Accept` header: OpenMetrics when it names
+    /// `application/openmetrics-text`, else Prometheus text.
+    pub fn from_accept(accept: Option<&str>) -> Format {
+        match accept {
+            Some(accept) if accept.contains("application/openmetrics-text") => Format::OpenMetrics,
+            _ => Format::Prometheus,
+        }
+    }
+
+    /// The `Content-Type` of a page in this format.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            Format::Prometheus => "text/plain; version=0.0.4; charset=utf-8",
+        }
+    }
+}
+
+/// OpenMetrics text as Prometheus text 0.0.4: a counter family is named after its
+/// samples (`x_total`), `# UNIT` lines and `# EOF` go.
+fn openmetrics_to_prometheus(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut help: Option<&str> = None;
+    for line in text.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            // Held until the TYPE line says whether the family is a counter.
+            help = Some(rest);
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, "untyped"));
+            let (name, kind) = match kind {
+                "counter" if !name.ends_with("_total") => (format!("{name}_total"), kind),
+                "unknown" => (name.to_owned(), "untyped"),
+                _ => (name.to_owned(), kind),
+            };
+            if let Some(help) = help.take() {
+                let text = help.split_once(' ').map_or("", |(_, text)| text);
+                out.push_str(&format!("# HELP {name} {text}\n"));
+            }
+            out.push_str(&format!("# TYPE {name} {kind}\n"));
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
 }
 
 /// The canonical upper-case name of a gRPC status code.
@@ -183,8 +368,10 @@ pub async fn serve(address: SocketAddr) -> std::io::Result<MetricsEndpoint> {
     let bound = listener.local_addr()?;
     let app = axum::Router::new().route(
         "/metrics",
-        axum::routing::get(|| async {
-            ([(http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], metrics().render())
+        axum::routing::get(|headers: http::HeaderMap| async move {
+            let accept = headers.get(http::header::ACCEPT).and_then(|v| v.to_str().ok());
+            let format = Format::from_accept(accept);
+            ([(http::header::CONTENT_TYPE, format.content_type())], metrics().render_as(format))
         }),
     );
     let task = tokio::spawn(async move {

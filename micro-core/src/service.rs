@@ -133,8 +133,11 @@ impl Service {
     /// A service from settings the caller parsed (see [`ServiceArgs`]); installs logging
     /// like [`service`] does.
     pub fn with_args(name: impl Into<String>, args: ServiceArgs) -> Self {
+        let name = name.into();
         let target = binary_name().replace('-', "_");
-        args.log.init(&format!("{target}=info,micro_core=info"));
+        // Spans are exported as the name the service registers under (OTEL_SERVICE_NAME beats it).
+        let registered = args.server.server_name.clone().unwrap_or_else(|| name.clone());
+        args.log.init_service(&format!("{target}=info,micro_core=info"), &registered);
         Service {
             args,
             server: Server::builder(name),

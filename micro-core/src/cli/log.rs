@@ -1,5 +1,7 @@
 //! Logging set-up for binaries: libraries only emit `tracing` events; a binary calls
-//! [`LogArgs::init`] once at the top of `main`.
+//! [`LogArgs::init`] once at the top of `main`. The same call sets up OpenTelemetry trace
+//! export when `OTEL_EXPORTER_OTLP_ENDPOINT` is set (see [`super::TelemetryArgs`]); then
+//! log lines inside a served call carry its `trace_id` and `span_id`.
 //!
 //! # Examples
 //! ```no_run
@@ -15,7 +17,11 @@
 use std::io::IsTerminal;
 
 use clap::{Args, ValueEnum};
-use tracing_subscriber::{EnvFilter, fmt::MakeWriter, util::SubscriberInitExt};
+use tracing_subscriber::{
+    EnvFilter, Layer, filter::LevelFilter, fmt::MakeWriter, layer::SubscriberExt, util::SubscriberInitExt,
+};
+
+use super::telemetry::{self, TelemetryArgs};
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -32,35 +38,67 @@ pub struct LogArgs {
     /// Log line format.
     #[arg(long, env = "MICRO_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Trace export: `OTEL_EXPORTER_OTLP_ENDPOINT`, `OTEL_SERVICE_NAME`, ….
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
 }
 
 impl LogArgs {
     /// Installs the global subscriber on stderr: `RUST_LOG` when set, else `default_filter`.
     /// Text lines carry ANSI colour codes only when stderr is a terminal, so log files and
-    /// container logs stay plain.
+    /// container logs stay plain. Spans are exported (see [`TelemetryArgs`]) under the name
+    /// of the running binary; [`LogArgs::init_service`] names the service.
     pub fn init(&self, default_filter: &str) {
-        let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
-        let ansi = std::io::stderr().is_terminal();
-        // try_init also forwards the `log` records of dependencies (mdns-sd) to tracing.
-        let _ = self.subscriber(filter, ansi, std::io::stderr).try_init();
+        self.init_service(default_filter, &binary_name());
     }
 
-    /// The subscriber [`LogArgs::init`] installs, writing to `writer`, with colours when `ansi`.
-    fn subscriber<W>(
-        &self,
-        filter: EnvFilter,
-        ansi: bool,
-        writer: W,
-    ) -> Box<dyn tracing::Subscriber + Send + Sync>
+    /// As [`LogArgs::init`], exporting spans as `service_name` unless `OTEL_SERVICE_NAME`
+    /// says otherwise. Call [`super::flush_telemetry`] before the process exits (a
+    /// server's `run()` does).
+    pub fn init_service(&self, default_filter: &str, service_name: &str) {
+        let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+        let ansi = std::io::stderr().is_terminal();
+        let provider = match self.telemetry.provider(service_name) {
+            Ok(provider) => provider,
+            Err(err) => {
+                eprintln!("warning: traces are not exported: {err}");
+                None
+            }
+        };
+        let otel = provider.as_ref().map(|provider| {
+            // Every span and event at info and above goes to the exporter, whatever
+            // RUST_LOG shows on stderr.
+            tracing_opentelemetry::layer()
+                .with_tracer(telemetry::install(provider))
+                .with_filter(LevelFilter::INFO)
+        });
+        // try_init also forwards the `log` records of dependencies (mdns-sd) to tracing.
+        let _ = tracing_subscriber::registry()
+            .with(otel)
+            .with(self.layer(filter, ansi, std::io::stderr))
+            .try_init();
+    }
+
+    /// The log layer [`LogArgs::init`] installs, writing to `writer`, with colours when `ansi`.
+    fn layer<S, W>(&self, filter: EnvFilter, ansi: bool, writer: W) -> Box<dyn Layer<S> + Send + Sync>
     where
+        S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
         W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
     {
-        let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(writer);
+        let layer = tracing_subscriber::fmt::layer().with_ansi(ansi).with_writer(writer);
         match self.log_format {
-            LogFormat::Text => Box::new(builder.finish()),
-            LogFormat::Json => Box::new(builder.json().finish()),
+            LogFormat::Text => layer.with_filter(filter).boxed(),
+            LogFormat::Json => layer.json().with_filter(filter).boxed(),
         }
     }
+}
+
+/// The file name of the running binary, e.g. `vessel-service`.
+fn binary_name() -> String {
+    std::env::args_os()
+        .next()
+        .and_then(|arg0| std::path::Path::new(&arg0).file_stem().map(|s| s.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "service".to_owned())
 }
 
 #[cfg(test)]
@@ -87,8 +125,10 @@ mod tests {
     fn logged(ansi: bool) -> String {
         let captured = Captured::default();
         let sink = captured.clone();
-        let args = LogArgs { log_format: LogFormat::Text };
-        let subscriber = args.subscriber(EnvFilter::new("info"), ansi, move || sink.clone());
+        let args = LogArgs { log_format: LogFormat::Text, telemetry: TelemetryArgs::default() };
+        let subscriber =
+            tracing_subscriber::registry()
+                .with(args.layer(EnvFilter::new("info"), ansi, move || sink.clone()));
         tracing::subscriber::with_default(subscriber, || tracing::warn!(service = "svc", "heartbeat failed"));
         String::from_utf8(captured.0.lock().unwrap().clone()).unwrap()
     }

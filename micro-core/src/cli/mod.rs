@@ -24,6 +24,7 @@ mod duration;
 mod log;
 mod registry;
 mod server;
+mod telemetry;
 mod tls;
 
 pub use broker::BrokerArgs;
@@ -32,6 +33,7 @@ pub use duration::{DurationArg, Millis, Seconds};
 pub use log::{LogArgs, LogFormat};
 pub use registry::RegistryArgs;
 pub use server::{MetricsAddress, ServerArgs};
+pub use telemetry::{DEFAULT_OTLP_PROTOCOL, OtlpProtocol, TelemetryArgs, TracesExporter, flush_telemetry};
 pub use tls::TlsArgs;
 
 #[cfg(test)]

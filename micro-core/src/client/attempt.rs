@@ -6,6 +6,13 @@
 //! not answered within the hedge delay, the same request goes to another instance, and the
 //! first answer wins; the others are cancelled. Hedges and retries share the attempt limit
 //! (`1 + retries`) and the budget, so an overload never multiplies traffic.
+//!
+//! Each call is a `grpc.client` span and each attempt a `grpc.attempt` span within it
+//! (`micro.attempt` its number, `micro.attempt_kind` `first`, `retry` or `hedge`); every
+//! attempt carries `traceparent`/`tracestate` naming its own span, or, when spans are not
+//! exported, the trace of the call being handled, unchanged. Each call is counted by
+//! service, method and status (`micro_client_requests_total`) and timed
+//! (`micro_client_request_duration_seconds`).
 
 use std::{
     pin::Pin,
@@ -14,11 +21,13 @@ use std::{
 };
 
 use futures::{StreamExt, stream::FuturesUnordered};
+use http::HeaderMap;
 use prometheus_client::metrics::counter::Counter;
 use rand::Rng;
 use tokio::time::Instant;
 use tonic::{Code, Status, body::Body};
 use tower::{ServiceExt, retry::budget::Budget};
+use tracing::{Instrument, field::Empty};
 
 use super::{
     IDEMPOTENCY_KEY_HEADER,
@@ -32,8 +41,10 @@ use super::{
 use crate::{
     BoxError,
     config::Hedge,
-    metrics::{AttemptLabels, code_name, metrics},
-    middleware::{REQUEST_ID_HEADER, current_request_id},
+    metrics::{AttemptLabels, ClientMethod, code_name, metrics},
+    middleware::{
+        OnStatus, REQUEST_ID_HEADER, StatusBody, current_request_id, inject_trace_context, span_name,
+    },
     registry::NodeId,
 };
 
@@ -56,8 +67,60 @@ impl Attempts {
     }
 }
 
+/// Why an attempt was started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AttemptKind {
+    First,
+    Retry,
+    Hedge,
+}
+
+impl AttemptKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            AttemptKind::First => "first",
+            AttemptKind::Retry => "retry",
+            AttemptKind::Hedge => "hedge",
+        }
+    }
+}
+
 impl ChannelCore {
+    /// One call in its `grpc.client` span, counted when its status is known.
     pub(crate) async fn call(
+        self: Arc<Self>,
+        request: http::Request<Body>,
+    ) -> Result<http::Response<Body>, BoxError> {
+        let uri = request.uri().clone();
+        let span = tracing::info_span!(
+            "grpc.client",
+            otel.name = span_name(uri.path()),
+            otel.kind = "client",
+            rpc.system = "grpc",
+            rpc.service = %self.name,
+            rpc.method = span_name(uri.path()),
+            rpc.grpc.status_code = Empty,
+            otel.status_code = Empty,
+        );
+        let started = std::time::Instant::now();
+        let result = self.clone().attempts(request).instrument(span.clone()).await;
+        let finish =
+            CallFinish { core: self, path: uri, span, started, answered: result.is_ok(), done: false };
+        match result {
+            Ok(response) if response.headers().contains_key("grpc-status") => {
+                finish.complete(response.headers());
+                Ok(response)
+            }
+            Ok(response) => Ok(response.map(|body| Body::new(StatusBody::new(body, finish)))),
+            Err(err) => {
+                let code = err.downcast_ref::<Status>().map_or(Code::Unknown, Status::code);
+                finish.finish(code);
+                Err(err)
+            }
+        }
+    }
+
+    async fn attempts(
         self: Arc<Self>,
         request: http::Request<Body>,
     ) -> Result<http::Response<Body>, BoxError> {
@@ -83,7 +146,7 @@ impl ChannelCore {
             Attempts { endpoints: Vec::new(), running: FuturesUnordered::new(), open: Vec::new() };
         let max_attempts = 1 + self.config.retries as usize;
         let first = self.pick(&[], deadline).await.map_err(|status| -> BoxError { Box::new(status) })?;
-        self.start(&mut attempts, first, &parts, &replay, deadline);
+        self.start(&mut attempts, first, &parts, &replay, deadline, AttemptKind::First);
         let mut hedge_at = hedge_delay.map(|delay| Instant::now() + delay).filter(|at| *at < deadline);
         let mut retry_at: Option<Instant> = None;
         // What the last failed attempt ended with: when a retry then runs out of time or
@@ -107,7 +170,14 @@ impl ChannelCore {
                     match self.pick(&attempts.avoid(), deadline).await {
                         Ok(endpoint) => {
                             tracing::debug!(service = %self.name, node = %endpoint.node.id, %method, retries, "retrying");
-                            self.start(&mut attempts, endpoint, &parts, &replay, deadline);
+                            self.start(
+                                &mut attempts,
+                                endpoint,
+                                &parts,
+                                &replay,
+                                deadline,
+                                AttemptKind::Retry,
+                            );
                         }
                         Err(status) if attempts.open.is_empty() => {
                             return Err(Box::new(retried(last_failure.unwrap_or(status), retries)));
@@ -129,12 +199,12 @@ impl ChannelCore {
                         continue;
                     }
                     tracing::debug!(service = %self.name, node = %endpoint.node.id, %method, "hedging");
-                    self.start(&mut attempts, endpoint, &parts, &replay, deadline);
+                    self.start(&mut attempts, endpoint, &parts, &replay, deadline, AttemptKind::Hedge);
                     hedge_at = hedge_delay.map(|delay| Instant::now() + delay).filter(|at| *at < deadline);
                 }
                 Event::Finished(index, Ok(response)) => {
                     attempts.open.retain(|&open| open != index);
-                    // Attempts started before this one were slower than it.
+                    // Attempts started before this one were outrun by it.
                     self.give_up(&attempts, |open| open < index);
                     return Ok(response);
                 }
@@ -148,7 +218,7 @@ impl ChannelCore {
                     let deadline_passed = matches!(failure, Failure::Deadline);
                     let status = failure.into_status(&site, &endpoint.node, idempotent);
                     if deadline_passed {
-                        self.give_up(&attempts, |_| true);
+                        self.give_up(&attempts, |_| false);
                         return Err(Box::new(retried(last_failure.unwrap_or(status), retries)));
                     }
                     let backoff = self.backoff(retries);
@@ -191,11 +261,24 @@ impl ChannelCore {
             Ok(_) => Verdict::Answered,
             Err(failure) => failure.verdict(),
         };
+        let span = tracing::Span::current();
+        if !span.is_disabled() {
+            match &outcome {
+                Ok(response) => match Status::from_header_map(response.headers()) {
+                    Some(status) => span.record("rpc.grpc.status_code", status.code() as i64),
+                    None => span.record("micro.result", "answered"),
+                },
+                Err(Failure::Deadline) => span.record("micro.result", "deadline"),
+                Err(Failure::Transport { .. }) => span.record("micro.result", "transport_error"),
+                Err(Failure::Status(status)) => span.record("rpc.grpc.status_code", status.code() as i64),
+            };
+        }
         self.judge(&endpoint, verdict);
         (index, outcome)
     }
 
-    /// Starts an attempt on `endpoint`.
+    /// Starts an attempt on `endpoint`, in a `grpc.attempt` span of its own whose context
+    /// the request carries.
     fn start(
         self: &Arc<Self>,
         attempts: &mut Attempts,
@@ -203,27 +286,47 @@ impl ChannelCore {
         parts: &http::request::Parts,
         replay: &Replay,
         deadline: Instant,
+        kind: AttemptKind,
     ) {
         let index = attempts.endpoints.len();
-        let request = attempt_request(parts, replay, deadline);
-        attempts.running.push(Box::pin(self.clone().attempt(index, endpoint.clone(), request)));
+        let span = tracing::info_span!(
+            "grpc.attempt",
+            otel.name = format_args!("{} attempt {}", span_name(parts.uri.path()), index + 1),
+            otel.kind = "client",
+            micro.attempt = index + 1,
+            micro.attempt_kind = kind.as_str(),
+            micro.node = %endpoint.node.id,
+            server.address = %endpoint.node.address,
+            rpc.grpc.status_code = Empty,
+            micro.result = Empty,
+        );
+        let mut request = attempt_request(parts, replay, deadline);
+        inject_trace_context(request.0.headers_mut(), &span);
+        attempts
+            .running
+            .push(Box::pin(self.clone().attempt(index, endpoint.clone(), request).instrument(span)));
         attempts.endpoints.push(endpoint);
         attempts.open.push(index);
     }
 
-    /// The attempts still running when the call ends are cancelled. Those `slower` says
-    /// were outrun (by a later attempt, or by the deadline) count as failures of their
-    /// instance; an instance that has not answered once since it joined (or came back from
-    /// an ejection) is taken for hung and ejected at once.
-    fn give_up(self: &Arc<Self>, attempts: &Attempts, slower: impl Fn(usize) -> bool) {
+    /// The attempts still running when the call ends are cancelled, and judged: one still
+    /// unanswered at the deadline failed; one `outrun` by a later attempt failed only if its
+    /// instance has never answered (since it joined or came back from an ejection): that
+    /// one is taken for hung and ejected at once. An instance that answers but was slower
+    /// this time is not held to account here: its latency estimate rises instead, so an
+    /// overload that makes every instance slow ejects none of them.
+    fn give_up(self: &Arc<Self>, attempts: &Attempts, outrun: impl Fn(usize) -> bool) {
         for &index in &attempts.open {
             let endpoint = &attempts.endpoints[index];
             self.attempt_counter(endpoint, "cancelled").inc();
-            if slower(index) {
-                let answered = endpoint.stats.latency.has_answered();
-                tracing::debug!(service = %self.name, node = %endpoint.node.id, answered, "outrun attempt cancelled");
-                self.judge(endpoint, if answered { Verdict::Failed } else { Verdict::Dead });
-            }
+            let answered = endpoint.stats.latency.has_answered();
+            let verdict = match outrun(index) {
+                true if answered => continue,
+                true => Verdict::Dead,
+                false => Verdict::Failed,
+            };
+            tracing::debug!(service = %self.name, node = %endpoint.node.id, answered, ?verdict, "unanswered attempt cancelled");
+            self.judge(endpoint, verdict);
         }
     }
 
@@ -265,6 +368,52 @@ impl ChannelCore {
             result: result.to_owned(),
         };
         metrics().client_attempts.get_or_create(&labels).clone()
+    }
+}
+
+/// What is recorded when a call's status is known.
+struct CallFinish {
+    core: Arc<ChannelCore>,
+    path: http::Uri,
+    span: tracing::Span,
+    started: std::time::Instant,
+    /// Whether a server answered (the call did not fail in the client).
+    answered: bool,
+    done: bool,
+}
+
+impl CallFinish {
+    fn finish(mut self, code: Code) {
+        self.record(code);
+    }
+
+    fn record(&mut self, code: Code) {
+        self.done = true;
+        let answered = self.answered && code != Code::Unimplemented;
+        let method: Arc<ClientMethod> = metrics().client_method(&self.core.name, self.path.path(), answered);
+        method.record(code, self.started.elapsed().as_secs_f64());
+        if !self.span.is_disabled() {
+            self.span.record("rpc.grpc.status_code", code as i64);
+            if code != Code::Ok {
+                self.span.record("otel.status_code", "ERROR");
+            }
+        }
+    }
+}
+
+impl OnStatus for CallFinish {
+    fn complete(mut self, headers: &HeaderMap) {
+        let code = Status::from_header_map(headers).map_or(Code::Ok, |status| status.code());
+        self.record(code);
+    }
+}
+
+impl Drop for CallFinish {
+    fn drop(&mut self) {
+        if !self.done {
+            // The caller dropped the response before its status came.
+            self.record(Code::Cancelled);
+        }
     }
 }
 

@@ -36,7 +36,7 @@ use crate::{
     Error, Result,
     config::ServerConfig,
     labels,
-    middleware::ServerTraceLayer,
+    middleware::{ServedMethods, ServerTraceLayer},
     registry::{MemoryRegistry, Node, Registry, validate_metadata, validate_service_name},
 };
 
@@ -47,6 +47,9 @@ pub use advertise::advertise_address;
 use advertise::interfaces;
 pub use running::RunningServer;
 use running::{Serving, Task, check_visible, keep_registered};
+
+/// The gRPC server reflection service every server offers (v1).
+const REFLECTION_SERVICE: &str = "grpc.reflection.v1.ServerReflection";
 
 /// The HTTP-level service a server's layers wrap.
 pub type HttpService = BoxCloneSyncService<http::Request<Body>, http::Response<Body>, Infallible>;
@@ -100,8 +103,8 @@ impl Server {
     }
 
     /// Wraps every call in a tower layer (the go-micro "wrapper"); the first layer added is
-    /// the outermost. The SDK's own [`ServerTraceLayer`] (request id, one log line per
-    /// failed call) always runs outside them. Default: none.
+    /// the outermost. The SDK's own [`ServerTraceLayer`] (trace span, request id, metrics,
+    /// one log line per failed call) always runs outside them. Default: none.
     pub fn layer<L>(mut self, layer: L) -> Self
     where
         L: Layer<HttpService> + Send + Sync + 'static,
@@ -237,9 +240,17 @@ impl Server {
         let (stop_serving, serving_stopped) = oneshot::channel::<()>();
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         let layers = self.layers;
+        // Metric labels only for what this server serves: a made-up path counts as `unknown`.
+        let served = self.grpc_services.iter().copied().chain([
+            <tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService> as NamedService>::NAME,
+            REFLECTION_SERVICE,
+        ]);
+        let descriptor_sets: Vec<&[u8]> =
+            self.descriptor_sets.iter().copied().chain([tonic_health::pb::FILE_DESCRIPTOR_SET]).collect();
+        let trace = ServerTraceLayer::new(ServedMethods::new(served, &descriptor_sets));
         let stack = tower::layer::layer_fn(move |routes: Routes| {
             let inner = layers.iter().rev().fold(HttpService::new(routes), |inner, layer| layer(inner));
-            ServerTraceLayer.layer(inner)
+            trace.layer(inner)
         });
         let serve =
             tokio::spawn(builder.layer(stack).add_routes(self.routes.routes()).serve_with_incoming_shutdown(
@@ -293,7 +304,11 @@ impl Server {
         let running = self.start().await?;
         shutdown.await;
         tracing::info!(service = %running.node.name, "shutdown signal received");
-        running.stop().await
+        let stopped = running.stop().await;
+        // The last spans go out before the process ends (nothing to do with no exporter).
+        #[cfg(feature = "cli")]
+        tokio::task::spawn_blocking(crate::cli::flush_telemetry).await.ok();
+        stopped
     }
 }
 
