@@ -15,6 +15,7 @@ build:
 run: build
 	@if [ "$(MICRO_REGISTRY)" = consul ]; then scripts/install-consul; fi
 	@if [ "$(MICRO_REGISTRY)" = etcd ] && ! command -v etcd >/dev/null; then scripts/install-test-deps; fi
+	@if [ "$(MICRO_BROKER)" = nats ] && ! command -v nats-server >/dev/null; then scripts/install-test-deps; fi
 	scripts/netns-run scripts/demo
 
 ## test-deps: install what the tests need (iproute2, util-linux, curl, etcd, dnsmasq, a Consul agent).

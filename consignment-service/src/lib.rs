@@ -20,6 +20,7 @@
 //! assert_eq!(status.code(), tonic::Code::InvalidArgument);
 //! ```
 
+pub mod outbox;
 pub mod repository;
 
 use std::{sync::Arc, time::Duration};
@@ -34,7 +35,10 @@ use proto::{
 };
 use tonic::{Code, Request, Status, body::Body, metadata::MetadataMap};
 
-pub use self::repository::{ConsignmentRepository, Created, IN_MEMORY, RepositoryError, SqliteRepository};
+pub use self::repository::{
+    CONSIGNMENT_CREATED, ConsignmentRepository, Created, IN_MEMORY, OutboxEvent, RepositoryError,
+    SqliteRepository,
+};
 
 /// Default time the vessel look-up may take, in milliseconds.
 pub const DEFAULT_VESSEL_TIMEOUT_MS: u64 = 5000;
@@ -63,6 +67,7 @@ pub struct ShippingHandler {
     vessels: VesselServiceClient<NamedChannel>,
     vessel_service: String,
     vessel_timeout: Duration,
+    stored: Option<Arc<tokio::sync::Notify>>,
 }
 
 impl ShippingHandler {
@@ -79,7 +84,15 @@ impl ShippingHandler {
             vessels: VesselServiceClient::new(vessels),
             vessel_service,
             vessel_timeout,
+            stored: None,
         }
+    }
+
+    /// Notifies `stored` after each new consignment (the outbox relay's waker, so its event
+    /// goes out at once). Default: nobody.
+    pub fn notify_stored(mut self, stored: Arc<tokio::sync::Notify>) -> Self {
+        self.stored = Some(stored);
+        self
     }
 
     /// The gRPC service, refusing requests over [`MAX_REQUEST_BYTES`]. Add it with
@@ -254,6 +267,9 @@ impl ShippingService for ShippingHandler {
             return replay(key.as_deref().unwrap_or_default(), created.consignment, &requested);
         }
         let stored = created.consignment;
+        if let Some(notify) = &self.stored {
+            notify.notify_one();
+        }
         tracing::info!(consignment = %stored.id, vessel = %stored.vessel_id, weight = stored.weight, containers = stored.containers.len(), key = key.as_deref().unwrap_or(""), "consignment stored");
         Ok(tonic::Response::new(Response { created: true, consignment: Some(stored), consignments: vec![] }))
     }

@@ -6,12 +6,13 @@ use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 use anyhow::Context;
 use clap::Parser;
 use consignment_service::{
-    DEFAULT_DB, DEFAULT_VESSEL_TIMEOUT_MS, ShippingHandler, SqliteRepository, request_size_layer,
+    DEFAULT_DB, DEFAULT_VESSEL_TIMEOUT_MS, ShippingHandler, SqliteRepository, outbox::Relay,
+    request_size_layer,
 };
 use micro_core::{
     Client, Server,
-    cli::{ClientArgs, LogArgs, RegistryArgs, ServerArgs, TlsArgs},
-    config::{ClientConfig, RegistryConfig},
+    cli::{BrokerArgs, ClientArgs, LogArgs, RegistryArgs, ServerArgs, TlsArgs},
+    config::{BrokerConfig, ClientConfig, RegistryConfig},
     error::error_chain,
 };
 
@@ -31,6 +32,8 @@ struct Cli {
     db: PathBuf,
     #[command(flatten)]
     registry: RegistryArgs,
+    #[command(flatten)]
+    broker: BrokerArgs,
     #[command(flatten)]
     server: ServerArgs,
     #[command(flatten)]
@@ -71,11 +74,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .config(ClientConfig::from_args(cli.client, registry_config.lookup_timeout)?)
         .tls(tls.clone())
         .idempotent_methods(proto::IDEMPOTENT_METHODS);
+    // consignment.created goes out through the outbox: written with each consignment,
+    // published by the relay (at least once, message id = consignment id).
+    let broker = BrokerConfig::from(cli.broker).connect(&client).await.context("cannot open the broker")?;
+    let relay = Relay::start(repository.clone(), broker);
     let handler = ShippingHandler::new(
         Arc::new(repository),
         client.channel(&cli.vessel_service),
         Duration::from_millis(cli.vessel_timeout),
-    );
+    )
+    .notify_stored(relay.waker());
     Server::builder("consignment-service")
         .version(env!("CARGO_PKG_VERSION"))
         .config(cli.server.into_config_with_metrics(DEFAULT_METRICS_ADDRESS.parse()?)?)

@@ -58,7 +58,33 @@ const MIGRATIONS: &[&str] = &[
          user_id         TEXT    NOT NULL,
          PRIMARY KEY (consignment_seq, position)
      );",
+    // 2: the transactional outbox: one event per stored consignment, written in the same
+    // transaction, published by the relay, then marked sent.
+    "CREATE TABLE outbox (
+         seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+         topic      TEXT    NOT NULL,
+         message_id TEXT    NOT NULL,
+         body       BLOB    NOT NULL,
+         sent_at    TEXT
+     );
+     CREATE INDEX outbox_unsent ON outbox(seq) WHERE sent_at IS NULL;",
 ];
+
+/// The topic of the event each stored consignment gets.
+pub const CONSIGNMENT_CREATED: &str = "consignment.created";
+
+/// An event waiting in the outbox.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxEvent {
+    /// Its place in the outbox.
+    pub seq: i64,
+    /// Where it is published.
+    pub topic: String,
+    /// Its message id (the consignment id for [`CONSIGNMENT_CREATED`]).
+    pub message_id: String,
+    /// The encoded protobuf body.
+    pub body: Vec<u8>,
+}
 
 /// Why storage failed.
 #[derive(Debug, thiserror::Error)]
@@ -167,6 +193,41 @@ impl SqliteRepository {
         connection.pragma_update(None, "foreign_keys", "ON").map_err(db)?;
         migrate(&mut connection, &path)?;
         Ok(SqliteRepository { connection: Arc::new(Mutex::new(connection)), path })
+    }
+
+    /// Up to `limit` events not yet marked sent, oldest first.
+    pub async fn unsent_events(&self, limit: usize) -> Result<Vec<OutboxEvent>, RepositoryError> {
+        let path = self.path.clone();
+        self.with_connection(move |connection| {
+            let db = |source| RepositoryError::Database { path: path.clone(), source };
+            let mut statement = connection
+                .prepare_cached(
+                    "SELECT seq, topic, message_id, body FROM outbox WHERE sent_at IS NULL ORDER BY seq LIMIT ?1",
+                )
+                .map_err(db)?;
+            let rows = statement
+                .query_map(params![limit as i64], |row| {
+                    Ok(OutboxEvent { seq: row.get(0)?, topic: row.get(1)?, message_id: row.get(2)?, body: row.get(3)? })
+                })
+                .map_err(db)?;
+            rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db)
+        })
+        .await
+    }
+
+    /// Marks the event at `seq` sent.
+    pub async fn mark_sent(&self, seq: i64) -> Result<(), RepositoryError> {
+        let path = self.path.clone();
+        self.with_connection(move |connection| {
+            connection
+                .execute(
+                    "UPDATE outbox SET sent_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE seq = ?1",
+                    params![seq],
+                )
+                .map(drop)
+                .map_err(|source| RepositoryError::Database { path, source })
+        })
+        .await
     }
 
     fn error(&self, source: rusqlite::Error) -> RepositoryError {
@@ -290,6 +351,15 @@ impl ConsignmentRepository for SqliteRepository {
                         .execute(params![seq, position as i64, c.id, c.customer_id, c.origin, c.user_id])
                         .map_err(db)?;
                 }
+            }
+            {
+                use prost::Message;
+                transaction
+                    .execute(
+                        "INSERT INTO outbox (topic, message_id, body) VALUES (?1, ?2, ?3)",
+                        params![CONSIGNMENT_CREATED, consignment.id, consignment.encode_to_vec()],
+                    )
+                    .map_err(db)?;
             }
             transaction.commit().map_err(db)?;
             Ok(Created { consignment, replayed: false })
@@ -456,6 +526,20 @@ mod tests {
         Connection::open(&path).unwrap().pragma_update(None, "user_version", 99).unwrap();
         let err = SqliteRepository::open(&path).unwrap_err();
         assert!(matches!(err, RepositoryError::SchemaTooNew { found: 99, .. }), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn each_new_consignment_leaves_one_event_and_a_replay_none() {
+        let repository = SqliteRepository::in_memory().unwrap();
+        repository.create(sample("c-1", 2), Some("k")).await.unwrap();
+        repository.create(sample("c-1", 2), Some("k")).await.unwrap();
+        let events = repository.unsent_events(10).await.unwrap();
+        assert_eq!(events.len(), 1);
+        assert_eq!((events[0].topic.as_str(), events[0].message_id.as_str()), (CONSIGNMENT_CREATED, "c-1"));
+        use prost::Message;
+        assert_eq!(Consignment::decode(&events[0].body[..]).unwrap().id, "c-1");
+        repository.mark_sent(events[0].seq).await.unwrap();
+        assert!(repository.unsent_events(10).await.unwrap().is_empty());
     }
 
     #[test]

@@ -1,16 +1,24 @@
 //! vessel-service: registers as `vessel-service` and serves `VesselService.FindAvailable`.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{
+    path::PathBuf,
+    process::ExitCode,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
 
 use anyhow::Context;
 use clap::Parser;
 use micro_core::{
-    Server,
-    cli::{LogArgs, RegistryArgs, ServerArgs, TlsArgs},
-    config::RegistryConfig,
+    Client, Server,
+    broker::{Broker, SubscribeOptions, subscribe_proto},
+    cli::{BrokerArgs, LogArgs, RegistryArgs, ServerArgs, TlsArgs},
+    config::{BrokerConfig, BrokerKind, RegistryConfig},
     error::error_chain,
 };
-use proto::vessel::vessel_service_server::VesselServiceServer;
+use proto::{consignment::Consignment, vessel::vessel_service_server::VesselServiceServer};
 use vessel_service::{Fleet, VesselHandler};
 
 /// Finds vessels that can carry a consignment.
@@ -22,6 +30,8 @@ struct Cli {
     fleet: Option<PathBuf>,
     #[command(flatten)]
     registry: RegistryArgs,
+    #[command(flatten)]
+    broker: BrokerArgs,
     #[command(flatten)]
     server: ServerArgs,
     #[command(flatten)]
@@ -55,6 +65,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     tracing::info!(vessels = fleet.vessels().len(), "fleet loaded");
     let registry_config = RegistryConfig::from(cli.registry);
     let registry = registry_config.connect().await.context("cannot open the registry")?;
+    let broker_config = BrokerConfig::from(cli.broker);
+    let broker =
+        broker_config.connect(&Client::new(registry.clone())).await.context("cannot open the broker")?;
+    let _subscription = subscribe_created(&*broker, broker_config.kind).await?;
     Server::builder("vessel-service")
         .version(env!("CARGO_PKG_VERSION"))
         .config(cli.server.into_config_with_metrics(DEFAULT_METRICS_ADDRESS.parse()?)?)
@@ -65,4 +79,40 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .run()
         .await?;
     Ok(())
+}
+
+/// Subscribes to `consignment.created` in queue group `vessel-service` (so each event is
+/// handled by one instance; durably on nats) and logs each consignment with a running count.
+async fn subscribe_created(
+    broker: &dyn Broker,
+    kind: BrokerKind,
+) -> anyhow::Result<micro_core::broker::Subscription> {
+    let mut options = SubscribeOptions::default().queue("vessel-service");
+    if kind != BrokerKind::Registry && kind != BrokerKind::Memory {
+        options = options.durable();
+    }
+    let seen = Arc::new(AtomicU64::new(0));
+    let subscription =
+        subscribe_proto(broker, consignment_service_topic(), options, move |c: Consignment, m| {
+            let count = seen.fetch_add(1, Ordering::Relaxed) + 1;
+            tracing::info!(
+                topic = %m.topic,
+                message_id = m.id().unwrap_or("-"),
+                consignment = %c.id,
+                vessel = %c.vessel_id,
+                weight = c.weight,
+                containers = c.containers.len(),
+                count,
+                "consignment.created received"
+            );
+            async { Ok(()) }
+        })
+        .await
+        .context("cannot subscribe to consignment.created")?;
+    Ok(subscription)
+}
+
+/// The topic consignment-service publishes each stored consignment on.
+fn consignment_service_topic() -> &'static str {
+    "consignment.created"
 }
