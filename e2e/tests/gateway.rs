@@ -249,3 +249,97 @@ async fn x_timeout_is_the_deadline_and_cors_is_one_flag() {
     let allowed = preflight.headers()["access-control-allow-headers"].to_str().unwrap().to_owned();
     assert!(allowed.contains("idempotency-key") && allowed.contains("x-timeout"), "{allowed}");
 }
+
+/// Chromium, from `PATH`; fails saying what to install when it is missing.
+fn chromium() -> std::path::PathBuf {
+    let found = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
+        .flat_map(|dir| ["chromium", "chromium-browser"].map(|name| dir.join(name)))
+        .find(|candidate| candidate.is_file());
+    found.unwrap_or_else(|| {
+        panic!(
+            "the dashboard test needs a real browser: `apt-get install --no-install-recommends chromium` \
+             (scripts/install-test-deps installs it; `make test` runs that)"
+        )
+    })
+}
+
+/// The DOM of `url` after its scripts ran, from headless Chromium with a fresh profile.
+async fn rendered(url: &str) -> String {
+    let profile = tempfile::tempdir().expect("a profile folder");
+    let run = tokio::process::Command::new(chromium())
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            "--virtual-time-budget=5000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .args(["--dump-dom", url])
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("chromium must finish within 60 s")
+        .expect("chromium runs");
+    let dom = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success() && !dom.is_empty(),
+        "chromium failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    dom
+}
+
+/// `text` with every byte outside `A-Za-z0-9` percent-encoded, for a query string.
+fn percent_encoded(text: &str) -> String {
+    text.bytes()
+        .map(|b| if b.is_ascii_alphanumeric() { (b as char).to_string() } else { format!("%{b:02X}") })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_dashboard_in_a_real_browser() {
+    let registry = mdns();
+    let (vessel_name, consignment_name) = (unique_name("vessel"), unique_name("consignment"));
+    let (_vessel, _consignment) = shippy(&vessel_name, &consignment_name);
+    let vessel_node = wait_for(&registry, &vessel_name, 1).await.remove(0);
+    let consignment_node = wait_for(&registry, &consignment_name, 1).await.remove(0);
+    let gateway = Gateway::start(&[]).await;
+    gateway.wait_listed(&[&vessel_name, &consignment_name]).await;
+
+    // The page lists both services and their instances, and a call from its form answers.
+    let call = format!("{vessel_name}/vessel.VesselService/FindAvailable");
+    let body = r#"{"capacity": 1, "maxWeight": 1}"#;
+    let url = format!("{}/ui?call={}&body={}", gateway.url, percent_encoded(&call), percent_encoded(body));
+    let dom = rendered(&url).await;
+    for name in [&vessel_name, &consignment_name] {
+        assert!(dom.contains(&format!(r#"data-service="{name}""#)), "{name} is listed:\n{dom}");
+    }
+    for node in [&vessel_node, &consignment_node] {
+        assert!(dom.contains(&format!(r#"data-instance="{}""#, node.id)), "{} is shown:\n{dom}", node.id);
+        assert!(dom.contains(&node.address.to_string()), "{} is shown:\n{dom}", node.address);
+    }
+    assert!(dom.contains("SERVING"), "health is shown:\n{dom}");
+    assert!(dom.contains("vessel.VesselService/FindAvailable"), "methods are listed:\n{dom}");
+    let reply = dom.split(r#"id="last-reply""#).nth(1).expect("the reply area");
+    assert!(reply.starts_with(r#" data-status="200""#), "the form's call succeeded:\n{dom}");
+    assert!(reply.contains("vessel001"), "the reply is shown:\n{dom}");
+
+    // The state the page polls follows instances as they come.
+    let _second = Process::start("vessel-service", &[], &[("MICRO_SERVER_NAME", &vessel_name)]);
+    let http = reqwest::Client::new();
+    poll_until("the dashboard state showing a second vessel instance", STARTUP, async || {
+        let state: Value =
+            http.get(format!("{}/ui/state", gateway.url)).send().await.ok()?.json().await.ok()?;
+        let services = state["services"].as_array()?;
+        let vessel = services.iter().find(|s| s["name"] == vessel_name.as_str())?;
+        (vessel["instances"].as_array()?.len() == 2).then_some(())
+    })
+    .await;
+}

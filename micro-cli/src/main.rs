@@ -196,8 +196,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             register::register(registry, registration).await?;
         }
         Command::Gateway(args) => {
-            let client = micro_core::Client::new(registry).config(client_config).tls(tls);
-            gateway::run(args, client).await?;
+            let client = micro_core::Client::new(registry).config(client_config).tls(tls.clone());
+            gateway::run(args, client, tls).await?;
         }
         Command::Wait { names } => {
             for name in &names {

@@ -12,6 +12,7 @@
 //! | JSON and headers to a call and back, schemas | `gateway/transcode.rs` |
 //! | gRPC code to HTTP status, the error body | `gateway/status.rs` |
 //! | Prometheus metrics | `gateway/metrics.rs` |
+//! | the dashboard at `/ui` and its page | `gateway/dashboard.rs`, `gateway/page.html` |
 //!
 //! # Examples
 //! ```sh
@@ -20,6 +21,7 @@
 //!      -d '{"capacity": 3, "maxWeight": 55000}'
 //! ```
 
+mod dashboard;
 mod metrics;
 mod reflection;
 mod routes;
@@ -29,7 +31,7 @@ mod transcode;
 use std::{net::SocketAddr, sync::Arc};
 
 use http::HeaderValue;
-use micro_core::Client;
+use micro_core::{Client, config::TlsConfig};
 
 use crate::exit::Failure;
 use reflection::ReflectionCache;
@@ -58,10 +60,13 @@ pub struct Gateway {
     cache: ReflectionCache,
     max_body: usize,
     cors_origin: Option<HeaderValue>,
+    /// TLS for the dashboard's health probes, as the client calls.
+    tls: Option<TlsConfig>,
+    health: dashboard::HealthCache,
 }
 
 /// Serves until SIGINT or SIGTERM, then finishes the requests in flight.
-pub async fn run(args: GatewayArgs, client: Client) -> Result<(), Failure> {
+pub async fn run(args: GatewayArgs, client: Client, tls: Option<TlsConfig>) -> Result<(), Failure> {
     let cors_origin = args
         .cors_origin
         .as_deref()
@@ -70,8 +75,13 @@ pub async fn run(args: GatewayArgs, client: Client) -> Result<(), Failure> {
                 .map_err(|_| Failure::Other(format!("--cors-origin {origin:?}: not a header value")))
         })
         .transpose()?;
-    let gateway =
-        Arc::new(Gateway { cache: ReflectionCache::new(client), max_body: args.max_body, cors_origin });
+    let gateway = Arc::new(Gateway {
+        cache: ReflectionCache::new(client),
+        max_body: args.max_body,
+        cors_origin,
+        tls,
+        health: dashboard::HealthCache::default(),
+    });
     let listener = tokio::net::TcpListener::bind(args.address).await.map_err(|err| {
         Failure::Other(format!("gateway address {} (MICRO_GATEWAY_ADDRESS): {err}", args.address))
     })?;

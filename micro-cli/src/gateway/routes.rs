@@ -32,6 +32,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/metrics", get(metrics_page))
         .route("/{service}", get(describe))
         .route("/{service}/{grpc_service}/{method}", post(call))
+        .merge(super::dashboard::routes())
         .fallback(not_found)
         .with_state(gateway.clone());
     match gateway.cors_origin.clone() {
