@@ -5,10 +5,14 @@ CARGO ?= cargo
 MICRO_REGISTRY ?= mdns
 export MICRO_REGISTRY
 
-.PHONY: build run test test-deps lint fmt clean docker-check bench bench-peers
+.PHONY: build build-deps run test test-deps lint fmt clean docker-check bench bench-peers
+
+## build-deps: install what building needs beyond Rust (protoc, for the etcd client crate).
+build-deps:
+	scripts/install-build-deps
 
 ## build: every binary of the workspace (debug).
-build:
+build: build-deps
 	$(CARGO) build --workspace --bins
 
 ## run: build, then the shippy demo in a private network namespace (MICRO_REGISTRY=mdns|consul|etcd).
@@ -23,27 +27,27 @@ test-deps:
 	scripts/install-test-deps
 
 ## test: install the test dependencies, build, then run every test binary (TEST_JOBS at a time, default 4) in a private network namespace.
-test: test-deps
+test: build-deps test-deps
 	$(CARGO) build --workspace --bins --tests
 	scripts/netns-run env CARGO_NET_OFFLINE=true scripts/run-tests
 
 ## lint: formatting and clippy, warnings as errors.
-lint:
+lint: build-deps
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 ## docker-check: the docker/ files against the binaries' flags; `docker compose config` too when the client is here.
-docker-check:
+docker-check: build-deps
 	$(CARGO) test -p e2e --test docker_files -- --nocapture
 
 ## bench: release build, then the SDK against its baselines in a private network namespace (about 160 s; the run stops itself at 240 s); writes bench/results.md.
-bench:
+bench: build-deps
 	scripts/install-consul >/dev/null
 	$(CARGO) build --release -p bench -p vessel-service -p e2e
 	scripts/netns-run target/release/micro-bench --results bench/results.md
 
 ## bench-peers: the SDK against volo-grpc (bench/peers, built on its own into target/peers); writes bench/peers/results.txt.
-bench-peers:
+bench-peers: build-deps
 	$(CARGO) build --release -p vessel-service
 	$(CARGO) build --release --manifest-path bench/peers/Cargo.toml --target-dir target/peers
 	scripts/netns-run target/peers/release/micro-bench-peers | tee bench/peers/results.txt

@@ -9,6 +9,8 @@ ARG RUST_VERSION=1.88
 
 FROM rust:${RUST_VERSION}-bookworm AS builder
 WORKDIR /src
+# protoc for the etcd client crate's build script (the project's own protos need none).
+RUN apt-get update && apt-get install -y --no-install-recommends protobuf-compiler && rm -rf /var/lib/apt/lists/*
 COPY . .
 # protox compiles the .proto files in Rust: no protoc to install. The target dir is a
 # cache mount, so the binary is copied out in the same step.
