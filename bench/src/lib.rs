@@ -4,6 +4,7 @@
 
 pub mod discovery;
 pub mod failover;
+pub mod gateway;
 pub mod load;
 pub mod memory;
 pub mod procs;

@@ -4,13 +4,15 @@
 //!
 //! Run it with `make bench`: it needs the release binaries next to it and a private network
 //! namespace (`scripts/netns-run`) for mDNS. The whole run stops by itself within
-//! [`TIME_LIMIT`]. `--only FIGURE` (unary, resolve, discovery, failover, memory, silent)
-//! measures one figure, e.g. while working on it.
+//! [`TIME_LIMIT`]. `--only FIGURE` (unary, resolve, discovery, failover, memory, silent,
+//! gateway) measures one figure, e.g. while working on it.
 
 use std::{sync::Arc, time::Duration};
 
 use anyhow::Context;
-use bench::{discovery, failover, memory, procs, report, require_private_netns, resolve, silent, unary};
+use bench::{
+    discovery, failover, gateway, memory, procs, report, require_private_netns, resolve, silent, unary,
+};
 use micro_core::{Registry, registry::MdnsRegistry};
 use tokio::time::Instant;
 
@@ -53,7 +55,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 /// The figures `--only` takes, in the order they run.
-const FIGURES: [&str; 6] = ["unary", "resolve", "discovery", "failover", "memory", "silent"];
+const FIGURES: [&str; 7] = ["unary", "resolve", "discovery", "failover", "memory", "silent", "gateway"];
 
 /// Every figure, or only the one named.
 async fn run(only: Option<&str>) -> anyhow::Result<()> {
@@ -70,6 +72,9 @@ async fn run(only: Option<&str>) -> anyhow::Result<()> {
     if wanted("discovery") {
         discovery::run_mdns(registry.clone()).await.context("figure 3 (mdns discovery)")?;
         discovery::run_consul().await.context("figure 3 (consul discovery)")?;
+    }
+    if wanted("gateway") {
+        gateway::run(registry.clone()).await.context("figure 8 (gateway)")?;
     }
     if wanted("failover") {
         failover::run(registry).await.context("figure 4 (failover)")?;

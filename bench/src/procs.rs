@@ -77,6 +77,7 @@ pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
             match name {
                 "raw-vessel" => "bench",
                 "fault-server" => "e2e",
+                "micro" => "micro-cli",
                 package => package,
             }
         );
