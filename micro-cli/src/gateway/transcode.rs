@@ -6,9 +6,9 @@
 use std::time::Duration;
 
 use axum::body::Body;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue};
-use http_body_util::{BodyExt, LengthLimitError, Limited};
+use http_body_util::BodyExt;
 use prost_reflect::{DynamicMessage, FieldDescriptor, Kind, MessageDescriptor, MethodDescriptor};
 use serde_json::{Value, json};
 use tonic::{Code, metadata::MetadataMap};
@@ -24,23 +24,52 @@ pub const TIMEOUT_HEADER: &str = "x-timeout";
 /// Reply metadata never copied to response headers: HTTP/2 and gRPC framing.
 const NOT_COPIED: [&str; 6] =
     ["content-type", "content-length", "date", "te", "trailer", "transfer-encoding"];
+/// How much of a body over the limit is read and dropped before the 413.
+pub const DRAIN_BYTES: usize = 16 * 1024 * 1024;
+/// How long a body over the limit is read and dropped before the 413.
+pub const DRAIN_TIME: Duration = Duration::from_secs(2);
 /// How deep a schema describes nested messages.
 const SCHEMA_DEPTH: usize = 6;
 
-/// Reads `body`, failing with 413 past `limit` bytes.
+/// Reads `body`, failing with 413 past `limit` bytes. The rest of a body over the limit is
+/// read and dropped (up to [`DRAIN_BYTES`] more, for at most [`DRAIN_TIME`]), so a client
+/// still sending it reads the 413 instead of a broken connection.
 pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, GatewayError> {
     let declared = headers
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|length| length > limit as u64) {
-        return Err(GatewayError::too_large(limit));
+    let mut body = body;
+    let mut read = BytesMut::new();
+    let mut over = declared.is_some_and(|length| length > limit as u64);
+    while !over {
+        match body.frame().await {
+            None => return Ok(read.freeze()),
+            Some(Err(err)) => {
+                return Err(GatewayError::new(
+                    Code::InvalidArgument,
+                    format!("reading the request body: {err}"),
+                ));
+            }
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    over = read.len() + data.len() > limit;
+                    read.extend_from_slice(&data);
+                }
+            }
+        }
     }
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(err) if err.downcast_ref::<LengthLimitError>().is_some() => Err(GatewayError::too_large(limit)),
-        Err(err) => Err(GatewayError::new(Code::InvalidArgument, format!("reading the request body: {err}"))),
-    }
+    let drain = async {
+        let mut dropped = 0;
+        while dropped < DRAIN_BYTES {
+            match body.frame().await {
+                Some(Ok(frame)) => dropped += frame.data_ref().map_or(0, Bytes::len),
+                _ => break,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(DRAIN_TIME, drain).await;
+    Err(GatewayError::too_large(limit))
 }
 
 /// The request message for `method` from a JSON `body`; an empty body is `{}`. A syntax
@@ -214,6 +243,39 @@ mod tests {
         assert_eq!(timeout(&HeaderMap::new()).unwrap(), None);
         assert_eq!(timeout(&with("soon")).unwrap_err().code, Code::InvalidArgument);
         assert_eq!(timeout(&with("0s")).unwrap_err().code, Code::InvalidArgument);
+    }
+
+    fn find_available() -> MethodDescriptor {
+        let pool = prost_reflect::DescriptorPool::decode(proto::FILE_DESCRIPTOR_SET).unwrap();
+        pool.get_service_by_name("vessel.VesselService").unwrap().methods().next().unwrap()
+    }
+
+    #[test]
+    fn json_errors_name_line_and_column() {
+        let method = find_available();
+        let err = request(&method, b"{\n  \"capacity\": 3,\n  \"maxWeight\" 1\n}").unwrap_err();
+        assert_eq!(err.code, Code::InvalidArgument);
+        assert!(
+            err.message.starts_with("malformed JSON for vessel.Specification at line 3 column"),
+            "{}",
+            err.message
+        );
+        let err = request(&method, br#"{"capacity": "lots"}"#).unwrap_err();
+        assert!(
+            err.message.starts_with("request JSON for vessel.Specification at line 1 column"),
+            "{}",
+            err.message
+        );
+        assert!(request(&method, b"  ").is_ok(), "an empty body is the empty message");
+        assert!(request(&method, br#"{"max_weight": 1}"#).is_ok(), "proto field names are accepted too");
+    }
+
+    #[tokio::test]
+    async fn bodies_over_the_limit_are_413() {
+        let body = || Body::from(vec![b' '; 2048]);
+        let err = read_body(&HeaderMap::new(), body(), 1024).await.unwrap_err();
+        assert_eq!(err.http_status(), http::StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(read_body(&HeaderMap::new(), body(), 4096).await.unwrap().len(), 2048);
     }
 
     #[test]
