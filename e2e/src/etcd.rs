@@ -104,7 +104,7 @@ impl EtcdCluster {
             cluster.clients.push(SocketAddr::from((Ipv4Addr::LOCALHOST, *client)));
             cluster.data.push(data);
         }
-        cluster.wait_healthy(|address| health(address));
+        cluster.wait_healthy(health);
         cluster
     }
 

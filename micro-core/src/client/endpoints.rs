@@ -16,6 +16,10 @@ use tonic::transport::Channel;
 use super::{latency::PeakEwma, outlier::OutlierState};
 use crate::{registry::Node, selector::Load};
 
+/// How many times its running time an unanswered attempt counts for: it would have taken
+/// longer still, by how much nobody knows.
+pub(crate) const UNANSWERED_PENALTY: u32 = 4;
+
 /// One instance: its registration, its connection and its health as this channel sees it.
 #[derive(Clone)]
 pub(crate) struct Endpoint {
@@ -67,9 +71,10 @@ impl EndpointSet {
 }
 
 /// Counts an attempt in flight on an endpoint and feeds how long it took into the
-/// endpoint's latency estimate: an answer as it is, a failure or a cancellation (an attempt
-/// a hedge won over, a deadline) only when it raises the estimate, so an instance that
-/// fails fast never looks fast.
+/// endpoint's latency estimate: an answer as it is; a failure or a cancellation (an attempt
+/// a hedge won over, a deadline) as [`UNANSWERED_PENALTY`] times as long, and only when
+/// that raises the estimate, so an instance that fails fast never looks fast, and one that
+/// keeps being outrun looks as slow as it is, not merely as slow as the hedge delay.
 pub(crate) struct InFlight {
     stats: Arc<EndpointStats>,
     started: Instant,
@@ -95,7 +100,7 @@ impl Drop for InFlight {
         let (now, elapsed) = (Instant::now(), self.started.elapsed());
         match self.answered {
             true => self.stats.latency.observe(now, elapsed),
-            false => self.stats.latency.raise(now, elapsed),
+            false => self.stats.latency.raise(now, elapsed * UNANSWERED_PENALTY),
         }
     }
 }

@@ -44,27 +44,29 @@
 //! # Ok(()) }
 //! ```
 
+mod conn;
+mod watch;
+mod wire;
+
 use std::{
-    collections::{BTreeMap, HashMap, HashSet, VecDeque},
-    future::Future,
-    net::{IpAddr, SocketAddr},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicUsize, Ordering},
-    },
+    collections::{BTreeMap, HashMap, VecDeque},
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
 use async_trait::async_trait;
-use etcd_client::{
-    Client, ConnectOptions, EventType, GetOptions, KeyValue, PutOptions, WatchOptions, WatchStream,
-};
+use etcd_client::{GetOptions, PutOptions};
 use futures::{StreamExt, stream::BoxStream};
-use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
+pub use self::wire::etcd_key;
+use self::{
+    conn::Conn,
+    watch::{WatchState, read_prefix},
+    wire::{encode, service_prefix},
+};
 use super::{Change, Node, NodeId, Registry};
-use crate::{Error, Result, config::RegistryKind, labels};
+use crate::{Error, Result, config::RegistryKind};
 
 /// Where a local etcd serves clients by default.
 pub const DEFAULT_ETCD_ADDRESS: &str = "127.0.0.1:2379";
@@ -213,252 +215,6 @@ impl EtcdRegistryBuilder {
     }
 }
 
-/// One client per endpoint, and the endpoint in use: requests go to one member at a time
-/// and move to the next when it fails, as etcd's own Go client does.
-struct Conn {
-    endpoints: Vec<String>,
-    /// The endpoints, comma-separated, for messages.
-    address: String,
-    /// A client per endpoint, replaced by a fresh one (new connection) when it fails.
-    clients: Mutex<Vec<Client>>,
-    /// The index of the endpoint in use.
-    current: AtomicUsize,
-    /// Keys (with their revision) whose bad value was already warned about.
-    warned: Mutex<HashSet<(String, i64)>>,
-}
-
-impl Conn {
-    async fn connect(endpoints: Vec<String>, address: String) -> Result<Conn> {
-        let mut clients = Vec::new();
-        for endpoint in &endpoints {
-            clients.push(Self::client_for(endpoint, &address).await?);
-        }
-        Ok(Conn {
-            endpoints,
-            address,
-            clients: Mutex::new(clients),
-            current: AtomicUsize::new(0),
-            warned: Mutex::default(),
-        })
-    }
-
-    /// A client of `endpoint` alone; it connects on first use.
-    async fn client_for(endpoint: &str, address: &str) -> Result<Client> {
-        let options = ConnectOptions::new()
-            .with_connect_timeout(CONNECT_TIMEOUT)
-            .with_keep_alive(KEEP_ALIVE.0, KEEP_ALIVE.1)
-            .with_require_leader(true);
-        Client::connect([endpoint], Some(options)).await.map_err(|err| Error::Registry {
-            registry: KIND.to_string(),
-            address: address.to_owned(),
-            message: format!("could not set up the client of {endpoint}: {err}"),
-            source: Some(Box::new(err)),
-        })
-    }
-
-    /// The endpoint in use and its client.
-    fn current(&self) -> (usize, Client) {
-        let index = self.current.load(Ordering::Relaxed) % self.endpoints.len();
-        (index, self.clients.lock().expect("etcd clients lock")[index].clone())
-    }
-
-    /// After a failure on endpoint `index`: its client is replaced by a fresh one (dropping a
-    /// connection that may hang), and requests move to the next endpoint, unless another
-    /// failure moved them already.
-    async fn failed(&self, index: usize) {
-        let next = (index + 1) % self.endpoints.len();
-        if self.current.compare_exchange(index, next, Ordering::Relaxed, Ordering::Relaxed).is_ok()
-            && self.endpoints.len() > 1
-        {
-            tracing::warn!(failed = %self.endpoints[index], next = %self.endpoints[next], "etcd: endpoint failed; moving to the next");
-        }
-        match Self::client_for(&self.endpoints[index], &self.address).await {
-            Ok(fresh) => self.clients.lock().expect("etcd clients lock")[index] = fresh,
-            Err(err) => {
-                tracing::warn!(error = %crate::error::error_chain(&err), "etcd: could not make a fresh client")
-            }
-        }
-    }
-
-    /// Runs `request` with a deadline on the endpoint in use; on a failure moves to the next
-    /// endpoint and tries again, once per endpoint (at least twice). Returns the endpoint
-    /// that answered, too.
-    async fn call_on<T, F, Fut>(&self, what: &str, request: F) -> Result<(usize, T)>
-    where
-        F: Fn(Client) -> Fut,
-        Fut: Future<Output = Result<T, etcd_client::Error>>,
-    {
-        let mut last = None;
-        for _ in 0..self.endpoints.len().max(2) {
-            let (index, client) = self.current();
-            match tokio::time::timeout(REQUEST_TIMEOUT, request(client)).await {
-                Ok(Ok(value)) => return Ok((index, value)),
-                Ok(Err(err)) => last = Some(self.error(what, err)),
-                Err(_) => last = Some(self.timeout(what)),
-            }
-            self.failed(index).await;
-        }
-        Err(last.expect("tried at least once"))
-    }
-
-    /// [`Conn::call_on`] without the endpoint.
-    async fn call<T, F, Fut>(&self, what: &str, request: F) -> Result<T>
-    where
-        F: Fn(Client) -> Fut,
-        Fut: Future<Output = Result<T, etcd_client::Error>>,
-    {
-        self.call_on(what, request).await.map(|(_, value)| value)
-    }
-
-    fn error(&self, what: &str, err: etcd_client::Error) -> Error {
-        Error::Registry {
-            registry: KIND.to_string(),
-            address: self.address.clone(),
-            message: format!(
-                "{what}: {err}; is an etcd member running there? Set MICRO_REGISTRY_ADDRESS \
-                 (--registry-address) to the cluster's client endpoints"
-            ),
-            source: Some(Box::new(err)),
-        }
-    }
-
-    fn timeout(&self, what: &str) -> Error {
-        Error::Registry {
-            registry: KIND.to_string(),
-            address: self.address.clone(),
-            message: format!(
-                "{what}: no answer within {REQUEST_TIMEOUT:?}; is an etcd member running there, \
-                 and does the cluster have a leader?"
-            ),
-            source: None,
-        }
-    }
-
-    /// Warns once per key and revision that its value is not an instance.
-    fn warn_bad_value(&self, key: &str, revision: i64, reason: &str) {
-        if self.warned.lock().expect("etcd warned lock").insert((key.to_owned(), revision)) {
-            tracing::warn!(%key, revision, reason, "etcd: skipped a value that is not a go-micro registry.Service with a node");
-        }
-    }
-}
-
-/// `/micro/registry/<service>/`.
-fn service_prefix(name: &str) -> String {
-    format!("{ETCD_PREFIX}{}/", name.replace('/', "-"))
-}
-
-/// `/micro/registry/<service>/<node id>`, as go-micro's `nodePath` makes it.
-pub fn etcd_key(service: &str, node_id: &str) -> String {
-    format!("{}{}", service_prefix(service), node_id.replace('/', "-"))
-}
-
-/// go-micro's `registry.Service`, with the fields in its order.
-#[derive(Serialize, Deserialize)]
-struct GoService {
-    name: String,
-    #[serde(default)]
-    version: String,
-    #[serde(default)]
-    metadata: Option<BTreeMap<String, String>>,
-    #[serde(default)]
-    endpoints: Option<Vec<serde_json::Value>>,
-    #[serde(default)]
-    nodes: Option<Vec<GoNode>>,
-}
-
-/// go-micro's `registry.Node`.
-#[derive(Serialize, Deserialize)]
-struct GoNode {
-    id: String,
-    address: String,
-    /// go-micro before v2 kept the port apart from the address.
-    #[serde(default, skip_serializing)]
-    port: Option<u16>,
-    #[serde(default)]
-    metadata: Option<BTreeMap<String, String>>,
-}
-
-/// The JSON go-micro writes for `node`.
-fn encode(node: &Node) -> String {
-    let mut metadata = node.metadata.clone();
-    if node.draining {
-        metadata.insert(labels::DRAINING.into(), labels::FLAG_ON.into());
-    }
-    let service = GoService {
-        name: node.name.clone(),
-        version: node.version.clone(),
-        metadata: Some(BTreeMap::new()),
-        endpoints: Some(Vec::new()),
-        nodes: Some(vec![GoNode {
-            id: node.id.clone(),
-            address: node.address.to_string(),
-            port: None,
-            metadata: Some(metadata),
-        }]),
-    };
-    serde_json::to_string(&service).expect("a service always serializes")
-}
-
-/// The node a key holds, or why not.
-fn decode(key: &str, value: &[u8]) -> Result<Node, String> {
-    let service: GoService =
-        serde_json::from_slice(value).map_err(|err| format!("not go-micro's JSON: {err}"))?;
-    let key_id = key.rsplit('/').next().unwrap_or_default();
-    let nodes = service.nodes.unwrap_or_default();
-    let position = nodes.iter().position(|n| n.id.replace('/', "-") == key_id).unwrap_or(0);
-    let Some(node) = nodes.into_iter().nth(position) else {
-        return Err("no node in \"nodes\"".into());
-    };
-    let address = match (node.address.parse::<SocketAddr>(), node.port) {
-        (Ok(address), _) => address,
-        (Err(_), Some(port)) => match node.address.parse::<IpAddr>() {
-            Ok(ip) => SocketAddr::new(ip, port),
-            Err(_) => return Err(format!("address {:?} is not an IP address", node.address)),
-        },
-        (Err(_), None) => return Err(format!("address {:?} is not ip:port", node.address)),
-    };
-    let mut metadata = node.metadata.unwrap_or_default();
-    let draining = metadata.remove(labels::DRAINING).is_some_and(|v| v == labels::FLAG_ON);
-    metadata.retain(|key, _| !labels::is_registry_field(key));
-    Ok(Node {
-        id: if node.id.is_empty() { key_id.to_owned() } else { node.id },
-        name: service.name,
-        version: service.version,
-        address,
-        metadata,
-        draining,
-    })
-}
-
-/// The instance a key-value holds; `None` (warned once) when it holds none.
-fn node_of(conn: &Conn, kv: &KeyValue) -> Option<Node> {
-    let key = String::from_utf8_lossy(kv.key());
-    match decode(&key, kv.value()) {
-        Ok(node) => Some(node),
-        Err(reason) => {
-            conn.warn_bad_value(&key, kv.mod_revision(), &reason);
-            None
-        }
-    }
-}
-
-/// Every instance under `prefix`, by key, and the revision of the read.
-async fn read_prefix(conn: &Conn, prefix: &str) -> Result<(i64, Vec<(String, Node)>)> {
-    let answer = conn
-        .call("look-up", |mut c| {
-            let prefix = prefix.to_owned();
-            async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await }
-        })
-        .await?;
-    let revision = answer.header().map(|h| h.revision()).unwrap_or(0);
-    let nodes = answer
-        .kvs()
-        .iter()
-        .filter_map(|kv| node_of(conn, kv).map(|node| (String::from_utf8_lossy(kv.key()).into_owned(), node)))
-        .collect();
-    Ok((revision, nodes))
-}
-
 #[async_trait]
 impl Registry for EtcdRegistry {
     fn kind(&self) -> &'static str {
@@ -563,123 +319,6 @@ impl Registry for EtcdRegistry {
             Some((Ok(change), state))
         })
         .boxed()
-    }
-}
-
-struct WatchState {
-    conn: Arc<Conn>,
-    name: String,
-    prefix: String,
-    /// The instances known, by key.
-    known: BTreeMap<String, Node>,
-    /// The last revision reflected in `known`; `None`: read afresh.
-    revision: Option<i64>,
-    /// The open watch and the endpoint it runs on.
-    stream: Option<(usize, WatchStream)>,
-    pending: VecDeque<Change<NodeId, Node>>,
-    backoff: Duration,
-    failing: bool,
-}
-
-impl WatchState {
-    async fn next_change(&mut self) -> Change<NodeId, Node> {
-        loop {
-            if let Some(change) = self.pending.pop_front() {
-                return change;
-            }
-            if let Err(err) = self.step().await {
-                let endpoint = self.stream.take().map_or(self.conn.current().0, |(index, _)| index);
-                tracing::warn!(service = %self.name, error = %crate::error::error_chain(&err), retry_in = ?self.backoff, "etcd: watch failed; keeping known instances");
-                self.failing = true;
-                self.conn.failed(endpoint).await;
-                tokio::time::sleep(self.backoff).await;
-                self.backoff = (self.backoff * 2).min(WATCH_BACKOFF.1);
-            }
-        }
-    }
-
-    /// Reads, opens the watch, or takes one answer of it.
-    async fn step(&mut self) -> Result<()> {
-        let Some(revision) = self.revision else {
-            let (revision, found) = read_prefix(&self.conn, &self.prefix).await?;
-            self.replace(found.into_iter().collect());
-            self.revision = Some(revision);
-            return Ok(());
-        };
-        let Some((_, stream)) = &mut self.stream else {
-            let options = WatchOptions::new().with_prefix().with_prev_key().with_start_revision(revision + 1);
-            let stream = self
-                .conn
-                .call_on("watch", |mut c| {
-                    let (prefix, options) = (self.prefix.clone(), options.clone());
-                    async move { c.watch(prefix, Some(options)).await }
-                })
-                .await?;
-            self.stream = Some(stream);
-            return Ok(());
-        };
-        let answer = stream.message().await.map_err(|err| self.conn.error("watch", err))?;
-        let Some(answer) = answer else {
-            return Err(self.conn.error("watch", etcd_client::Error::WatchError("the stream ended".into())));
-        };
-        if self.failing {
-            self.failing = false;
-            tracing::info!(service = %self.name, address = %self.conn.address, "etcd: watch answers again");
-        }
-        self.backoff = WATCH_BACKOFF.0;
-        if answer.canceled() || answer.compact_revision() > 0 {
-            tracing::warn!(service = %self.name, compacted = answer.compact_revision(), reason = %answer.cancel_reason(), "etcd: watch cancelled; reading afresh");
-            self.stream = None;
-            self.revision = None;
-            return Ok(());
-        }
-        let mut last = None;
-        for event in answer.events() {
-            let Some(kv) = event.kv() else { continue };
-            last = last.max(Some(kv.mod_revision()));
-            let key = String::from_utf8_lossy(kv.key()).into_owned();
-            let node = match event.event_type() {
-                EventType::Put => node_of(&self.conn, kv),
-                EventType::Delete => None,
-            };
-            self.apply(key, node);
-        }
-        let progress = answer.header().map(|h| h.revision()).filter(|_| answer.events().is_empty());
-        if let Some(revision) = last.or(progress) {
-            self.revision = Some(revision.max(self.revision.unwrap_or(0)));
-        }
-        Ok(())
-    }
-
-    /// Records what `key` holds now (`None`: nothing usable) and queues the change.
-    fn apply(&mut self, key: String, node: Option<Node>) {
-        match node {
-            Some(node) => {
-                if self.known.get(&key) != Some(&node) {
-                    if let Some(old) = self.known.get(&key).filter(|old| old.id != node.id) {
-                        self.pending.push_back(Change::Remove(old.id.clone()));
-                    }
-                    self.pending.push_back(Change::Insert(node.id.clone(), node.clone()));
-                    self.known.insert(key, node);
-                }
-            }
-            None => {
-                if let Some(old) = self.known.remove(&key) {
-                    self.pending.push_back(Change::Remove(old.id));
-                }
-            }
-        }
-    }
-
-    /// Makes `known` what a fresh read found, queueing the difference.
-    fn replace(&mut self, found: BTreeMap<String, Node>) {
-        let gone: Vec<String> = self.known.keys().filter(|k| !found.contains_key(*k)).cloned().collect();
-        for key in gone {
-            self.apply(key, None);
-        }
-        for (key, node) in found {
-            self.apply(key, Some(node));
-        }
     }
 }
 

@@ -1,0 +1,145 @@
+//! The connection to an etcd cluster: one client per endpoint, requests to one member at a
+//! time, moving to the next when it fails.
+
+use std::{
+    collections::HashSet,
+    future::Future,
+    sync::{
+        Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
+
+use etcd_client::{Client, ConnectOptions};
+
+use super::{CONNECT_TIMEOUT, KEEP_ALIVE, KIND, REQUEST_TIMEOUT};
+use crate::{Error, Result};
+
+/// One client per endpoint, and the endpoint in use: requests go to one member at a time
+/// and move to the next when it fails, as etcd's own Go client does.
+pub(super) struct Conn {
+    pub(super) endpoints: Vec<String>,
+    /// The endpoints, comma-separated, for messages.
+    pub(super) address: String,
+    /// A client per endpoint, replaced by a fresh one (new connection) when it fails.
+    pub(super) clients: Mutex<Vec<Client>>,
+    /// The index of the endpoint in use.
+    pub(super) current: AtomicUsize,
+    /// Keys (with their revision) whose bad value was already warned about.
+    pub(super) warned: Mutex<HashSet<(String, i64)>>,
+}
+
+impl Conn {
+    pub(super) async fn connect(endpoints: Vec<String>, address: String) -> Result<Conn> {
+        let mut clients = Vec::new();
+        for endpoint in &endpoints {
+            clients.push(Self::client_for(endpoint, &address).await?);
+        }
+        Ok(Conn {
+            endpoints,
+            address,
+            clients: Mutex::new(clients),
+            current: AtomicUsize::new(0),
+            warned: Mutex::default(),
+        })
+    }
+
+    /// A client of `endpoint` alone; it connects on first use.
+    pub(super) async fn client_for(endpoint: &str, address: &str) -> Result<Client> {
+        let options = ConnectOptions::new()
+            .with_connect_timeout(CONNECT_TIMEOUT)
+            .with_keep_alive(KEEP_ALIVE.0, KEEP_ALIVE.1)
+            .with_require_leader(true);
+        Client::connect([endpoint], Some(options)).await.map_err(|err| Error::Registry {
+            registry: KIND.to_string(),
+            address: address.to_owned(),
+            message: format!("could not set up the client of {endpoint}: {err}"),
+            source: Some(Box::new(err)),
+        })
+    }
+
+    /// The endpoint in use and its client.
+    pub(super) fn current(&self) -> (usize, Client) {
+        let index = self.current.load(Ordering::Relaxed) % self.endpoints.len();
+        (index, self.clients.lock().expect("etcd clients lock")[index].clone())
+    }
+
+    /// After a failure on endpoint `index`: its client is replaced by a fresh one (dropping a
+    /// connection that may hang), and requests move to the next endpoint, unless another
+    /// failure moved them already.
+    pub(super) async fn failed(&self, index: usize) {
+        let next = (index + 1) % self.endpoints.len();
+        if self.current.compare_exchange(index, next, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+            && self.endpoints.len() > 1
+        {
+            tracing::warn!(failed = %self.endpoints[index], next = %self.endpoints[next], "etcd: endpoint failed; moving to the next");
+        }
+        match Self::client_for(&self.endpoints[index], &self.address).await {
+            Ok(fresh) => self.clients.lock().expect("etcd clients lock")[index] = fresh,
+            Err(err) => {
+                tracing::warn!(error = %crate::error::error_chain(&err), "etcd: could not make a fresh client")
+            }
+        }
+    }
+
+    /// Runs `request` with a deadline on the endpoint in use; on a failure moves to the next
+    /// endpoint and tries again, once per endpoint (at least twice). Returns the endpoint
+    /// that answered, too.
+    pub(super) async fn call_on<T, F, Fut>(&self, what: &str, request: F) -> Result<(usize, T)>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let mut last = None;
+        for _ in 0..self.endpoints.len().max(2) {
+            let (index, client) = self.current();
+            match tokio::time::timeout(REQUEST_TIMEOUT, request(client)).await {
+                Ok(Ok(value)) => return Ok((index, value)),
+                Ok(Err(err)) => last = Some(self.error(what, err)),
+                Err(_) => last = Some(self.timeout(what)),
+            }
+            self.failed(index).await;
+        }
+        Err(last.expect("tried at least once"))
+    }
+
+    /// [`Conn::call_on`] without the endpoint.
+    pub(super) async fn call<T, F, Fut>(&self, what: &str, request: F) -> Result<T>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        self.call_on(what, request).await.map(|(_, value)| value)
+    }
+
+    pub(super) fn error(&self, what: &str, err: etcd_client::Error) -> Error {
+        Error::Registry {
+            registry: KIND.to_string(),
+            address: self.address.clone(),
+            message: format!(
+                "{what}: {err}; is an etcd member running there? Set MICRO_REGISTRY_ADDRESS \
+                 (--registry-address) to the cluster's client endpoints"
+            ),
+            source: Some(Box::new(err)),
+        }
+    }
+
+    pub(super) fn timeout(&self, what: &str) -> Error {
+        Error::Registry {
+            registry: KIND.to_string(),
+            address: self.address.clone(),
+            message: format!(
+                "{what}: no answer within {REQUEST_TIMEOUT:?}; is an etcd member running there, \
+                 and does the cluster have a leader?"
+            ),
+            source: None,
+        }
+    }
+
+    /// Warns once per key and revision that its value is not an instance.
+    pub(super) fn warn_bad_value(&self, key: &str, revision: i64, reason: &str) {
+        if self.warned.lock().expect("etcd warned lock").insert((key.to_owned(), revision)) {
+            tracing::warn!(%key, revision, reason, "etcd: skipped a value that is not a go-micro registry.Service with a node");
+        }
+    }
+}
