@@ -265,8 +265,9 @@ fn chromium() -> std::path::PathBuf {
     })
 }
 
-/// The DOM of `url` after its scripts ran, from headless Chromium with a fresh profile.
-async fn rendered(url: &str) -> String {
+/// What headless Chromium, with a fresh profile, prints for `url` once its scripts ran,
+/// with `mode`: `--dump-dom`, or `--screenshot=FILE` and a window size.
+async fn chromium_run(mode: &[&str], url: &str) -> String {
     let profile = tempfile::tempdir().expect("a profile folder");
     let run = tokio::process::Command::new(chromium())
         .args([
@@ -280,20 +281,16 @@ async fn rendered(url: &str) -> String {
             "--virtual-time-budget=5000",
         ])
         .arg(format!("--user-data-dir={}", profile.path().display()))
-        .args(["--dump-dom", url])
+        .args(mode)
+        .arg(url)
         .kill_on_drop(true)
         .output();
     let output = tokio::time::timeout(Duration::from_secs(60), run)
         .await
         .expect("chromium must finish within 60 s")
         .expect("chromium runs");
-    let dom = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(
-        output.status.success() && !dom.is_empty(),
-        "chromium failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    dom
+    assert!(output.status.success(), "chromium failed: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
 /// `text` with every byte outside `A-Za-z0-9` percent-encoded, for a query string.
@@ -317,7 +314,8 @@ async fn the_dashboard_in_a_real_browser() {
     let call = format!("{vessel_name}/vessel.VesselService/FindAvailable");
     let body = r#"{"capacity": 1, "maxWeight": 1}"#;
     let url = format!("{}/ui?call={}&body={}", gateway.url, percent_encoded(&call), percent_encoded(body));
-    let dom = rendered(&url).await;
+    let dom = chromium_run(&["--dump-dom"], &url).await;
+    assert!(dom.contains("micro dashboard"), "chromium printed the page: {dom}");
     for name in [&vessel_name, &consignment_name] {
         assert!(dom.contains(&format!(r#"data-service="{name}""#)), "{name} is listed:\n{dom}");
     }
@@ -330,6 +328,14 @@ async fn the_dashboard_in_a_real_browser() {
     let reply = dom.split(r#"id="last-reply""#).nth(1).expect("the reply area");
     assert!(reply.starts_with(r#" data-status="200""#), "the form's call succeeded:\n{dom}");
     assert!(reply.contains("vessel001"), "the reply is shown:\n{dom}");
+
+    // A screenshot for people, kept with the test logs, out of the repository.
+    let screenshot = e2e::process::workspace_root().join("target").join("e2e-logs").join("dashboard.png");
+    let _ = std::fs::remove_file(&screenshot);
+    let shot = format!("--screenshot={}", screenshot.display());
+    chromium_run(&[&shot, "--window-size=1400,1200"], &url).await;
+    let size = std::fs::metadata(&screenshot).map(|m| m.len()).unwrap_or(0);
+    assert!(size > 1000, "chromium wrote a screenshot to {}", screenshot.display());
 
     // The state the page polls follows instances as they come.
     let _second = Process::start("vessel-service", &[], &[("MICRO_SERVER_NAME", &vessel_name)]);
