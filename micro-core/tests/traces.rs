@@ -83,10 +83,13 @@ enum Behaviour {
     CallOnInSpawnedTask(NamedChannel),
 }
 
+/// `traceparent` and `x-request-id` of one request, as the handler saw them.
+type SeenHeaders = (Option<String>, Option<String>);
+
 #[derive(Clone)]
 struct Scripted {
     behaviour: Behaviour,
-    seen: Arc<Mutex<Vec<(Option<String>, Option<String>)>>>,
+    seen: Arc<Mutex<Vec<SeenHeaders>>>,
 }
 
 impl Scripted {
