@@ -158,6 +158,14 @@ pub async fn explain(
             hints.push(match registry.kind() {
                 "mdns" => "mDNS sees one network segment: is the service on this one, with multicast allowed (not behind a Docker bridge or firewall)? Otherwise use MICRO_REGISTRY=consul".into(),
                 "consul" => format!("is the service's check passing? see http://{}/v1/health/checks/{name}", registry.address()),
+                "etcd" => format!(
+                    "is the instance's lease alive? `etcdctl --endpoints {} get --prefix /micro/registry/{name}/` lists what is registered; a key goes when its lease (MICRO_REGISTER_TTL) runs out without a heartbeat",
+                    registry.address()
+                ),
+                "dns" => format!(
+                    "the platform registers here, not the service: does `_grpc._tcp.{name}` (MICRO_DNS_TEMPLATE, MICRO_DNS_DOMAIN) have SRV or A records at {}? A Kubernetes headless Service needs a port named grpc",
+                    registry.address()
+                ),
                 _ => "the memory registry only holds services of this process".into(),
             });
             let message = failure.message().to_owned();
