@@ -4,10 +4,9 @@ use std::{
     time::Duration,
 };
 
-use proto::vessel::{
-    Response, Specification, Vessel,
-    vessel_service_client::VesselServiceClient,
-    vessel_service_server::{VesselService, VesselServiceServer},
+use test_proto::{
+    echo::{Message, Reply, echo_client::EchoClient, echo_server::EchoServer},
+    say,
 };
 use tonic::{Code, Request, Status};
 
@@ -22,16 +21,33 @@ use crate::{
     selector::StrategyKind,
 };
 
-/// Answers with a vessel whose id is the instance's label.
-struct Labelled(String);
+/// How a test server answers both of `echo.proto`'s methods.
+#[tonic::async_trait]
+trait Answer: Send + Sync + 'static {
+    async fn answer(&self, request: Request<Message>) -> Result<tonic::Response<Reply>, Status>;
+}
+
+/// Serves `echo.Echo` with an [`Answer`].
+struct Serve<A>(A);
 
 #[tonic::async_trait]
-impl VesselService for Labelled {
-    async fn find_available(&self, _: Request<Specification>) -> Result<tonic::Response<Response>, Status> {
-        let vessel = Vessel { id: self.0.clone(), ..Default::default() };
-        Ok(tonic::Response::new(Response { vessel: Some(vessel), vessels: vec![] }))
+impl<A: Answer> test_proto::echo::echo_server::Echo for Serve<A> {
+    async fn say(&self, request: Request<Message>) -> Result<tonic::Response<Reply>, Status> {
+        self.0.answer(request).await
+    }
+
+    async fn record(&self, request: Request<Message>) -> Result<tonic::Response<Reply>, Status> {
+        self.0.answer(request).await
     }
 }
+
+/// A reply naming the instance that gave it.
+fn reply_from(instance: impl Into<String>) -> Result<tonic::Response<Reply>, Status> {
+    Ok(tonic::Response::new(Reply { text: String::new(), instance: instance.into() }))
+}
+
+/// `echo.proto`'s idempotent method.
+const SAY: &str = "/echo.Echo/Say";
 
 fn loopback_config() -> ServerConfig {
     ServerConfig { address: "127.0.0.1:0".parse().unwrap(), ..ServerConfig::default() }
@@ -41,18 +57,18 @@ async fn start(registry: &MemoryRegistry, name: &str, label: &str) -> RunningSer
     Server::builder(name)
         .config(loopback_config())
         .registry(Arc::new(registry.clone()))
-        .add_service(VesselServiceServer::new(Labelled(label.into())))
+        .add_service(EchoServer::new(test_proto::Labelled::new(label)))
         .start()
         .await
         .unwrap()
 }
 
-async fn call(client: &mut VesselServiceClient<NamedChannel>) -> Result<String, Status> {
-    let reply = client.find_available(Specification { capacity: 1, max_weight: 1 }).await?;
-    Ok(reply.into_inner().vessel.unwrap().id)
+async fn call(client: &mut EchoClient<NamedChannel>) -> Result<String, Status> {
+    let reply = client.say(say("hello")).await?;
+    Ok(reply.into_inner().instance)
 }
 
-async fn tally(client: &mut VesselServiceClient<NamedChannel>, calls: usize) -> HashMap<String, usize> {
+async fn tally(client: &mut EchoClient<NamedChannel>, calls: usize) -> HashMap<String, usize> {
     let mut counts = HashMap::new();
     for _ in 0..calls {
         *counts.entry(call(client).await.unwrap()).or_default() += 1;
@@ -70,7 +86,7 @@ async fn round_robin_spreads_calls_evenly() {
     ];
     let config = ClientConfig { strategy: StrategyKind::RoundRobin, ..ClientConfig::default() };
     let client = Client::new(Arc::new(registry)).config(config);
-    let mut vessels = VesselServiceClient::new(client.channel("svc"));
+    let mut vessels = EchoClient::new(client.channel("svc"));
     wait_for_instances(&client.channel("svc"), 3).await;
     let counts = tally(&mut vessels, 30).await;
     assert_eq!(counts, HashMap::from([("a".into(), 10), ("b".into(), 10), ("c".into(), 10)]));
@@ -83,7 +99,7 @@ async fn channel_follows_instances_that_come_and_go() {
     let config = ClientConfig { strategy: StrategyKind::RoundRobin, ..ClientConfig::default() };
     let client = Client::new(Arc::new(registry.clone())).config(config);
     let channel = client.channel("svc");
-    let mut vessels = VesselServiceClient::new(channel.clone());
+    let mut vessels = EchoClient::new(channel.clone());
     assert_eq!(call(&mut vessels).await.unwrap(), "first");
 
     let _second = start(&registry, "svc", "second").await;
@@ -98,7 +114,7 @@ async fn channel_follows_instances_that_come_and_go() {
 #[tokio::test]
 async fn unknown_name_fails_unavailable_within_the_lookup_timeout() {
     let client = Client::new(Arc::new(MemoryRegistry::new())).lookup_timeout(Duration::from_millis(200));
-    let mut vessels = VesselServiceClient::new(client.channel("vessel-service"));
+    let mut vessels = EchoClient::new(client.channel("vessel-service"));
     let started = Instant::now();
     let status = call(&mut vessels).await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable);
@@ -112,7 +128,7 @@ async fn instance_that_refuses_connections_is_named_in_the_error() {
     let dead = Node::new("svc", "127.0.0.1:9".parse().unwrap());
     registry.register(&dead, Duration::from_secs(30)).await.unwrap();
     let client = Client::new(Arc::new(registry));
-    let status = call(&mut VesselServiceClient::new(client.channel("svc"))).await.unwrap_err();
+    let status = call(&mut EchoClient::new(client.channel("svc"))).await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable);
     assert!(status.message().contains(&dead.id) && status.message().contains("127.0.0.1:9"), "{status:?}");
 }
@@ -129,8 +145,8 @@ async fn wait_for_instances(channel: &NamedChannel, count: usize) {
 struct Refusing(Arc<AtomicUsize>);
 
 #[tonic::async_trait]
-impl VesselService for Refusing {
-    async fn find_available(&self, _: Request<Specification>) -> Result<tonic::Response<Response>, Status> {
+impl Answer for Refusing {
+    async fn answer(&self, _: Request<Message>) -> Result<tonic::Response<Reply>, Status> {
         self.0.fetch_add(1, Ordering::SeqCst);
         Err(Status::unavailable("overloaded"))
     }
@@ -140,10 +156,10 @@ impl VesselService for Refusing {
 struct Slow(Duration);
 
 #[tonic::async_trait]
-impl VesselService for Slow {
-    async fn find_available(&self, _: Request<Specification>) -> Result<tonic::Response<Response>, Status> {
+impl Answer for Slow {
+    async fn answer(&self, _: Request<Message>) -> Result<tonic::Response<Reply>, Status> {
         tokio::time::sleep(self.0).await;
-        Ok(tonic::Response::new(Response::default()))
+        reply_from("")
     }
 }
 
@@ -153,27 +169,21 @@ struct Relay {
 }
 
 #[tonic::async_trait]
-impl VesselService for Relay {
-    async fn find_available(
-        &self,
-        request: Request<Specification>,
-    ) -> Result<tonic::Response<Response>, Status> {
+impl Answer for Relay {
+    async fn answer(&self, request: Request<Message>) -> Result<tonic::Response<Reply>, Status> {
         if let Some(next) = &self.next {
-            return VesselServiceClient::new(next.clone()).find_available(Specification::default()).await;
+            return EchoClient::new(next.clone()).say(say("relayed")).await;
         }
         let seen = request
             .metadata()
             .get("x-request-id")
             .map(|v| v.to_str().unwrap().to_owned())
             .unwrap_or_default();
-        Ok(tonic::Response::new(Response {
-            vessel: Some(Vessel { id: seen, ..Default::default() }),
-            vessels: vec![],
-        }))
+        reply_from(seen)
     }
 }
 
-async fn start_with<S: VesselService>(
+async fn start_with<S: Answer>(
     registry: &MemoryRegistry,
     name: &str,
     service: S,
@@ -183,7 +193,7 @@ async fn start_with<S: VesselService>(
         .version(version)
         .config(loopback_config())
         .registry(Arc::new(registry.clone()))
-        .add_service(VesselServiceServer::new(service))
+        .add_service(EchoServer::new(Serve(service)))
         .start()
         .await
         .unwrap()
@@ -199,7 +209,7 @@ async fn refused_connection_is_retried_elsewhere_and_the_instance_ejected() {
     let client = Client::new(Arc::new(registry));
     let channel = client.channel("svc");
     wait_for_instances(&channel, 2).await;
-    let mut vessels = VesselServiceClient::new(channel.clone());
+    let mut vessels = EchoClient::new(channel.clone());
     for _ in 0..10 {
         assert_eq!(call(&mut vessels).await.unwrap(), "live");
     }
@@ -216,7 +226,7 @@ async fn unavailable_after_sending_is_retried_only_when_idempotent() {
     let plain = Client::new(Arc::new(registry.clone()))
         .config(ClientConfig { eject_after: 100, ..Default::default() });
     wait_for_instances(&plain.channel("svc"), 2).await;
-    let vessels = VesselServiceClient::new(plain.channel("svc"));
+    let vessels = EchoClient::new(plain.channel("svc"));
     let results: Vec<_> = futures::future::join_all((0..2).map(|_| {
         let mut v = vessels.clone();
         async move { call(&mut v).await }
@@ -226,8 +236,8 @@ async fn unavailable_after_sending_is_retried_only_when_idempotent() {
     assert_eq!(failures, 1, "the call to the refusing instance must not be resent: {results:?}");
     assert_eq!(refused.load(Ordering::SeqCst), 1);
 
-    let idempotent = Client::new(Arc::new(registry)).idempotent_methods(proto::IDEMPOTENT_METHODS);
-    let mut vessels = VesselServiceClient::new(idempotent.channel("svc"));
+    let idempotent = Client::new(Arc::new(registry)).idempotent_methods(test_proto::IDEMPOTENT_METHODS);
+    let mut vessels = EchoClient::new(idempotent.channel("svc"));
     wait_for_instances(&idempotent.channel("svc"), 2).await;
     for _ in 0..6 {
         assert_eq!(call(&mut vessels).await.unwrap(), "good");
@@ -239,7 +249,7 @@ async fn deadline_ends_the_call_at_about_the_deadline() {
     let registry = MemoryRegistry::new();
     let _slow = start_with(&registry, "svc", Slow(Duration::from_secs(5)), "").await;
     let client = Client::new(Arc::new(registry)).request_timeout(Duration::from_millis(300));
-    let mut vessels = VesselServiceClient::new(client.channel("svc"));
+    let mut vessels = EchoClient::new(client.channel("svc"));
     let started = Instant::now();
     let status = call(&mut vessels).await.unwrap_err();
     let elapsed = started.elapsed();
@@ -250,12 +260,12 @@ async fn deadline_ends_the_call_at_about_the_deadline() {
 #[tokio::test]
 async fn version_filter_never_calls_another_version() {
     let registry = MemoryRegistry::new();
-    let _v1 = start_with(&registry, "svc", Labelled("v1".into()), "1").await;
-    let _v2 = start_with(&registry, "svc", Labelled("v2".into()), "2").await;
+    let _v1 = start_with(&registry, "svc", Delayed::new("v1", Duration::ZERO), "1").await;
+    let _v2 = start_with(&registry, "svc", Delayed::new("v2", Duration::ZERO), "2").await;
     let client = Client::new(Arc::new(registry));
     let channel = client.channel_with("svc", crate::selector::Filter::new().version("2"));
     wait_for_instances(&channel, 2).await;
-    let counts = tally(&mut VesselServiceClient::new(channel), 20).await;
+    let counts = tally(&mut EchoClient::new(channel), 20).await;
     assert_eq!(counts, HashMap::from([("v2".into(), 20)]));
 }
 
@@ -266,7 +276,7 @@ async fn draining_instance_is_not_picked_while_it_still_serves() {
     let leaving = Server::builder("svc")
         .config(config)
         .registry(Arc::new(registry.clone()))
-        .add_service(VesselServiceServer::new(Labelled("leaving".into())))
+        .add_service(EchoServer::new(test_proto::Labelled::new("leaving")))
         .start()
         .await
         .unwrap();
@@ -281,7 +291,7 @@ async fn draining_instance_is_not_picked_while_it_still_serves() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     assert!(!stopping.is_finished(), "the draining server must still be serving");
-    let counts = tally(&mut VesselServiceClient::new(channel), 6).await;
+    let counts = tally(&mut EchoClient::new(channel), 6).await;
     assert_eq!(counts, HashMap::from([("staying".into(), 6)]));
     stopping.await.unwrap().unwrap();
 }
@@ -292,11 +302,11 @@ async fn request_id_travels_across_hops() {
     let client = Client::new(Arc::new(registry.clone()));
     let _back = start_with(&registry, "back", Relay { next: None }, "").await;
     let _front = start_with(&registry, "front", Relay { next: Some(client.channel("back")) }, "").await;
-    let mut front = VesselServiceClient::new(client.channel("front"));
-    let mut request = Request::new(Specification::default());
+    let mut front = EchoClient::new(client.channel("front"));
+    let mut request = Request::new(say("hello"));
     request.metadata_mut().insert("x-request-id", "order-42".parse().unwrap());
-    let reply = front.find_available(request).await.unwrap();
-    assert_eq!(reply.into_inner().vessel.unwrap().id, "order-42");
+    let reply = front.say(request).await.unwrap();
+    assert_eq!(reply.into_inner().instance, "order-42");
 }
 
 /// Answers with its label after a delay, counting the calls that reach it.
@@ -318,27 +328,23 @@ impl Delayed {
 }
 
 #[tonic::async_trait]
-impl VesselService for Delayed {
-    async fn find_available(&self, _: Request<Specification>) -> Result<tonic::Response<Response>, Status> {
+impl Answer for Delayed {
+    async fn answer(&self, _: Request<Message>) -> Result<tonic::Response<Reply>, Status> {
         self.arrived.fetch_add(1, Ordering::SeqCst);
         tokio::time::sleep(self.delay).await;
-        let vessel = Vessel { id: self.label.into(), ..Default::default() };
-        Ok(tonic::Response::new(Response { vessel: Some(vessel), vessels: vec![] }))
+        reply_from(self.label)
     }
 }
-
-const FIND_AVAILABLE: &str = "/vessel.VesselService/FindAvailable";
 
 #[tokio::test]
 async fn a_reconfigured_clone_gets_a_channel_with_its_own_settings() {
     let registry = MemoryRegistry::new();
     let _slow = start_with(&registry, "svc", Delayed::new("slow", Duration::from_millis(300)), "1").await;
     let base = Client::new(Arc::new(registry));
-    let mut patient = VesselServiceClient::new(base.channel("svc"));
+    let mut patient = EchoClient::new(base.channel("svc"));
     assert_eq!(call(&mut patient).await.unwrap(), "slow");
 
-    let mut hasty =
-        VesselServiceClient::new(base.clone().request_timeout(Duration::from_millis(100)).channel("svc"));
+    let mut hasty = EchoClient::new(base.clone().request_timeout(Duration::from_millis(100)).channel("svc"));
     let status = call(&mut hasty).await.unwrap_err();
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
     assert_eq!(call(&mut patient).await.unwrap(), "slow", "the first client keeps its settings");
@@ -380,11 +386,11 @@ async fn an_idempotent_call_not_answered_in_time_is_hedged_to_another_instance()
         start_with(&registry, "svc", slow.clone(), "1").await,
         start_with(&registry, "svc", fast.clone(), "1").await,
     ];
-    let client = hedging_client(&registry, Hedge::After(Duration::from_millis(50)))
-        .idempotent_methods(&[FIND_AVAILABLE]);
+    let client =
+        hedging_client(&registry, Hedge::After(Duration::from_millis(50))).idempotent_methods(&[SAY]);
     let channel = client.channel("svc");
     wait_for_instances(&channel, 2).await;
-    let mut vessels = VesselServiceClient::new(channel);
+    let mut vessels = EchoClient::new(channel);
     for _ in 0..4 {
         let started = Instant::now();
         assert_eq!(call(&mut vessels).await.unwrap(), "fast");
@@ -405,7 +411,7 @@ async fn a_call_that_may_not_be_sent_twice_is_never_hedged() {
     let client = hedging_client(&registry, Hedge::After(Duration::from_millis(10)));
     let channel = client.channel("svc");
     wait_for_instances(&channel, 2).await;
-    let mut vessels = VesselServiceClient::new(channel);
+    let mut vessels = EchoClient::new(channel);
     for _ in 0..6 {
         call(&mut vessels).await.unwrap();
     }
@@ -421,10 +427,10 @@ async fn a_hung_instance_costs_no_call_and_is_ejected() {
         start_with(&registry, "svc", Delayed::new("a", Duration::ZERO), "1").await,
         start_with(&registry, "svc", Delayed::new("b", Duration::ZERO), "1").await,
     ];
-    let client = Client::new(Arc::new(registry)).idempotent_methods(&[FIND_AVAILABLE]);
+    let client = Client::new(Arc::new(registry)).idempotent_methods(&[SAY]);
     let channel = client.channel("svc");
     wait_for_instances(&channel, 3).await;
-    let mut vessels = VesselServiceClient::new(channel.clone());
+    let mut vessels = EchoClient::new(channel.clone());
     for _ in 0..60 {
         let started = Instant::now();
         assert_ne!(call(&mut vessels).await.unwrap(), "hung");
@@ -447,10 +453,10 @@ async fn the_default_strategy_sends_a_slow_instance_few_calls() {
         start_with(&registry, "svc", Delayed::new("a", Duration::from_millis(5)), "1").await,
         start_with(&registry, "svc", Delayed::new("b", Duration::from_millis(5)), "1").await,
     ];
-    let client = Client::new(Arc::new(registry)).idempotent_methods(&[FIND_AVAILABLE]);
+    let client = Client::new(Arc::new(registry)).idempotent_methods(&[SAY]);
     let channel = client.channel("svc");
     wait_for_instances(&channel, 3).await;
-    let mut vessels = VesselServiceClient::new(channel);
+    let mut vessels = EchoClient::new(channel);
     for _ in 0..200 {
         call(&mut vessels).await.unwrap();
     }
@@ -461,8 +467,8 @@ async fn the_default_strategy_sends_a_slow_instance_few_calls() {
 struct TimedOutOnTheServer;
 
 #[tonic::async_trait]
-impl VesselService for TimedOutOnTheServer {
-    async fn find_available(&self, _: Request<Specification>) -> Result<tonic::Response<Response>, Status> {
+impl Answer for TimedOutOnTheServer {
+    async fn answer(&self, _: Request<Message>) -> Result<tonic::Response<Reply>, Status> {
         Err(Status::cancelled("Timeout expired"))
     }
 }
@@ -471,8 +477,8 @@ impl VesselService for TimedOutOnTheServer {
 async fn a_deadline_that_passed_on_the_server_reaches_the_caller_as_deadline_exceeded() {
     let registry = MemoryRegistry::new();
     let _server = start_with(&registry, "svc", TimedOutOnTheServer, "1").await;
-    let client = Client::new(Arc::new(registry)).idempotent_methods(&[FIND_AVAILABLE]);
-    let status = call(&mut VesselServiceClient::new(client.channel("svc"))).await.unwrap_err();
+    let client = Client::new(Arc::new(registry)).idempotent_methods(&[SAY]);
+    let status = call(&mut EchoClient::new(client.channel("svc"))).await.unwrap_err();
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
 }
 
@@ -483,7 +489,7 @@ async fn the_attempt_series_of_an_instance_that_left_are_dropped() {
     let leaving = start(&registry, name, "leaving").await;
     let client = Client::new(Arc::new(registry.clone()));
     let channel = client.channel(name);
-    let mut vessels = VesselServiceClient::new(channel.clone());
+    let mut vessels = EchoClient::new(channel.clone());
     call(&mut vessels).await.unwrap();
     let node = channel.instances()[0].id.clone();
     let labels = crate::metrics::AttemptLabels { service: name.into(), node, result: "ok".into() };

@@ -324,7 +324,7 @@ impl Registry for EtcdRegistry {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::{wire::decode, *};
 
     #[test]
     fn keys_are_go_micros_node_paths() {
