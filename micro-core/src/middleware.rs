@@ -262,7 +262,7 @@ impl ServedMethods {
 }
 
 /// `(package.Service, Method)` of every method in encoded `FileDescriptorSet`s.
-fn described_methods(sets: &[&[u8]]) -> Vec<(String, String)> {
+pub(crate) fn described_methods(sets: &[&[u8]]) -> Vec<(String, String)> {
     use prost::Message;
     // The few fields of descriptor.proto needed here; prost skips the others.
     #[derive(Clone, PartialEq, prost::Message)]

@@ -255,36 +255,9 @@ fn warn_unreflected(served: &[&str], sets: &[&[u8]]) {
 
 /// The full names (`package.Service`) of the services in encoded `FileDescriptorSet`s.
 fn described_services(sets: &[&[u8]]) -> Vec<String> {
-    use prost::Message;
-    // The few fields of descriptor.proto needed here; prost skips the others.
-    #[derive(Clone, PartialEq, prost::Message)]
-    struct FileSet {
-        #[prost(message, repeated, tag = "1")]
-        file: Vec<File>,
-    }
-    #[derive(Clone, PartialEq, prost::Message)]
-    struct File {
-        #[prost(string, optional, tag = "2")]
-        package: Option<String>,
-        #[prost(message, repeated, tag = "6")]
-        service: Vec<GrpcService>,
-    }
-    #[derive(Clone, PartialEq, prost::Message)]
-    struct GrpcService {
-        #[prost(string, optional, tag = "1")]
-        name: Option<String>,
-    }
-    let mut names = Vec::new();
-    for set in sets {
-        let Ok(set) = FileSet::decode(*set) else { continue };
-        for file in set.file {
-            let package = file.package.unwrap_or_default();
-            for service in file.service {
-                let name = service.name.unwrap_or_default();
-                names.push(if package.is_empty() { name } else { format!("{package}.{name}") });
-            }
-        }
-    }
+    let mut names: Vec<String> =
+        crate::middleware::described_methods(sets).into_iter().map(|(service, _)| service).collect();
+    names.dedup();
     names
 }
 
