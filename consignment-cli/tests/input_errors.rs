@@ -60,10 +60,10 @@ fn missing_file_names_the_path() {
 
 #[test]
 fn unknown_registry_lists_the_valid_ones() {
-    let output = cargo_bin_cmd!("consignment-cli").env("MICRO_REGISTRY", "etcd").output().unwrap();
+    let output = cargo_bin_cmd!("consignment-cli").env("MICRO_REGISTRY", "zookeeper").output().unwrap();
     assert!(!output.status.success());
     let stderr = stderr_of(&output);
-    assert!(stderr.contains("'etcd'") && stderr.contains("mdns, consul, memory"), "{stderr}");
+    assert!(stderr.contains("'zookeeper'") && stderr.contains("mdns, consul, memory, etcd, dns"), "{stderr}");
 }
 
 #[test]
