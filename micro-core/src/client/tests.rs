@@ -498,7 +498,7 @@ async fn the_attempt_series_of_an_instance_that_left_are_dropped() {
     leaving.stop().await.unwrap();
     wait_for_instances(&channel, 0).await;
     assert!(
-        !crate::metrics::metrics().client_attempts.get(&labels).is_some(),
+        crate::metrics::metrics().client_attempts.get(&labels).is_none(),
         "the series outlived its instance"
     );
 }

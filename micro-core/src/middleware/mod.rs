@@ -36,23 +36,15 @@
 //! ```
 
 use std::{
-    collections::{HashMap, HashSet},
     convert::Infallible,
-    pin::Pin,
-    sync::{Arc, RwLock},
+    sync::Arc,
     task::{Context, Poll},
     time::Instant,
 };
 
-use bytes::Bytes;
 use futures::future::BoxFuture;
-use http::{HeaderMap, HeaderName, HeaderValue};
-use http_body::Frame;
-use opentelemetry::{
-    propagation::{Extractor, Injector, TextMapPropagator},
-    trace::{SpanContext, TraceContextExt},
-};
-use opentelemetry_sdk::propagation::TraceContextPropagator;
+use http::{HeaderMap, HeaderValue};
+use opentelemetry::trace::TraceContextExt;
 use prometheus_client::metrics::{counter::Counter, gauge::Gauge, histogram::Histogram};
 use tonic::body::Body;
 use tracing::{Instrument, field::Empty};
@@ -126,185 +118,19 @@ where
     tokio::spawn(in_current_call(future))
 }
 
-/// The trace context `headers` carry (`traceparent`, `tracestate`); an empty context
-/// when they carry none or an invalid one.
-pub fn extract_trace_context(headers: &HeaderMap) -> opentelemetry::Context {
-    if !headers.contains_key(TRACEPARENT_HEADER) {
-        return opentelemetry::Context::new();
-    }
-    TraceContextPropagator::new().extract(&HeaderExtractor(headers))
-}
+mod methods;
+mod propagation;
+mod status;
 
-/// Writes `traceparent`/`tracestate` for a call made in `span`: `span`'s own context when
-/// spans are exported, else the context of the call being handled, passed on unchanged.
-pub(crate) fn inject_trace_context(headers: &mut HeaderMap, span: &tracing::Span) {
-    let own = if span.is_disabled() { None } else { Some(span.context()) };
-    let cx = match own {
-        Some(cx) if cx.span().span_context().is_valid() => cx,
-        _ => match CALL.try_with(|call| call.remote.clone()) {
-            Ok(remote) if remote.span().span_context().is_valid() => remote,
-            _ => return,
-        },
-    };
-    TraceContextPropagator::new().inject_context(&cx, &mut HeaderInjector(headers));
-}
-
-struct HeaderExtractor<'a>(&'a HeaderMap);
-
-impl Extractor for HeaderExtractor<'_> {
-    fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).and_then(|value| value.to_str().ok())
-    }
-
-    fn keys(&self) -> Vec<&str> {
-        self.0.keys().map(HeaderName::as_str).collect()
-    }
-}
-
-struct HeaderInjector<'a>(&'a mut HeaderMap);
-
-impl Injector for HeaderInjector<'_> {
-    fn set(&mut self, key: &str, value: String) {
-        if let (Ok(name), Ok(value)) = (HeaderName::from_bytes(key.as_bytes()), HeaderValue::from_str(&value))
-        {
-            self.0.insert(name, value);
-        }
-    }
-}
-
-/// The methods a server serves, which alone get a `method` label of their own.
-///
-/// A method is known when an encoded descriptor set given to the server describes it, or,
-/// for a served gRPC service no set describes, once it has answered with anything but
-/// `UNIMPLEMENTED` (what tonic answers for a path it does not route), up to
-/// [`MAX_LEARNED_METHODS`]. Every other path counts as [`UNKNOWN_METHOD`].
-pub struct ServedMethods {
-    /// Full names of the gRPC services served (`package.Service`).
-    services: HashSet<String>,
-    /// Services whose methods a descriptor set lists: nothing is learned for them.
-    described: HashSet<String>,
-    /// Known paths and their metric handles.
-    known: RwLock<HashMap<String, Arc<MethodMetrics>>>,
-    unknown: Arc<MethodMetrics>,
-    /// Learn any path (a layer used on its own, with no service list).
-    learn_any: bool,
-}
-
-impl std::fmt::Debug for ServedMethods {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ServedMethods").field("services", &self.services).finish_non_exhaustive()
-    }
-}
-
-impl Default for ServedMethods {
-    /// Knows nothing in advance; learns any path that answers, up to [`MAX_LEARNED_METHODS`].
-    fn default() -> Self {
-        let mut methods = ServedMethods::new(std::iter::empty::<&str>(), &[]);
-        methods.learn_any = true;
-        methods
-    }
-}
-
-impl ServedMethods {
-    /// The methods of the gRPC `services` (full names) that the encoded descriptor sets
-    /// describe, plus those of undescribed services as they answer.
-    pub fn new<'a>(services: impl IntoIterator<Item = &'a str>, descriptor_sets: &[&[u8]]) -> Self {
-        let services: HashSet<String> = services.into_iter().map(str::to_owned).collect();
-        let mut known = HashMap::new();
-        let mut described = HashSet::new();
-        for (service, method) in described_methods(descriptor_sets) {
-            if services.contains(&service) {
-                let path = format!("/{service}/{method}");
-                known.insert(path.clone(), MethodMetrics::new(&path));
-                described.insert(service);
-            }
-        }
-        ServedMethods {
-            services,
-            described,
-            known: RwLock::new(known),
-            unknown: MethodMetrics::new(UNKNOWN_METHOD),
-            learn_any: false,
-        }
-    }
-
-    /// The handles for `path`: its own when known, else the unknown method's.
-    fn lookup(&self, path: &str) -> Arc<MethodMetrics> {
-        match self.known.read().expect("metrics cache lock").get(path) {
-            Some(found) => found.clone(),
-            None => self.unknown.clone(),
-        }
-    }
-
-    /// The handles for `path`, which was not known when its call started and ended with
-    /// `code`: its own when that answer shows it is served, else none.
-    fn learn(&self, path: &str, code: tonic::Code) -> Option<Arc<MethodMetrics>> {
-        if code == tonic::Code::Unimplemented {
-            return None;
-        }
-        let service = path.strip_prefix('/')?.split_once('/')?.0;
-        let learnable =
-            self.learn_any || (self.services.contains(service) && !self.described.contains(service));
-        if !learnable {
-            return None;
-        }
-        let mut known = self.known.write().expect("metrics cache lock");
-        if let Some(found) = known.get(path) {
-            return Some(found.clone());
-        }
-        if known.len() >= MAX_LEARNED_METHODS {
-            return None;
-        }
-        let entry = MethodMetrics::new(path);
-        known.insert(path.to_owned(), entry.clone());
-        Some(entry)
-    }
-}
-
-/// `(package.Service, Method)` of every method in encoded `FileDescriptorSet`s.
-pub(crate) fn described_methods(sets: &[&[u8]]) -> Vec<(String, String)> {
-    use prost::Message;
-    // The few fields of descriptor.proto needed here; prost skips the others.
-    #[derive(Clone, PartialEq, prost::Message)]
-    struct FileSet {
-        #[prost(message, repeated, tag = "1")]
-        file: Vec<File>,
-    }
-    #[derive(Clone, PartialEq, prost::Message)]
-    struct File {
-        #[prost(string, optional, tag = "2")]
-        package: Option<String>,
-        #[prost(message, repeated, tag = "6")]
-        service: Vec<GrpcService>,
-    }
-    #[derive(Clone, PartialEq, prost::Message)]
-    struct GrpcService {
-        #[prost(string, optional, tag = "1")]
-        name: Option<String>,
-        #[prost(message, repeated, tag = "2")]
-        method: Vec<Method>,
-    }
-    #[derive(Clone, PartialEq, prost::Message)]
-    struct Method {
-        #[prost(string, optional, tag = "1")]
-        name: Option<String>,
-    }
-    let mut methods = Vec::new();
-    for set in sets {
-        let Ok(set) = FileSet::decode(*set) else { continue };
-        for file in set.file {
-            let package = file.package.unwrap_or_default();
-            for service in file.service {
-                let name = service.name.unwrap_or_default();
-                let full = if package.is_empty() { name } else { format!("{package}.{name}") };
-                for method in service.method {
-                    methods.push((full.clone(), method.name.unwrap_or_default()));
-                }
-            }
-        }
-    }
-    methods
-}
+pub use self::{
+    methods::ServedMethods,
+    propagation::{extract_trace_context, span_context},
+};
+pub(crate) use self::{
+    methods::described_methods,
+    propagation::inject_trace_context,
+    status::{OnStatus, StatusBody},
+};
 
 /// Traces, counts and logs every incoming call: a `grpc.server` span continuing the
 /// caller's trace, the request id, the call by method and status, its duration, calls in
@@ -460,14 +286,6 @@ where
     }
 }
 
-/// What happens when a call's status is known: from the response headers of a
-/// trailers-only answer, or from the trailers; empty headers when the body ended without
-/// any. Dropping it unfinished means the call was cut off.
-pub(crate) trait OnStatus: Send + 'static {
-    /// Records the call with the status in `headers`.
-    fn complete(self, headers: &HeaderMap);
-}
-
 /// What is recorded when a served call ends.
 struct Finish {
     metrics: Arc<MethodMetrics>,
@@ -546,62 +364,12 @@ impl Drop for Finish {
     }
 }
 
-/// A response body that hands the status to its [`OnStatus`] when the trailers go by.
-pub(crate) struct StatusBody<T: OnStatus> {
-    inner: Body,
-    on_status: Option<T>,
-}
-
-impl<T: OnStatus> StatusBody<T> {
-    pub(crate) fn new(inner: Body, on_status: T) -> Self {
-        StatusBody { inner, on_status: Some(on_status) }
-    }
-}
-
-impl<T: OnStatus + Unpin> http_body::Body for StatusBody<T> {
-    type Data = Bytes;
-    type Error = tonic::Status;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(trailers) = frame.trailers_ref()
-                    && let Some(on_status) = self.on_status.take()
-                {
-                    on_status.complete(trailers);
-                }
-            }
-            Poll::Ready(None) => {
-                if let Some(on_status) = self.on_status.take() {
-                    on_status.complete(&HeaderMap::new());
-                }
-            }
-            _ => {}
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-/// The span context of `cx`, for tests and logs.
-pub fn span_context(cx: &opentelemetry::Context) -> SpanContext {
-    cx.span().span_context().clone()
-}
-
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use opentelemetry::propagation::TextMapPropagator;
+    use opentelemetry_sdk::propagation::TraceContextPropagator;
+
+    use super::{propagation::HeaderInjector, *};
 
     #[test]
     fn descriptor_sets_name_their_methods() {

@@ -1,0 +1,67 @@
+//! Seeing a call's gRPC status as its response ends, for metrics and spans.
+
+use std::{
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use bytes::Bytes;
+use http::HeaderMap;
+use http_body::Frame;
+use tonic::body::Body;
+
+/// What happens when a call's status is known: from the response headers of a
+/// trailers-only answer, or from the trailers; empty headers when the body ended without
+/// any. Dropping it unfinished means the call was cut off.
+pub(crate) trait OnStatus: Send + 'static {
+    /// Records the call with the status in `headers`.
+    fn complete(self, headers: &HeaderMap);
+}
+
+/// A response body that hands the status to its [`OnStatus`] when the trailers go by.
+pub(crate) struct StatusBody<T: OnStatus> {
+    inner: Body,
+    on_status: Option<T>,
+}
+
+impl<T: OnStatus> StatusBody<T> {
+    pub(crate) fn new(inner: Body, on_status: T) -> Self {
+        StatusBody { inner, on_status: Some(on_status) }
+    }
+}
+
+impl<T: OnStatus + Unpin> http_body::Body for StatusBody<T> {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(trailers) = frame.trailers_ref()
+                    && let Some(on_status) = self.on_status.take()
+                {
+                    on_status.complete(trailers);
+                }
+            }
+            Poll::Ready(None) => {
+                if let Some(on_status) = self.on_status.take() {
+                    on_status.complete(&HeaderMap::new());
+                }
+            }
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
