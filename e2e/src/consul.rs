@@ -93,14 +93,32 @@ impl ConsulAgent {
         .await
     }
 
+    /// Starts an agent on free ports; one that exits at once (a port taken between choosing
+    /// it and binding it, which tests running side by side make likely) is started again on
+    /// other ports, up to three times.
     fn start_with(acl_master_token: Option<String>) -> ConsulAgent {
         let binary = find_binary();
-        let ports = free_ports();
-        let log =
-            std::env::temp_dir().join(format!("micro-consul-{}-{}.log", std::process::id(), ports.http));
-        let mut agent = ConsulAgent { binary, ports, log, acl_master_token, child: None };
-        agent.spawn();
-        agent
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let ports = free_ports();
+            let log =
+                std::env::temp_dir().join(format!("micro-consul-{}-{}.log", std::process::id(), ports.http));
+            let mut agent = ConsulAgent {
+                binary: binary.clone(),
+                ports,
+                log,
+                acl_master_token: acl_master_token.clone(),
+                child: None,
+            };
+            match agent.try_spawn() {
+                Ok(()) => return agent,
+                Err(AgentFailure::Exited(message)) if tries < 3 => {
+                    eprintln!("{message}\n(starting the agent again on other ports)");
+                }
+                Err(AgentFailure::Exited(message) | AgentFailure::NoLeader(message)) => panic!("{message}"),
+            }
+        }
     }
 
     /// The agent's HTTP API, `127.0.0.1:<port>`.
@@ -131,6 +149,12 @@ impl ConsulAgent {
     }
 
     fn spawn(&mut self) {
+        if let Err(AgentFailure::Exited(message) | AgentFailure::NoLeader(message)) = self.try_spawn() {
+            panic!("{message}");
+        }
+    }
+
+    fn try_spawn(&mut self) -> Result<(), AgentFailure> {
         let log = File::create(&self.log).expect("create the consul agent log");
         let port = |p: u16| p.to_string();
         let child = Command::new(&self.binary)
@@ -156,29 +180,33 @@ impl ConsulAgent {
             .spawn()
             .unwrap_or_else(|err| panic!("could not start {}: {err}", self.binary.display()));
         self.child = Some(child);
-        self.wait_for_leader();
+        self.wait_for_leader()
     }
 
-    fn wait_for_leader(&mut self) {
+    fn wait_for_leader(&mut self) -> Result<(), AgentFailure> {
         let address: SocketAddr = self.http_address().parse().expect("loopback address");
         let deadline = Instant::now() + LEADER_TIMEOUT;
         loop {
             if let Some(leader) = http_get(address, "/v1/status/leader")
                 && leader.trim().trim_matches('"').contains(':')
             {
-                return;
+                return Ok(());
             }
             let exited = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
             if exited.is_some() || Instant::now() > deadline {
                 let log = std::fs::read_to_string(&self.log).unwrap_or_default();
                 let tail: Vec<&str> =
                     log.lines().rev().take(20).collect::<Vec<_>>().into_iter().rev().collect();
-                panic!(
+                let message = format!(
                     "consul agent at {address} {} (exit: {exited:?}); log {}:\n{}",
                     if exited.is_some() { "exited" } else { "had no leader after 10 s" },
                     self.log.display(),
                     tail.join("\n")
                 );
+                return Err(match exited {
+                    Some(_) => AgentFailure::Exited(message),
+                    None => AgentFailure::NoLeader(message),
+                });
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -247,4 +275,12 @@ fn http_get(address: SocketAddr, path: &str) -> Option<String> {
     stream.read_to_string(&mut response).ok()?;
     let (head, body) = response.split_once("\r\n\r\n")?;
     (head.split(' ').nth(1) == Some("200")).then(|| body.to_owned())
+}
+
+/// Why an agent did not come up.
+enum AgentFailure {
+    /// It exited, e.g. because a port was taken.
+    Exited(String),
+    /// It ran but found no leader in time.
+    NoLeader(String),
 }
