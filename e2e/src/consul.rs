@@ -20,7 +20,7 @@
 use std::{
     fs::File,
     io::{Read, Write},
-    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -255,15 +255,14 @@ fn find_binary() -> PathBuf {
 
 /// Four distinct loopback ports free for TCP, and for UDP too (serf gossips over both).
 fn free_ports() -> Ports {
-    let mut held = Vec::new();
-    while held.len() < 4 {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
-        let port = listener.local_addr().expect("local address").port();
-        if let Ok(udp) = UdpSocket::bind(("127.0.0.1", port)) {
-            held.push((port, listener, udp));
+    let mut ports: Vec<u16> = Vec::new();
+    while ports.len() < 4 {
+        let port = crate::free_port();
+        if !ports.contains(&port) {
+            ports.push(port);
         }
     }
-    Ports { http: held[0].0, serf_lan: held[1].0, serf_wan: held[2].0, server: held[3].0 }
+    Ports { http: ports[0], serf_lan: ports[1], serf_wan: ports[2], server: ports[3] }
 }
 
 /// The body of a plain HTTP/1.0 GET, or `None` on any failure or a status other than 200.

@@ -11,7 +11,7 @@
 //! ```
 
 use std::{
-    net::{SocketAddr, TcpListener, UdpSocket},
+    net::SocketAddr,
     path::PathBuf,
     process::Command,
     time::{Duration, Instant},
@@ -39,13 +39,7 @@ impl Dnsmasq {
                 || panic!("no dnsmasq binary: `apt-get install dnsmasq-base` (`make test-deps` does it) or set DNSMASQ_BIN"),
             )
         });
-        let port = loop {
-            let tcp = TcpListener::bind("127.0.0.1:0").expect("bind");
-            let port = tcp.local_addr().expect("address").port();
-            if UdpSocket::bind(("127.0.0.1", port)).is_ok() {
-                break port;
-            }
-        };
+        let port = crate::free_port();
         let conf = std::env::temp_dir().join(format!("{}.conf", crate::unique_name("micro-dnsmasq")));
         let mut dns = Dnsmasq { binary, port, conf, process: None };
         dns.set_records(records);

@@ -13,7 +13,7 @@
 
 use std::{
     io::{Read, Write},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
     path::PathBuf,
     process::Command,
     time::{Duration, Instant},
@@ -71,7 +71,7 @@ pub fn etcdctl(endpoints: &str, args: &[&str]) -> String {
 
 /// A loopback port free for TCP.
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("address").port()
+    crate::free_port()
 }
 
 /// A fresh, empty data folder.

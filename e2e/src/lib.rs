@@ -56,3 +56,28 @@ pub fn unique_name(prefix: &str) -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     format!("{prefix}-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
 }
+
+/// A loopback port free for TCP and UDP now, for a server a test starts. It lies below the
+/// range the kernel hands out for outgoing connections (from 32768 by default), so no
+/// connection a test makes can take it before the server binds it, and it is drawn at
+/// random, so tests side by side rarely draw the same one. (A port the kernel picks with
+/// `:0` comes from that range, and tests running together took such ports first.)
+pub fn free_port() -> u16 {
+    use std::net::{TcpListener, UdpSocket};
+    use std::time::{SystemTime, UNIX_EPOCH};
+    static DRAWS: AtomicU32 = AtomicU32::new(0);
+    const LOWEST: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    loop {
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+        let draw = DRAWS.fetch_add(1, Ordering::Relaxed);
+        let mixed = (nanos ^ std::process::id().rotate_left(16) ^ draw.wrapping_mul(2_654_435_761))
+            .wrapping_mul(2_246_822_519);
+        let port = (LOWEST + (mixed >> 8) % SPAN) as u16;
+        let tcp = TcpListener::bind(("127.0.0.1", port));
+        let udp = UdpSocket::bind(("127.0.0.1", port));
+        if tcp.is_ok() && udp.is_ok() {
+            return port;
+        }
+    }
+}

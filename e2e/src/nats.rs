@@ -8,7 +8,7 @@
 //! ```
 
 use std::{
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpStream},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -27,7 +27,7 @@ impl NatsServer {
     /// When `nats-server` is not installed (`make test-deps`, or `apt-get install nats-server`)
     /// or does not start within 10 s.
     pub fn start() -> NatsServer {
-        let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
+        let port = crate::free_port();
         let store = std::env::temp_dir().join(format!("e2e-nats-{}-{port}", std::process::id()));
         let mut server = NatsServer { port, store, child: None };
         server.launch();

@@ -8,7 +8,6 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::TcpListener,
     sync::Arc,
     time::Duration,
 };
@@ -200,8 +199,7 @@ async fn go_micro_json_is_found_and_called_and_the_sdk_writes_go_micros_shape() 
     let endpoints = cluster.endpoints();
     let name = unique_name("gomicro");
     // An instance the test runs, registered nowhere by itself (memory registry).
-    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let address = format!("127.0.0.1:{port}");
+    let address = format!("127.0.0.1:{}", e2e::free_port());
     let _vessel = Process::start(
         "vessel-service",
         &[],
