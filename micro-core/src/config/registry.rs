@@ -143,6 +143,25 @@ impl Default for RegistryConfig {
 }
 
 impl RegistryConfig {
+    /// `ping`'s answer once the registry gives one. When it fails: with `retry`, a warning
+    /// and another try after a jittered backoff (500 ms doubling to 30 s); without, the error.
+    #[cfg(any(feature = "consul", feature = "etcd"))]
+    async fn until_ready<T, F: Future<Output = Result<T>>>(&self, mut ping: impl FnMut() -> F) -> Result<T> {
+        let mut backoff = crate::registry::Backoff::new(REGISTRY_RETRY_FIRST_DELAY, REGISTRY_RETRY_MAX_DELAY);
+        loop {
+            match ping().await {
+                Ok(answer) => return Ok(answer),
+                Err(err) if self.retry => {
+                    let error = crate::error::error_chain(&err);
+                    let retry_in = backoff.next_delay();
+                    tracing::warn!(%error, ?retry_in, "registry not ready; trying again (MICRO_REGISTRY_RETRY is set)");
+                    tokio::time::sleep(retry_in).await;
+                }
+                Err(err) => return Err(err),
+            }
+        }
+    }
+
     /// Opens the configured registry. Inside a tokio runtime.
     ///
     /// Consul: the agent at `address` (default [`crate::registry::DEFAULT_CONSUL_ADDRESS`])
@@ -167,23 +186,9 @@ impl RegistryConfig {
                     .datacenter(self.consul_datacenter.clone())
                     .lookup_timeout(self.lookup_timeout)
                     .build()?;
-                let mut backoff =
-                    crate::registry::Backoff::new(REGISTRY_RETRY_FIRST_DELAY, REGISTRY_RETRY_MAX_DELAY);
-                loop {
-                    match consul.ping().await {
-                        Ok(leader) => {
-                            tracing::debug!(address = %consul.address(), %leader, "consul agent answers");
-                            return Ok(Arc::new(consul));
-                        }
-                        Err(err) if self.retry => {
-                            let error = crate::error::error_chain(&err);
-                            let retry_in = backoff.next_delay();
-                            tracing::warn!(%error, ?retry_in, "registry not ready; trying again (MICRO_REGISTRY_RETRY is set)");
-                            tokio::time::sleep(retry_in).await;
-                        }
-                        Err(err) => return Err(err),
-                    }
-                }
+                let leader = self.until_ready(|| consul.ping()).await?;
+                tracing::debug!(address = %consul.address(), %leader, "consul agent answers");
+                Ok(Arc::new(consul))
             }
             #[cfg(not(feature = "consul"))]
             RegistryKind::Consul => Err(crate::Error::invalid(
@@ -198,20 +203,8 @@ impl RegistryConfig {
                     .lookup_timeout(self.lookup_timeout)
                     .connect()
                     .await?;
-                let mut backoff =
-                    crate::registry::Backoff::new(REGISTRY_RETRY_FIRST_DELAY, REGISTRY_RETRY_MAX_DELAY);
-                loop {
-                    match etcd.ping().await {
-                        Ok(()) => return Ok(Arc::new(etcd)),
-                        Err(err) if self.retry => {
-                            let error = crate::error::error_chain(&err);
-                            let retry_in = backoff.next_delay();
-                            tracing::warn!(%error, ?retry_in, "registry not ready; trying again (MICRO_REGISTRY_RETRY is set)");
-                            tokio::time::sleep(retry_in).await;
-                        }
-                        Err(err) => return Err(err),
-                    }
-                }
+                self.until_ready(|| etcd.ping()).await?;
+                Ok(Arc::new(etcd))
             }
             #[cfg(not(feature = "etcd"))]
             RegistryKind::Etcd => {

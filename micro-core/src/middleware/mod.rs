@@ -122,12 +122,13 @@ mod methods;
 mod propagation;
 mod status;
 
+#[cfg(feature = "cli")]
+pub(crate) use self::methods::described_methods;
 pub use self::{
     methods::ServedMethods,
     propagation::{extract_trace_context, span_context},
 };
 pub(crate) use self::{
-    methods::described_methods,
     propagation::inject_trace_context,
     status::{OnStatus, StatusBody},
 };
