@@ -262,5 +262,4 @@ async fn sigkill_during_a_burst_keeps_every_reported_consignment_exactly_once() 
     let seen = burst_indices(&stored);
     assert_eq!(seen.keys().copied().collect::<BTreeSet<_>>(), (0..BURST).collect());
     assert!(seen.values().all(|&count| count == 1), "stored twice: {seen:?}");
-    assert!(started.elapsed() < Duration::from_secs(50), "took {:?}", started.elapsed());
 }
