@@ -1,6 +1,9 @@
 //! A broker inside one process: for tests of your own code and for single-binary apps.
 //! Every subscriber alone gets each message; each queue group gets it once, its members
 //! taking turns. Nothing is kept: at most once, and only for subscribers alive at publish.
+//! Each subscriber has an inbox of [`INBOX_CAPACITY`] messages; a publish that finds an inbox
+//! full skips that subscriber and fails with an error naming it (the others got the message),
+//! so a handler slower than its publishers cannot make memory grow without bound.
 //!
 //! # Examples
 //! ```
@@ -31,7 +34,10 @@ use tokio::sync::mpsc;
 use super::{
     AbortOnDrop, Broker, Handler, Message, SubscribeOptions, Subscription, refuse_durable, run_handler,
 };
-use crate::Result;
+use crate::{Error, Result};
+
+/// Messages a subscriber's inbox holds while its handler is busy.
+pub const INBOX_CAPACITY: usize = 1024;
 
 /// A broker in this process's memory. Clones share subscribers.
 #[derive(Clone, Default)]
@@ -50,7 +56,7 @@ struct Topics {
 struct Subscriber {
     id: u64,
     queue: Option<String>,
-    deliver: mpsc::UnboundedSender<Message>,
+    deliver: mpsc::Sender<Message>,
 }
 
 /// Removes its subscriber from the broker when dropped.
@@ -89,24 +95,49 @@ impl Broker for MemoryBroker {
     }
 
     async fn publish(&self, message: Message) -> Result<()> {
-        let mut topics = self.inner.lock().expect("memory broker lock");
-        let Topics { subscribers, turns, .. } = &mut *topics;
-        let Some(list) = subscribers.get(&message.topic) else { return Ok(()) };
-        let mut groups: BTreeMap<&str, Vec<&Subscriber>> = BTreeMap::new();
-        for subscriber in list {
-            match &subscriber.queue {
-                None => {
-                    let _ = subscriber.deliver.send(message.clone());
+        let mut full = Vec::new();
+        {
+            let mut topics = self.inner.lock().expect("memory broker lock");
+            let Topics { subscribers, turns, .. } = &mut *topics;
+            let Some(list) = subscribers.get(&message.topic) else { return Ok(()) };
+            let mut groups: BTreeMap<&str, Vec<&Subscriber>> = BTreeMap::new();
+            let mut receivers = Vec::new();
+            for subscriber in list {
+                match &subscriber.queue {
+                    None => receivers.push(subscriber),
+                    Some(queue) => groups.entry(queue).or_default().push(subscriber),
                 }
-                Some(queue) => groups.entry(queue).or_default().push(subscriber),
+            }
+            for (queue, members) in groups {
+                let turn = turns.entry((message.topic.clone(), queue.to_owned())).or_default();
+                receivers.push(members[*turn % members.len()]);
+                *turn = turn.wrapping_add(1);
+            }
+            for subscriber in receivers {
+                if let Err(mpsc::error::TrySendError::Full(_)) = subscriber.deliver.try_send(message.clone())
+                {
+                    full.push(match &subscriber.queue {
+                        Some(queue) => format!("queue group {queue}"),
+                        None => format!("subscriber {}", subscriber.id),
+                    });
+                }
             }
         }
-        for (queue, members) in groups {
-            let turn = turns.entry((message.topic.clone(), queue.to_owned())).or_default();
-            let _ = members[*turn % members.len()].deliver.send(message.clone());
-            *turn = turn.wrapping_add(1);
+        if full.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        Err(Error::Broker {
+            broker: self.kind().into(),
+            address: self.address(),
+            message: format!(
+                "topic {} message {}: not delivered to {}: inbox full ({INBOX_CAPACITY} messages waiting); \
+                 its handler is slower than the publishers",
+                message.topic,
+                message.id().unwrap_or("-"),
+                full.join(", ")
+            ),
+            source: None,
+        })
     }
 
     async fn subscribe(
@@ -118,7 +149,7 @@ impl Broker for MemoryBroker {
         if options.durable {
             return Err(refuse_durable(self));
         }
-        let (deliver, mut inbox) = mpsc::unbounded_channel::<Message>();
+        let (deliver, mut inbox) = mpsc::channel::<Message>(INBOX_CAPACITY);
         let task = tokio::spawn(async move {
             while let Some(message) = inbox.recv().await {
                 run_handler(&handler, message).await;
@@ -135,5 +166,39 @@ impl Broker for MemoryBroker {
         let guard =
             Unsubscribe { inner: self.inner.clone(), topic: topic.to_owned(), id, _task: AbortOnDrop(task) };
         Ok(Subscription::new(topic, options.queue, guard))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::handler;
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_full_inbox_refuses_the_publish_and_names_the_subscriber() {
+        let broker = MemoryBroker::new();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let _sub = broker
+            .subscribe(
+                "t",
+                SubscribeOptions::default().queue("slow"),
+                handler(move |m: Message| {
+                    let tx = tx.clone();
+                    async move { tx.send(m.body).map_err(Into::into) }
+                }),
+            )
+            .await
+            .unwrap();
+        // The handler's task cannot run before this test yields, so the inbox fills up.
+        for n in 0..INBOX_CAPACITY {
+            broker.publish(Message::new("t", n.to_string())).await.expect("room in the inbox");
+        }
+        let err = broker.publish(Message::new("t", "one too many")).await.unwrap_err().to_string();
+        assert!(err.contains("inbox full") && err.contains("queue group slow"), "{err}");
+        for n in 0..INBOX_CAPACITY {
+            assert_eq!(rx.recv().await.unwrap(), n.to_string());
+        }
+        broker.publish(Message::new("t", "room again")).await.expect("the inbox drained");
+        assert_eq!(&rx.recv().await.unwrap()[..], b"room again");
     }
 }
