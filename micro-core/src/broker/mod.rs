@@ -43,11 +43,13 @@ mod nats;
 mod registry;
 #[cfg(test)]
 mod tests;
+mod trace;
 
 pub use memory::MemoryBroker;
 #[cfg(feature = "nats")]
 pub use nats::{DEFAULT_NATS_ADDRESS, NatsBroker};
 pub use registry::{DELIVER_PATH, RegistryBroker, topic_service_name};
+pub use trace::current_trace_headers;
 
 /// Header names every backend carries, and the content types the typed helpers write.
 pub mod headers {
@@ -56,7 +58,8 @@ pub mod headers {
     /// A unique id per event; a redelivery or a replayed publish keeps it, so subscribers
     /// can deduplicate on it.
     pub const MESSAGE_ID: &str = "message-id";
-    /// W3C trace context of the publishing call, when it was traced.
+    /// W3C trace context of the publishing call, when it was traced (see
+    /// [`super::current_trace_headers`]).
     pub const TRACEPARENT: &str = "traceparent";
     /// W3C trace state that goes with [`TRACEPARENT`].
     pub const TRACESTATE: &str = "tracestate";
@@ -78,9 +81,11 @@ pub struct Message {
 }
 
 impl Message {
-    /// A message on `topic` with `body` and a fresh [`headers::MESSAGE_ID`].
+    /// A message on `topic` with `body`, a fresh [`headers::MESSAGE_ID`] and, when made
+    /// while handling a traced call, its trace context ([`current_trace_headers`]).
     pub fn new(topic: impl Into<String>, body: impl Into<Bytes>) -> Self {
-        let headers = BTreeMap::from([(headers::MESSAGE_ID.to_owned(), new_message_id())]);
+        let mut headers = current_trace_headers();
+        headers.insert(headers::MESSAGE_ID.to_owned(), new_message_id());
         Message { topic: topic.into(), headers, body: body.into() }
     }
 
@@ -205,31 +210,6 @@ pub trait Broker: Send + Sync + 'static {
     ) -> Result<Subscription>;
 }
 
-/// How trace context crosses a broker: written into a message's headers at publish, and
-/// made the parent of the subscriber's `broker.handle` span. The SDK's tracing installs one
-/// with [`set_trace_propagation`]; without one, messages carry no trace context.
-pub trait TracePropagation: Send + Sync + 'static {
-    /// Writes the current call's context ([`headers::TRACEPARENT`], [`headers::TRACESTATE`]).
-    fn inject(&self, headers: &mut BTreeMap<String, String>);
-    /// Makes the context `headers` carry the parent of `span`.
-    fn set_parent(&self, headers: &BTreeMap<String, String>, span: &tracing::Span);
-}
-
-static TRACE_PROPAGATION: std::sync::OnceLock<Box<dyn TracePropagation>> = std::sync::OnceLock::new();
-
-/// Installs the process's [`TracePropagation`]; `false` when one was installed already.
-pub fn set_trace_propagation(propagation: impl TracePropagation) -> bool {
-    TRACE_PROPAGATION.set(Box::new(propagation)).is_ok()
-}
-
-/// Adds the current call's trace context to `message`, when there is one.
-pub(crate) fn with_trace_context(mut message: Message) -> Message {
-    if let Some(propagation) = TRACE_PROPAGATION.get() {
-        propagation.inject(&mut message.headers);
-    }
-    message
-}
-
 /// Runs `handler` on `message` in a span continuing the publisher's trace; logs a failure
 /// with the topic and message id. Returns whether the message should be acknowledged.
 pub(crate) async fn run_handler(handler: &Handler, message: Message) -> bool {
@@ -237,9 +217,7 @@ pub(crate) async fn run_handler(handler: &Handler, message: Message) -> bool {
     let topic = message.topic.clone();
     let message_id = message.id().unwrap_or("-").to_owned();
     let span = tracing::info_span!("broker.handle", topic = %topic, message_id = %message_id);
-    if let Some(propagation) = TRACE_PROPAGATION.get() {
-        propagation.set_parent(&message.headers, &span);
-    }
+    trace::continue_trace(&message.headers, &span);
     match handler(message).instrument(span).await {
         Ok(()) => true,
         Err(err) => {
@@ -273,7 +251,7 @@ pub async fn publish_proto<M: prost::Message>(
         message.headers.insert(headers::MESSAGE_ID.to_owned(), id);
     }
     let id = message.id().unwrap_or_default().to_owned();
-    broker.publish(with_trace_context(message)).await?;
+    broker.publish(message).await?;
     Ok(id)
 }
 

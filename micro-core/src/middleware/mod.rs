@@ -90,6 +90,12 @@ pub async fn with_request_id<F: Future>(request_id: HeaderValue, future: F) -> F
     CALL.scope(CallContext { request_id, remote: opentelemetry::Context::new() }, future).await
 }
 
+/// Runs `future` as if handling a call whose caller sent the trace context `remote`.
+#[cfg(test)]
+pub(crate) async fn with_remote_context<F: Future>(remote: opentelemetry::Context, future: F) -> F::Output {
+    CALL.scope(CallContext { request_id: new_request_id(), remote }, future).await
+}
+
 /// `future` with the context of the call being handled (its span, trace and request id),
 /// for a task the handler spawns: `tokio::spawn(in_current_call(work))`. Calls made in it
 /// belong to the handler's trace. Outside a handler, only the current span is kept.
@@ -129,7 +135,7 @@ pub use self::{
     propagation::{extract_trace_context, span_context},
 };
 pub(crate) use self::{
-    propagation::inject_trace_context,
+    propagation::{inject_trace_context, outgoing_context},
     status::{OnStatus, StatusBody},
 };
 

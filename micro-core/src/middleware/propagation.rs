@@ -23,15 +23,24 @@ pub fn extract_trace_context(headers: &HeaderMap) -> opentelemetry::Context {
 /// Writes `traceparent`/`tracestate` for a call made in `span`: `span`'s own context when
 /// spans are exported, else the context of the call being handled, passed on unchanged.
 pub(crate) fn inject_trace_context(headers: &mut HeaderMap, span: &tracing::Span) {
-    let own = if span.is_disabled() { None } else { Some(span.context()) };
-    let cx = match own {
-        Some(cx) if cx.span().span_context().is_valid() => cx,
-        _ => match CALL.try_with(|call| call.remote.clone()) {
-            Ok(remote) if remote.span().span_context().is_valid() => remote,
-            _ => return,
-        },
-    };
-    TraceContextPropagator::new().inject_context(&cx, &mut HeaderInjector(headers));
+    if let Some(cx) = outgoing_context(span) {
+        TraceContextPropagator::new().inject_context(&cx, &mut HeaderInjector(headers));
+    }
+}
+
+/// The context work done in `span` continues: `span`'s own when spans are exported, else the
+/// context of the call being handled; `None` when neither is valid.
+pub(crate) fn outgoing_context(span: &tracing::Span) -> Option<opentelemetry::Context> {
+    if !span.is_disabled() {
+        let own = span.context();
+        if own.span().span_context().is_valid() {
+            return Some(own);
+        }
+    }
+    match CALL.try_with(|call| call.remote.clone()) {
+        Ok(remote) if remote.span().span_context().is_valid() => Some(remote),
+        _ => None,
+    }
 }
 
 struct HeaderExtractor<'a>(&'a HeaderMap);
