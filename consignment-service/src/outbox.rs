@@ -2,7 +2,8 @@
 //! consignment, oldest first, and marks each sent once the broker took it. A crash between
 //! the commit and the publish loses nothing (the event is still unsent at the next start); a
 //! crash between the publish and the mark publishes it again with the same message id, so
-//! delivery is at least once and subscribers deduplicate on the id.
+//! delivery is at least once and subscribers deduplicate on the id. Each event carries the
+//! trace context of the create that wrote it.
 //!
 //! # Examples
 //! ```no_run
@@ -63,9 +64,16 @@ async fn relay(repository: SqliteRepository, broker: Arc<dyn Broker>, wake: Arc<
             Ok(events) => {
                 let mut failed = false;
                 for event in events {
-                    let message = Message::new(&event.topic, event.body)
+                    let mut message = Message::new(&event.topic, event.body)
                         .header(headers::MESSAGE_ID, &event.message_id)
                         .header(headers::CONTENT_TYPE, headers::PROTOBUF);
+                    let trace =
+                        [(headers::TRACEPARENT, event.traceparent), (headers::TRACESTATE, event.tracestate)];
+                    for (name, value) in trace {
+                        if let Some(value) = value {
+                            message = message.header(name, value);
+                        }
+                    }
                     if let Err(err) = broker.publish(message).await {
                         tracing::warn!(topic = %event.topic, message_id = %event.message_id, error = %micro_core::error::error_chain(&err), "event not published; trying again");
                         failed = true;

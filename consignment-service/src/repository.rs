@@ -68,6 +68,10 @@ const MIGRATIONS: &[&str] = &[
          sent_at    TEXT
      );
      CREATE INDEX outbox_unsent ON outbox(seq) WHERE sent_at IS NULL;",
+    // 3: the trace context of the create that wrote the event, so its subscribers join
+    // that trace although the relay publishes later.
+    "ALTER TABLE outbox ADD COLUMN traceparent TEXT;
+     ALTER TABLE outbox ADD COLUMN tracestate TEXT;",
 ];
 
 /// The topic of the event each stored consignment gets.
@@ -84,6 +88,10 @@ pub struct OutboxEvent {
     pub message_id: String,
     /// The encoded protobuf body.
     pub body: Vec<u8>,
+    /// W3C `traceparent` of the create that wrote it, when that call was traced.
+    pub traceparent: Option<String>,
+    /// W3C `tracestate` that goes with `traceparent`.
+    pub tracestate: Option<String>,
 }
 
 /// Why storage failed.
@@ -202,12 +210,19 @@ impl SqliteRepository {
             let db = |source| RepositoryError::Database { path: path.clone(), source };
             let mut statement = connection
                 .prepare_cached(
-                    "SELECT seq, topic, message_id, body FROM outbox WHERE sent_at IS NULL ORDER BY seq LIMIT ?1",
+                    "SELECT seq, topic, message_id, body, traceparent, tracestate FROM outbox WHERE sent_at IS NULL ORDER BY seq LIMIT ?1",
                 )
                 .map_err(db)?;
             let rows = statement
                 .query_map(params![limit as i64], |row| {
-                    Ok(OutboxEvent { seq: row.get(0)?, topic: row.get(1)?, message_id: row.get(2)?, body: row.get(3)? })
+                    Ok(OutboxEvent {
+                        seq: row.get(0)?,
+                        topic: row.get(1)?,
+                        message_id: row.get(2)?,
+                        body: row.get(3)?,
+                        traceparent: row.get(4)?,
+                        tracestate: row.get(5)?,
+                    })
                 })
                 .map_err(db)?;
             rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db)
@@ -319,6 +334,9 @@ impl ConsignmentRepository for SqliteRepository {
     async fn create(&self, consignment: Consignment, key: Option<&str>) -> Result<Created, RepositoryError> {
         let key = key.map(str::to_owned);
         let path = self.path.clone();
+        let mut trace = micro_core::broker::current_trace_headers();
+        let traceparent = trace.remove(micro_core::broker::headers::TRACEPARENT);
+        let tracestate = trace.remove(micro_core::broker::headers::TRACESTATE);
         self.with_connection(move |connection| {
             let db = |source| RepositoryError::Database { path: path.clone(), source };
             // IMMEDIATE takes the write lock first, so the key check and the insert are one
@@ -356,8 +374,8 @@ impl ConsignmentRepository for SqliteRepository {
                 use prost::Message;
                 transaction
                     .execute(
-                        "INSERT INTO outbox (topic, message_id, body) VALUES (?1, ?2, ?3)",
-                        params![CONSIGNMENT_CREATED, consignment.id, consignment.encode_to_vec()],
+                        "INSERT INTO outbox (topic, message_id, body, traceparent, tracestate) VALUES (?1, ?2, ?3, ?4, ?5)",
+                        params![CONSIGNMENT_CREATED, consignment.id, consignment.encode_to_vec(), traceparent, tracestate],
                     )
                     .map_err(db)?;
             }
@@ -519,6 +537,26 @@ mod tests {
         assert_eq!(count, 0);
     }
 
+    #[tokio::test]
+    async fn an_outbox_written_by_schema_2_is_relayed_after_the_upgrade() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = default_path_in(dir.path());
+        {
+            let connection = Connection::open(&path).unwrap();
+            connection.execute_batch(MIGRATIONS[0]).unwrap();
+            connection.execute_batch(MIGRATIONS[1]).unwrap();
+            connection.pragma_update(None, "user_version", 2).unwrap();
+            connection
+                .execute("INSERT INTO outbox (topic, message_id, body) VALUES ('t', 'old', x'00')", [])
+                .unwrap();
+        }
+        let repository = SqliteRepository::open(&path).unwrap();
+        assert_eq!(repository.schema_version().unwrap(), MIGRATIONS.len() as i64);
+        let events = repository.unsent_events(10).await.unwrap();
+        assert_eq!(events.len(), 1);
+        assert_eq!((events[0].message_id.as_str(), events[0].traceparent.as_deref()), ("old", None));
+    }
+
     #[test]
     fn a_newer_schema_is_refused() {
         let dir = tempfile::tempdir().unwrap();
@@ -536,6 +574,7 @@ mod tests {
         let events = repository.unsent_events(10).await.unwrap();
         assert_eq!(events.len(), 1);
         assert_eq!((events[0].topic.as_str(), events[0].message_id.as_str()), (CONSIGNMENT_CREATED, "c-1"));
+        assert_eq!(events[0].traceparent, None, "the create was not traced");
         use prost::Message;
         assert_eq!(Consignment::decode(&events[0].body[..]).unwrap().id, "c-1");
         repository.mark_sent(events[0].seq).await.unwrap();
