@@ -1,33 +1,35 @@
-//! vessel-service: registers as `vessel-service` and serves `VesselService.FindAvailable`.
+//! vessel-service: registers as `vessel-service`, serves `VesselService.FindAvailable`, and
+//! books each `consignment.created` event into an SQLite file (`--db`).
 
-use std::{
-    path::PathBuf,
-    process::ExitCode,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
-};
+use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::Context;
 use clap::Parser;
 use micro_core::{
     Client, Server,
-    broker::{Broker, SubscribeOptions, subscribe_proto},
     cli::{BrokerArgs, LogArgs, RegistryArgs, ServerArgs, TlsArgs},
     config::{BrokerConfig, BrokerKind, RegistryConfig},
     error::error_chain,
 };
-use proto::{consignment::Consignment, vessel::vessel_service_server::VesselServiceServer};
-use vessel_service::{Fleet, VesselHandler};
+use proto::vessel::vessel_service_server::VesselServiceServer;
+use vessel_service::{
+    Booker, Fleet, VesselHandler,
+    bookings::{BookingStore, DEFAULT_DB},
+    subscribe_created,
+};
 
-/// Finds vessels that can carry a consignment.
+/// Finds vessels that can carry a consignment, less what is booked on them.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Cli {
     /// JSON file with the fleet (an array of vessels); default: the one built-in vessel.
     #[arg(long, env = "VESSEL_FLEET")]
     fleet: Option<PathBuf>,
+    /// SQLite database of bookings, created if missing (relative paths start at the working
+    /// directory); instances on one host may share it; `:memory:` keeps bookings in memory
+    /// only, lost on exit.
+    #[arg(long, env = "VESSEL_DB", default_value = DEFAULT_DB)]
+    db: PathBuf,
     #[command(flatten)]
     registry: RegistryArgs,
     #[command(flatten)]
@@ -63,56 +65,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         None => Fleet::default(),
     };
     tracing::info!(vessels = fleet.vessels().len(), "fleet loaded");
+    let db = cli.db.clone();
+    let store = tokio::task::spawn_blocking(move || BookingStore::open(&db))
+        .await?
+        .with_context(|| format!("cannot open the bookings database {}", cli.db.display()))?;
+    tracing::info!(db = %store.path(), schema = store.schema_version()?, "bookings database ready");
     let registry_config = RegistryConfig::from(cli.registry);
     let registry = registry_config.connect().await.context("cannot open the registry")?;
     let broker_config = BrokerConfig::from(cli.broker);
     let broker =
         broker_config.connect(&Client::new(registry.clone())).await.context("cannot open the broker")?;
-    let _subscription = subscribe_created(&*broker, broker_config.kind).await?;
+    // Durable where the broker keeps messages, so a booking that failed is delivered again.
+    let durable = !matches!(broker_config.kind, BrokerKind::Registry | BrokerKind::Memory);
+    let _subscription = subscribe_created(&*broker, durable, Booker::new(fleet.clone(), store.clone()))
+        .await
+        .context("cannot subscribe to consignment.created")?;
     Server::builder("vessel-service")
         .version(env!("CARGO_PKG_VERSION"))
         .config(cli.server.into_config_with_metrics(DEFAULT_METRICS_ADDRESS.parse()?)?)
         .tls(cli.tls.load()?)
         .file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .registry(registry)
-        .add_service(VesselServiceServer::new(VesselHandler::new(fleet)))
+        .add_service(VesselServiceServer::new(VesselHandler::new(fleet).bookings(store)))
         .run()
         .await?;
     Ok(())
-}
-
-/// Subscribes to `consignment.created` in queue group `vessel-service` (so each event is
-/// handled by one instance; durably on nats) and logs each consignment with a running count.
-async fn subscribe_created(
-    broker: &dyn Broker,
-    kind: BrokerKind,
-) -> anyhow::Result<micro_core::broker::Subscription> {
-    let mut options = SubscribeOptions::default().queue("vessel-service");
-    if kind != BrokerKind::Registry && kind != BrokerKind::Memory {
-        options = options.durable();
-    }
-    let seen = Arc::new(AtomicU64::new(0));
-    let subscription =
-        subscribe_proto(broker, consignment_service_topic(), options, move |c: Consignment, m| {
-            let count = seen.fetch_add(1, Ordering::Relaxed) + 1;
-            tracing::info!(
-                topic = %m.topic,
-                message_id = m.id().unwrap_or("-"),
-                consignment = %c.id,
-                vessel = %c.vessel_id,
-                weight = c.weight,
-                containers = c.containers.len(),
-                count,
-                "consignment.created received"
-            );
-            async { Ok(()) }
-        })
-        .await
-        .context("cannot subscribe to consignment.created")?;
-    Ok(subscription)
-}
-
-/// The topic consignment-service publishes each stored consignment on.
-fn consignment_service_topic() -> &'static str {
-    "consignment.created"
 }
