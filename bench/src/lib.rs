@@ -2,6 +2,7 @@
 //! The binaries are `micro-bench` (every figure) and `unary-mimalloc` (figure 1 again, in a
 //! process that allocates with mimalloc).
 
+pub mod broker;
 pub mod discovery;
 pub mod failover;
 pub mod gateway;

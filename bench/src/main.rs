@@ -5,19 +5,22 @@
 //! Run it with `make bench`: it needs the release binaries next to it and a private network
 //! namespace (`scripts/netns-run`) for mDNS. The whole run stops by itself within
 //! [`TIME_LIMIT`]. `--only FIGURE` (unary, resolve, discovery, failover, memory, silent,
-//! gateway) measures one figure, e.g. while working on it.
+//! gateway, broker) measures one figure, e.g. while working on it; `--brokers LIST`
+//! (comma-separated, default every one of [`broker::BACKENDS`]) narrows the broker figure
+//! to some backends.
 
 use std::{sync::Arc, time::Duration};
 
 use anyhow::Context;
 use bench::{
-    discovery, failover, gateway, memory, procs, report, require_private_netns, resolve, silent, unary,
+    broker, discovery, failover, gateway, memory, procs, report, require_private_netns, resolve, silent,
+    unary,
 };
 use micro_core::{Registry, registry::MdnsRegistry};
 use tokio::time::Instant;
 
 /// The whole run's bound; the watchdog kills every child and exits past it.
-const TIME_LIMIT: Duration = Duration::from_secs(240);
+const TIME_LIMIT: Duration = Duration::from_secs(300);
 
 const EXPLANATIONS: &str = include_str!("../EXPLAINED.md");
 
@@ -36,11 +39,26 @@ async fn main() -> anyhow::Result<()> {
         }
         None => None,
     };
+    let brokers: Vec<String> = match args.iter().position(|a| a == "--brokers") {
+        Some(i) => {
+            let list = args.get(i + 1).context("--brokers needs a list, e.g. memory,nats")?;
+            let list: Vec<String> = list.split(',').map(str::to_owned).collect();
+            for backend in &list {
+                anyhow::ensure!(
+                    broker::BACKENDS.contains(&backend.as_str()),
+                    "--brokers takes some of {:?}, comma-separated",
+                    broker::BACKENDS
+                );
+            }
+            list
+        }
+        None => broker::BACKENDS.map(str::to_owned).to_vec(),
+    };
     require_private_netns()?;
     procs::start_watchdog("micro-bench", TIME_LIMIT);
     let started = Instant::now();
     eprintln!("micro-bench on {}", report::machine());
-    let outcome = run(only.as_deref()).await;
+    let outcome = run(only.as_deref(), &brokers).await;
     procs::kill_all_children();
     outcome?;
     let elapsed = started.elapsed().as_secs_f64();
@@ -55,10 +73,11 @@ async fn main() -> anyhow::Result<()> {
 }
 
 /// The figures `--only` takes, in the order they run.
-const FIGURES: [&str; 7] = ["unary", "resolve", "discovery", "failover", "memory", "silent", "gateway"];
+const FIGURES: [&str; 8] =
+    ["unary", "resolve", "discovery", "failover", "memory", "silent", "gateway", "broker"];
 
-/// Every figure, or only the one named.
-async fn run(only: Option<&str>) -> anyhow::Result<()> {
+/// Every figure, or only the one named; the broker figure for the backends in `brokers`.
+async fn run(only: Option<&str>, brokers: &[String]) -> anyhow::Result<()> {
     let wanted = |figure: &str| only.is_none_or(|only| only == figure);
     // One long-lived mDNS browse, as a running service has.
     let registry: Arc<dyn Registry> = Arc::new(MdnsRegistry::new(Duration::from_secs(3))?);
@@ -84,6 +103,9 @@ async fn run(only: Option<&str>) -> anyhow::Result<()> {
     }
     if wanted("silent") {
         silent::run().await.context("figure 6 (silent failures across hosts)")?;
+    }
+    if wanted("broker") {
+        broker::run(brokers).await?;
     }
     Ok(())
 }

@@ -30,9 +30,42 @@ pub fn kill_all_children() {
     for namespace in NAMESPACES.lock().map(|n| n.clone()).unwrap_or_default() {
         pids.extend(e2e::hosts::processes_in(&namespace));
     }
+    // Servers started through e2e's helpers (nats-server) are children too, not listed.
+    pids.extend(descendants(std::process::id()));
     for pid in pids {
         let _ = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status();
     }
+}
+
+/// Every process below `root` in the process tree, from `/proc`.
+pub fn descendants(root: u32) -> Vec<u32> {
+    let mut parents: Vec<(u32, u32)> = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|name| name.parse::<u32>().ok()) else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        // `PID (COMM) STATE PPID ...`; COMM may hold spaces and parentheses.
+        let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse().ok());
+        if let Some(ppid) = ppid {
+            parents.push((pid, ppid));
+        }
+    }
+    let mut found = vec![root];
+    let mut i = 0;
+    while i < found.len() {
+        let parent = found[i];
+        found.extend(parents.iter().filter(|(_, ppid)| *ppid == parent).map(|(pid, _)| *pid));
+        i += 1;
+    }
+    found.remove(0);
+    found
+}
+
+/// Whether `program` is an executable file in a directory of `PATH`.
+pub fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
 }
 
 /// Lists network namespaces (of an `e2e::hosts::Network`) whose processes the watchdog
