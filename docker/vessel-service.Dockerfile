@@ -21,16 +21,19 @@ RUN --mount=type=cache,id=shippy-cargo-registry,target=/usr/local/cargo/registry
     && install -D target/release/vessel-service /out/vessel-service
 
 FROM debian:bookworm-slim AS runtime
-# A fixed non-root uid, the same in every shippy image.
+# A fixed non-root uid, the same in every shippy image. /data holds the bookings database
+# (with its -wal and -shm files); a fresh named volume takes this owner from the image.
 RUN groupadd --gid 10001 shippy \
     && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /app --shell /usr/sbin/nologin shippy \
-    && install -d -o 10001 -g 10001 /app
+    && install -d -o 10001 -g 10001 /app /data
 COPY --from=builder /out/vessel-service /usr/local/bin/vessel-service
 WORKDIR /app
 USER 10001:10001
+VOLUME /data
 # A fixed port inside the container; the announced address is the container's eth0
 # address (see docker/README.md). Metrics on every interface, so peers can scrape them.
-ENV MICRO_SERVER_ADDRESS=0.0.0.0:50051 \
+ENV VESSEL_DB=/data/vessels.db \
+    MICRO_SERVER_ADDRESS=0.0.0.0:50051 \
     MICRO_METRICS_ADDRESS=0.0.0.0:9090
 EXPOSE 50051 9090
 # No HEALTHCHECK: `micro health NAME` asks the registry for every instance of a name, so
