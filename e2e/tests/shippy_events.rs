@@ -1,0 +1,655 @@
+//! shippy's `consignment.created` end to end, per broker backend, with the binaries as real
+//! processes: consignment-service publishes each stored consignment through its outbox,
+//! vessel-service handles it in queue group `vessel-service`, and a subscriber outside the
+//! project's code (a plain async-nats client; on the default registry broker, a
+//! [`RegistryBroker`] subscriber of the test's own) sees what went over the wire.
+//!
+//! - default (registry broker over mDNS): each test runs on a host of its own
+//!   ([`e2e::hosts`]), since the topic's subscribers register under one fixed name,
+//!   `broker.consignment.created`, that every shippy of the test run would otherwise share.
+//! - nats: each test has a nats-server of its own (JetStream, a temporary store), so the
+//!   fixed topic's stream `micro_consignment_created` is never shared.
+//!
+//! Every process a test starts is stopped when it ends (dropped, or with its host).
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::PathBuf,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use e2e::{
+    calls::poll_until,
+    discovery::{STARTUP, mdns, wait_for},
+    hosts::{Host, Network},
+    nats::NatsServer,
+    process::Process,
+    shippy::{self, sample_consignment},
+    unique_name,
+};
+use futures::StreamExt;
+use micro_core::{
+    Client, NamedChannel, Registry,
+    broker::{Broker, RegistryBroker, SubscribeOptions, handler, headers, topic_service_name},
+    selector::Filter,
+};
+use prost::Message as _;
+use proto::consignment::{
+    Consignment, Container, GetRequest, shipping_service_client::ShippingServiceClient,
+};
+
+/// The topic consignment-service publishes each stored consignment on.
+const TOPIC: &str = "consignment.created";
+/// The JetStream stream the nats broker keeps [`TOPIC`] in.
+const NATS_STREAM: &str = "micro_consignment_created";
+/// What vessel-service logs for each event it handled: booked (info), or found booked
+/// already (debug, a second delivery of one consignment).
+const HANDLED_LINES: [&str; 2] = ["consignment booked", "already booked"];
+/// vessel-service's log filter: debug for its own events, so a second delivery shows.
+const VESSEL_LOG: &str = "info,micro_core=debug,vessel_service=debug";
+/// What consignment-service's outbox relay logs once the broker took an event.
+const PUBLISHED_LINE: &str = "event published";
+/// Creations in the queue-group tests.
+const CREATIONS: usize = 100;
+/// Creations under way at once.
+const CONCURRENCY: usize = 8;
+/// How long every event of a test may take to arrive.
+const ARRIVAL: Duration = Duration::from_secs(60);
+/// A pause after the last awaited event in which a duplicate would show.
+const QUIET: Duration = Duration::from_millis(700);
+/// The burst of the SIGKILL test, and after how many stored ones the kill comes.
+const BURST: usize = 300;
+const KILL_AFTER_STORED: usize = 80;
+/// Request metadata consignment-service deduplicates creations by.
+const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
+fn init_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("e2e=info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+}
+
+/// One event as a subscriber outside the project saw it.
+#[derive(Debug, Clone)]
+struct Seen {
+    message_id: Option<String>,
+    content_type: Option<String>,
+    body: prost::bytes::Bytes,
+}
+
+impl Seen {
+    /// The consignment in the body; fails the test when the body is not one.
+    fn consignment(&self) -> Consignment {
+        Consignment::decode(self.body.clone())
+            .unwrap_or_else(|err| panic!("event {:?} is not a Consignment: {err}", self.message_id))
+    }
+
+    /// Fails the test unless this is the `consignment.created` of consignment `id`: a
+    /// prost `Consignment` with that id, content type `application/protobuf`, message id = `id`.
+    fn assert_of(&self, id: &str) {
+        assert_eq!(self.content_type.as_deref(), Some(headers::PROTOBUF), "content type of {id}'s event");
+        assert_eq!(self.message_id.as_deref(), Some(id), "message id of {id}'s event");
+        assert_eq!(self.consignment().id, id, "consignment in the body of {id}'s event");
+    }
+}
+
+/// What the outside subscriber has seen so far, shared with its task.
+#[derive(Clone, Default)]
+struct Inbox(Arc<Mutex<Vec<Seen>>>);
+
+impl Inbox {
+    fn push(&self, seen: Seen) {
+        self.0.lock().unwrap().push(seen);
+    }
+
+    fn all(&self) -> Vec<Seen> {
+        self.0.lock().unwrap().clone()
+    }
+
+    /// The events whose message id is `id`.
+    fn of(&self, id: &str) -> Vec<Seen> {
+        self.all().into_iter().filter(|s| s.message_id.as_deref() == Some(id)).collect()
+    }
+
+    /// Waits until an event with message id `id` arrived.
+    async fn wait_for(&self, id: &str) {
+        poll_until(format!("the outside subscriber seeing {TOPIC} {id}"), ARRIVAL, async || {
+            (!self.of(id).is_empty()).then_some(())
+        })
+        .await
+    }
+
+    /// Waits until every one of `ids` arrived.
+    async fn wait_for_all(&self, ids: &BTreeSet<String>) {
+        let what = format!("the outside subscriber seeing {} events", ids.len());
+        poll_until(what, ARRIVAL, async || {
+            let seen: BTreeSet<String> = self.all().into_iter().filter_map(|s| s.message_id).collect();
+            ids.is_subset(&seen).then_some(())
+        })
+        .await
+    }
+}
+
+/// Aborts a task when dropped.
+struct TaskGuard(tokio::task::JoinHandle<()>);
+
+impl Drop for TaskGuard {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A plain async-nats core subscription on [`TOPIC`], outside the project's code.
+async fn nats_core_subscriber(address: &str) -> (Inbox, TaskGuard) {
+    let client = async_nats::connect(address).await.unwrap_or_else(|err| panic!("nats at {address}: {err}"));
+    let mut subscriber = client.subscribe(TOPIC).await.expect("core subscription");
+    client.flush().await.expect("subscription in force");
+    let inbox = Inbox::default();
+    let filling = inbox.clone();
+    let task = tokio::spawn(async move {
+        let _client = client;
+        while let Some(message) = subscriber.next().await {
+            filling.push(seen_from_nats(message.headers.as_ref(), message.payload.clone()));
+        }
+    });
+    (inbox, TaskGuard(task))
+}
+
+fn seen_from_nats(headers: Option<&async_nats::HeaderMap>, body: prost::bytes::Bytes) -> Seen {
+    let header = |name: &str| headers.and_then(|h| h.get(name)).map(|v| v.as_str().to_owned());
+    Seen { message_id: header(headers::MESSAGE_ID), content_type: header(headers::CONTENT_TYPE), body }
+}
+
+/// A durable JetStream consumer of its own on shippy's stream (made by vessel-service's
+/// subscription, waited for), acknowledging each message: it keeps every event published
+/// from its creation on, whoever else is up.
+async fn nats_durable_subscriber(address: &str) -> (Inbox, TaskGuard) {
+    use async_nats::jetstream::{self, consumer::pull};
+    let client = async_nats::connect(address).await.unwrap_or_else(|err| panic!("nats at {address}: {err}"));
+    let context = jetstream::new(client);
+    let stream = poll_until(format!("stream {NATS_STREAM} on {address}"), STARTUP, async || {
+        context.get_stream(NATS_STREAM).await.ok()
+    })
+    .await;
+    let config = pull::Config {
+        durable_name: Some("e2e-outside".to_owned()),
+        ack_policy: jetstream::consumer::AckPolicy::Explicit,
+        ..Default::default()
+    };
+    let consumer = stream.create_consumer(config).await.expect("durable consumer");
+    let inbox = Inbox::default();
+    let filling = inbox.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok(mut messages) = consumer.messages().await else {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            };
+            while let Some(Ok(message)) = messages.next().await {
+                filling.push(seen_from_nats(message.headers.as_ref(), message.payload.clone()));
+                let _ = message.ack().await;
+            }
+        }
+    });
+    (inbox, TaskGuard(task))
+}
+
+/// The broker settings every shippy process of a test gets.
+fn broker_env(kind: &str, address: Option<&str>) -> Vec<(&'static str, String)> {
+    let mut env = vec![("MICRO_BROKER", kind.to_owned())];
+    if let Some(address) = address {
+        env.push(("MICRO_BROKER_ADDRESS", address.to_owned()));
+    }
+    env
+}
+
+fn refs<'a>(env: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    env.iter().map(|(k, v)| (*k, v.as_str())).collect()
+}
+
+/// Where a test's processes run: this namespace, or a host of their own.
+#[derive(Clone, Copy)]
+enum Place<'a> {
+    Here,
+    On(&'a Host),
+}
+
+impl Place<'_> {
+    fn start(self, name: &str, args: &[&str], env: &[(&str, &str)]) -> Process {
+        match self {
+            Place::Here => Process::start(name, args, env),
+            Place::On(host) => host.start(name, args, env),
+        }
+    }
+}
+
+/// One test's shippy: names, broker settings, a fleet with room for every creation of a
+/// test, and files in a temporary folder.
+struct Shippy {
+    vessel_name: String,
+    consignment_name: String,
+    broker: Vec<(&'static str, String)>,
+    dir: tempfile::TempDir,
+    fleet: PathBuf,
+}
+
+impl Shippy {
+    fn new(broker: Vec<(&'static str, String)>) -> Shippy {
+        let dir = tempfile::tempdir().expect("temporary folder");
+        let fleet = dir.path().join("fleet.json");
+        std::fs::write(
+            &fleet,
+            r#"[{"id": "vessel-roomy", "name": "Roomy", "capacity": 100000, "max_weight": 2000000000, "available": true}]"#,
+        )
+        .expect("fleet file");
+        Shippy {
+            vessel_name: unique_name("vessel"),
+            consignment_name: unique_name("consignment"),
+            broker,
+            dir,
+            fleet,
+        }
+    }
+
+    /// A vessel-service instance; instances of one test share the booking file.
+    fn vessel_service(&self, place: Place) -> Process {
+        let fleet = self.fleet.display().to_string();
+        let db = self.dir.path().join("vessels.db").display().to_string();
+        let mut env = refs(&self.broker);
+        env.extend([("MICRO_SERVER_NAME", self.vessel_name.as_str()), ("RUST_LOG", VESSEL_LOG)]);
+        place.start("vessel-service", &["--fleet", &fleet, "--db", &db], &env)
+    }
+
+    /// consignment-service on the test's database, announcing `boot` so a restarted
+    /// instance can be told from the one before it.
+    fn consignment_service(&self, place: Place, boot: &str) -> Process {
+        let db = self.db().display().to_string();
+        let boot = format!("boot={boot}");
+        let mut env = refs(&self.broker);
+        env.extend([
+            ("MICRO_SERVER_NAME", self.consignment_name.as_str()),
+            ("MICRO_SERVER_METADATA", boot.as_str()),
+            ("VESSEL_SERVICE", self.vessel_name.as_str()),
+            ("MICRO_LOOKUP_TIMEOUT", "1500"),
+        ]);
+        place.start("consignment-service", &["--db", &db], &env)
+    }
+
+    fn db(&self) -> PathBuf {
+        self.dir.path().join("consignments.db")
+    }
+
+    /// Creates the sample consignment through consignment-cli; returns the id it reports.
+    async fn create_with_cli(&self) -> String {
+        let run =
+            shippy::run_cli(&self.consignment_name, &sample_consignment(), &[], &refs(&self.broker)).await;
+        assert!(run.success, "consignment-cli failed:\n{}\n{}", run.stdout, run.stderr);
+        created_id(&run.stdout)
+    }
+
+    /// A client of the instance that announced `boot` only.
+    fn shipping(&self, client: &Client, boot: &str) -> ShippingServiceClient<NamedChannel> {
+        let filter = Filter::new().metadata("boot", boot);
+        ShippingServiceClient::new(client.channel_with(&self.consignment_name, filter))
+    }
+
+    /// Waits until the instance of consignment-service that announced `boot` is registered.
+    async fn wait_for_boot(&self, registry: &Arc<dyn Registry>, boot: &str) {
+        let name = &self.consignment_name;
+        poll_until(format!("{name} boot {boot} registering"), STARTUP, async || {
+            let nodes = registry.lookup(name).await.unwrap_or_default();
+            nodes.iter().any(|n| n.metadata.get("boot").map(String::as_str) == Some(boot)).then_some(())
+        })
+        .await
+    }
+}
+
+/// The id in consignment-cli's "created consignment ID on vessel ..." line.
+fn created_id(stdout: &str) -> String {
+    stdout
+        .lines()
+        .find_map(|line| line.strip_prefix("created consignment "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no created line in: {stdout}"))
+        .to_owned()
+}
+
+/// The value of `name=value` in a log line's fields.
+fn log_field(text: &str, name: &str) -> Option<String> {
+    let prefix = format!("{name}=");
+    text.split_whitespace().find_map(|t| t.strip_prefix(&prefix)).map(|v| v.trim_matches('"').to_owned())
+}
+
+/// The message id of each line of `log` that says one of `markers`, in order.
+fn message_ids_after(log: &str, markers: &[&str]) -> Vec<String> {
+    log.lines()
+        .filter_map(|line| {
+            let (_, fields) = markers.iter().find_map(|marker| line.split_once(marker))?;
+            log_field(fields, "message_id")
+        })
+        .collect()
+}
+
+/// How often each message id was handled across `instances`' logs, and by which.
+fn handled_counts(instances: &[&Process]) -> (BTreeMap<String, usize>, Vec<usize>) {
+    let mut counts = BTreeMap::new();
+    let mut per_instance = Vec::new();
+    for instance in instances {
+        let ids = message_ids_after(&instance.log(), &HANDLED_LINES);
+        per_instance.push(ids.len());
+        for id in ids {
+            *counts.entry(id).or_insert(0) += 1;
+        }
+    }
+    (counts, per_instance)
+}
+
+/// A small consignment numbered `i`, with a request of its own (idempotency key
+/// `{prefix}-{i}`, 5 s deadline).
+fn creation(prefix: &str, i: usize) -> tonic::Request<Consignment> {
+    let consignment = Consignment {
+        description: format!("{prefix} #{i}"),
+        weight: 1,
+        containers: vec![Container {
+            id: format!("{i}"),
+            customer_id: format!("cust{i}"),
+            origin: "Derby".to_owned(),
+            user_id: "events".to_owned(),
+        }],
+        ..Default::default()
+    };
+    let mut request = tonic::Request::new(consignment);
+    request.set_timeout(Duration::from_secs(5));
+    request.metadata_mut().insert(IDEMPOTENCY_KEY, format!("{prefix}-{i}").parse().expect("ascii key"));
+    request
+}
+
+/// `count` creations, [`CONCURRENCY`] at a time; each must succeed. Returns the ids.
+async fn create_many(
+    shipping: &ShippingServiceClient<NamedChannel>,
+    prefix: &str,
+    count: usize,
+) -> BTreeSet<String> {
+    let ids: Vec<String> = futures::stream::iter(0..count)
+        .map(|i| {
+            let mut shipping = shipping.clone();
+            async move {
+                let reply = shipping.create_consignment(creation(prefix, i)).await;
+                let reply = reply.unwrap_or_else(|status| panic!("creation #{i} failed: {status:?}"));
+                reply.into_inner().consignment.expect("created consignment").id
+            }
+        })
+        .buffer_unordered(CONCURRENCY)
+        .collect()
+        .await;
+    ids.into_iter().collect()
+}
+
+/// Waits until vessel-service's `instances` together handled every one of `ids`, then
+/// [`QUIET`] more, and returns how often each id was handled and each instance's share.
+async fn wait_handled(
+    instances: &[&Process],
+    ids: &BTreeSet<String>,
+) -> (BTreeMap<String, usize>, Vec<usize>) {
+    let what = format!("{} events handled by vessel-service", ids.len());
+    poll_until(what, ARRIVAL, async || {
+        let (counts, _) = handled_counts(instances);
+        ids.iter().all(|id| counts.contains_key(id)).then_some(())
+    })
+    .await;
+    tokio::time::sleep(QUIET).await;
+    handled_counts(instances)
+}
+
+/// Fails unless every one of `ids` was handled exactly once and nothing else was handled.
+fn assert_each_handled_once(backend: &str, counts: &BTreeMap<String, usize>, ids: &BTreeSet<String>) {
+    let twice: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "{backend}: events handled more than once in the queue group: {twice:?}");
+    let handled: BTreeSet<String> = counts.keys().cloned().collect();
+    assert_eq!(&handled, ids, "{backend}: the events handled are not the consignments created");
+}
+
+// ---- default: the registry broker over mDNS, on a host of the test's own ----
+
+/// The registry broker's subscriber of the test on `registry`: plain (no queue group), so
+/// it gets every event.
+async fn registry_subscriber(registry: Arc<dyn Registry>) -> (Inbox, micro_core::broker::Subscription) {
+    let broker = RegistryBroker::new(Client::new(registry));
+    let inbox = Inbox::default();
+    let filling = inbox.clone();
+    let subscription = broker
+        .subscribe(
+            TOPIC,
+            SubscribeOptions::default(),
+            handler(move |message| {
+                let filling = filling.clone();
+                async move {
+                    let (message_id, content_type) =
+                        (message.id().map(str::to_owned), message.content_type().map(str::to_owned));
+                    filling.push(Seen { message_id, content_type, body: message.body });
+                    Ok(())
+                }
+            }),
+        )
+        .await
+        .expect("the test's registry broker subscriber");
+    (inbox, subscription)
+}
+
+#[test]
+fn default_broker_one_cli_creation_gives_one_event_to_an_outside_subscriber() {
+    init_logs();
+    let network = Network::new(1);
+    let host = network.host(0);
+    let shippy = Shippy::new(broker_env("registry", None));
+    let vessel = shippy.vessel_service(Place::On(host));
+    host.block_on(|| async {
+        let registry = mdns();
+        let (inbox, _subscription) = registry_subscriber(registry.clone()).await;
+        wait_for(&registry, &shippy.vessel_name, 1).await;
+        // vessel-service's group and the test's subscriber, before the publisher starts.
+        wait_for(&registry, &topic_service_name(TOPIC), 2).await;
+        let consignment = shippy.consignment_service(Place::On(host), "1");
+        shippy.wait_for_boot(&registry, "1").await;
+
+        let id = shippy.create_with_cli().await;
+        inbox.wait_for(&id).await;
+        wait_published(&consignment, &id).await;
+        tokio::time::sleep(QUIET).await;
+        let seen = inbox.of(&id);
+        assert_eq!(seen.len(), 1, "exactly one {TOPIC} of {id} expected: {seen:?}");
+        seen[0].assert_of(&id);
+        assert_eq!(inbox.all().len(), 1, "only the one creation's event expected");
+        let (counts, _) = wait_handled(&[&vessel], &BTreeSet::from([id.clone()])).await;
+        assert_eq!(counts.get(&id), Some(&1), "vessel-service handles it once:\n{}", vessel.log());
+    });
+}
+
+/// Waits until consignment-service's outbox relay logged `id` as published.
+async fn wait_published(consignment: &Process, id: &str) {
+    poll_until(format!("consignment-service publishing {id}"), ARRIVAL, async || {
+        message_ids_after(&consignment.log(), &[PUBLISHED_LINE]).iter().any(|p| p == id).then_some(())
+    })
+    .await
+}
+
+/// Two vessel-service instances in queue group `vessel-service`, 100 creations. The
+/// registry broker delivers at most once (nothing kept); with both instances up and the
+/// publisher's relay retrying a failed delivery, this asserts that each event is handled by
+/// exactly one of the two, never both, and none is lost.
+#[test]
+fn default_broker_queue_group_of_two_handles_each_of_100_events_once() {
+    init_logs();
+    let network = Network::new(1);
+    let host = network.host(0);
+    let shippy = Shippy::new(broker_env("registry", None));
+    let first = shippy.vessel_service(Place::On(host));
+    let second = shippy.vessel_service(Place::On(host));
+    host.block_on(|| async {
+        let registry = mdns();
+        wait_for(&registry, &shippy.vessel_name, 2).await;
+        wait_for(&registry, &topic_service_name(TOPIC), 2).await;
+        let _consignment = shippy.consignment_service(Place::On(host), "1");
+        shippy.wait_for_boot(&registry, "1").await;
+
+        let client = Client::new(registry.clone()).idempotent_methods(proto::IDEMPOTENT_METHODS);
+        let ids = create_many(&shippy.shipping(&client, "1"), "queue", CREATIONS).await;
+        assert_eq!(ids.len(), CREATIONS);
+        let (counts, shares) = wait_handled(&[&first, &second], &ids).await;
+        assert_each_handled_once("registry", &counts, &ids);
+        eprintln!("registry broker: shares of the two instances {shares:?}");
+    });
+}
+
+// ---- nats: a nats-server of the test's own ----
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nats_one_cli_creation_gives_one_event_to_a_plain_nats_subscriber() {
+    init_logs();
+    let registry = mdns();
+    let server = NatsServer::start();
+    let (inbox, _task) = nats_core_subscriber(&server.address()).await;
+    let shippy = Shippy::new(broker_env("nats", Some(&server.address())));
+    let vessel = shippy.vessel_service(Place::Here);
+    let consignment = shippy.consignment_service(Place::Here, "1");
+    wait_for(&registry, &shippy.vessel_name, 1).await;
+    shippy.wait_for_boot(&registry, "1").await;
+
+    let id = shippy.create_with_cli().await;
+    inbox.wait_for(&id).await;
+    wait_published(&consignment, &id).await;
+    tokio::time::sleep(QUIET).await;
+    let seen = inbox.of(&id);
+    assert_eq!(seen.len(), 1, "exactly one {TOPIC} of {id} expected: {seen:?}");
+    seen[0].assert_of(&id);
+    assert_eq!(inbox.all().len(), 1, "only the one creation's event expected");
+    let (counts, _) = wait_handled(&[&vessel], &BTreeSet::from([id.clone()])).await;
+    assert_eq!(counts.get(&id), Some(&1), "vessel-service handles it once:\n{}", vessel.log());
+}
+
+/// Two vessel-service instances share the durable JetStream consumer `vessel-service`:
+/// each of 100 events is handled by exactly one of them.
+#[tokio::test(flavor = "multi_thread")]
+async fn nats_durable_queue_group_of_two_handles_each_of_100_events_exactly_once() {
+    init_logs();
+    let registry = mdns();
+    let server = NatsServer::start();
+    let shippy = Shippy::new(broker_env("nats", Some(&server.address())));
+    let first = shippy.vessel_service(Place::Here);
+    let second = shippy.vessel_service(Place::Here);
+    let _consignment = shippy.consignment_service(Place::Here, "1");
+    wait_for(&registry, &shippy.vessel_name, 2).await;
+    shippy.wait_for_boot(&registry, "1").await;
+
+    let client = Client::new(registry.clone()).idempotent_methods(proto::IDEMPOTENT_METHODS);
+    let ids = create_many(&shippy.shipping(&client, "1"), "queue", CREATIONS).await;
+    assert_eq!(ids.len(), CREATIONS);
+    let (counts, shares) = wait_handled(&[&first, &second], &ids).await;
+    assert_each_handled_once("nats", &counts, &ids);
+    eprintln!("nats: shares of the two instances {shares:?}");
+}
+
+/// consignment-service is SIGKILLed in the middle of a burst of creations and started
+/// again on the same database: every stored consignment's event reaches a durable consumer
+/// of the test's own, and any event delivered twice (published, then killed before it was
+/// marked sent) carries the same message id, its consignment's id.
+#[tokio::test(flavor = "multi_thread")]
+async fn nats_sigkill_during_a_burst_delivers_every_stored_consignments_event() {
+    init_logs();
+    let registry = mdns();
+    let server = NatsServer::start();
+    let shippy = Shippy::new(broker_env("nats", Some(&server.address())));
+    let _vessel = shippy.vessel_service(Place::Here);
+    let first = shippy.consignment_service(Place::Here, "1");
+    wait_for(&registry, &shippy.vessel_name, 1).await;
+    let (inbox, _task) = nats_durable_subscriber(&server.address()).await;
+    shippy.wait_for_boot(&registry, "1").await;
+
+    let client = Client::new(registry.clone())
+        .idempotent_methods(proto::IDEMPOTENT_METHODS)
+        .request_timeout(Duration::from_secs(5));
+    let reported = burst_until_killed(&shippy.shipping(&client, "1"), first).await;
+
+    let _second = shippy.consignment_service(Place::Here, "2");
+    shippy.wait_for_boot(&registry, "2").await;
+    check_every_stored_event_delivered("nats", &shippy, &client, &inbox, &reported).await;
+}
+
+/// [`BURST`] creations, [`CONCURRENCY`] at a time, with `target` SIGKILLed once
+/// [`KILL_AFTER_STORED`] were answered OK; no creation starts after the kill. Returns the
+/// ids answered OK (reported stored).
+async fn burst_until_killed(
+    shipping: &ShippingServiceClient<NamedChannel>,
+    target: Process,
+) -> BTreeSet<String> {
+    let stored_ok = Arc::new(AtomicUsize::new(0));
+    let killed = Arc::new(AtomicBool::new(false));
+    let target = Arc::new(target);
+    let reported: Vec<Option<String>> = futures::stream::iter(0..BURST)
+        .map(|i| {
+            let (mut shipping, stored_ok, killed, target) =
+                (shipping.clone(), stored_ok.clone(), killed.clone(), target.clone());
+            async move {
+                if killed.load(Ordering::SeqCst) {
+                    return None;
+                }
+                let reply = shipping.create_consignment(creation("burst", i)).await;
+                let id = reply.ok().and_then(|r| r.into_inner().consignment).map(|c| c.id);
+                if id.is_some()
+                    && stored_ok.fetch_add(1, Ordering::SeqCst) + 1 == KILL_AFTER_STORED
+                    && !killed.swap(true, Ordering::SeqCst)
+                {
+                    target.signal("KILL");
+                }
+                id
+            }
+        })
+        .buffer_unordered(CONCURRENCY)
+        .collect()
+        .await;
+    assert!(killed.load(Ordering::SeqCst), "the burst ended before the kill");
+    let reported: BTreeSet<String> = reported.into_iter().flatten().collect();
+    assert!(reported.len() >= KILL_AFTER_STORED, "only {} reported stored", reported.len());
+    reported
+}
+
+/// After the restart: the consignments stored (listed by the restarted instance, which
+/// reads the same database) include every one reported stored, and the durable subscriber
+/// `inbox` saw an event for each stored one, none for anything else, each with message id =
+/// consignment id, a duplicate carrying the same id as the first.
+async fn check_every_stored_event_delivered(
+    backend: &str,
+    shippy: &Shippy,
+    client: &Client,
+    inbox: &Inbox,
+    reported: &BTreeSet<String>,
+) {
+    let stored =
+        shippy.shipping(client, "2").get_consignments(GetRequest {}).await.expect("list after restart");
+    let stored: BTreeSet<String> = stored.into_inner().consignments.into_iter().map(|c| c.id).collect();
+    let missing: Vec<_> = reported.difference(&stored).collect();
+    assert!(missing.is_empty(), "{backend}: reported stored but not in the database: {missing:?}");
+
+    inbox.wait_for_all(&stored).await;
+    tokio::time::sleep(QUIET).await;
+    let seen = inbox.all();
+    let mut deliveries: BTreeMap<String, usize> = BTreeMap::new();
+    for event in &seen {
+        let id = event.consignment().id;
+        event.assert_of(&id);
+        *deliveries.entry(id).or_insert(0) += 1;
+    }
+    let delivered: BTreeSet<String> = deliveries.keys().cloned().collect();
+    assert_eq!(delivered, stored, "{backend}: the events delivered are not the consignments stored");
+    let duplicates = deliveries.values().filter(|n| **n > 1).count();
+    eprintln!(
+        "{backend}: {} reported stored, {} stored, {} events delivered, {duplicates} delivered more than once",
+        reported.len(),
+        stored.len(),
+        seen.len()
+    );
+}
