@@ -8,6 +8,8 @@
 //! | 3 | not found: no instance of the name is registered |
 //! | 4 | found but not serving: instances are registered, none is `SERVING` or pickable |
 //! | 5 | registry unreachable: the registry could not be asked |
+//! | 6 | broker unreachable: the message broker could not be reached, or refused or failed a publish or subscribe |
+//! | 7 | timed out: `micro subscribe --timeout` passed before `--count` messages arrived |
 //! | 64 + N | `micro call`: the call failed with gRPC status code N (grpcurl's convention), e.g. 73 `FAILED_PRECONDITION`, 78 `UNAVAILABLE` |
 
 use std::process::ExitCode;
@@ -26,6 +28,10 @@ pub enum Failure {
     NotServing(String),
     /// Exit 5: the registry could not be asked.
     RegistryUnreachable(String),
+    /// Exit 6: the broker could not be reached, or refused or failed a publish or subscribe.
+    BrokerUnreachable(String),
+    /// Exit 7: the wait ended before enough messages arrived.
+    TimedOut(String),
     /// Exit 64 + code: the call reached the service (or its reflection) and failed.
     CallFailed {
         /// The gRPC status code.
@@ -45,6 +51,8 @@ impl Failure {
             Failure::NotFound(_) => 3,
             Failure::NotServing(_) => 4,
             Failure::RegistryUnreachable(_) => 5,
+            Failure::BrokerUnreachable(_) => 6,
+            Failure::TimedOut(_) => 7,
             Failure::CallFailed { code, .. } => CALL_FAILED_BASE + *code as u8,
         }
     }
@@ -55,6 +63,8 @@ impl Failure {
             Failure::NotFound(m)
             | Failure::NotServing(m)
             | Failure::RegistryUnreachable(m)
+            | Failure::BrokerUnreachable(m)
+            | Failure::TimedOut(m)
             | Failure::Other(m) => m,
             Failure::CallFailed { message, .. } => message,
         }
@@ -73,6 +83,7 @@ impl From<Error> for Failure {
         match err {
             Error::NoInstance { .. } => Failure::NotFound(message),
             Error::Registry { .. } => Failure::RegistryUnreachable(message),
+            Error::Broker { .. } => Failure::BrokerUnreachable(message),
             _ => Failure::Other(message),
         }
     }

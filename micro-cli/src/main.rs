@@ -1,5 +1,5 @@
 //! `micro`: see and use what is registered: `services`, `describe`, `health`, `watch`,
-//! `call`, `why`, `wait`, `register`, `config`, `gateway`; same `MICRO_REGISTRY` switch and flags as
+//! `call`, `why`, `wait`, `register`, `config`, `gateway`, `publish`, `subscribe`; same `MICRO_REGISTRY` switch and flags as
 //! the services. Exit codes: see [`exit`].
 
 mod call;
@@ -8,9 +8,12 @@ mod exit;
 mod gateway;
 mod health;
 mod lookup;
+mod message_type;
 mod out;
+mod publish;
 mod register;
 mod settings;
+mod subscribe;
 mod watch;
 mod why;
 
@@ -19,8 +22,10 @@ use std::{net::SocketAddr, process::ExitCode, time::Duration};
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use micro_core::{
     Error,
-    cli::{ClientArgs, LogArgs, RegistryArgs, TlsArgs},
-    config::{ClientConfig, DEFAULT_REGISTER_INTERVAL_SECS, DEFAULT_REGISTER_TTL_SECS, RegistryConfig},
+    cli::{BrokerArgs, ClientArgs, LogArgs, RegistryArgs, TlsArgs},
+    config::{
+        BrokerConfig, ClientConfig, DEFAULT_REGISTER_INTERVAL_SECS, DEFAULT_REGISTER_TTL_SECS, RegistryConfig,
+    },
 };
 
 use exit::Failure;
@@ -28,8 +33,9 @@ use exit::Failure;
 /// Inspect services registered by name.
 ///
 /// Exit codes: 0 success; 1 other failure (bad input); 2 usage; 3 not found (no instance
-/// registered); 4 found but not serving; 5 registry unreachable; 64 + N a call failed with
-/// gRPC status code N (73 FAILED_PRECONDITION, 78 UNAVAILABLE, …).
+/// registered); 4 found but not serving; 5 registry unreachable; 6 broker unreachable; 7
+/// timed out (subscribe); 64 + N a call failed with gRPC status code N (73
+/// FAILED_PRECONDITION, 78 UNAVAILABLE, …).
 #[derive(Debug, Parser)]
 #[command(name = "micro", version)]
 struct Cli {
@@ -44,6 +50,8 @@ struct Cli {
     tls: TlsArgs,
     #[command(flatten)]
     client: ClientArgs,
+    #[command(flatten)]
+    broker: BrokerArgs,
     #[command(flatten)]
     log: LogArgs,
 }
@@ -122,6 +130,11 @@ enum Command {
         #[arg(required = true)]
         names: Vec<String>,
     },
+    /// Publish one message on the broker (`--broker`) and print its message id.
+    Publish(publish::PublishArgs),
+    /// Print each message on a topic as one JSON line, until `--count`, `--timeout` or
+    /// SIGINT/SIGTERM; says `subscribed to …` on stderr once the subscription is in force.
+    Subscribe(subscribe::SubscribeArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -153,6 +166,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     let tls = cli.tls.load()?;
     let client_config = ClientConfig::from_args(cli.client, config.lookup_timeout)?;
     let registry = config.connect().await?;
+    let broker_config = BrokerConfig::from(cli.broker);
     let output = cli.output;
     match cli.command {
         Command::Services => {
@@ -214,11 +228,22 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 eprintln!("{name}: {} instance(s)", found.len());
             }
         }
+        Command::Publish(args) => {
+            let client = micro_core::Client::new(registry.clone()).config(client_config).tls(tls);
+            let connect = async || Ok(broker_config.connect(&client).await?);
+            publish::publish(args, &registry, &client, connect).await?;
+        }
+        Command::Subscribe(args) => {
+            let client = micro_core::Client::new(registry.clone()).config(client_config).tls(tls);
+            let message_type = args.message_type.resolve(&registry, &client).await?;
+            let broker = broker_config.connect(&client).await?;
+            subscribe::subscribe(args, broker, message_type).await?;
+        }
     }
     Ok(())
 }
 
-fn parse_label(text: &str) -> Result<(String, String), String> {
+pub(crate) fn parse_label(text: &str) -> Result<(String, String), String> {
     text.split_once('=')
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .ok_or_else(|| format!("expected key=value, got {text:?}"))

@@ -15,6 +15,13 @@ pub fn line(text: impl Display) {
     }
 }
 
+/// Writes `text` and a newline to stdout; a closed pipe is an error of kind `BrokenPipe`,
+/// for commands that must clean up before they exit.
+pub fn try_line(text: impl Display) -> std::io::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{text}").and_then(|()| stdout.flush())
+}
+
 /// Pretty JSON of plain data.
 pub fn json(value: &impl serde::Serialize) -> String {
     serde_json::to_string_pretty(value).expect("plain data serializes")

@@ -67,9 +67,10 @@ impl From<Failure> for GatewayError {
         match failure {
             Failure::CallFailed { code, message } => GatewayError::new(code, message),
             Failure::NotFound(message) => GatewayError::new(Code::NotFound, message),
-            Failure::NotServing(message) | Failure::RegistryUnreachable(message) => {
-                GatewayError::new(Code::Unavailable, message)
-            }
+            Failure::NotServing(message)
+            | Failure::RegistryUnreachable(message)
+            | Failure::BrokerUnreachable(message) => GatewayError::new(Code::Unavailable, message),
+            Failure::TimedOut(message) => GatewayError::new(Code::DeadlineExceeded, message),
             Failure::Other(message) => GatewayError::new(Code::Internal, message),
         }
     }
