@@ -48,7 +48,9 @@ pub struct Process {
 
 impl Process {
     /// Starts the workspace binary `name` with `args` and extra environment `env`, on
-    /// loopback (`MICRO_SERVER_ADDRESS=127.0.0.1:0` unless `env` says otherwise).
+    /// loopback (`MICRO_SERVER_ADDRESS=127.0.0.1:0` unless `env` says otherwise), with
+    /// vessel-service's bookings in memory (`VESSEL_DB=:memory:` unless `env` or `--db`
+    /// says otherwise), so no test leaves bookings in a file another test or run reads.
     pub fn start(name: &str, args: &[&str], env: &[(&str, &str)]) -> Process {
         Process::spawn(name, Command::new(binary(name)), args, env)
     }
@@ -64,6 +66,7 @@ impl Process {
         command
             .args(args)
             .env("MICRO_SERVER_ADDRESS", "127.0.0.1:0")
+            .env("VESSEL_DB", ":memory:")
             .env("RUST_LOG", "info,micro_core=debug")
             .stdin(Stdio::null())
             .stdout(file.try_clone().expect("log file"))

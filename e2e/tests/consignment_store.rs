@@ -31,8 +31,20 @@ const BURST: usize = 500;
 const KILL_AFTER_STORED: usize = 150;
 const CONCURRENCY: usize = 16;
 
-fn vessel_service(name: &str) -> Process {
-    Process::start("vessel-service", &[], &[("MICRO_SERVER_NAME", name)])
+/// vessel-service with one vessel roomy enough for every burst, since each stored
+/// consignment is booked on it (the fleet file is written into `dir`).
+fn vessel_service(name: &str, dir: &Path) -> Process {
+    let fleet = dir.join("fleet.json");
+    std::fs::write(
+        &fleet,
+        r#"[{"id": "vessel-roomy", "name": "Roomy", "capacity": 100000, "max_weight": 2000000000, "available": true}]"#,
+    )
+    .expect("fleet file");
+    Process::start(
+        "vessel-service",
+        &["--fleet", &fleet.display().to_string()],
+        &[("MICRO_SERVER_NAME", name)],
+    )
 }
 
 /// consignment-service on the database `db`, announcing `boot` as metadata so a test can
@@ -85,7 +97,7 @@ async fn a_consignment_survives_a_restart_and_a_rerun_with_its_request_id_stores
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("consignments.db");
     let sample = workspace_root().join("consignment-cli").join("consignment.json");
-    let _vessel = vessel_service(&vessel_name);
+    let _vessel = vessel_service(&vessel_name, dir.path());
     let mut first = consignment_service(&consignment_name, &vessel_name, &db, "1");
     wait_for(&registry, &vessel_name, 1).await;
     wait_for_boot(&registry, &consignment_name, "1").await;
@@ -175,7 +187,7 @@ async fn sigkill_during_a_burst_keeps_every_reported_consignment_exactly_once() 
     let (vessel_name, consignment_name) = (unique_name("vessel"), unique_name("consignment"));
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("consignments.db");
-    let _vessel = vessel_service(&vessel_name);
+    let _vessel = vessel_service(&vessel_name, dir.path());
     let first = consignment_service(&consignment_name, &vessel_name, &db, "1");
     wait_for(&registry, &vessel_name, 1).await;
     wait_for_boot(&registry, &consignment_name, "1").await;
