@@ -52,6 +52,15 @@ struct Subscriber {
 impl Subscriber {
     /// Starts `micro subscribe ARGS` and waits for its `subscribed to` line on stderr.
     fn start(args: &[&str], env: &[(&str, &str)]) -> Subscriber {
+        Subscriber::spawn(args, env, true)
+    }
+
+    /// As [`Subscriber::start`], with stdout a pipe whose reader is gone (`| head` done).
+    fn start_into_closed_pipe(args: &[&str], env: &[(&str, &str)]) -> Subscriber {
+        Subscriber::spawn(args, env, false)
+    }
+
+    fn spawn(args: &[&str], env: &[(&str, &str)], read_stdout: bool) -> Subscriber {
         let mut child = Command::new(binary("micro"))
             .arg("subscribe")
             .args(args)
@@ -63,7 +72,9 @@ impl Subscriber {
             .expect("micro subscribe starts");
         let (sender, lines) = mpsc::channel();
         let stdout = BufReader::new(child.stdout.take().expect("stdout"));
-        std::thread::spawn(move || stdout.lines().map_while(Result::ok).try_for_each(|l| sender.send(l)));
+        if read_stdout {
+            std::thread::spawn(move || stdout.lines().map_while(Result::ok).try_for_each(|l| sender.send(l)));
+        }
         let stderr = Arc::new(Mutex::new(String::new()));
         let (subscribed, is_subscribed) = mpsc::channel();
         let reader = BufReader::new(child.stderr.take().expect("stderr"));
@@ -204,6 +215,14 @@ fn without_enough_messages_the_timeout_exits_7_and_a_missing_broker_exits_6() {
     let (code, out, err) = micro(&["publish", &topic, "{}"], &env);
     assert_eq!(code, Some(6), "{out}{err}");
     assert!(out.is_empty() && err.contains("broker nats") && err.contains(&nowhere), "{err}");
+
+    let closed = Subscriber::start_into_closed_pipe(&[&topic], &[]);
+    // The publish may fail: the subscriber could not print it, so it did not acknowledge it.
+    let _ = micro(&["publish", &topic, "{}"], &[]);
+    let stderr = closed.stderr();
+    let (status, _) = closed.wait();
+    assert!(status.success(), "a closed stdout ends it quietly: {status} {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
 
     let (code, _, err) = micro(&["subscribe", &topic, "--durable"], &[]);
     assert_eq!(code, Some(6), "{err}");
