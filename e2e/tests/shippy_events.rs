@@ -64,6 +64,9 @@ const QUIET: Duration = Duration::from_millis(700);
 /// The burst of the SIGKILL test, and after how many stored ones the kill comes.
 const BURST: usize = 300;
 const KILL_AFTER_STORED: usize = 80;
+/// The one vessel of each test's fleet, and its capacity unless a test fills it.
+const VESSEL_ID: &str = "vessel-test";
+const ROOMY_CAPACITY: i32 = 100_000;
 /// Request metadata consignment-service deduplicates creations by.
 const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
@@ -227,8 +230,8 @@ impl Place<'_> {
     }
 }
 
-/// One test's shippy: names, broker settings, a fleet with room for every creation of a
-/// test, and files in a temporary folder.
+/// One test's shippy: names, broker settings, a fleet of one vessel, and files (the fleet,
+/// the consignment and booking databases) in a temporary folder.
 struct Shippy {
     vessel_name: String,
     consignment_name: String,
@@ -238,14 +241,19 @@ struct Shippy {
 }
 
 impl Shippy {
+    /// A vessel with room for every creation of a test.
     fn new(broker: Vec<(&'static str, String)>) -> Shippy {
+        Shippy::with_vessel(broker, ROOMY_CAPACITY)
+    }
+
+    /// A vessel of `capacity` containers (and weight enough for them all).
+    fn with_vessel(broker: Vec<(&'static str, String)>, capacity: i32) -> Shippy {
         let dir = tempfile::tempdir().expect("temporary folder");
         let fleet = dir.path().join("fleet.json");
-        std::fs::write(
-            &fleet,
-            r#"[{"id": "vessel-roomy", "name": "Roomy", "capacity": 100000, "max_weight": 2000000000, "available": true}]"#,
-        )
-        .expect("fleet file");
+        let json = format!(
+            r#"[{{"id": "{VESSEL_ID}", "name": "Test vessel", "capacity": {capacity}, "max_weight": 2000000000, "available": true}}]"#
+        );
+        std::fs::write(&fleet, json).expect("fleet file");
         Shippy {
             vessel_name: unique_name("vessel"),
             consignment_name: unique_name("consignment"),
@@ -652,4 +660,40 @@ async fn check_every_stored_event_delivered(
         stored.len(),
         seen.len()
     );
+}
+
+// ---- bookings: vessel-service's handling has an effect the next creation sees ----
+
+/// The sample consignment has 3 containers; a vessel of 6 takes two. Once vessel-service
+/// booked both (from their events), a third creation through consignment-cli is refused
+/// with FAILED_PRECONDITION, saying the vessel is fully booked, and nothing is stored.
+#[tokio::test(flavor = "multi_thread")]
+async fn nats_booked_vessel_refuses_the_creation_that_no_longer_fits() {
+    init_logs();
+    let registry = mdns();
+    let server = NatsServer::start();
+    let shippy = Shippy::with_vessel(broker_env("nats", Some(&server.address())), 6);
+    let vessel = shippy.vessel_service(Place::Here);
+    let _consignment = shippy.consignment_service(Place::Here, "1");
+    wait_for(&registry, &shippy.vessel_name, 1).await;
+    shippy.wait_for_boot(&registry, "1").await;
+
+    let first = shippy.create_with_cli().await;
+    let second = shippy.create_with_cli().await;
+    let booked = BTreeSet::from([first, second]);
+    let (counts, _) = wait_handled(&[&vessel], &booked).await;
+    assert_each_handled_once("nats", &counts, &booked);
+
+    let run =
+        shippy::run_cli(&shippy.consignment_name, &sample_consignment(), &[], &refs(&shippy.broker)).await;
+    assert!(!run.success, "a creation for a fully booked vessel must be refused: {}", run.stdout);
+    assert!(
+        run.stderr.contains("FAILED_PRECONDITION") && run.stderr.contains("fully booked"),
+        "{}",
+        run.stderr
+    );
+    let client = Client::new(registry.clone()).idempotent_methods(proto::IDEMPOTENT_METHODS);
+    let stored = shippy.shipping(&client, "1").get_consignments(GetRequest {}).await.expect("list");
+    let stored: BTreeSet<String> = stored.into_inner().consignments.into_iter().map(|c| c.id).collect();
+    assert_eq!(stored, booked, "the refused creation must store nothing");
 }
