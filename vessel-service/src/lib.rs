@@ -228,8 +228,10 @@ impl VesselService for VesselHandler {
 /// The topic consignment-service publishes each stored consignment on.
 pub const CONSIGNMENT_CREATED: &str = "consignment.created";
 
-/// The queue group vessel-service instances share, so each event is booked by one of them.
-pub const QUEUE_GROUP: &str = "vessel-service";
+/// The name vessel-service registers under unless `MICRO_SERVER_NAME` says otherwise; its
+/// instances subscribe in a queue group of their registered name, so each event is booked
+/// by one instance of each differently named deployment.
+pub const SERVICE_NAME: &str = "vessel-service";
 
 /// Books the consignment of each `consignment.created` event on its vessel.
 #[derive(Debug, Clone)]
@@ -313,16 +315,18 @@ impl Booker {
     }
 }
 
-/// Subscribes `booker` to [`CONSIGNMENT_CREATED`] in queue group [`QUEUE_GROUP`] (each event
-/// is booked by one instance), durably when `durable` (nats, rabbitmq). A booking that fails
+/// Subscribes `booker` to [`CONSIGNMENT_CREATED`] in queue group `queue` (the service's
+/// registered name, so each event is booked by one of its instances), durably when `durable`
+/// (nats, rabbitmq). A booking that fails
 /// (e.g. the database locked beyond its busy timeout) fails the handler, so a durable broker
 /// delivers the event again.
 pub async fn subscribe_created(
     broker: &dyn Broker,
+    queue: &str,
     durable: bool,
     booker: Booker,
 ) -> micro_core::Result<Subscription> {
-    let mut options = SubscribeOptions::default().queue(QUEUE_GROUP);
+    let mut options = SubscribeOptions::default().queue(queue);
     if durable {
         options = options.durable();
     }

@@ -13,7 +13,7 @@ use micro_core::{
 };
 use proto::vessel::vessel_service_server::VesselServiceServer;
 use vessel_service::{
-    Booker, Fleet, VesselHandler,
+    Booker, Fleet, SERVICE_NAME, VesselHandler,
     bookings::{BookingStore, DEFAULT_DB},
     subscribe_created,
 };
@@ -77,10 +77,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         broker_config.connect(&Client::new(registry.clone())).await.context("cannot open the broker")?;
     // Durable where the broker keeps messages, so a booking that failed is delivered again.
     let durable = !matches!(broker_config.kind, BrokerKind::Registry | BrokerKind::Memory);
-    let _subscription = subscribe_created(&*broker, durable, Booker::new(fleet.clone(), store.clone()))
+    let name = cli.server.server_name.clone().unwrap_or_else(|| SERVICE_NAME.to_owned());
+    let booker = Booker::new(fleet.clone(), store.clone());
+    let _subscription = subscribe_created(&*broker, &name, durable, booker)
         .await
         .context("cannot subscribe to consignment.created")?;
-    Server::builder("vessel-service")
+    Server::builder(SERVICE_NAME)
         .version(env!("CARGO_PKG_VERSION"))
         .config(cli.server.into_config_with_metrics(DEFAULT_METRICS_ADDRESS.parse()?)?)
         .tls(cli.tls.load()?)
