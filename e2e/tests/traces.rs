@@ -1,7 +1,8 @@
 //! OpenTelemetry traces across real processes: consignment-cli → consignment-service →
 //! vessel-service export their spans over OTLP (one over gRPC, the others over HTTP) to a
 //! receiver this test runs, and the spans form one trace, each hop's server span the child
-//! of the caller's attempt span. Runs inside the private namespace (`make test`).
+//! of the caller's attempt span, and vessel-service's handling of the event the creation
+//! stored joins that trace too. Runs inside the private namespace (`make test`).
 
 use std::time::Duration;
 
@@ -29,6 +30,15 @@ fn otlp_env<'a>(receiver_endpoint: &'a str, protocol: &'a str) -> Vec<(&'a str, 
 
 fn by_id<'a>(spans: &'a [Span], id: &str) -> &'a Span {
     spans.iter().find(|s| s.span_id == id).unwrap_or_else(|| panic!("no span {id} in {spans:#?}"))
+}
+
+/// vessel-service's handling of a `consignment.created` event in a trace the CLI began.
+fn event_handling(spans: &[Span]) -> Option<&Span> {
+    spans.iter().find(|s| {
+        s.service == "vessel-service"
+            && s.name == "broker.handle"
+            && spans.iter().any(|cli| cli.service == "consignment-cli" && cli.trace_id == s.trace_id)
+    })
 }
 
 fn server_span<'a>(spans: &'a [Span], service: &str) -> Option<&'a Span> {
@@ -68,6 +78,7 @@ async fn one_creation_is_one_trace_across_cli_consignment_and_vessel_services() 
                     && spans.iter().filter(|s| s.service == "consignment-service" && s.kind == SERVER).count()
                         >= 2
                     && spans.iter().any(|s| s.service == "consignment-cli")
+                    && event_handling(spans).is_some()
             },
             Duration::from_secs(20),
         )
@@ -96,6 +107,12 @@ async fn one_creation_is_one_trace_across_cli_consignment_and_vessel_services() 
     for span in [vessel_server, attempt, call, create, cli_attempt] {
         assert_eq!(&span.trace_id, trace, "{span:#?} is in another trace");
     }
+    // The event the create stored reaches vessel-service later, through the outbox, and its
+    // handling joins the same trace as a child of the create's server span.
+    let handling = event_handling(&spans).unwrap();
+    assert_eq!(&handling.trace_id, trace);
+    assert_eq!(handling.parent_span_id, create.span_id, "{handling:#?}");
+    assert_eq!(handling.attribute("topic"), Some("consignment.created"));
     let services: std::collections::BTreeSet<&str> =
         spans.iter().filter(|s| &s.trace_id == trace).map(|s| s.service.as_str()).collect();
     assert_eq!(
