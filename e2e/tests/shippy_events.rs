@@ -1,8 +1,8 @@
 //! shippy's `consignment.created` end to end, per broker backend, with the binaries as real
 //! processes: consignment-service publishes each stored consignment through its outbox,
 //! vessel-service handles it in queue group `vessel-service`, and a subscriber outside the
-//! project's code (a plain async-nats client; on the default registry broker, a
-//! [`RegistryBroker`] subscriber of the test's own) sees what went over the wire.
+//! project's services (a plain async-nats client; on the default registry broker, the
+//! `micro subscribe` command) sees what went over the wire.
 //!
 //! - default (registry broker over mDNS): each test runs on a host of its own
 //!   ([`e2e::hosts`]), since the topic's subscribers register under one fixed name,
@@ -34,7 +34,7 @@ use e2e::{
 use futures::StreamExt;
 use micro_core::{
     Client, NamedChannel, Registry,
-    broker::{Broker, RegistryBroker, SubscribeOptions, handler, headers, topic_service_name},
+    broker::{headers, topic_service_name},
     selector::Filter,
 };
 use prost::Message as _;
@@ -423,57 +423,88 @@ fn assert_each_handled_once(backend: &str, counts: &BTreeMap<String, usize>, ids
 
 // ---- default: the registry broker over mDNS, on a host of the test's own ----
 
-/// The registry broker's subscriber of the test on `registry`: plain (no queue group), so
-/// it gets every event.
-async fn registry_subscriber(registry: Arc<dyn Registry>) -> (Inbox, micro_core::broker::Subscription) {
-    let broker = RegistryBroker::new(Client::new(registry));
-    let inbox = Inbox::default();
-    let filling = inbox.clone();
-    let subscription = broker
-        .subscribe(
-            TOPIC,
-            SubscribeOptions::default(),
-            handler(move |message| {
-                let filling = filling.clone();
-                async move {
-                    let (message_id, content_type) =
-                        (message.id().map(str::to_owned), message.content_type().map(str::to_owned));
-                    filling.push(Seen { message_id, content_type, body: message.body });
-                    Ok(())
-                }
-            }),
-        )
-        .await
-        .expect("the test's registry broker subscriber");
-    (inbox, subscription)
+/// `micro subscribe` on `host`, on the registry broker: a plain subscriber (no queue
+/// group) that prints every event as a JSON line, up to `count`.
+fn micro_subscribe(host: &Host, count: usize) -> Process {
+    let count = count.to_string();
+    let args = ["subscribe", TOPIC, "--count", count.as_str(), "--timeout", "300s"];
+    host.start("micro", &args, &[("MICRO_BROKER", "registry")])
 }
 
+/// The events `micro subscribe` printed in `log` (its JSON lines; the body is base64).
+fn printed_events(log: &str) -> Vec<Seen> {
+    log.lines()
+        .filter(|line| line.starts_with('{'))
+        .map(|line| {
+            let event: serde_json::Value =
+                serde_json::from_str(line).unwrap_or_else(|err| panic!("micro subscribe line {line}: {err}"));
+            let header = |name: &str| event["headers"][name].as_str().map(str::to_owned);
+            let body = event["body_base64"].as_str().unwrap_or_else(|| panic!("no body_base64 in {line}"));
+            Seen {
+                message_id: header(headers::MESSAGE_ID),
+                content_type: header(headers::CONTENT_TYPE),
+                body: base64_decode(body).into(),
+            }
+        })
+        .collect()
+}
+
+/// Standard base64 (with padding) to bytes.
+fn base64_decode(text: &str) -> Vec<u8> {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut bytes = Vec::with_capacity(text.len() * 3 / 4);
+    let (mut buffer, mut bits) = (0_u32, 0);
+    for c in text.bytes().filter(|&c| c != b'=') {
+        let value = ALPHABET.iter().position(|&a| a == c).unwrap_or_else(|| panic!("not base64: {text}"));
+        buffer = (buffer << 6) | value as u32;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            bytes.push((buffer >> bits) as u8);
+        }
+    }
+    bytes
+}
+
+/// `micro subscribe` (asked for up to 2 events, so a duplicate would show) sees exactly one
+/// `consignment.created` for one creation through consignment-cli.
 #[test]
-fn default_broker_one_cli_creation_gives_one_event_to_an_outside_subscriber() {
+fn default_broker_one_cli_creation_gives_one_event_to_micro_subscribe() {
     init_logs();
     let network = Network::new(1);
     let host = network.host(0);
     let shippy = Shippy::new(broker_env("registry", None));
     let vessel = shippy.vessel_service(Place::On(host));
+    let mut subscriber = micro_subscribe(host, 2);
     host.block_on(|| async {
         let registry = mdns();
-        let (inbox, _subscription) = registry_subscriber(registry.clone()).await;
+        poll_until("micro subscribe in force", STARTUP, async || {
+            subscriber.log().contains("subscribed to").then_some(())
+        })
+        .await;
         wait_for(&registry, &shippy.vessel_name, 1).await;
-        // vessel-service's group and the test's subscriber, before the publisher starts.
+        // vessel-service's group and micro subscribe, before the publisher starts.
         wait_for(&registry, &topic_service_name(TOPIC), 2).await;
         let consignment = shippy.consignment_service(Place::On(host), "1");
         shippy.wait_for_boot(&registry, "1").await;
 
         let id = shippy.create_with_cli().await;
-        inbox.wait_for(&id).await;
+        poll_until(format!("micro subscribe printing {id}"), ARRIVAL, async || {
+            printed_events(&subscriber.log())
+                .iter()
+                .any(|s| s.message_id.as_deref() == Some(&*id))
+                .then_some(())
+        })
+        .await;
         wait_published(&consignment, &id).await;
         tokio::time::sleep(QUIET).await;
-        let seen = inbox.of(&id);
-        assert_eq!(seen.len(), 1, "exactly one {TOPIC} of {id} expected: {seen:?}");
+        let seen = printed_events(&subscriber.log());
+        assert_eq!(seen.len(), 1, "exactly one {TOPIC} expected:\n{}", subscriber.log());
         seen[0].assert_of(&id);
-        assert_eq!(inbox.all().len(), 1, "only the one creation's event expected");
         let (counts, _) = wait_handled(&[&vessel], &BTreeSet::from([id.clone()])).await;
         assert_eq!(counts.get(&id), Some(&1), "vessel-service handles it once:\n{}", vessel.log());
+        let status = subscriber.terminate(Duration::from_secs(10)).await;
+        assert!(status.success(), "micro subscribe ends cleanly on SIGTERM: {status}\n{}", subscriber.log());
     });
 }
 
