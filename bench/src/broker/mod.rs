@@ -51,6 +51,8 @@ const WINDOW: u64 = 512;
 const ARRIVAL_LIMIT: Duration = Duration::from_secs(5);
 /// How long a new subscriber may take to get its first message.
 const SETTLE_LIMIT: Duration = Duration::from_secs(10);
+/// How long a server may take to stop.
+const STOP_LIMIT: Duration = Duration::from_secs(10);
 /// How long the handlers may take to catch up after a burst.
 const DRAIN_LIMIT: Duration = Duration::from_secs(10);
 
@@ -126,6 +128,19 @@ pub async fn sdk_side(
         .await
         .with_context(|| format!("subscribe to {topic} on the {} broker", broker.kind()))?;
     Ok(Side::new(SdkPublisher { broker, topic: topic.to_owned() }, probe, subscription))
+}
+
+/// Drops `server`, which stops it, off the runtime's threads; past [`STOP_LIMIT`] kills
+/// every process under this one, so no server outlives the bench.
+pub async fn stop_server<S: Send + 'static>(label: &str, server: S) {
+    eprintln!("[9 broker {label}] stopping its server");
+    let stopping = tokio::task::spawn_blocking(move || drop(server));
+    if tokio::time::timeout(STOP_LIMIT, stopping).await.is_err() {
+        note(format!(
+            "broker {label}: its server had not stopped {STOP_LIMIT:?} after it was told to; killed it and every other process under micro-bench"
+        ));
+        crate::procs::kill_all_children();
+    }
 }
 
 /// A topic no earlier run used.

@@ -20,7 +20,7 @@ use e2e::nats::NatsServer;
 use futures::{StreamExt, future::BoxFuture};
 use micro_core::broker::{NatsBroker, SubscribeOptions};
 
-use super::{Baseline, Probe, Publish, Side, Task, contest, sdk_side, topic};
+use super::{Baseline, Probe, Publish, Side, Task, contest, sdk_side, stop_server, topic};
 use crate::procs;
 
 /// Core publish: returns once async-nats has the message for its connection.
@@ -129,8 +129,7 @@ pub async fn run() -> anyhow::Result<()> {
     let server = tokio::task::spawn_blocking(NatsServer::start).await.context("starting nats-server")?;
     let address = server.address();
     let outcome = measure(&address).await;
-    eprintln!("[9 broker nats] stopping nats-server");
-    tokio::task::spawn_blocking(move || drop(server)).await?;
+    stop_server("nats", server).await;
     outcome
 }
 
