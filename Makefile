@@ -15,11 +15,12 @@ build-deps:
 build: build-deps
 	$(CARGO) build --workspace --bins
 
-## run: build, then the shippy demo in a private network namespace (MICRO_REGISTRY=mdns|consul|etcd).
+## run: build, then the shippy demo in a private network namespace (MICRO_REGISTRY=mdns|consul|etcd, MICRO_BROKER=registry|nats|rabbitmq).
 run: build
 	@if [ "$(MICRO_REGISTRY)" = consul ]; then scripts/install-consul; fi
 	@if [ "$(MICRO_REGISTRY)" = etcd ] && ! command -v etcd >/dev/null; then scripts/install-test-deps; fi
 	@if [ "$(MICRO_BROKER)" = nats ] && ! command -v nats-server >/dev/null; then scripts/install-test-deps; fi
+	@if [ "$(MICRO_BROKER)" = rabbitmq ] && [ ! -x /usr/lib/rabbitmq/bin/rabbitmq-server ]; then scripts/install-test-deps; fi
 	scripts/netns-run scripts/demo
 
 ## test-deps: install what the tests need (iproute2, util-linux, curl, etcd, dnsmasq, a Consul agent).
