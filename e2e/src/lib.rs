@@ -18,6 +18,7 @@ pub mod hosts;
 pub mod nats;
 pub mod otlp;
 pub mod process;
+pub mod rabbitmq;
 pub mod shippy;
 
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -5,7 +5,9 @@
 //! One trait, [`Broker`], and one module per backend: [`MemoryBroker`] for one process,
 //! [`RegistryBroker`], the zero set-up default (subscribers register in the service
 //! registry and publishes go to them over gRPC; at most once, nothing kept), and
-//! [`NatsBroker`] (feature `nats`), core NATS or, for a durable subscriber, JetStream.
+//! [`NatsBroker`] (feature `nats`), core NATS or, for a durable subscriber, JetStream, and
+//! [`RabbitMqBroker`] (feature `rabbitmq`), a topic exchange with a queue per subscriber or
+//! group, durable queues for durable subscribers.
 //! [`crate::config::BrokerConfig`] picks one from `MICRO_BROKER`.
 //!
 //! Every message carries [`headers`]: its content type, a message id subscribers can
@@ -40,6 +42,8 @@ use crate::{BoxError, Error, Result};
 mod memory;
 #[cfg(feature = "nats")]
 mod nats;
+#[cfg(feature = "rabbitmq")]
+mod rabbitmq;
 mod registry;
 #[cfg(test)]
 mod tests;
@@ -48,6 +52,8 @@ mod trace;
 pub use memory::MemoryBroker;
 #[cfg(feature = "nats")]
 pub use nats::{DEFAULT_NATS_ADDRESS, NatsBroker};
+#[cfg(feature = "rabbitmq")]
+pub use rabbitmq::{DEFAULT_RABBITMQ_ADDRESS, RabbitMqBroker};
 pub use registry::{DELIVER_PATH, RegistryBroker, topic_service_name};
 pub use trace::current_trace_headers;
 
@@ -290,7 +296,8 @@ pub(crate) fn refuse_durable(broker: &dyn Broker) -> Error {
     Error::Broker {
         broker: broker.kind().into(),
         address: broker.address(),
-        message: "keeps nothing, so it cannot deliver durably; use MICRO_BROKER=nats for durable subscribers"
+        message: "keeps nothing, so it cannot deliver durably; use MICRO_BROKER=nats or MICRO_BROKER=rabbitmq \
+                  for durable subscribers"
             .into(),
         source: None,
     }

@@ -10,7 +10,8 @@ pub struct BrokerArgs {
     /// Message broker backend.
     #[arg(long, global = true, env = "MICRO_BROKER", value_enum, default_value_t = BrokerKind::Registry)]
     pub broker: BrokerKind,
-    /// Broker address (nats: host:port, default 127.0.0.1:4222); registry and memory ignore it.
+    /// Broker address (nats: host:port, default 127.0.0.1:4222; rabbitmq: host:port or
+    /// amqp://user:password@host:port/vhost, default 127.0.0.1:5672); registry and memory ignore it.
     #[arg(long, global = true, env = "MICRO_BROKER_ADDRESS")]
     pub broker_address: Option<String>,
 }

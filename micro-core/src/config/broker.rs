@@ -20,6 +20,10 @@ pub enum BrokerKind {
     /// A NATS server: core NATS, JetStream for durable subscribers (feature `nats`).
     #[cfg(feature = "nats")]
     Nats,
+    /// A RabbitMQ server: a topic exchange, durable queues for durable subscribers
+    /// (feature `rabbitmq`).
+    #[cfg(feature = "rabbitmq")]
+    Rabbitmq,
 }
 
 impl BrokerKind {
@@ -30,6 +34,8 @@ impl BrokerKind {
             BrokerKind::Memory => "memory",
             #[cfg(feature = "nats")]
             BrokerKind::Nats => "nats",
+            #[cfg(feature = "rabbitmq")]
+            BrokerKind::Rabbitmq => "rabbitmq",
         }
     }
 }
@@ -46,7 +52,8 @@ pub struct BrokerConfig {
     /// The backend. Default: [`BrokerKind::Registry`].
     pub kind: BrokerKind,
     /// The backend's address (nats: `host:port`, default
-    /// [`crate::broker::DEFAULT_NATS_ADDRESS`]); registry and memory ignore it.
+    /// [`crate::broker::DEFAULT_NATS_ADDRESS`]; rabbitmq: `host:port` or an `amqp://` URL,
+    /// default [`crate::broker::DEFAULT_RABBITMQ_ADDRESS`]); registry and memory ignore it.
     pub address: Option<String>,
 }
 
@@ -62,6 +69,13 @@ impl BrokerConfig {
             BrokerKind::Nats => Arc::new(
                 crate::broker::NatsBroker::connect(
                     self.address.as_deref().unwrap_or(crate::broker::DEFAULT_NATS_ADDRESS),
+                )
+                .await?,
+            ),
+            #[cfg(feature = "rabbitmq")]
+            BrokerKind::Rabbitmq => Arc::new(
+                crate::broker::RabbitMqBroker::connect(
+                    self.address.as_deref().unwrap_or(crate::broker::DEFAULT_RABBITMQ_ADDRESS),
                 )
                 .await?,
             ),
