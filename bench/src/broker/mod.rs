@@ -1,13 +1,14 @@
 //! Figure 9: the broker. Publish-to-handler latency (p50, p99, one message at a time) and
-//! events per second (16 publishers, at most 512 messages not yet handled), through each backend of `micro_core::broker` against
-//! the same broker driven by its plain client crate, in the same run: memory against a
-//! `tokio::sync::mpsc` channel, registry against a plain tonic unary call, nats against
-//! async-nats and rabbitmq against lapin. Every loop is bounded in count and time; every
-//! server started here is stopped here.
+//! events per second (16 publishers, at most 512 messages not yet handled), through each
+//! backend of `micro_core::broker` against the same broker driven by its plain client
+//! crate, in the same run: memory against a `tokio::sync::mpsc` channel, registry against a
+//! plain tonic unary call, nats against async-nats and rabbitmq against lapin. Every loop is
+//! bounded in count and time; every server started here is stopped here.
 
 pub mod memory;
 pub mod nats;
 mod probe;
+pub mod rabbitmq;
 pub mod registry;
 
 use std::{
@@ -29,7 +30,7 @@ pub use probe::{BODY_SIZE, Probe};
 use crate::report::{Figure, emit, median, note, quantile};
 
 /// The backends `--brokers` takes, in the order they run.
-pub const BACKENDS: [&str; 3] = ["memory", "registry", "nats"];
+pub const BACKENDS: [&str; 4] = ["memory", "registry", "nats", "rabbitmq"];
 
 const ROUNDS: usize = 3;
 const WARM_UP_MESSAGES: usize = 200;
@@ -51,6 +52,9 @@ const WINDOW: u64 = 512;
 const ARRIVAL_LIMIT: Duration = Duration::from_secs(5);
 /// How long a new subscriber may take to get its first message.
 const SETTLE_LIMIT: Duration = Duration::from_secs(10);
+/// A pause before each side's turn, so it does not start while the broker still works
+/// through the previous side's burst.
+const QUIET: Duration = Duration::from_millis(300);
 /// How long a server may take to stop.
 const STOP_LIMIT: Duration = Duration::from_secs(10);
 /// How long the handlers may take to catch up after a burst.
@@ -155,6 +159,7 @@ pub async fn run(backends: &[String]) -> anyhow::Result<()> {
             "memory" => memory::run().await.context("figure 9 (broker: memory)")?,
             "registry" => registry::run().await.context("figure 9 (broker: registry)")?,
             "nats" => nats::run().await.context("figure 9 (broker: nats)")?,
+            "rabbitmq" => rabbitmq::run().await.context("figure 9 (broker: rabbitmq)")?,
             other => anyhow::bail!("no broker backend {other:?}; --brokers takes {BACKENDS:?}"),
         }
     }
@@ -186,6 +191,8 @@ pub async fn contest(label: &str, sdk: Side, baselines: Vec<Baseline>) -> anyhow
             let i = (r + turn) % sides.len();
             let (name, side) = sides[i];
             eprintln!("[9 broker {label}] round {}/{ROUNDS}: {name}", r + 1);
+            // The broker may still be busy with the previous burst (a store writing it out).
+            tokio::time::sleep(QUIET).await;
             let mut latencies = sequential(side, LATENCY_MESSAGES).await.with_context(|| name.to_owned())?;
             latencies.sort_by(f64::total_cmp);
             samples[i].p50.push(quantile(&latencies, 0.50));
