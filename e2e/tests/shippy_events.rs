@@ -9,6 +9,8 @@
 //!   `broker.consignment.created`, that every shippy of the test run would otherwise share.
 //! - nats: each test has a nats-server of its own (JetStream, a temporary store), so the
 //!   fixed topic's stream `micro_consignment_created` is never shared.
+//! - rabbitmq: one node for the whole test binary ([`RabbitMqServer::shared`]) and a
+//!   virtual host per test, so exchanges and queues are never shared.
 //!
 //! Every process a test starts is stopped when it ends (dropped, or with its host).
 
@@ -28,6 +30,7 @@ use e2e::{
     hosts::{Host, Network},
     nats::NatsServer,
     process::Process,
+    rabbitmq::RabbitMqServer,
     shippy::{self, sample_consignment},
     unique_name,
 };
@@ -727,4 +730,166 @@ async fn nats_booked_vessel_refuses_the_creation_that_no_longer_fits() {
     let stored = shippy.shipping(&client, "1").get_consignments(GetRequest {}).await.expect("list");
     let stored: BTreeSet<String> = stored.into_inner().consignments.into_iter().map(|c| c.id).collect();
     assert_eq!(stored, booked, "the refused creation must store nothing");
+}
+
+// ---- rabbitmq: one node per test binary, a virtual host per test ----
+
+/// The exchange the rabbitmq broker publishes every topic through (a topic exchange).
+const RABBITMQ_EXCHANGE: &str = "micro";
+/// The program that manages a node, as Debian installs it (the one on PATH switches user).
+const RABBITMQCTL: &str = "/usr/lib/rabbitmq/bin/rabbitmqctl";
+
+/// A virtual host of its own on the shared node, open to `guest`; returns the
+/// `amqp://` address of it that services and the test's client take.
+fn rabbitmq_vhost() -> String {
+    let server = RabbitMqServer::shared();
+    let vhost = unique_name("events");
+    for args in [
+        vec!["add_vhost", vhost.as_str()],
+        vec!["set_permissions", "-p", vhost.as_str(), "guest", ".*", ".*", ".*"],
+    ] {
+        let output = std::process::Command::new(RABBITMQCTL)
+            .args(["-q", "-n", server.node()])
+            .args(&args)
+            .envs(server.ctl_env())
+            .output()
+            .unwrap_or_else(|err| panic!("cannot run {RABBITMQCTL}: {err}; apt-get install rabbitmq-server"));
+        assert!(
+            output.status.success(),
+            "rabbitmqctl {args:?} on {} failed: {}{}",
+            server.node(),
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    format!("amqp://guest:guest@{}/{vhost}", server.address())
+}
+
+/// A plain lapin client's queue bound to the `micro` exchange with routing key
+/// [`TOPIC`], outside the project's code: a server-named, exclusive queue when not
+/// `durable`, else the durable queue `e2e-outside` (kept while the test's client is away),
+/// declared and bound before this returns. Each delivery is acknowledged once recorded.
+async fn lapin_subscriber(address: &str, durable: bool) -> (Inbox, TaskGuard) {
+    use lapin::{
+        Connection, ConnectionProperties,
+        options::{BasicAckOptions, BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions},
+        types::FieldTable,
+    };
+    let connection = Connection::connect(address, ConnectionProperties::default())
+        .await
+        .unwrap_or_else(|err| panic!("rabbitmq at {address}: {err}"));
+    let channel = connection.create_channel().await.expect("channel");
+    let (name, options) = match durable {
+        true => ("e2e-outside", QueueDeclareOptions { durable: true, ..Default::default() }),
+        false => ("", QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() }),
+    };
+    let queue = channel.queue_declare(name.into(), options, FieldTable::default()).await.expect("queue");
+    channel
+        .queue_bind(
+            queue.name().clone(),
+            RABBITMQ_EXCHANGE.into(),
+            TOPIC.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap_or_else(|err| {
+            panic!("bind to exchange {RABBITMQ_EXCHANGE} (declared by the services): {err}")
+        });
+    let mut consumer = channel
+        .basic_consume(
+            queue.name().clone(),
+            "e2e".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    let inbox = Inbox::default();
+    let filling = inbox.clone();
+    let task = tokio::spawn(async move {
+        let _connection = connection;
+        while let Some(Ok(delivery)) = consumer.next().await {
+            let properties = &delivery.properties;
+            filling.push(Seen {
+                message_id: properties.message_id().as_ref().map(|id| id.as_str().to_owned()),
+                content_type: properties.content_type().as_ref().map(|ct| ct.as_str().to_owned()),
+                body: delivery.data.clone().into(),
+            });
+            let _ = delivery.ack(BasicAckOptions::default()).await;
+        }
+    });
+    (inbox, TaskGuard(task))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rabbitmq_one_cli_creation_gives_one_event_to_a_plain_lapin_subscriber() {
+    init_logs();
+    let registry = mdns();
+    let address = rabbitmq_vhost();
+    let shippy = Shippy::new(broker_env("rabbitmq", Some(&address)));
+    let vessel = shippy.vessel_service(Place::Here);
+    // vessel-service declared the exchange once it registers.
+    wait_for(&registry, &shippy.vessel_name, 1).await;
+    let (inbox, _task) = lapin_subscriber(&address, false).await;
+    let consignment = shippy.consignment_service(Place::Here, "1");
+    shippy.wait_for_boot(&registry, "1").await;
+
+    let id = shippy.create_with_cli().await;
+    inbox.wait_for(&id).await;
+    wait_published(&consignment, &id).await;
+    tokio::time::sleep(QUIET).await;
+    let seen = inbox.of(&id);
+    assert_eq!(seen.len(), 1, "exactly one {TOPIC} of {id} expected: {seen:?}");
+    seen[0].assert_of(&id);
+    assert_eq!(inbox.all().len(), 1, "only the one creation's event expected");
+    let (counts, _) = wait_handled(&[&vessel], &BTreeSet::from([id.clone()])).await;
+    assert_eq!(counts.get(&id), Some(&1), "vessel-service handles it once:\n{}", vessel.log());
+}
+
+/// Two vessel-service instances share their group's durable queue: each of 100 events is
+/// handled by exactly one of them.
+#[tokio::test(flavor = "multi_thread")]
+async fn rabbitmq_durable_queue_group_of_two_handles_each_of_100_events_exactly_once() {
+    init_logs();
+    let registry = mdns();
+    let address = rabbitmq_vhost();
+    let shippy = Shippy::new(broker_env("rabbitmq", Some(&address)));
+    let first = shippy.vessel_service(Place::Here);
+    let second = shippy.vessel_service(Place::Here);
+    let _consignment = shippy.consignment_service(Place::Here, "1");
+    wait_for(&registry, &shippy.vessel_name, 2).await;
+    shippy.wait_for_boot(&registry, "1").await;
+
+    let client = Client::new(registry.clone()).idempotent_methods(proto::IDEMPOTENT_METHODS);
+    let ids = create_many(&shippy.shipping(&client, "1"), "queue", CREATIONS).await;
+    assert_eq!(ids.len(), CREATIONS);
+    let (counts, shares) = wait_handled(&[&first, &second], &ids).await;
+    assert_each_handled_once("rabbitmq", &counts, &ids);
+    eprintln!("rabbitmq: shares of the two instances {shares:?}");
+}
+
+/// As on nats: consignment-service SIGKILLed in a burst, restarted on the same database;
+/// a durable queue of the test's own, declared before the burst, gets every stored
+/// consignment's event, duplicates with the same message id.
+#[tokio::test(flavor = "multi_thread")]
+async fn rabbitmq_sigkill_during_a_burst_delivers_every_stored_consignments_event() {
+    init_logs();
+    let registry = mdns();
+    let address = rabbitmq_vhost();
+    let shippy = Shippy::new(broker_env("rabbitmq", Some(&address)));
+    let _vessel = shippy.vessel_service(Place::Here);
+    let first = shippy.consignment_service(Place::Here, "1");
+    wait_for(&registry, &shippy.vessel_name, 1).await;
+    let (inbox, _task) = lapin_subscriber(&address, true).await;
+    shippy.wait_for_boot(&registry, "1").await;
+
+    let client = Client::new(registry.clone())
+        .idempotent_methods(proto::IDEMPOTENT_METHODS)
+        .request_timeout(Duration::from_secs(5));
+    let reported = burst_until_killed(&shippy.shipping(&client, "1"), first).await;
+
+    let _second = shippy.consignment_service(Place::Here, "2");
+    shippy.wait_for_boot(&registry, "2").await;
+    check_every_stored_event_delivered("rabbitmq", &shippy, &client, &inbox, &reported).await;
 }
