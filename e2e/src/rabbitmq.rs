@@ -107,7 +107,10 @@ impl RabbitMqServer {
     fn start_epmd(&mut self) {
         let mut command = Command::new("epmd");
         command.args(["-port", &self.epmd_port.to_string(), "-address", "127.0.0.1"]);
-        let epmd = Guarded::spawn(command, &self.dir.join("epmd.log"), &self.dir.join("epmd.exit"));
+        // The last process to go removes the data directory, even for a server kept in a
+        // static (never dropped) when the test binary exits.
+        let epmd =
+            Guarded::spawn(command, &self.dir.join("epmd.log"), &self.dir.join("epmd.exit"), Some(&self.dir));
         let address: SocketAddr = ([127, 0, 0, 1], self.epmd_port).into();
         let started = Instant::now();
         while TcpStream::connect_timeout(&address, Duration::from_millis(200)).is_err() {
@@ -140,7 +143,7 @@ impl RabbitMqServer {
             .env("HOME", dir);
         let exit = dir.join("server.exit");
         let _ = std::fs::remove_file(&exit);
-        let server = Guarded::spawn(command, &dir.join("server.log"), &exit);
+        let server = Guarded::spawn(command, &dir.join("server.log"), &exit, None);
         let address: SocketAddr = self.address().parse().expect("address");
         let started = Instant::now();
         while !answers_amqp(address) {
@@ -204,21 +207,29 @@ struct Guarded {
     exit_file: PathBuf,
 }
 
-/// The guard: `$1` the exit-code file, the rest the command. It kills the group when its
-/// input closes, or when the test binary's process group is signalled (Ctrl-C, a timeout).
-const GUARD_SCRIPT: &str = r#"exit_file=$1; shift
+/// The guard: `$1` the exit-code file, `$2` a directory to remove afterwards (or empty),
+/// the rest the command. It kills the group when its input closes, or when the test
+/// binary's process group is signalled (Ctrl-C, a timeout).
+const GUARD_SCRIPT: &str = r#"exit_file=$1; remove=$2; shift 2
 setsid sh -c '"$@"; echo "$?" > "$0"' "$exit_file" "$@" </dev/null &
 group=$!
-trap 'kill -KILL "-$group" 2>/dev/null; exit 0' INT TERM HUP
+finish() {
+  kill -KILL "-$group" 2>/dev/null
+  wait
+  if [ -n "$remove" ]; then rm -rf "$remove"; fi
+  exit 0
+}
+trap finish INT TERM HUP
 read _closed || true
-kill -KILL "-$group" 2>/dev/null
-wait"#;
+finish"#;
 
 impl Guarded {
-    fn spawn(command: Command, log: &Path, exit_file: &Path) -> Guarded {
+    /// Starts `command` under a guard; `remove_after`, if any, goes once the guard killed it.
+    fn spawn(command: Command, log: &Path, exit_file: &Path, remove_after: Option<&Path>) -> Guarded {
         let log_file = std::fs::File::create(log).expect("log file");
         let mut guard = Command::new("sh");
-        guard.arg("-c").arg(GUARD_SCRIPT).arg("sh").arg(exit_file).arg(command.get_program());
+        guard.arg("-c").arg(GUARD_SCRIPT).arg("sh").arg(exit_file);
+        guard.arg(remove_after.map(Path::as_os_str).unwrap_or_default()).arg(command.get_program());
         guard.args(command.get_args());
         for (key, value) in command.get_envs() {
             match value {

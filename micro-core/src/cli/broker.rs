@@ -42,6 +42,15 @@ mod tests {
         assert_eq!((config.kind, config.address.as_deref()), (BrokerKind::Memory, Some("h:1")));
     }
 
+    #[cfg(feature = "rabbitmq")]
+    #[test]
+    fn rabbitmq_is_spelled_rabbitmq() {
+        let cli = Cli::parse_from(["t", "--broker", "rabbitmq", "--broker-address", "amqp://h:5672/%2f"]);
+        let config = BrokerConfig::from(cli.broker);
+        assert_eq!(config.kind, BrokerKind::Rabbitmq);
+        assert_eq!(config.kind.as_str(), "rabbitmq");
+    }
+
     #[test]
     fn unknown_broker_lists_the_valid_ones() {
         let err = Cli::try_parse_from(["t", "--broker", "kafka"]).err().expect("not a broker").to_string();
