@@ -200,6 +200,29 @@ fn publish_and_subscribe_on_nats() {
 }
 
 #[test]
+fn a_durable_subscriber_on_nats_gets_what_was_published_while_it_was_away() {
+    e2e::require_private_netns();
+    let server = NatsServer::start();
+    let address = server.address();
+    let env = [("MICRO_BROKER", "nats"), ("MICRO_BROKER_ADDRESS", address.as_str())];
+    let topic = unique_name("orders");
+    let durable = [topic.as_str(), "--queue", "keeper", "--durable", "--count", "1"];
+    // The first run makes the consumer; then three messages while no one listens.
+    let first = Subscriber::start(&durable, &env);
+    publish(&[&topic, r#"{"n": 0}"#, "--id", "n-0"], &env);
+    assert!(first.wait().0.success());
+    for n in 1..=3 {
+        publish(&[&topic, &format!("{{\"n\": {n}}}"), "--id", &format!("n-{n}")], &env);
+    }
+    let again = [topic.as_str(), "--queue", "keeper", "--durable", "--count", "3"];
+    let (status, lines) = Subscriber::start(&again, &env).wait();
+    assert!(status.success(), "{status}");
+    let mut received: Vec<&str> = lines.iter().map(|l| l["message_id"].as_str().unwrap()).collect();
+    received.sort_unstable();
+    assert_eq!(received, ["n-1", "n-2", "n-3"], "what came while it was away, each once");
+}
+
+#[test]
 fn without_enough_messages_the_timeout_exits_7_and_a_missing_broker_exits_6() {
     e2e::require_private_netns();
     let topic = unique_name("quiet");

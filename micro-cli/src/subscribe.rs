@@ -12,7 +12,13 @@
 //! micro subscribe consignment.created --type consignment.Consignment --from consignment-service
 //! ```
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use micro_core::{
     BoxError,
@@ -29,11 +35,11 @@ use crate::{
     out,
 };
 
-/// How often the end checks whether the last handlers have returned.
+/// How often the end checks whether the printed messages' handlers have returned.
 const SETTLE_POLL: Duration = Duration::from_millis(10);
 /// How long after the last handler returned its acknowledgement gets to go out.
 const ANSWER_GRACE: Duration = Duration::from_millis(100);
-/// The longest the end waits for handlers before it unsubscribes anyway.
+/// The longest the end waits for acknowledgements before it unsubscribes anyway.
 const SETTLE_LIMIT: Duration = Duration::from_secs(2);
 
 /// `micro subscribe`'s own flags; the broker, registry and client flags are `micro`'s.
@@ -59,7 +65,8 @@ pub struct SubscribeArgs {
 }
 
 /// Subscribes and prints each message as one JSON line. Each message is acknowledged only
-/// once its line is written, so one that arrives after `--count` is not taken from a queue.
+/// once its line is written; one that arrives after `--count` is refused, so a queue group
+/// or a durable consumer delivers it again.
 pub async fn subscribe(
     args: SubscribeArgs,
     broker: Arc<dyn Broker>,
@@ -70,20 +77,23 @@ pub async fn subscribe(
     // One poll installs the handlers, so a signal while subscribing still ends it cleanly.
     let _ = futures::poll!(&mut shutdown);
     let (sender, mut received) = mpsc::channel::<(Message, oneshot::Sender<()>)>(1);
-    // One clone per handler running, besides this one and the handler's own.
-    let running = Arc::new(());
+    // Printed messages whose handler has not returned yet, so has not acknowledged.
+    let unacknowledged = Arc::new(AtomicUsize::new(0));
     let handler = {
-        let running = running.clone();
+        let unacknowledged = unacknowledged.clone();
         broker::handler(move |message| {
-            let (sender, running) = (sender.clone(), running.clone());
+            let (sender, unacknowledged) = (sender.clone(), unacknowledged.clone());
             async move {
-                let _running = running;
                 let (printed, was_printed) = oneshot::channel();
                 sender
                     .send((message, printed))
                     .await
                     .map_err(|_| BoxError::from("micro subscribe is stopping"))?;
-                was_printed.await.map_err(|_| BoxError::from("micro subscribe stopped before printing it"))
+                was_printed
+                    .await
+                    .map_err(|_| BoxError::from("micro subscribe stopped before printing it"))?;
+                unacknowledged.fetch_sub(1, Ordering::SeqCst);
+                Ok(())
             }
         })
     };
@@ -110,6 +120,7 @@ pub async fn subscribe(
                 match out::try_line(line(&message, message_type.as_ref())) {
                     Ok(()) => {
                         count += 1;
+                        unacknowledged.fetch_add(1, Ordering::SeqCst);
                         let _ = printed.send(());
                     }
                     Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => break Ok(()),
@@ -129,12 +140,12 @@ pub async fn subscribe(
             () = &mut shutdown => break Ok(()),
         }
     };
-    // Messages still waiting are refused, so a queue or a durable consumer keeps them; the
-    // handlers of printed ones get to acknowledge before the subscription goes.
+    // Messages not printed are refused, so a queue group or a durable consumer delivers them
+    // again; printed ones get acknowledged before the subscription goes.
     received.close();
     while received.recv().await.is_some() {}
     let settled = async {
-        while Arc::strong_count(&running) > 2 {
+        while unacknowledged.load(Ordering::SeqCst) > 0 {
             tokio::time::sleep(SETTLE_POLL).await;
         }
         tokio::time::sleep(ANSWER_GRACE).await;
