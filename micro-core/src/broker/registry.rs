@@ -23,7 +23,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     convert::Infallible,
-    sync::Mutex,
+    sync::{Mutex, OnceLock},
     task::{Context, Poll},
     time::Duration,
 };
@@ -80,6 +80,77 @@ struct Delivery {
 /// The subscriber's answer: the handler succeeded.
 #[derive(Clone, PartialEq, prost::Message)]
 struct Ack {}
+
+/// The encoded descriptor set of [`DELIVER_SERVICE`] (`micro/broker.proto`), given to each
+/// subscriber's server so its calls get their own method label and span name, and
+/// reflection describes them.
+pub fn deliver_descriptor_set() -> &'static [u8] {
+    static ENCODED: OnceLock<Vec<u8>> = OnceLock::new();
+    ENCODED.get_or_init(|| {
+        use prost::Message as _;
+        use prost_types::{
+            DescriptorProto, FieldDescriptorProto, FileDescriptorProto, FileDescriptorSet, MessageOptions,
+            MethodDescriptorProto, ServiceDescriptorProto,
+            field_descriptor_proto::{Label, Type},
+        };
+        let field = |name: &str, number: i32, kind: Type, label: Label, type_name: Option<&str>| {
+            FieldDescriptorProto {
+                name: Some(name.into()),
+                number: Some(number),
+                label: Some(label as i32),
+                r#type: Some(kind as i32),
+                type_name: type_name.map(Into::into),
+                json_name: Some(name.into()),
+                ..Default::default()
+            }
+        };
+        let headers_entry = DescriptorProto {
+            name: Some("HeadersEntry".into()),
+            field: vec![
+                field("key", 1, Type::String, Label::Optional, None),
+                field("value", 2, Type::String, Label::Optional, None),
+            ],
+            options: Some(MessageOptions { map_entry: Some(true), ..Default::default() }),
+            ..Default::default()
+        };
+        let delivery = DescriptorProto {
+            name: Some("Delivery".into()),
+            field: vec![
+                field("topic", 1, Type::String, Label::Optional, None),
+                field(
+                    "headers",
+                    2,
+                    Type::Message,
+                    Label::Repeated,
+                    Some(".micro.broker.Delivery.HeadersEntry"),
+                ),
+                field("body", 3, Type::Bytes, Label::Optional, None),
+            ],
+            nested_type: vec![headers_entry],
+            ..Default::default()
+        };
+        let ack = DescriptorProto { name: Some("Ack".into()), ..Default::default() };
+        let service = ServiceDescriptorProto {
+            name: Some("Broker".into()),
+            method: vec![MethodDescriptorProto {
+                name: Some("Deliver".into()),
+                input_type: Some(".micro.broker.Delivery".into()),
+                output_type: Some(".micro.broker.Ack".into()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let file = FileDescriptorProto {
+            name: Some("micro/broker.proto".into()),
+            package: Some("micro.broker".into()),
+            message_type: vec![delivery, ack],
+            service: vec![service],
+            syntax: Some("proto3".into()),
+            ..Default::default()
+        };
+        FileDescriptorSet { file: vec![file] }.encode_to_vec()
+    })
+}
 
 /// Publishes to and subscribes through the service registry of a [`Client`].
 pub struct RegistryBroker {
@@ -229,6 +300,7 @@ impl Broker for RegistryBroker {
             .metadata(SUBSCRIBER_LABEL, &id)
             .config(self.server.clone())
             .registry(self.client.registry().clone())
+            .file_descriptor_set(deliver_descriptor_set())
             .add_service(DeliverServer { handler });
         if let Some(queue) = &options.queue {
             server = server.metadata(QUEUE_LABEL, queue);
@@ -288,5 +360,25 @@ impl tower::Service<http::Request<Body>> for DeliverServer {
             let mut grpc = tonic::server::Grpc::new(codec);
             Ok(grpc.unary(DeliverMethod(handler), request).await)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message as _;
+
+    use super::*;
+
+    #[test]
+    fn the_descriptor_set_describes_the_deliver_method_the_server_routes() {
+        let set = prost_types::FileDescriptorSet::decode(deliver_descriptor_set()).unwrap();
+        let file = &set.file[0];
+        let paths: Vec<String> = file.service[0]
+            .method
+            .iter()
+            .map(|m| format!("/{}.{}/{}", file.package(), file.service[0].name(), m.name()))
+            .collect();
+        assert_eq!(paths, [DELIVER_PATH]);
+        assert_eq!(format!("{}.{}", file.package(), file.service[0].name()), DELIVER_SERVICE);
     }
 }
