@@ -393,7 +393,23 @@ mod rabbitmq {
         broker.publish(Message::new(&topic, "before")).await.expect("publish before");
         assert_eq!(collect(&mut rx, 2).await.len(), 2);
 
+        let impatient = RabbitMqBroker::connect(&server.address())
+            .await
+            .expect("connect")
+            .publish_timeout(Duration::from_millis(500));
         server.stop();
+        // A publish that cannot wait for the server back fails, naming what and where.
+        let lost = Message::new(&topic, "lost");
+        let err = impatient.publish(lost.clone()).await.expect_err("no server within 500 ms").to_string();
+        let id = lost.id().unwrap();
+        assert!(
+            err.contains("rabbitmq")
+                && err.contains(&topic)
+                && err.contains(id)
+                && err.contains("not confirmed"),
+            "{err}"
+        );
+        assert!(err.contains(&server.address()), "{err}");
         // Published while the server is down: each succeeds after the reconnect, or fails
         // clearly within the publish timeout.
         let during: Vec<_> = (0..3)
