@@ -1,6 +1,6 @@
 //! `micro publish` and `micro subscribe` as real processes: over the default registry broker
-//! on mDNS, over a real nats-server, typed (`--type`/`--from`) into a prost subscriber, queue
-//! groups, bad input that publishes nothing, and the `--timeout` exit code.
+//! on mDNS, a real nats-server and a real RabbitMQ; typed (`--type`/`--from`) into a prost
+//! subscriber; queue groups; durable subscribers; bad input that publishes nothing; exit codes.
 
 use std::{
     io::{BufRead, BufReader},
@@ -13,6 +13,7 @@ use e2e::{
     discovery::{mdns, wait_for},
     nats::NatsServer,
     process::{Process, binary},
+    rabbitmq::RabbitMqServer,
     unique_name,
 };
 use micro_core::{
@@ -204,18 +205,36 @@ fn a_durable_subscriber_on_nats_gets_what_was_published_while_it_was_away() {
     e2e::require_private_netns();
     let server = NatsServer::start();
     let address = server.address();
-    let env = [("MICRO_BROKER", "nats"), ("MICRO_BROKER_ADDRESS", address.as_str())];
+    durable_subscriber_gets_what_came_while_away(&[
+        ("MICRO_BROKER", "nats"),
+        ("MICRO_BROKER_ADDRESS", &address),
+    ]);
+}
+
+#[test]
+fn publish_and_subscribe_on_rabbitmq() {
+    e2e::require_private_netns();
+    let server = RabbitMqServer::start();
+    let address = server.address();
+    let env = [("MICRO_BROKER", "rabbitmq"), ("MICRO_BROKER_ADDRESS", address.as_str())];
+    publish_reaches_subscribers(&env);
+    queue_members_get_each_message_once(&env, false);
+    durable_subscriber_gets_what_came_while_away(&env);
+}
+
+/// A `--durable --queue` subscriber's second run gets each message published while it was away.
+fn durable_subscriber_gets_what_came_while_away(env: &[(&str, &str)]) {
     let topic = unique_name("orders");
     let durable = [topic.as_str(), "--queue", "keeper", "--durable", "--count", "1"];
     // The first run makes the consumer; then three messages while no one listens.
-    let first = Subscriber::start(&durable, &env);
-    publish(&[&topic, r#"{"n": 0}"#, "--id", "n-0"], &env);
+    let first = Subscriber::start(&durable, env);
+    publish(&[&topic, r#"{"n": 0}"#, "--id", "n-0"], env);
     assert!(first.wait().0.success());
     for n in 1..=3 {
-        publish(&[&topic, &format!("{{\"n\": {n}}}"), "--id", &format!("n-{n}")], &env);
+        publish(&[&topic, &format!("{{\"n\": {n}}}"), "--id", &format!("n-{n}")], env);
     }
     let again = [topic.as_str(), "--queue", "keeper", "--durable", "--count", "3"];
-    let (status, lines) = Subscriber::start(&again, &env).wait();
+    let (status, lines) = Subscriber::start(&again, env).wait();
     assert!(status.success(), "{status}");
     let mut received: Vec<&str> = lines.iter().map(|l| l["message_id"].as_str().unwrap()).collect();
     received.sort_unstable();
