@@ -15,6 +15,9 @@
 //!   acknowledged after the handler succeeds, and a failed handler's message is requeued
 //!   (after a short pause) and delivered again, to any member. A durable and a non-durable
 //!   member cannot share a group: the server refuses the second with a clear error.
+//! - **Flow**: every consumer holds at most 16 unacknowledged messages (a non-durable one
+//!   acknowledges each on arrival); the rest wait on the server, so a slow handler does not
+//!   grow this process's memory.
 //!
 //! lapin does not reconnect by itself: the broker does, with jittered backoff, and then
 //! declares the exchange and every live subscription's queue, binding and consumer again,
@@ -78,8 +81,9 @@ const LIVENESS_POLL: Duration = Duration::from_millis(500);
 const RESUBSCRIBE_WAIT: Duration = Duration::from_secs(5);
 /// Pause before a failed publish is tried again (the connection may be going away).
 const PUBLISH_RETRY_DELAY: Duration = Duration::from_millis(100);
-/// Unacknowledged messages a durable subscriber holds at once.
-const DURABLE_PREFETCH: u16 = 16;
+/// Unacknowledged messages a subscriber holds at once; the rest wait on the server, so a
+/// slow handler does not grow this process's memory.
+const PREFETCH: u16 = 16;
 /// Pause before a failed message is requeued, so a handler that keeps failing does not spin.
 const REQUEUE_DELAY: Duration = Duration::from_millis(250);
 /// AMQP delivery mode of a message the server writes to disk.
@@ -405,23 +409,28 @@ impl Binding {
                 FieldTable::default(),
             )
             .await?;
-        if self.durable {
-            channel.basic_qos(DURABLE_PREFETCH, BasicQosOptions::default()).await?;
-        }
+        channel.basic_qos(PREFETCH, BasicQosOptions::default()).await?;
         let tag = ShortString::from(format!("micro-{:016x}", rand::random::<u64>()));
-        let options = BasicConsumeOptions { no_ack: !self.durable, ..Default::default() };
+        // Acknowledged by hand even when not durable, so the prefetch bounds what waits here.
+        let options = BasicConsumeOptions::default();
         let consumer =
             channel.basic_consume(queue.name().clone(), tag, options, FieldTable::default()).await?;
         Ok((channel, consumer))
     }
 
-    /// Runs the handler on `delivery`; a durable subscriber acknowledges or requeues it.
+    /// Runs the handler on `delivery`. A durable subscriber acknowledges it after the
+    /// handler succeeds or requeues it; any other acknowledges it first (at most once).
     async fn handle(&self, handler: &Handler, delivery: Delivery) {
-        let handled = run_handler(handler, from_delivery(&delivery)).await;
+        let message = from_delivery(&delivery);
         if !self.durable {
+            let acked = delivery.ack(BasicAckOptions::default()).await;
+            if let Err(err) = acked {
+                tracing::debug!(broker = "rabbitmq", topic = %self.topic, error = %err, "acknowledgement not sent");
+            }
+            run_handler(handler, message).await;
             return;
         }
-        let answer = if handled {
+        let answer = if run_handler(handler, message).await {
             delivery.ack(BasicAckOptions::default()).await
         } else {
             tokio::time::sleep(REQUEUE_DELAY).await;
@@ -587,13 +596,12 @@ impl Broker for RabbitMqBroker {
         let first = match attached {
             Ok(Ok(first)) => first,
             Ok(Err(err)) => {
-                return Err(self.error(
-                    format!(
-                        "cannot subscribe to {topic} ({queue}); a queue of that name declared otherwise \
-                         (durable or not) is refused"
-                    ),
-                    err,
-                ));
+                let hint = if err.to_string().contains("PRECONDITION_FAILED") {
+                    "; the queue exists with other settings: a durable and a non-durable member cannot share a group"
+                } else {
+                    ""
+                };
+                return Err(self.error(format!("cannot subscribe to {topic} ({queue}){hint}"), err));
             }
             Err(elapsed) => {
                 return Err(self.error(

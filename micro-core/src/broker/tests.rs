@@ -302,7 +302,10 @@ mod rabbitmq {
 
     #[tokio::test]
     async fn rabbitmq_conformance() {
-        conformance(broker(RabbitMqServer::shared()).await, async || {}).await;
+        let broker = broker(RabbitMqServer::shared()).await;
+        conformance(broker.clone(), async || {}).await;
+        let nobody = Message::new(format!("nobody.{:08x}", rand::random::<u32>()), "x");
+        broker.publish(nobody).await.expect("a topic no queue is bound to accepts the message");
     }
 
     #[tokio::test]
@@ -352,7 +355,10 @@ mod rabbitmq {
             .subscribe(&topic, SubscribeOptions::default().queue("workers"), failing_once("d", &tx, &failed))
             .await;
         let err = mixed.unwrap_err().to_string();
-        assert!(err.contains("rabbitmq") && err.contains(&topic), "{err}");
+        assert!(
+            err.contains("rabbitmq") && err.contains(&topic) && err.contains("durable and a non-durable"),
+            "{err}"
+        );
     }
 
     #[tokio::test]
