@@ -1,8 +1,9 @@
 //! shippy's `consignment.created` end to end, per broker backend, with the binaries as real
 //! processes: consignment-service publishes each stored consignment through its outbox,
-//! vessel-service handles it in queue group `vessel-service`, and a subscriber outside the
-//! project's services (a plain async-nats client; on the default registry broker, the
-//! `micro subscribe` command) sees what went over the wire.
+//! vessel-service books it in its queue group (the name it registers under, one per test
+//! here), and a subscriber outside the project's services (a plain async-nats or lapin
+//! client; on the default registry broker, the `micro subscribe` command) sees what went
+//! over the wire.
 //!
 //! - default (registry broker over mDNS): each test runs on a host of its own
 //!   ([`e2e::hosts`]), since the topic's subscribers register under one fixed name,
@@ -519,7 +520,7 @@ async fn wait_published(consignment: &Process, id: &str) {
     .await
 }
 
-/// Two vessel-service instances in queue group `vessel-service`, 100 creations. The
+/// Two vessel-service instances in one queue group (their shared name), 100 creations. The
 /// registry broker delivers at most once (nothing kept); with both instances up and the
 /// publisher's relay retrying a failed delivery, this asserts that each event is handled by
 /// exactly one of the two, never both, and none is lost.
@@ -573,7 +574,7 @@ async fn nats_one_cli_creation_gives_one_event_to_a_plain_nats_subscriber() {
     assert_eq!(counts.get(&id), Some(&1), "vessel-service handles it once:\n{}", vessel.log());
 }
 
-/// Two vessel-service instances share the durable JetStream consumer `vessel-service`:
+/// Two vessel-service instances share their group's durable JetStream consumer:
 /// each of 100 events is handled by exactly one of them.
 #[tokio::test(flavor = "multi_thread")]
 async fn nats_durable_queue_group_of_two_handles_each_of_100_events_exactly_once() {
