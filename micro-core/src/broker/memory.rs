@@ -171,8 +171,10 @@ impl Broker for MemoryBroker {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
+
     use super::*;
-    use crate::broker::handler;
+    use crate::broker::{handler, headers};
 
     #[tokio::test(flavor = "current_thread")]
     async fn a_full_inbox_refuses_the_publish_and_names_the_subscriber() {
@@ -200,5 +202,90 @@ mod tests {
         }
         broker.publish(Message::new("t", "room again")).await.expect("the inbox drained");
         assert_eq!(&rx.recv().await.unwrap()[..], b"room again");
+    }
+
+    /// Everything logged while `work` runs on this thread, as plain text.
+    async fn logged<F: Future<Output = ()>>(work: F) -> String {
+        let buffer = Arc::new(Mutex::new(Vec::new()));
+        let writer = buffer.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || LogWriter(writer.clone()))
+            .finish();
+        let _default = tracing::subscriber::set_default(subscriber);
+        work.await;
+        String::from_utf8(buffer.lock().unwrap().clone()).unwrap()
+    }
+
+    struct LogWriter(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for LogWriter {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_failed_handler_and_a_malformed_body_are_logged_with_topic_id_and_type() {
+        let broker = MemoryBroker::new();
+        let log = logged(async {
+            let (done, mut finished) = mpsc::unbounded_channel();
+            let failing_done = done.clone();
+            let _failing = broker
+                .subscribe(
+                    "orders",
+                    SubscribeOptions::default(),
+                    handler(move |_| {
+                        let done = failing_done.clone();
+                        async move {
+                            let _ = done.send(());
+                            Err("the warehouse is closed".into())
+                        }
+                    }),
+                )
+                .await
+                .unwrap();
+            let _typed = crate::broker::subscribe_proto(
+                &broker,
+                "counts",
+                SubscribeOptions::default(),
+                move |_: prost_types::Duration, _| {
+                    let done = done.clone();
+                    async move { done.send(()).map_err(Into::into) }
+                },
+            )
+            .await
+            .unwrap();
+            broker.publish(Message::new("orders", "x").header(headers::MESSAGE_ID, "m-1")).await.unwrap();
+            broker
+                .publish(Message::new("counts", vec![0xff, 0xff]).header(headers::MESSAGE_ID, "m-2"))
+                .await
+                .unwrap();
+            // Only the failing handler signals; the malformed body never reaches its handler,
+            // so a well-formed message after it shows it was dropped without blocking.
+            let valid = prost::Message::encode_to_vec(&prost_types::Duration { seconds: 1, nanos: 0 });
+            broker.publish(Message::new("counts", valid).header(headers::MESSAGE_ID, "m-3")).await.unwrap();
+            for _ in 0..2 {
+                finished.recv().await.unwrap();
+            }
+        })
+        .await;
+        let failed = log.lines().find(|l| l.contains("handler failed")).unwrap_or_else(|| panic!("{log}"));
+        assert!(
+            failed.contains("orders") && failed.contains("m-1") && failed.contains("warehouse is closed"),
+            "{failed}"
+        );
+        let dropped = log.lines().find(|l| l.contains("malformed")).unwrap_or_else(|| panic!("{log}"));
+        assert!(
+            dropped.contains("counts")
+                && dropped.contains("m-2")
+                && dropped.contains("Duration"),
+            "{dropped}"
+        );
     }
 }
