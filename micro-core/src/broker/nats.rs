@@ -9,7 +9,8 @@
 //!   once, fast.
 //! - **Durable subscribers** (`SubscribeOptions::durable`, which needs a queue group) get a
 //!   JetStream durable pull consumer named after the group: each message goes to one member,
-//!   stays until the handler succeeds (`ack`), and a failed handler gets it again (`nak`).
+//!   stays until the handler succeeds (`ack`), and a failed handler gets it again (`nak`)
+//!   after [`REDELIVERY_DELAY`].
 //!
 //! The client reconnects forever; core subscriptions are renewed by async-nats, and a
 //! durable subscriber re-attaches its consumer, so a restarted server loses no subscription.
@@ -47,6 +48,14 @@ pub const DEFAULT_NATS_ADDRESS: &str = "127.0.0.1:4222";
 pub const DEFAULT_PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a durable message may stay unacknowledged (handler running) before redelivery.
 const ACK_WAIT: Duration = Duration::from_secs(30);
+/// How long a message whose handler failed waits before it is delivered again, so a handler
+/// that keeps failing does not spin.
+const REDELIVERY_DELAY: Duration = Duration::from_secs(1);
+/// Messages a durable subscriber pulls at a time: few, so the members of a group share the
+/// work and a subscriber that goes away strands little until [`ACK_WAIT`] returns it.
+const PULL_BATCH: usize = 16;
+/// How often the server shows an idle pull is alive.
+const PULL_HEARTBEAT: Duration = Duration::from_secs(15);
 
 /// A broker on a NATS server.
 pub struct NatsBroker {
@@ -266,7 +275,8 @@ impl Broker for NatsBroker {
         let topic_owned = topic.to_owned();
         let task = tokio::spawn(async move {
             loop {
-                let mut messages = match consumer.messages().await {
+                let pull = consumer.stream().max_messages_per_batch(PULL_BATCH).heartbeat(PULL_HEARTBEAT);
+                let mut messages = match pull.messages().await {
                     Ok(messages) => messages,
                     Err(err) => {
                         tracing::warn!(topic = %topic_owned, consumer = %durable, error = %err, "cannot pull; trying again");
@@ -285,7 +295,7 @@ impl Broker for NatsBroker {
                     let ack = if run_handler(&handler, from_nats(&message)).await {
                         message.ack().await
                     } else {
-                        message.ack_with(jetstream::AckKind::Nak(None)).await
+                        message.ack_with(jetstream::AckKind::Nak(Some(REDELIVERY_DELAY))).await
                     };
                     if let Err(err) = ack {
                         tracing::warn!(topic = %topic_owned, error = %err, "acknowledgement not sent; the message will come again");
