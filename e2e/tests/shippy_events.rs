@@ -550,16 +550,64 @@ fn default_broker_queue_group_of_two_handles_each_of_100_events_once() {
 
 // ---- nats: a nats-server of the test's own ----
 
-#[tokio::test(flavor = "multi_thread")]
-async fn nats_one_cli_creation_gives_one_event_to_a_plain_nats_subscriber() {
+/// A broker that keeps messages, run for one test, with the plain client the test watches
+/// it through from outside the project's code.
+enum DurableBroker {
+    /// A nats-server of the test's own.
+    Nats(NatsServer),
+    /// A virtual host of its own on the binary's shared RabbitMQ node: its `amqp://` address.
+    RabbitMq(String),
+}
+
+impl DurableBroker {
+    fn nats() -> Self {
+        DurableBroker::Nats(NatsServer::start())
+    }
+
+    fn rabbitmq() -> Self {
+        DurableBroker::RabbitMq(rabbitmq_vhost())
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            DurableBroker::Nats(_) => "nats",
+            DurableBroker::RabbitMq(_) => "rabbitmq",
+        }
+    }
+
+    fn address(&self) -> String {
+        match self {
+            DurableBroker::Nats(server) => server.address(),
+            DurableBroker::RabbitMq(address) => address.clone(),
+        }
+    }
+
+    fn env(&self) -> Vec<(&'static str, String)> {
+        broker_env(self.kind(), Some(&self.address()))
+    }
+
+    /// A subscriber outside the project's code, in force when this returns; `durable`
+    /// keeps every event from then on whoever else is up. Call it once a vessel-service is
+    /// registered: its subscription made the stream or the exchange.
+    async fn outside_subscriber(&self, durable: bool) -> (Inbox, TaskGuard) {
+        match (self, durable) {
+            (DurableBroker::Nats(server), false) => nats_core_subscriber(&server.address()).await,
+            (DurableBroker::Nats(server), true) => nats_durable_subscriber(&server.address()).await,
+            (DurableBroker::RabbitMq(address), durable) => lapin_subscriber(address, durable).await,
+        }
+    }
+}
+
+/// One consignment-cli creation gives exactly one event to a plain client of `broker`, and
+/// vessel-service handles it once.
+async fn one_cli_creation_gives_one_event_outside(broker: DurableBroker) {
     init_logs();
     let registry = mdns();
-    let server = NatsServer::start();
-    let (inbox, _task) = nats_core_subscriber(&server.address()).await;
-    let shippy = Shippy::new(broker_env("nats", Some(&server.address())));
+    let shippy = Shippy::new(broker.env());
     let vessel = shippy.vessel_service(Place::Here);
-    let consignment = shippy.consignment_service(Place::Here, "1");
     wait_for(&registry, &shippy.vessel_name, 1).await;
+    let (inbox, _task) = broker.outside_subscriber(false).await;
+    let consignment = shippy.consignment_service(Place::Here, "1");
     shippy.wait_for_boot(&registry, "1").await;
 
     let id = shippy.create_with_cli().await;
@@ -567,21 +615,19 @@ async fn nats_one_cli_creation_gives_one_event_to_a_plain_nats_subscriber() {
     wait_published(&consignment, &id).await;
     tokio::time::sleep(QUIET).await;
     let seen = inbox.of(&id);
-    assert_eq!(seen.len(), 1, "exactly one {TOPIC} of {id} expected: {seen:?}");
+    assert_eq!(seen.len(), 1, "{}: exactly one {TOPIC} of {id} expected: {seen:?}", broker.kind());
     seen[0].assert_of(&id);
     assert_eq!(inbox.all().len(), 1, "only the one creation's event expected");
     let (counts, _) = wait_handled(&[&vessel], &BTreeSet::from([id.clone()])).await;
     assert_eq!(counts.get(&id), Some(&1), "vessel-service handles it once:\n{}", vessel.log());
 }
 
-/// Two vessel-service instances share their group's durable JetStream consumer:
+/// Two vessel-service instances share their group's durable consumer or queue on `broker`:
 /// each of 100 events is handled by exactly one of them.
-#[tokio::test(flavor = "multi_thread")]
-async fn nats_durable_queue_group_of_two_handles_each_of_100_events_exactly_once() {
+async fn durable_queue_group_of_two_handles_each_of_100_events_exactly_once(broker: DurableBroker) {
     init_logs();
     let registry = mdns();
-    let server = NatsServer::start();
-    let shippy = Shippy::new(broker_env("nats", Some(&server.address())));
+    let shippy = Shippy::new(broker.env());
     let first = shippy.vessel_service(Place::Here);
     let second = shippy.vessel_service(Place::Here);
     let _consignment = shippy.consignment_service(Place::Here, "1");
@@ -592,24 +638,22 @@ async fn nats_durable_queue_group_of_two_handles_each_of_100_events_exactly_once
     let ids = create_many(&shippy.shipping(&client, "1"), "queue", CREATIONS).await;
     assert_eq!(ids.len(), CREATIONS);
     let (counts, shares) = wait_handled(&[&first, &second], &ids).await;
-    assert_each_handled_once("nats", &counts, &ids);
-    eprintln!("nats: shares of the two instances {shares:?}");
+    assert_each_handled_once(broker.kind(), &counts, &ids);
+    eprintln!("{}: shares of the two instances {shares:?}", broker.kind());
 }
 
 /// consignment-service is SIGKILLed in the middle of a burst of creations and started
-/// again on the same database: every stored consignment's event reaches a durable consumer
-/// of the test's own, and any event delivered twice (published, then killed before it was
-/// marked sent) carries the same message id, its consignment's id.
-#[tokio::test(flavor = "multi_thread")]
-async fn nats_sigkill_during_a_burst_delivers_every_stored_consignments_event() {
+/// again on the same database: every stored consignment's event reaches a durable
+/// subscriber of the test's own on `broker`, and any event delivered twice (published,
+/// then killed before it was marked sent) carries the same message id, its consignment's id.
+async fn sigkill_during_a_burst_delivers_every_stored_consignments_event(broker: DurableBroker) {
     init_logs();
     let registry = mdns();
-    let server = NatsServer::start();
-    let shippy = Shippy::new(broker_env("nats", Some(&server.address())));
+    let shippy = Shippy::new(broker.env());
     let _vessel = shippy.vessel_service(Place::Here);
     let first = shippy.consignment_service(Place::Here, "1");
     wait_for(&registry, &shippy.vessel_name, 1).await;
-    let (inbox, _task) = nats_durable_subscriber(&server.address()).await;
+    let (inbox, _task) = broker.outside_subscriber(true).await;
     shippy.wait_for_boot(&registry, "1").await;
 
     let client = Client::new(registry.clone())
@@ -619,7 +663,37 @@ async fn nats_sigkill_during_a_burst_delivers_every_stored_consignments_event() 
 
     let _second = shippy.consignment_service(Place::Here, "2");
     shippy.wait_for_boot(&registry, "2").await;
-    check_every_stored_event_delivered("nats", &shippy, &client, &inbox, &reported).await;
+    check_every_stored_event_delivered(broker.kind(), &shippy, &client, &inbox, &reported).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nats_one_cli_creation_gives_one_event_to_a_plain_nats_subscriber() {
+    one_cli_creation_gives_one_event_outside(DurableBroker::nats()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rabbitmq_one_cli_creation_gives_one_event_to_a_plain_lapin_subscriber() {
+    one_cli_creation_gives_one_event_outside(DurableBroker::rabbitmq()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nats_durable_queue_group_of_two_handles_each_of_100_events_exactly_once() {
+    durable_queue_group_of_two_handles_each_of_100_events_exactly_once(DurableBroker::nats()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rabbitmq_durable_queue_group_of_two_handles_each_of_100_events_exactly_once() {
+    durable_queue_group_of_two_handles_each_of_100_events_exactly_once(DurableBroker::rabbitmq()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nats_sigkill_during_a_burst_delivers_every_stored_consignments_event() {
+    sigkill_during_a_burst_delivers_every_stored_consignments_event(DurableBroker::nats()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rabbitmq_sigkill_during_a_burst_delivers_every_stored_consignments_event() {
+    sigkill_during_a_burst_delivers_every_stored_consignments_event(DurableBroker::rabbitmq()).await;
 }
 
 /// [`BURST`] creations, [`CONCURRENCY`] at a time, with `target` SIGKILLed once
@@ -821,76 +895,4 @@ async fn lapin_subscriber(address: &str, durable: bool) -> (Inbox, TaskGuard) {
         }
     });
     (inbox, TaskGuard(task))
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn rabbitmq_one_cli_creation_gives_one_event_to_a_plain_lapin_subscriber() {
-    init_logs();
-    let registry = mdns();
-    let address = rabbitmq_vhost();
-    let shippy = Shippy::new(broker_env("rabbitmq", Some(&address)));
-    let vessel = shippy.vessel_service(Place::Here);
-    // vessel-service declared the exchange once it registers.
-    wait_for(&registry, &shippy.vessel_name, 1).await;
-    let (inbox, _task) = lapin_subscriber(&address, false).await;
-    let consignment = shippy.consignment_service(Place::Here, "1");
-    shippy.wait_for_boot(&registry, "1").await;
-
-    let id = shippy.create_with_cli().await;
-    inbox.wait_for(&id).await;
-    wait_published(&consignment, &id).await;
-    tokio::time::sleep(QUIET).await;
-    let seen = inbox.of(&id);
-    assert_eq!(seen.len(), 1, "exactly one {TOPIC} of {id} expected: {seen:?}");
-    seen[0].assert_of(&id);
-    assert_eq!(inbox.all().len(), 1, "only the one creation's event expected");
-    let (counts, _) = wait_handled(&[&vessel], &BTreeSet::from([id.clone()])).await;
-    assert_eq!(counts.get(&id), Some(&1), "vessel-service handles it once:\n{}", vessel.log());
-}
-
-/// Two vessel-service instances share their group's durable queue: each of 100 events is
-/// handled by exactly one of them.
-#[tokio::test(flavor = "multi_thread")]
-async fn rabbitmq_durable_queue_group_of_two_handles_each_of_100_events_exactly_once() {
-    init_logs();
-    let registry = mdns();
-    let address = rabbitmq_vhost();
-    let shippy = Shippy::new(broker_env("rabbitmq", Some(&address)));
-    let first = shippy.vessel_service(Place::Here);
-    let second = shippy.vessel_service(Place::Here);
-    let _consignment = shippy.consignment_service(Place::Here, "1");
-    wait_for(&registry, &shippy.vessel_name, 2).await;
-    shippy.wait_for_boot(&registry, "1").await;
-
-    let client = Client::new(registry.clone()).idempotent_methods(proto::IDEMPOTENT_METHODS);
-    let ids = create_many(&shippy.shipping(&client, "1"), "queue", CREATIONS).await;
-    assert_eq!(ids.len(), CREATIONS);
-    let (counts, shares) = wait_handled(&[&first, &second], &ids).await;
-    assert_each_handled_once("rabbitmq", &counts, &ids);
-    eprintln!("rabbitmq: shares of the two instances {shares:?}");
-}
-
-/// As on nats: consignment-service SIGKILLed in a burst, restarted on the same database;
-/// a durable queue of the test's own, declared before the burst, gets every stored
-/// consignment's event, duplicates with the same message id.
-#[tokio::test(flavor = "multi_thread")]
-async fn rabbitmq_sigkill_during_a_burst_delivers_every_stored_consignments_event() {
-    init_logs();
-    let registry = mdns();
-    let address = rabbitmq_vhost();
-    let shippy = Shippy::new(broker_env("rabbitmq", Some(&address)));
-    let _vessel = shippy.vessel_service(Place::Here);
-    let first = shippy.consignment_service(Place::Here, "1");
-    wait_for(&registry, &shippy.vessel_name, 1).await;
-    let (inbox, _task) = lapin_subscriber(&address, true).await;
-    shippy.wait_for_boot(&registry, "1").await;
-
-    let client = Client::new(registry.clone())
-        .idempotent_methods(proto::IDEMPOTENT_METHODS)
-        .request_timeout(Duration::from_secs(5));
-    let reported = burst_until_killed(&shippy.shipping(&client, "1"), first).await;
-
-    let _second = shippy.consignment_service(Place::Here, "2");
-    shippy.wait_for_boot(&registry, "2").await;
-    check_every_stored_event_delivered("rabbitmq", &shippy, &client, &inbox, &reported).await;
 }
