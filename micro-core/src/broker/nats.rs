@@ -132,22 +132,26 @@ impl NatsBroker {
         let created =
             tokio::time::timeout(self.publish_timeout, self.jetstream.get_or_create_stream(config)).await;
         match created {
-            Ok(Ok(_)) => {
-                if let Some(known) = self.streams.lock().expect("streams lock").as_mut() {
-                    known.insert(topic.to_owned());
-                }
-                Ok(true)
-            }
+            Ok(Ok(_)) => {}
             Ok(Err(err)) if err.to_string().to_lowercase().contains("jetstream not enabled") => {
                 tracing::warn!(address = %self.address, "nats-server has no JetStream: core NATS only, no durable delivery");
                 *self.streams.lock().expect("streams lock") = None;
-                Ok(false)
+                return Ok(false);
             }
-            Ok(Err(err)) => Err(self.error(format!("cannot create the stream of topic {topic}"), err)),
+            // Another process may have made it between this one's look-up and its create.
+            Ok(Err(err)) => {
+                if self.jetstream.get_stream(stream_name(topic)).await.is_err() {
+                    return Err(self.error(format!("cannot create the stream of topic {topic}"), err));
+                }
+            }
             Err(elapsed) => {
-                Err(self.error(format!("no answer creating the stream of topic {topic}"), elapsed))
+                return Err(self.error(format!("no answer creating the stream of topic {topic}"), elapsed));
             }
         }
+        if let Some(known) = self.streams.lock().expect("streams lock").as_mut() {
+            known.insert(topic.to_owned());
+        }
+        Ok(true)
     }
 }
 
@@ -268,10 +272,14 @@ impl Broker for NatsBroker {
             ack_wait: ACK_WAIT,
             ..Default::default()
         };
-        let consumer = stream
-            .get_or_create_consumer(&durable, config)
-            .await
-            .map_err(|err| self.error(format!("cannot create consumer {durable} on topic {topic}"), err))?;
+        let consumer = match stream.get_or_create_consumer(&durable, config).await {
+            Ok(consumer) => consumer,
+            // Another member of the group may have made it between the look-up and the create.
+            Err(err) => stream
+                .get_consumer(&durable)
+                .await
+                .map_err(|_| self.error(format!("cannot create consumer {durable} on topic {topic}"), err))?,
+        };
         let topic_owned = topic.to_owned();
         let task = tokio::spawn(async move {
             loop {

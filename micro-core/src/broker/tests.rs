@@ -188,6 +188,41 @@ mod nats {
         assert!(err.contains("nats") && err.contains(&port.to_string()), "{err}");
     }
 
+    #[tokio::test(flavor = "multi_thread")]
+    async fn members_starting_together_all_attach_to_one_new_stream_and_consumer() {
+        let server = NatsServer::start();
+        let topic = format!("together.{:08x}", rand::random::<u32>());
+        let mut brokers = Vec::new();
+        for _ in 0..4 {
+            brokers.push(broker(&server).await);
+        }
+        let group = SubscribeOptions::default().queue("together").durable();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let subscribing = brokers.iter().map(|broker| {
+            let (topic, group, tx) = (topic.clone(), group.clone(), tx.clone());
+            async move {
+                broker
+                    .subscribe(
+                        &topic,
+                        group,
+                        handler(move |m| {
+                            let tx = tx.clone();
+                            async move { tx.send(m.body).map_err(Into::into) }
+                        }),
+                    )
+                    .await
+            }
+        });
+        let subscriptions: Vec<_> = futures::future::join_all(subscribing)
+            .await
+            .into_iter()
+            .map(|outcome| outcome.expect("every member attaches, whichever made the stream"))
+            .collect();
+        brokers[0].publish(Message::new(&topic, "once")).await.expect("publish");
+        assert_eq!(&collect(&mut rx, 1).await[0][..], b"once", "one member of the group gets it");
+        drop(subscriptions);
+    }
+
     #[tokio::test]
     async fn durable_failed_handler_is_redelivered_until_acked_and_one_member_per_group() {
         let server = NatsServer::start();
