@@ -134,12 +134,13 @@ pub struct Service {
 impl Service {
     /// Starts `name` on `127.0.0.1:0` with JSON logs at info level and `env`. Events go
     /// through the in-process broker, so the first `registered` line is the service's own,
-    /// not a broker subscriber's.
+    /// not a broker subscriber's; vessel-service keeps its bookings in memory.
     pub fn start(name: &str, env: &[(&str, &str)]) -> anyhow::Result<Service> {
         let mut command = Command::new(binary(name)?);
         command
             .env("MICRO_SERVER_ADDRESS", "127.0.0.1:0")
             .env("MICRO_BROKER", "memory")
+            .env("VESSEL_DB", ":memory:")
             .env("MICRO_LOG_FORMAT", "json")
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())

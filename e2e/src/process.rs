@@ -50,7 +50,10 @@ impl Process {
     /// Starts the workspace binary `name` with `args` and extra environment `env`, on
     /// loopback (`MICRO_SERVER_ADDRESS=127.0.0.1:0` unless `env` says otherwise), with
     /// vessel-service's bookings in memory (`VESSEL_DB=:memory:` unless `env` or `--db`
-    /// says otherwise), so no test leaves bookings in a file another test or run reads.
+    /// says otherwise), so no test leaves bookings in a file another test or run reads, and
+    /// events on the in-process broker (`MICRO_BROKER=memory` unless `env` says otherwise):
+    /// shippy's topic is fixed, so over the registry broker every test's vessel-service would
+    /// book every other test's consignments. Tests of events name their broker.
     pub fn start(name: &str, args: &[&str], env: &[(&str, &str)]) -> Process {
         Process::spawn(name, Command::new(binary(name)), args, env)
     }
@@ -67,6 +70,7 @@ impl Process {
             .args(args)
             .env("MICRO_SERVER_ADDRESS", "127.0.0.1:0")
             .env("VESSEL_DB", ":memory:")
+            .env("MICRO_BROKER", "memory")
             .env("RUST_LOG", "info,micro_core=debug")
             .stdin(Stdio::null())
             .stdout(file.try_clone().expect("log file"))

@@ -57,11 +57,12 @@ pub fn sample_consignment() -> PathBuf {
     workspace_root().join("consignment-cli").join("consignment.json")
 }
 
-/// A fleet file in `dir` with one vessel whose id (the label replies carry) is `label`.
+/// A fleet file in `dir` with one vessel whose id (the label replies carry) is `label`,
+/// roomy enough that the bookings of any test's creations never fill it.
 pub fn fleet_file(dir: &Path, label: &str) -> PathBuf {
     let path = dir.join(format!("{label}.json"));
     let json = format!(
-        r#"[{{"id": "{label}", "name": "{label}", "capacity": 10, "max_weight": 1000, "available": true}}]"#
+        r#"[{{"id": "{label}", "name": "{label}", "capacity": 1000000, "max_weight": 2000000000, "available": true}}]"#
     );
     std::fs::write(&path, json).expect("fleet file");
     path

@@ -15,7 +15,7 @@ use e2e::{
 };
 use micro_core::{
     Client, Error, NamedChannel, Registry,
-    config::ClientConfig,
+    config::{ClientConfig, Hedge},
     registry::ConsulRegistry,
     selector::{Filter, StrategyKind},
 };
@@ -91,7 +91,9 @@ async fn round_robin_is_even_and_the_version_filter_is_strict() {
     let _c = vessel(&name, &fleet_file(dir.path(), "c"), &v1);
     let _z = vessel(&name, &fleet_file(dir.path(), "z"), &[("MICRO_SERVER_VERSION", "2")]);
     wait_for(&registry, &name, 4).await;
-    let round_robin = ClientConfig { strategy: StrategyKind::RoundRobin, ..ClientConfig::default() };
+    // No hedges: on a busy machine one would send a call on to the next instance.
+    let round_robin =
+        ClientConfig { strategy: StrategyKind::RoundRobin, hedge: Hedge::Off, ..ClientConfig::default() };
     let channel = client(registry).config(round_robin).channel_with(&name, Filter::new().version("1"));
     wait_pickable(&channel, 3).await;
     assert_eq!(channel.instances().len(), 4);

@@ -20,8 +20,10 @@ const SCHEDULE_DELAY: (&str, &str) = ("OTEL_BSP_SCHEDULE_DELAY", "100");
 const SERVER: i32 = 2;
 const CLIENT: i32 = 3;
 
+/// OTLP export to the receiver, and events over the default (registry) broker.
 fn otlp_env<'a>(receiver_endpoint: &'a str, protocol: &'a str) -> Vec<(&'a str, &'a str)> {
     vec![
+        ("MICRO_BROKER", "registry"),
         ("OTEL_EXPORTER_OTLP_ENDPOINT", receiver_endpoint),
         ("OTEL_EXPORTER_OTLP_PROTOCOL", protocol),
         SCHEDULE_DELAY,

@@ -93,6 +93,7 @@ fn vessel_service(name: &str, fleet: &Path, db: &Path, boot: &str) -> Process {
             ("MICRO_SERVER_NAME", name),
             ("MICRO_SERVER_METADATA", &format!("boot={boot}")),
             ("MICRO_LOG_FORMAT", "json"),
+            ("MICRO_BROKER", "registry"),
         ],
     )
 }
