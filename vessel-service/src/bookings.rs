@@ -3,8 +3,10 @@
 //!
 //! A booking puts a consignment's containers and weight on a vessel. It is keyed by the
 //! consignment id (the `consignment.created` event's message id), so a redelivered or
-//! duplicated event books nothing twice. Every read goes to the database, so instances that
-//! share the file agree on what is booked.
+//! duplicated event books nothing twice. Every read asks the database whether anything was
+//! committed since the last one (SQLite's `data_version`, by this or another process) and
+//! reads the loads again only then, so instances that share the file agree on what is booked
+//! and `FindAvailable` stays cheap.
 //!
 //! # Examples
 //! ```
@@ -131,11 +133,18 @@ pub struct Booked {
     pub vessel_load: Load,
 }
 
+/// Loads as read at a `data_version` of the connection.
+type LoadsRead = (i64, Arc<HashMap<String, Load>>);
+
 /// Bookings in an SQLite database: a file in WAL mode with `synchronous=FULL` and a busy
 /// timeout (so processes on one host can share it), or memory for tests.
 #[derive(Debug, Clone)]
 pub struct BookingStore {
     connection: Arc<Mutex<Connection>>,
+    /// The loads last read and the connection's `data_version` then; cleared by this
+    /// store's own bookings (which do not change its `data_version`). Only read or written
+    /// while holding `connection`, so it never lags a commit.
+    loads: Arc<Mutex<Option<LoadsRead>>>,
     path: String,
     instance: String,
 }
@@ -181,7 +190,12 @@ impl BookingStore {
 
     fn ready(mut connection: Connection, path: String) -> Result<Self, BookingError> {
         migrate(&mut connection, &path)?;
-        Ok(BookingStore { connection: Arc::new(Mutex::new(connection)), path, instance: this_instance() })
+        Ok(BookingStore {
+            connection: Arc::new(Mutex::new(connection)),
+            loads: Arc::new(Mutex::new(None)),
+            path,
+            instance: this_instance(),
+        })
     }
 
     /// Names the instance new bookings are recorded as made by. Default: `host:pid`.
@@ -207,6 +221,7 @@ impl BookingStore {
     /// the consignment is stored already, so the caller warns instead.
     pub async fn book(&self, booking: Booking) -> Result<Booked, BookingError> {
         let instance = self.instance.clone();
+        let cached = self.loads.clone();
         self.with_connection(move |connection, db| {
             let transaction =
                 connection.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db)?;
@@ -236,6 +251,7 @@ impl BookingStore {
             };
             let vessel_load = load_of(&transaction, &vessel_id).map_err(db)?;
             transaction.commit().map_err(db)?;
+            *cached.lock().unwrap_or_else(|e| e.into_inner()) = None;
             Ok(Booked { fresh: inserted == 1, vessel_id, vessel_load })
         })
         .await
@@ -264,9 +280,20 @@ impl BookingStore {
         .await
     }
 
-    /// The total load booked on each vessel that has bookings, read now from the database.
-    pub async fn loads(&self) -> Result<HashMap<String, Load>, BookingError> {
+    /// The total load booked on each vessel that has bookings: the loads read last when
+    /// nothing was committed since (a check of microseconds, made at once when the
+    /// connection is free), else read again from the database.
+    pub async fn loads(&self) -> Result<Arc<HashMap<String, Load>>, BookingError> {
+        if let Ok(connection) = self.connection.try_lock()
+            && let Ok(version) = data_version(&connection)
+            && let Some((read_at, loads)) = &*self.loads.lock().unwrap_or_else(|e| e.into_inner())
+            && *read_at == version
+        {
+            return Ok(loads.clone());
+        }
+        let cached = self.loads.clone();
         self.with_connection(move |connection, db| {
+            let version = data_version(connection).map_err(db)?;
             let mut statement = connection
                 .prepare_cached(
                     "SELECT vessel_id, sum(containers), sum(weight) FROM bookings GROUP BY vessel_id",
@@ -275,7 +302,9 @@ impl BookingStore {
             let rows = statement
                 .query_map([], |row| Ok((row.get(0)?, Load { containers: row.get(1)?, weight: row.get(2)? })))
                 .map_err(db)?;
-            rows.collect::<rusqlite::Result<HashMap<_, _>>>().map_err(db)
+            let loads = Arc::new(rows.collect::<rusqlite::Result<HashMap<_, _>>>().map_err(db)?);
+            *cached.lock().unwrap_or_else(|e| e.into_inner()) = Some((version, loads.clone()));
+            Ok(loads)
         })
         .await
     }
@@ -306,6 +335,11 @@ fn load_of(connection: &Connection, vessel_id: &str) -> rusqlite::Result<Load> {
         [vessel_id],
         |row| Ok(Load { containers: row.get(0)?, weight: row.get(1)? }),
     )
+}
+
+/// A number that changes whenever another connection commits to the database.
+fn data_version(connection: &Connection) -> rusqlite::Result<i64> {
+    connection.query_row("PRAGMA data_version", [], |row| row.get(0))
 }
 
 fn user_version(connection: &Connection) -> rusqlite::Result<i64> {

@@ -201,7 +201,7 @@ impl VesselService for VesselHandler {
         }
         let loads = match &self.store {
             Some(store) => store.loads().await?,
-            None => HashMap::new(),
+            None => Default::default(),
         };
         if let Some(vessel) = self.fleet.find_available(&spec, &loads) {
             tracing::debug!(vessel = %vessel.id, capacity = spec.capacity, max_weight = spec.max_weight, "vessel found");

@@ -39,7 +39,7 @@ async fn a_consignment_is_booked_once_however_often_it_comes() {
     );
     assert_eq!(store.booking("c-1").await.unwrap(), Some(booking("c-1", "v1", 3, 100)));
     assert_eq!(
-        store.loads().await.unwrap(),
+        *store.loads().await.unwrap(),
         HashMap::from([("v1".to_owned(), Load { containers: 3, weight: 100 })])
     );
 }
@@ -96,11 +96,15 @@ async fn two_stores_on_one_file_agree() {
     let (a, b) = (BookingStore::open(db_in(&dir)).unwrap(), BookingStore::open(db_in(&dir)).unwrap());
     a.book(booking("c-1", "v1", 3, 100)).await.unwrap();
     assert_eq!(b.loads().await.unwrap()["v1"], Load { containers: 3, weight: 100 });
+    assert_eq!(a.loads().await.unwrap()["v1"], Load { containers: 3, weight: 100 }, "read, and kept");
     // What one booked, the other will not book again; and its booking counts for both.
     assert!(!b.book(booking("c-1", "v1", 3, 100)).await.unwrap().fresh);
     let booked = b.book(booking("c-2", "v1", 2, 20)).await.unwrap();
     assert_eq!(booked.vessel_load, Load { containers: 5, weight: 120 });
-    assert_eq!(a.loads().await.unwrap()["v1"], Load { containers: 5, weight: 120 });
+    assert_eq!(a.loads().await.unwrap()["v1"], Load { containers: 5, weight: 120 }, "b's commit seen");
+    // Its own booking too, although that leaves its connection's data_version as it was.
+    a.book(booking("c-3", "v1", 1, 1)).await.unwrap();
+    assert_eq!(a.loads().await.unwrap()["v1"], Load { containers: 6, weight: 121 });
 }
 
 #[tokio::test]
