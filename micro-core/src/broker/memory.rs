@@ -282,9 +282,7 @@ mod tests {
         );
         let dropped = log.lines().find(|l| l.contains("malformed")).unwrap_or_else(|| panic!("{log}"));
         assert!(
-            dropped.contains("counts")
-                && dropped.contains("m-2")
-                && dropped.contains("Duration"),
+            dropped.contains("counts") && dropped.contains("m-2") && dropped.contains("Duration"),
             "{dropped}"
         );
     }

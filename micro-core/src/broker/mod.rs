@@ -296,9 +296,10 @@ pub(crate) fn refuse_durable(broker: &dyn Broker) -> Error {
     Error::Broker {
         broker: broker.kind().into(),
         address: broker.address(),
-        message: "keeps nothing, so it cannot deliver durably; use MICRO_BROKER=nats or MICRO_BROKER=rabbitmq \
+        message:
+            "keeps nothing, so it cannot deliver durably; use MICRO_BROKER=nats or MICRO_BROKER=rabbitmq \
                   for durable subscribers"
-            .into(),
+                .into(),
         source: None,
     }
 }
