@@ -115,8 +115,9 @@ impl NatsBroker {
         broker_error(&self.address, message, source)
     }
 
-    /// Makes sure `topic`'s stream exists; `false` when the server has no JetStream.
-    async fn ensure_stream(&self, topic: &str) -> Result<bool> {
+    /// Makes sure `topic`'s stream exists; `false` when the server has no JetStream. An
+    /// error starts with what `what` says (the topic, and the message being published).
+    async fn ensure_stream(&self, topic: &str, what: impl Fn() -> String) -> Result<bool> {
         match self.streams.lock().expect("streams lock").as_ref() {
             None => return Ok(false),
             Some(known) if known.contains(topic) => return Ok(true),
@@ -141,11 +142,11 @@ impl NatsBroker {
             // Another process may have made it between this one's look-up and its create.
             Ok(Err(err)) => {
                 if self.jetstream.get_stream(stream_name(topic)).await.is_err() {
-                    return Err(self.error(format!("cannot create the stream of topic {topic}"), err));
+                    return Err(self.error(format!("{}: cannot create the stream", what()), err));
                 }
             }
             Err(elapsed) => {
-                return Err(self.error(format!("no answer creating the stream of topic {topic}"), elapsed));
+                return Err(self.error(format!("{}: no answer creating the stream", what()), elapsed));
             }
         }
         if let Some(known) = self.streams.lock().expect("streams lock").as_mut() {
@@ -199,7 +200,7 @@ impl Broker for NatsBroker {
         let topic = message.topic.clone();
         let message_id = message.id().unwrap_or("-").to_owned();
         let headers = to_nats_headers(&message.headers);
-        if self.ensure_stream(&topic).await? {
+        if self.ensure_stream(&topic, || format!("topic {topic} message {message_id}")).await? {
             let stored = tokio::time::timeout(self.publish_timeout, async {
                 let ack = self.jetstream.publish_with_headers(topic.clone(), headers, message.body).await?;
                 ack.await.map(drop).map_err(BoxError::from)
@@ -254,7 +255,7 @@ impl Broker for NatsBroker {
                 "name a queue group: it names the JetStream consumer that keeps the subscriber's place",
             ));
         };
-        if !self.ensure_stream(topic).await? {
+        if !self.ensure_stream(topic, || format!("topic {topic}")).await? {
             return Err(self.error(
                 "durable delivery needs JetStream: start nats-server with -js",
                 format!("topic {topic}"),

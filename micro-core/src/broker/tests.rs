@@ -162,6 +162,169 @@ async fn durable_subscribers_are_refused_where_nothing_is_kept() {
     assert!(err.contains("nats") && err.contains("rabbitmq"), "{err}");
 }
 
+/// A handler whose first attempt at every message fails; later ones forward its id.
+#[cfg(any(feature = "nats", feature = "rabbitmq"))]
+fn failing_once(
+    tag: &'static str,
+    tx: &mpsc::UnboundedSender<(&'static str, String)>,
+    failed: &Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+) -> Handler {
+    let (tx, failed) = (tx.clone(), failed.clone());
+    handler(move |m: Message| {
+        let tx = tx.clone();
+        let id = m.id().unwrap().to_owned();
+        let first = failed.lock().unwrap().insert(id.clone());
+        async move {
+            if first {
+                return Err("first attempt fails".into());
+            }
+            tx.send((tag, id)).map_err(Into::into)
+        }
+    })
+}
+
+/// What a broker that keeps messages does: a failed handler's message is delivered again
+/// until it succeeds, each message to one member of the durable group; a durable subscriber
+/// needs a group; the group keeps messages while no member is there, and a malformed body
+/// among them is dropped without blocking the rest.
+#[cfg(any(feature = "nats", feature = "rabbitmq"))]
+async fn durable_conformance(broker: Arc<dyn Broker>) {
+    let topic = format!("durable.{:08x}", rand::random::<u32>());
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let failed = Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+    let options = SubscribeOptions::default().queue("workers").durable();
+    let _a =
+        broker.subscribe(&topic, options.clone(), failing_once("a", &tx, &failed)).await.expect("durable");
+    let _b =
+        broker.subscribe(&topic, options.clone(), failing_once("b", &tx, &failed)).await.expect("durable");
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        ids.push(publish_proto(&*broker, &topic, None, &(i as u64)).await.expect("publish"));
+    }
+    let mut got: Vec<String> = collect(&mut rx, 10).await.into_iter().map(|(_, id)| id).collect();
+    got.sort();
+    ids.sort();
+    assert_eq!(got, ids, "every message handled once after its redelivery");
+    assert_eq!(failed.lock().unwrap().len(), 10, "each first attempt failed");
+    let refused = broker
+        .subscribe(&topic, SubscribeOptions::default().durable(), failing_once("c", &tx, &failed))
+        .await;
+    assert!(refused.unwrap_err().to_string().contains("queue group"));
+
+    let kept = format!("kept.{:08x}", rand::random::<u32>());
+    let durable = SubscribeOptions::default().queue("keepers").durable();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let typed = |tx: mpsc::UnboundedSender<u64>| {
+        move |value: u64, _m: Message| {
+            let tx = tx.clone();
+            async move { tx.send(value).map_err(Into::into) }
+        }
+    };
+    let away = subscribe_proto(&*broker, &kept, durable.clone(), typed(tx.clone())).await.expect("subscribe");
+    drop(away);
+    // Published while no member is there: a malformed body, then two good ones.
+    broker.publish(Message::new(&kept, vec![0xff_u8; 3])).await.expect("publish malformed");
+    for value in [1_u64, 2] {
+        publish_proto(&*broker, &kept, None, &value).await.expect("publish");
+    }
+    let _back = subscribe_proto(&*broker, &kept, durable, typed(tx)).await.expect("subscribe again");
+    let mut got = collect(&mut rx, 2).await;
+    got.sort();
+    assert_eq!(got, [1, 2], "kept while away; the malformed one dropped, not blocking the queue");
+}
+
+/// A broker server that a test stops and starts again on the same port and store.
+#[cfg(any(feature = "nats", feature = "rabbitmq"))]
+trait Restartable {
+    fn address(&self) -> String;
+    fn stop(&mut self);
+    fn restart(&mut self);
+}
+
+#[cfg(feature = "nats")]
+impl Restartable for e2e::nats::NatsServer {
+    fn address(&self) -> String {
+        e2e::nats::NatsServer::address(self)
+    }
+    fn stop(&mut self) {
+        e2e::nats::NatsServer::stop(self);
+    }
+    fn restart(&mut self) {
+        e2e::nats::NatsServer::restart(self);
+    }
+}
+
+#[cfg(feature = "rabbitmq")]
+impl Restartable for e2e::rabbitmq::RabbitMqServer {
+    fn address(&self) -> String {
+        e2e::rabbitmq::RabbitMqServer::address(self)
+    }
+    fn stop(&mut self) {
+        e2e::rabbitmq::RabbitMqServer::stop(self);
+    }
+    fn restart(&mut self) {
+        e2e::rabbitmq::RabbitMqServer::restart(self);
+    }
+}
+
+/// The server goes away and comes back: a publish that cannot wait for it (`impatient`,
+/// a second client with a 500 ms publish timeout) fails naming the broker, the topic, the
+/// message id and the address; publishes made meanwhile by `broker` succeed after the
+/// reconnect or fail clearly, and every one that succeeded reaches the durable group; both
+/// the durable and the plain subscription are back by themselves.
+#[cfg(any(feature = "nats", feature = "rabbitmq"))]
+async fn restart_conformance(
+    broker: Arc<dyn Broker>,
+    impatient: Arc<dyn Broker>,
+    server: &mut impl Restartable,
+) {
+    let kind = broker.kind();
+    let topic = format!("restart.{:08x}", rand::random::<u32>());
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let durable = SubscribeOptions::default().queue("keepers").durable();
+    let _durable = forwarding(&*broker, &topic, durable, "durable", tx.clone()).await;
+    let _plain = forwarding(&*broker, &topic, SubscribeOptions::default(), "plain", tx.clone()).await;
+    broker.publish(Message::new(&topic, "before")).await.expect("publish before");
+    assert_eq!(collect(&mut rx, 2).await.len(), 2);
+
+    server.stop();
+    let lost = Message::new(&topic, "lost");
+    let err = impatient.publish(lost.clone()).await.expect_err("no server within 500 ms").to_string();
+    for part in [kind, topic.as_str(), lost.id().unwrap(), server.address().as_str()] {
+        assert!(err.contains(part), "{part:?} missing from: {err}");
+    }
+    // Gone before the server is back, so nothing it may have buffered goes out.
+    drop(impatient);
+    let during: Vec<_> = (0..3)
+        .map(|i| {
+            let broker = broker.clone();
+            let topic = topic.clone();
+            tokio::spawn(async move { broker.publish(Message::new(&topic, format!("during-{i}"))).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    server.restart();
+    let mut sent = 0;
+    for publish in during {
+        match publish.await.unwrap() {
+            Ok(()) => sent += 1,
+            Err(err) => {
+                let err = err.to_string();
+                assert!(err.contains(kind) && err.contains(&topic), "{err}");
+            }
+        }
+    }
+    let arrived = collect(&mut rx, 2 * sent).await;
+    assert!(arrived.iter().all(|(_, m)| m.body.starts_with(b"during-")), "{arrived:?}");
+    let durable_got = arrived.iter().filter(|(tag, _)| *tag == "durable").count();
+    assert_eq!(durable_got, sent, "{kind}: every publish that succeeded reached the durable group");
+
+    broker.publish(Message::new(&topic, "after")).await.expect("publish after the restart");
+    let mut tags: Vec<&str> = collect(&mut rx, 2).await.iter().map(|(tag, _)| *tag).collect();
+    tags.sort();
+    assert_eq!(tags, ["durable", "plain"], "{kind}: both subscriptions came back by themselves");
+}
+
 #[cfg(feature = "nats")]
 mod nats {
     use super::*;
@@ -224,85 +387,20 @@ mod nats {
     }
 
     #[tokio::test]
-    async fn durable_failed_handler_is_redelivered_until_acked_and_one_member_per_group() {
+    async fn nats_durable_conformance() {
         let server = NatsServer::start();
-        let broker = broker(&server).await;
-        let topic = format!("durable.{:08x}", rand::random::<u32>());
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let failed = Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
-        let make = |tag: &'static str| {
-            let tx = tx.clone();
-            let failed = failed.clone();
-            handler(move |m: Message| {
-                let tx = tx.clone();
-                let id = m.id().unwrap().to_owned();
-                // The first attempt at every message fails.
-                let first = failed.lock().unwrap().insert(id.clone());
-                async move {
-                    if first {
-                        return Err("first attempt fails".into());
-                    }
-                    tx.send((tag, id)).map_err(Into::into)
-                }
-            })
-        };
-        let options = SubscribeOptions::default().queue("workers").durable();
-        let _a = broker.subscribe(&topic, options.clone(), make("a")).await.expect("durable subscribe");
-        let _b = broker.subscribe(&topic, options.clone(), make("b")).await.expect("durable subscribe");
-        let mut ids = Vec::new();
-        for i in 0..10 {
-            ids.push(publish_proto(&*broker, &topic, None, &(i as u64)).await.expect("publish"));
-        }
-        let mut got: Vec<String> = collect(&mut rx, 10).await.into_iter().map(|(_, id)| id).collect();
-        got.sort();
-        ids.sort();
-        assert_eq!(got, ids, "every message handled once after its redelivery");
-        assert_eq!(failed.lock().unwrap().len(), 10, "each first attempt failed");
-        let refused = broker.subscribe(&topic, SubscribeOptions::default().durable(), make("c")).await;
-        assert!(refused.unwrap_err().to_string().contains("queue group"));
+        durable_conformance(broker(&server).await).await;
     }
 
     #[tokio::test]
     async fn a_restarted_server_loses_no_subscription_and_no_durable_message() {
         let mut server = NatsServer::start();
         let broker = broker(&server).await;
-        let topic = format!("restart.{:08x}", rand::random::<u32>());
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let _durable = forwarding(
-            &*broker,
-            &topic,
-            SubscribeOptions::default().queue("keepers").durable(),
-            "durable",
-            tx.clone(),
-        )
-        .await;
-        let _plain = forwarding(&*broker, &topic, SubscribeOptions::default(), "plain", tx.clone()).await;
-        broker.publish(Message::new(&topic, "before")).await.expect("publish before");
-        assert_eq!(collect(&mut rx, 2).await.len(), 2);
-
-        server.stop();
-        // Published while the server is down: it succeeds after the reconnect, or fails clearly.
-        let during = {
-            let broker = broker.clone();
-            let topic = topic.clone();
-            tokio::spawn(async move { broker.publish(Message::new(&topic, "during")).await })
-        };
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        server.restart();
-        let during = during.await.unwrap();
-        let mut expected = 2;
-        if let Err(err) = &during {
-            assert!(err.to_string().contains("during") || err.to_string().contains("not stored"), "{err}");
-            expected = 0;
-        }
-        let arrived = collect(&mut rx, expected).await;
-        assert!(arrived.iter().all(|(_, m)| &m.body[..] == b"during"));
-
-        // Both subscriptions are back by themselves.
-        broker.publish(Message::new(&topic, "after")).await.expect("publish after the restart");
-        let mut tags: Vec<&str> = collect(&mut rx, 2).await.iter().map(|(tag, _)| *tag).collect();
-        tags.sort();
-        assert_eq!(tags, ["durable", "plain"]);
+        let impatient = NatsBroker::connect(&server.address())
+            .await
+            .expect("connect")
+            .publish_timeout(Duration::from_millis(500));
+        restart_conformance(broker, Arc::new(impatient), &mut server).await;
     }
 }
 
@@ -313,26 +411,6 @@ mod rabbitmq {
 
     async fn broker(server: &RabbitMqServer) -> Arc<RabbitMqBroker> {
         Arc::new(RabbitMqBroker::connect(&server.address()).await.expect("connect to rabbitmq-server"))
-    }
-
-    /// A handler whose first attempt at every message fails; later ones forward its id.
-    fn failing_once(
-        tag: &'static str,
-        tx: &mpsc::UnboundedSender<(&'static str, String)>,
-        failed: &Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
-    ) -> Handler {
-        let (tx, failed) = (tx.clone(), failed.clone());
-        handler(move |m: Message| {
-            let tx = tx.clone();
-            let id = m.id().unwrap().to_owned();
-            let first = failed.lock().unwrap().insert(id.clone());
-            async move {
-                if first {
-                    return Err("first attempt fails".into());
-                }
-                tx.send((tag, id)).map_err(Into::into)
-            }
-        })
     }
 
     #[tokio::test]
@@ -358,34 +436,18 @@ mod rabbitmq {
     }
 
     #[tokio::test]
-    async fn durable_failed_handler_is_redelivered_until_acked_and_one_member_per_group() {
+    async fn rabbitmq_durable_conformance() {
+        durable_conformance(broker(RabbitMqServer::shared()).await).await;
+    }
+
+    #[tokio::test]
+    async fn a_durable_and_a_plain_member_cannot_share_a_group() {
         let broker = broker(RabbitMqServer::shared()).await;
-        let topic = format!("durable.{:08x}", rand::random::<u32>());
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let topic = format!("mixed.{:08x}", rand::random::<u32>());
+        let (tx, _rx) = mpsc::unbounded_channel();
         let failed = Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
-        let options = SubscribeOptions::default().queue("workers").durable();
-        let _a = broker
-            .subscribe(&topic, options.clone(), failing_once("a", &tx, &failed))
-            .await
-            .expect("durable");
-        let _b = broker
-            .subscribe(&topic, options.clone(), failing_once("b", &tx, &failed))
-            .await
-            .expect("durable");
-        let mut ids = Vec::new();
-        for i in 0..10 {
-            ids.push(publish_proto(&*broker, &topic, None, &(i as u64)).await.expect("publish"));
-        }
-        let mut got: Vec<String> = collect(&mut rx, 10).await.into_iter().map(|(_, id)| id).collect();
-        got.sort();
-        ids.sort();
-        assert_eq!(got, ids, "every message handled once after its redelivery");
-        assert_eq!(failed.lock().unwrap().len(), 10, "each first attempt failed");
-        let refused = broker
-            .subscribe(&topic, SubscribeOptions::default().durable(), failing_once("c", &tx, &failed))
-            .await;
-        assert!(refused.unwrap_err().to_string().contains("queue group"));
-        // A non-durable member cannot join the durable group's queue.
+        let durable = SubscribeOptions::default().queue("workers").durable();
+        let _a = broker.subscribe(&topic, durable, failing_once("a", &tx, &failed)).await.expect("durable");
         let mixed = broker
             .subscribe(&topic, SubscribeOptions::default().queue("workers"), failing_once("d", &tx, &failed))
             .await;
@@ -397,93 +459,13 @@ mod rabbitmq {
     }
 
     #[tokio::test]
-    async fn durable_group_keeps_messages_while_away_and_drops_malformed_ones() {
-        let broker = broker(RabbitMqServer::shared()).await;
-        let topic = format!("kept.{:08x}", rand::random::<u32>());
-        let durable = SubscribeOptions::default().queue("keepers").durable();
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let typed = |tx: mpsc::UnboundedSender<u64>| {
-            move |value: u64, _m: Message| {
-                let tx = tx.clone();
-                async move { tx.send(value).map_err(Into::into) }
-            }
-        };
-        let away =
-            subscribe_proto(&*broker, &topic, durable.clone(), typed(tx.clone())).await.expect("subscribe");
-        drop(away);
-        // Published while no member is there: a malformed body, then two good ones.
-        broker.publish(Message::new(&topic, vec![0xff_u8; 3])).await.expect("publish malformed");
-        for value in [1_u64, 2] {
-            publish_proto(&*broker, &topic, None, &value).await.expect("publish");
-        }
-        let _back = subscribe_proto(&*broker, &topic, durable, typed(tx)).await.expect("subscribe again");
-        let mut got = collect(&mut rx, 2).await;
-        got.sort();
-        assert_eq!(got, [1, 2], "kept while away; the malformed one dropped, not blocking the queue");
-    }
-
-    #[tokio::test]
     async fn a_restarted_server_loses_no_subscription_and_no_durable_message() {
         let mut server = RabbitMqServer::start();
         let broker = broker(&server).await;
-        let topic = format!("restart.{:08x}", rand::random::<u32>());
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let durable = SubscribeOptions::default().queue("keepers").durable();
-        let _durable = forwarding(&*broker, &topic, durable, "durable", tx.clone()).await;
-        let _plain = forwarding(&*broker, &topic, SubscribeOptions::default(), "plain", tx.clone()).await;
-        broker.publish(Message::new(&topic, "before")).await.expect("publish before");
-        assert_eq!(collect(&mut rx, 2).await.len(), 2);
-
         let impatient = RabbitMqBroker::connect(&server.address())
             .await
             .expect("connect")
             .publish_timeout(Duration::from_millis(500));
-        server.stop();
-        // A publish that cannot wait for the server back fails, naming what and where.
-        let lost = Message::new(&topic, "lost");
-        let err = impatient.publish(lost.clone()).await.expect_err("no server within 500 ms").to_string();
-        let id = lost.id().unwrap();
-        assert!(
-            err.contains("rabbitmq")
-                && err.contains(&topic)
-                && err.contains(id)
-                && err.contains("not confirmed"),
-            "{err}"
-        );
-        assert!(err.contains(&server.address()), "{err}");
-        // Published while the server is down: each succeeds after the reconnect, or fails
-        // clearly within the publish timeout.
-        let during: Vec<_> = (0..3)
-            .map(|i| {
-                let broker = broker.clone();
-                let topic = topic.clone();
-                tokio::spawn(async move { broker.publish(Message::new(&topic, format!("during-{i}"))).await })
-            })
-            .collect();
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        server.restart();
-        let mut sent = 0;
-        for publish in during {
-            match publish.await.unwrap() {
-                Ok(()) => sent += 1,
-                Err(err) => {
-                    let err = err.to_string();
-                    assert!(
-                        err.contains("rabbitmq") && err.contains("not confirmed") && err.contains(&topic),
-                        "{err}"
-                    );
-                }
-            }
-        }
-        let arrived = collect(&mut rx, 2 * sent).await;
-        assert!(arrived.iter().all(|(_, m)| m.body.starts_with(b"during-")), "{arrived:?}");
-        let durable_got = arrived.iter().filter(|(tag, _)| *tag == "durable").count();
-        assert_eq!(durable_got, sent, "every confirmed publish reached the durable group");
-
-        // Both subscriptions are back by themselves.
-        broker.publish(Message::new(&topic, "after")).await.expect("publish after the restart");
-        let mut tags: Vec<&str> = collect(&mut rx, 2).await.iter().map(|(tag, _)| *tag).collect();
-        tags.sort();
-        assert_eq!(tags, ["durable", "plain"]);
+        restart_conformance(broker, Arc::new(impatient), &mut server).await;
     }
 }
