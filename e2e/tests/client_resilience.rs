@@ -156,7 +156,10 @@ async fn a_non_idempotent_call_that_reached_a_dying_server_is_not_sent_again() {
     let mut dying = fault_server(&name, "dying", &[("FAULT_EXIT_ON_CALL", "1")]);
     let _healthy = fault_server(&name, "healthy", &[]);
     let nodes = wait_for(&registry, &name, 2).await;
-    let channel = client(registry.clone()).channel(&name);
+    // Round robin: of the two calls, one reaches each instance (the default balancer may
+    // send both to the same one).
+    let round_robin = ClientConfig { strategy: StrategyKind::RoundRobin, ..ClientConfig::default() };
+    let channel = client(registry.clone()).config(round_robin).channel(&name);
     wait_pickable(&channel, 2).await;
     let mut shipping = ShippingServiceClient::new(channel);
 
