@@ -20,6 +20,18 @@ pub struct CliRun {
     pub stderr: String,
 }
 
+impl CliRun {
+    /// The id in the "created consignment ID on vessel ..." line; panics without one.
+    pub fn created_id(&self) -> String {
+        self.stdout
+            .lines()
+            .find_map(|line| line.strip_prefix("created consignment "))
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no created line in: {}", self.stdout))
+            .to_owned()
+    }
+}
+
 /// Runs consignment-cli on `file` against the consignment service registered as
 /// `consignment_name`, with extra `args` and `env`; fails the test if it takes over 20 s.
 pub async fn run_cli(consignment_name: &str, file: &Path, args: &[&str], env: &[(&str, &str)]) -> CliRun {

@@ -80,16 +80,6 @@ async fn run_cli(consignment_name: &str, file: &Path, request_id: &str) -> CliRu
     shippy::run_cli(consignment_name, file, &["--request-id", request_id], &[]).await
 }
 
-/// The id in the CLI's "created consignment ID on vessel ..." line.
-fn created_id(stdout: &str) -> String {
-    stdout
-        .lines()
-        .find_map(|line| line.strip_prefix("created consignment "))
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no created line in: {stdout}"))
-        .to_owned()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_consignment_survives_a_restart_and_a_rerun_with_its_request_id_stores_nothing() {
     let registry = mdns();
@@ -106,7 +96,7 @@ async fn a_consignment_survives_a_restart_and_a_rerun_with_its_request_id_stores
     assert!(run.success, "CLI failed: {}", run.stderr);
     assert!(run.stdout.contains("stored consignments: 1"), "{}", run.stdout);
     assert!(run.stdout.contains("request id restart-test-1"), "{}", run.stdout);
-    let id = created_id(&run.stdout);
+    let id = run.created_id();
 
     assert!(
         first.terminate(Duration::from_secs(15)).await.success(),
@@ -125,7 +115,7 @@ async fn a_consignment_survives_a_restart_and_a_rerun_with_its_request_id_stores
     // The same request id again, after the restart: the first result, nothing new stored.
     let rerun = run_cli(&consignment_name, &sample, "restart-test-1").await;
     assert!(rerun.success, "CLI failed: {}", rerun.stderr);
-    assert_eq!(created_id(&rerun.stdout), id);
+    assert_eq!(rerun.created_id(), id);
     assert!(rerun.stdout.contains("nothing new stored"), "{}", rerun.stdout);
     assert!(rerun.stdout.contains("stored consignments: 1"), "{}", rerun.stdout);
 

@@ -300,7 +300,7 @@ impl Shippy {
         let run =
             shippy::run_cli(&self.consignment_name, &sample_consignment(), &[], &refs(&self.broker)).await;
         assert!(run.success, "consignment-cli failed:\n{}\n{}", run.stdout, run.stderr);
-        created_id(&run.stdout)
+        run.created_id()
     }
 
     /// A client of the instance that announced `boot` only.
@@ -318,16 +318,6 @@ impl Shippy {
         })
         .await
     }
-}
-
-/// The id in consignment-cli's "created consignment ID on vessel ..." line.
-fn created_id(stdout: &str) -> String {
-    stdout
-        .lines()
-        .find_map(|line| line.strip_prefix("created consignment "))
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no created line in: {stdout}"))
-        .to_owned()
 }
 
 /// The value of `name=value` in a log line's fields.
