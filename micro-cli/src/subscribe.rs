@@ -151,7 +151,7 @@ pub async fn subscribe(
         tokio::time::sleep(ANSWER_GRACE).await;
     };
     let _ = tokio::time::timeout(SETTLE_LIMIT, settled).await;
-    drop(subscription);
+    subscription.unsubscribe().await;
     outcome
 }
 

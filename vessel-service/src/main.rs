@@ -79,7 +79,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let durable = !matches!(broker_config.kind, BrokerKind::Registry | BrokerKind::Memory);
     let name = cli.server.server_name.clone().unwrap_or_else(|| SERVICE_NAME.to_owned());
     let booker = Booker::new(fleet.clone(), store.clone());
-    let _subscription = subscribe_created(&*broker, &name, durable, booker)
+    let subscription = subscribe_created(&*broker, &name, durable, booker)
         .await
         .context("cannot subscribe to consignment.created")?;
     Server::builder(SERVICE_NAME)
@@ -91,5 +91,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .add_service(VesselServiceServer::new(VesselHandler::new(fleet).bookings(store)))
         .run()
         .await?;
+    // Gives back the events pulled but not booked, so the group's other members book them now.
+    subscription.unsubscribe().await;
     Ok(())
 }

@@ -159,13 +159,32 @@ where
 pub struct Subscription {
     topic: String,
     queue: Option<String>,
-    _guard: Box<dyn Send + Sync>,
+    guard: Box<dyn Send + Sync>,
+    stopping: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Subscription {
     /// A subscription that lasts as long as `guard`: dropping the guard must stop delivery.
     pub fn new(topic: impl Into<String>, queue: Option<String>, guard: impl Send + Sync + 'static) -> Self {
-        Subscription { topic: topic.into(), queue, _guard: Box::new(guard) }
+        Subscription { topic: topic.into(), queue, guard: Box::new(guard), stopping: None }
+    }
+
+    /// Makes [`Subscription::unsubscribe`] wait for `task`, which ends by itself once the
+    /// guard is dropped (after giving back what it holds, say).
+    pub fn stopping_with(mut self, task: tokio::task::JoinHandle<()>) -> Self {
+        self.stopping = Some(task);
+        self
+    }
+
+    /// Stops delivery, as dropping it does, and waits until the backend has finished
+    /// stopping: on nats a durable member has then given back the messages it had pulled
+    /// but not handled, so a process about to exit strands none of them.
+    pub async fn unsubscribe(self) {
+        let Subscription { guard, stopping, .. } = self;
+        drop(guard);
+        if let Some(task) = stopping {
+            let _ = task.await;
+        }
     }
 
     /// The topic.

@@ -10,7 +10,10 @@
 //! - **Durable subscribers** (`SubscribeOptions::durable`, which needs a queue group) get a
 //!   JetStream durable pull consumer named after the group: each message goes to one member,
 //!   stays until the handler succeeds (`ack`), and a failed handler gets it again (`nak`)
-//!   after [`REDELIVERY_DELAY`].
+//!   after [`REDELIVERY_DELAY`]. A running handler tells the server it is still at work; a
+//!   member whose subscription is dropped gives back at once what it pulled (its running
+//!   handler is cancelled), and the messages of a member that went silent go to the others
+//!   after [`NatsBroker::ack_wait`].
 //!
 //! The client reconnects forever; core subscriptions are renewed by async-nats, and a
 //! durable subscriber re-attaches its consumer, so a restarted server loses no subscription.
@@ -38,6 +41,7 @@ use std::{
 use async_nats::jetstream::{self, consumer::pull, stream};
 use async_trait::async_trait;
 use futures::StreamExt;
+use tokio::sync::oneshot;
 
 use super::{AbortOnDrop, Broker, Handler, Message, SubscribeOptions, Subscription, run_handler};
 use crate::{BoxError, Error, Result};
@@ -46,13 +50,16 @@ use crate::{BoxError, Error, Result};
 pub const DEFAULT_NATS_ADDRESS: &str = "127.0.0.1:4222";
 /// Default bound on a publish waiting for the stream's acknowledgement, reconnect included.
 pub const DEFAULT_PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a durable message may stay unacknowledged (handler running) before redelivery.
-const ACK_WAIT: Duration = Duration::from_secs(30);
+/// Default for how long a durable message pulled by a member that went silent (killed, cut
+/// off) waits before it goes to another member. A running handler keeps its message.
+pub const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(10);
+/// How long a stopping member waits for more already-pulled messages to give back.
+const HAND_BACK_IDLE: Duration = Duration::from_millis(50);
 /// How long a message whose handler failed waits before it is delivered again, so a handler
 /// that keeps failing does not spin.
 const REDELIVERY_DELAY: Duration = Duration::from_secs(1);
 /// Messages a durable subscriber pulls at a time: few, so the members of a group share the
-/// work and a subscriber that goes away strands little until [`ACK_WAIT`] returns it.
+/// work; a member that stops gives back what it pulled.
 const PULL_BATCH: usize = 16;
 /// How often the server shows an idle pull is alive.
 const PULL_HEARTBEAT: Duration = Duration::from_secs(15);
@@ -63,6 +70,7 @@ pub struct NatsBroker {
     client: async_nats::Client,
     jetstream: jetstream::Context,
     publish_timeout: Duration,
+    ack_wait: Duration,
     /// Topics whose stream is known to exist; `None` once the server said it has no JetStream.
     streams: Mutex<Option<HashSet<String>>>,
 }
@@ -100,6 +108,7 @@ impl NatsBroker {
             client,
             jetstream,
             publish_timeout: DEFAULT_PUBLISH_TIMEOUT,
+            ack_wait: DEFAULT_ACK_WAIT,
             streams: Mutex::new(Some(HashSet::new())),
         })
     }
@@ -108,6 +117,14 @@ impl NatsBroker {
     /// Default: [`DEFAULT_PUBLISH_TIMEOUT`].
     pub fn publish_timeout(mut self, timeout: Duration) -> Self {
         self.publish_timeout = timeout;
+        self
+    }
+
+    /// How long a message pulled by a member that went silent waits before it goes to
+    /// another member of the group; set when the group's consumer is made (its first member).
+    /// A running handler keeps its message however long it takes. Default: [`DEFAULT_ACK_WAIT`].
+    pub fn ack_wait(mut self, ack_wait: Duration) -> Self {
+        self.ack_wait = ack_wait;
         self
     }
 
@@ -270,7 +287,7 @@ impl Broker for NatsBroker {
         let config = pull::Config {
             durable_name: Some(durable.clone()),
             ack_policy: jetstream::consumer::AckPolicy::Explicit,
-            ack_wait: ACK_WAIT,
+            ack_wait: self.ack_wait,
             ..Default::default()
         };
         let consumer = match stream.get_or_create_consumer(&durable, config).await {
@@ -281,38 +298,119 @@ impl Broker for NatsBroker {
                 .await
                 .map_err(|_| self.error(format!("cannot create consumer {durable} on topic {topic}"), err))?,
         };
-        let topic_owned = topic.to_owned();
-        let task = tokio::spawn(async move {
-            loop {
-                let pull = consumer.stream().max_messages_per_batch(PULL_BATCH).heartbeat(PULL_HEARTBEAT);
-                let mut messages = match pull.messages().await {
+        // Dropping the subscription drops `stop`: the task hands back what it holds and ends.
+        let (stop, stopped) = oneshot::channel::<()>();
+        let member =
+            DurableMember { topic: topic.to_owned(), consumer_name: durable, ack_wait: self.ack_wait };
+        let task = tokio::spawn(member.serve(consumer, handler, stopped));
+        Ok(Subscription::new(topic, options.queue, stop).stopping_with(task))
+    }
+}
+
+/// One member of a durable group: pulls, handles, acknowledges; on stop gives back at once
+/// every message it holds, so the group's other members get them without waiting for the
+/// ack wait.
+struct DurableMember {
+    topic: String,
+    consumer_name: String,
+    ack_wait: Duration,
+}
+
+impl DurableMember {
+    async fn serve(
+        self,
+        consumer: jetstream::consumer::PullConsumer,
+        handler: Handler,
+        mut stopped: oneshot::Receiver<()>,
+    ) {
+        loop {
+            let pull = consumer.stream().max_messages_per_batch(PULL_BATCH).heartbeat(PULL_HEARTBEAT);
+            let mut messages = tokio::select! {
+                pulled = pull.messages() => match pulled {
                     Ok(messages) => messages,
                     Err(err) => {
-                        tracing::warn!(topic = %topic_owned, consumer = %durable, error = %err, "cannot pull; trying again");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        tracing::warn!(topic = %self.topic, consumer = %self.consumer_name, error = %err, "cannot pull; trying again");
+                        tokio::select! {
+                            () = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                            _ = &mut stopped => return,
+                        }
+                    }
+                },
+                _ = &mut stopped => return,
+            };
+            loop {
+                let next = tokio::select! {
+                    next = messages.next() => next,
+                    _ = &mut stopped => return self.hand_back(messages, None).await,
+                };
+                let message = match next {
+                    Some(Ok(message)) => message,
+                    Some(Err(err)) => {
+                        tracing::debug!(topic = %self.topic, error = %err, "pull interrupted");
                         continue;
                     }
+                    None => break,
                 };
-                while let Some(next) = messages.next().await {
-                    let message = match next {
-                        Ok(message) => message,
-                        Err(err) => {
-                            tracing::debug!(topic = %topic_owned, error = %err, "pull interrupted");
-                            continue;
-                        }
-                    };
-                    let ack = if run_handler(&handler, from_nats(&message)).await {
-                        message.ack().await
-                    } else {
-                        message.ack_with(jetstream::AckKind::Nak(Some(REDELIVERY_DELAY))).await
-                    };
-                    if let Err(err) = ack {
-                        tracing::warn!(topic = %topic_owned, error = %err, "acknowledgement not sent; the message will come again");
+                let handled = tokio::select! {
+                    handled = self.handle(&handler, &message) => handled,
+                    _ = &mut stopped => return self.hand_back(messages, Some(message)).await,
+                };
+                let ack = if handled {
+                    message.ack().await
+                } else {
+                    message.ack_with(jetstream::AckKind::Nak(Some(REDELIVERY_DELAY))).await
+                };
+                if let Err(err) = ack {
+                    tracing::warn!(topic = %self.topic, error = %err, "acknowledgement not sent; the message will come again");
+                }
+            }
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(200)) => {}
+                _ = &mut stopped => return,
+            }
+        }
+    }
+
+    /// Runs the handler, telling the server it is still at work every third of the ack wait,
+    /// so a long handler's message is not delivered to another member meanwhile.
+    async fn handle(&self, handler: &Handler, message: &jetstream::Message) -> bool {
+        let handled = run_handler(handler, from_nats(message));
+        tokio::pin!(handled);
+        let every = self.ack_wait / 3;
+        let mut progress = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        loop {
+            tokio::select! {
+                handled = &mut handled => return handled,
+                _ = progress.tick() => {
+                    if let Err(err) = message.ack_with(jetstream::AckKind::Progress).await {
+                        tracing::debug!(topic = %self.topic, error = %err, "progress not sent");
                     }
                 }
-                tokio::time::sleep(Duration::from_millis(200)).await;
             }
-        });
-        Ok(Subscription::new(topic, options.queue, AbortOnDrop(task)))
+        }
+    }
+
+    /// Gives back `current` (its handler cancelled) and every message already pulled, for
+    /// redelivery to the group at once. The pull is ended first, so the server does not hand
+    /// them straight back to this member.
+    async fn hand_back(&self, mut messages: pull::Stream, current: Option<jetstream::Message>) {
+        let mut held: Vec<jetstream::Message> = current.into_iter().collect();
+        // What was pulled is already in the client; more than two batches means new ones are
+        // still arriving, and those the server gives to the others after the ack wait.
+        for _ in 0..2 * PULL_BATCH {
+            match tokio::time::timeout(HAND_BACK_IDLE, messages.next()).await {
+                Ok(Some(Ok(message))) => held.push(message),
+                Ok(Some(Err(_))) => continue,
+                Ok(None) | Err(_) => break,
+            }
+        }
+        drop(messages);
+        let mut given_back = 0;
+        for message in held {
+            if message.ack_with(jetstream::AckKind::Nak(None)).await.is_ok() {
+                given_back += 1;
+            }
+        }
+        tracing::debug!(topic = %self.topic, consumer = %self.consumer_name, given_back, "durable member stopped");
     }
 }

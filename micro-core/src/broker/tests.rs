@@ -233,6 +233,58 @@ async fn durable_conformance(broker: Arc<dyn Broker>) {
     assert_eq!(got, [1, 2], "kept while away; the malformed one dropped, not blocking the queue");
 }
 
+/// A member of a durable group whose subscription is dropped gives back what it holds, the
+/// message its cancelled handler was running included: another member gets every message
+/// soon, not after an ack wait, and each once.
+#[cfg(any(feature = "nats", feature = "rabbitmq"))]
+async fn handover_conformance(broker: Arc<dyn Broker>) {
+    let topic = format!("handover.{:08x}", rand::random::<u32>());
+    let group = SubscribeOptions::default().queue("handover").durable();
+    let (started_tx, mut started) = mpsc::unbounded_channel();
+    let stuck = broker
+        .subscribe(
+            &topic,
+            group.clone(),
+            handler(move |_m: Message| {
+                let started_tx = started_tx.clone();
+                async move {
+                    let _ = started_tx.send(());
+                    std::future::pending::<()>().await;
+                    Ok(())
+                }
+            }),
+        )
+        .await
+        .expect("subscribe");
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        let message = Message::new(&topic, format!("{i}"));
+        ids.push(message.id().unwrap().to_owned());
+        broker.publish(message).await.expect("publish");
+    }
+    tokio::time::timeout(Duration::from_secs(10), started.recv())
+        .await
+        .expect("the first member starts a handler");
+    // Let it pull what it can.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(stuck);
+    let dropped_at = std::time::Instant::now();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let _second = forwarding(&*broker, &topic, group, "second", tx).await;
+    let mut got: Vec<String> =
+        collect(&mut rx, 20).await.into_iter().map(|(_, m)| m.id().unwrap().to_owned()).collect();
+    let handed_over = dropped_at.elapsed();
+    got.sort();
+    ids.sort();
+    assert_eq!(got, ids, "every message reaches the second member once");
+    assert!(
+        handed_over < Duration::from_secs(5),
+        "{}: the dropped member's messages took {handed_over:?} to reach the other (held until an ack wait?)",
+        broker.kind()
+    );
+    eprintln!("{}: handed over in {handed_over:?}", broker.kind());
+}
+
 /// A broker server that a test stops and starts again on the same port and store.
 #[cfg(any(feature = "nats", feature = "rabbitmq"))]
 trait Restartable {
@@ -393,6 +445,43 @@ mod nats {
     }
 
     #[tokio::test]
+    async fn nats_a_dropped_durable_member_hands_over_what_it_holds() {
+        let server = NatsServer::start();
+        handover_conformance(broker(&server).await).await;
+    }
+
+    #[tokio::test]
+    async fn a_handler_running_past_the_ack_wait_keeps_its_message() {
+        let server = NatsServer::start();
+        let broker = Arc::new(
+            NatsBroker::connect(&server.address()).await.expect("connect").ack_wait(Duration::from_secs(1)),
+        );
+        let topic = format!("long.{:08x}", rand::random::<u32>());
+        let group = SubscribeOptions::default().queue("slow").durable();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let slow = |tag: &'static str| {
+            let tx = tx.clone();
+            handler(move |m: Message| {
+                let tx = tx.clone();
+                async move {
+                    tokio::time::sleep(Duration::from_millis(2500)).await;
+                    tx.send((tag, m)).map_err(Into::into)
+                }
+            })
+        };
+        let _a = broker.subscribe(&topic, group.clone(), slow("a")).await.expect("subscribe");
+        let _b = broker.subscribe(&topic, group, slow("b")).await.expect("subscribe");
+        broker.publish(Message::new(&topic, "long")).await.expect("publish");
+        // Handled once: the server did not give it to the other member after 1 s.
+        let got = collect(&mut rx, 1).await;
+        assert_eq!(&got[0].1.body[..], b"long");
+        assert!(
+            tokio::time::timeout(Duration::from_secs(3), rx.recv()).await.is_err(),
+            "delivered again while its handler was still running"
+        );
+    }
+
+    #[tokio::test]
     async fn a_restarted_server_loses_no_subscription_and_no_durable_message() {
         let mut server = NatsServer::start();
         let broker = broker(&server).await;
@@ -438,6 +527,11 @@ mod rabbitmq {
     #[tokio::test]
     async fn rabbitmq_durable_conformance() {
         durable_conformance(broker(RabbitMqServer::shared()).await).await;
+    }
+
+    #[tokio::test]
+    async fn rabbitmq_a_dropped_durable_member_hands_over_what_it_holds() {
+        handover_conformance(broker(RabbitMqServer::shared()).await).await;
     }
 
     #[tokio::test]
