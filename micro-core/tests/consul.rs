@@ -284,3 +284,51 @@ async fn with_acls_the_token_is_sent_and_a_missing_one_is_named_in_the_error() {
         "without a token the deny policy hides the instance"
     );
 }
+
+/// As a process that unsubscribes and then exits: the runtime is gone right after
+/// `unsubscribe()` returns, so nothing left to a background task gets done.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_registry_broker_subscriber_is_out_of_consul_once_unsubscribe_returns() {
+    use micro_core::{
+        Client,
+        broker::{Broker, RegistryBroker, SubscribeOptions, handler, topic_service_name},
+        config::ServerConfig,
+    };
+    let agent = ConsulAgent::start_async().await;
+    let topic = e2e::unique_name("topic");
+    let catalog = format!("/v1/catalog/service/{}", topic_service_name(&topic));
+    let (registered_tx, registered) = tokio::sync::oneshot::channel();
+    let (check_done_tx, check_done) = tokio::sync::oneshot::channel::<()>();
+    let process = {
+        let (address, topic) = (agent.http_address(), topic.clone());
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async move {
+                let registry: Arc<dyn Registry> =
+                    Arc::new(ConsulRegistry::builder().address(address).build().expect("valid address"));
+                let server = ServerConfig {
+                    address: "127.0.0.1:0".parse().unwrap(),
+                    drain_delay: Duration::ZERO,
+                    ..ServerConfig::default()
+                };
+                let broker = RegistryBroker::new(Client::new(registry)).server_config(server);
+                let subscription = broker
+                    .subscribe(&topic, SubscribeOptions::default(), handler(|_m| async { Ok(()) }))
+                    .await
+                    .expect("subscribe");
+                registered_tx.send(()).unwrap();
+                // The test checks the registration before it goes.
+                let _ = check_done.await;
+                subscription.unsubscribe().await;
+            });
+            drop(runtime);
+        })
+    };
+    registered.await.expect("subscribed");
+    let entries = get(&agent, &catalog).await;
+    assert_eq!(entries.as_array().map(Vec::len), Some(1), "registered while subscribed: {entries}");
+    check_done_tx.send(()).unwrap();
+    tokio::task::spawn_blocking(move || process.join()).await.unwrap().expect("the process thread");
+    let entries = get(&agent, &catalog).await;
+    assert_eq!(entries, Value::Array(vec![]), "deregistered by the time unsubscribe returned");
+}

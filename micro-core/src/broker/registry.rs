@@ -307,7 +307,17 @@ impl Broker for RegistryBroker {
         }
         let running = server.start().await?;
         tracing::info!(%topic, queue = options.queue.as_deref().unwrap_or(""), address = %running.node().address, "subscribed");
-        Ok(Subscription::new(topic, options.queue, running))
+        // Dropping the subscription drops `stop`: the endpoint deregisters, lets deliveries in
+        // flight finish and closes; `unsubscribe().await` returns once it has.
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let topic_owned = topic.to_owned();
+        let stopping = tokio::spawn(async move {
+            let _ = stopped.await;
+            if let Err(err) = running.stop().await {
+                tracing::warn!(topic = %topic_owned, error = %crate::error::error_chain(&err), "subscriber endpoint did not stop cleanly");
+            }
+        });
+        Ok(Subscription::new(topic, options.queue, stop).stopping_with(stopping))
     }
 }
 

@@ -151,6 +151,46 @@ async fn registry_conformance_over_real_grpc() {
     conformance(Arc::new(broker), async || tokio::time::sleep(Duration::from_millis(200)).await).await;
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_registry_subscriber_unsubscribing_finishes_the_delivery_in_flight_then_leaves() {
+    use crate::{Client, config::ServerConfig, registry::MemoryRegistry};
+    let registry: Arc<dyn crate::Registry> = Arc::new(MemoryRegistry::new());
+    let server = ServerConfig {
+        address: "127.0.0.1:0".parse().unwrap(),
+        drain_delay: Duration::ZERO,
+        ..ServerConfig::default()
+    };
+    let broker = Arc::new(RegistryBroker::new(Client::new(registry.clone())).server_config(server));
+    let topic = format!("leaving.{:08x}", rand::random::<u32>());
+    let (started_tx, mut started) = mpsc::unbounded_channel();
+    let (done_tx, mut done) = mpsc::unbounded_channel();
+    let subscription = broker
+        .subscribe(
+            &topic,
+            SubscribeOptions::default(),
+            handler(move |m: Message| {
+                let (started_tx, done_tx) = (started_tx.clone(), done_tx.clone());
+                async move {
+                    let _ = started_tx.send(());
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    done_tx.send(m.body).map_err(Into::into)
+                }
+            }),
+        )
+        .await
+        .expect("subscribe");
+    let publishing = {
+        let (broker, topic) = (broker.clone(), topic.clone());
+        tokio::spawn(async move { broker.publish(Message::new(&topic, "in flight")).await })
+    };
+    tokio::time::timeout(Duration::from_secs(10), started.recv()).await.expect("the handler starts");
+    subscription.unsubscribe().await;
+    assert_eq!(&done.try_recv().expect("handled before unsubscribe returned")[..], b"in flight");
+    publishing.await.unwrap().expect("the delivery in flight was answered");
+    let left = registry.lookup(&topic_service_name(&topic)).await.unwrap_or_default();
+    assert!(left.is_empty(), "still registered after unsubscribe: {left:?}");
+}
+
 #[tokio::test]
 async fn durable_subscribers_are_refused_where_nothing_is_kept() {
     let broker = MemoryBroker::new();
