@@ -163,6 +163,9 @@ pub struct RegistryBroker {
 struct Routes {
     all: NamedChannel,
     targets: HashMap<String, NamedChannel>,
+    /// Whether the registry was asked once; from then on `all` follows the topic's
+    /// subscribers, so a publish that finds none returns at once.
+    looked_up: bool,
 }
 
 impl RegistryBroker {
@@ -187,17 +190,19 @@ impl RegistryBroker {
     /// The channels to deliver `topic`'s message on: one per plain subscriber, one per queue group.
     async fn targets(&self, topic: &str) -> Result<Vec<(String, NamedChannel)>> {
         let name = topic_service_name(topic);
-        let all = {
+        let (all, looked_up) = {
             let mut routes = self.routes.lock().expect("broker routes lock");
             let entry = routes.entry(topic.to_owned()).or_insert_with(|| Routes {
                 all: self.client.channel_with(&name, Filter::new().metadata(TOPIC_LABEL, topic)),
                 targets: HashMap::new(),
+                looked_up: false,
             });
-            entry.all.clone()
+            (entry.all.clone(), std::mem::replace(&mut entry.looked_up, true))
         };
         let mut nodes = all.instances();
-        if nodes.is_empty() {
-            // Not followed yet: ask the registry once (its look-up waits for a first instance).
+        if nodes.is_empty() && !looked_up {
+            // The topic's first publish: ask the registry (its look-up waits for a first
+            // instance); later ones trust the channel, which follows the registry since.
             nodes = match self.client.registry().lookup(&name).await {
                 Ok(nodes) => nodes,
                 Err(Error::NoInstance { .. }) => Vec::new(),

@@ -191,6 +191,76 @@ async fn a_registry_subscriber_unsubscribing_finishes_the_delivery_in_flight_the
     assert!(left.is_empty(), "still registered after unsubscribe: {left:?}");
 }
 
+/// A registry whose look-ups are slow and counted.
+struct SlowLookups {
+    inner: crate::registry::MemoryRegistry,
+    lookups: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl crate::Registry for SlowLookups {
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+    fn address(&self) -> String {
+        "slow".into()
+    }
+    async fn register(&self, node: &crate::Node, ttl: Duration) -> crate::Result<()> {
+        self.inner.register(node, ttl).await
+    }
+    async fn deregister(&self, node: &crate::Node) -> crate::Result<()> {
+        self.inner.deregister(node).await
+    }
+    async fn lookup(&self, name: &str) -> crate::Result<Vec<crate::Node>> {
+        self.lookups.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        self.inner.lookup(name).await
+    }
+    async fn list_services(&self) -> crate::Result<Vec<String>> {
+        self.inner.list_services().await
+    }
+    fn watch(
+        &self,
+        name: &str,
+    ) -> futures::stream::BoxStream<
+        'static,
+        crate::Result<crate::registry::Change<crate::registry::NodeId, crate::Node>>,
+    > {
+        self.inner.watch(name)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_registry_publish_asks_the_registry_once_per_topic_then_follows_it() {
+    use crate::{Client, config::ServerConfig};
+    let registry =
+        Arc::new(SlowLookups { inner: crate::registry::MemoryRegistry::new(), lookups: Default::default() });
+    let server = ServerConfig {
+        address: "127.0.0.1:0".parse().unwrap(),
+        drain_delay: Duration::ZERO,
+        ..ServerConfig::default()
+    };
+    let broker = RegistryBroker::new(Client::new(registry.clone())).server_config(server);
+    let topic = format!("nobody.{:08x}", rand::random::<u32>());
+    for _ in 0..3 {
+        broker.publish(Message::new(&topic, "dropped")).await.expect("no subscriber: dropped, not an error");
+    }
+    let lookups = registry.lookups.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(lookups, 1, "three publishes with no subscriber asked the registry {lookups} times");
+    // A subscriber that comes later is found: the topic's channel follows the registry.
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let _late = forwarding(&broker, &topic, SubscribeOptions::default(), "late", tx).await;
+    let mut delivered = false;
+    for _ in 0..50 {
+        broker.publish(Message::new(&topic, "found")).await.expect("publish");
+        if tokio::time::timeout(Duration::from_millis(100), rx.recv()).await.is_ok() {
+            delivered = true;
+            break;
+        }
+    }
+    assert!(delivered, "the late subscriber was never found");
+}
+
 #[tokio::test]
 async fn durable_subscribers_are_refused_where_nothing_is_kept() {
     let broker = MemoryBroker::new();
