@@ -1,5 +1,6 @@
 //! Figure 5: resident memory of a release vessel-service (mDNS registry, SDK server) and of
-//! raw-vessel (the same handler on plain tonic), idle and under 64 callers. The load comes
+//! raw-vessel (the same handler on plain tonic), idle and under 64 callers; idle, also its
+//! private part (`RssAnon`: heap and stacks, not the executable's shared clean pages). The load comes
 //! from raw tonic channels in this process, the same for both, so the server-side
 //! throughput is compared too.
 
@@ -44,6 +45,7 @@ async fn loaded(service: &Service, address: std::net::SocketAddr) -> anyhow::Res
 /// Figure 5: the RSS of an idle vessel-service and under load.
 pub async fn run() -> anyhow::Result<()> {
     let (mut idle, mut busy, mut rate) = ((vec![], vec![]), (vec![], vec![]), (vec![], vec![]));
+    let mut private = (vec![], vec![]);
     for r in 0..ROUNDS {
         eprintln!("[5/6 memory] round {}/{ROUNDS}", r + 1);
         let name = format!("vessel-memory-{}-{r}", std::process::id());
@@ -56,8 +58,11 @@ pub async fn run() -> anyhow::Result<()> {
         sequential(&mut VesselServiceClient::new(raw_channel(sdk_address).await?), 1).await?;
         sequential(&mut VesselServiceClient::new(raw_channel(raw_address).await?), 1).await?;
         tokio::time::sleep(IDLE).await;
-        idle.0.push(mb(sdk.memory_kib()?.0));
-        idle.1.push(mb(raw.memory_kib()?.0));
+        let (sdk_memory, raw_memory) = (sdk.memory_kib()?, raw.memory_kib()?);
+        idle.0.push(mb(sdk_memory.0));
+        idle.1.push(mb(raw_memory.0));
+        private.0.push(mb(sdk_memory.1));
+        private.1.push(mb(raw_memory.1));
         let order = if r % 2 == 0 { [true, false] } else { [false, true] };
         for is_sdk in order {
             let (service, address) = if is_sdk { (&sdk, sdk_address) } else { (&raw, raw_address) };
@@ -77,6 +82,9 @@ pub async fn run() -> anyhow::Result<()> {
     let idle = Figure::new("memory_rss_idle", median(&idle.0), median(&idle.1), "MB").baseline_is(raw_is);
     let met = idle.sdk < 10.0;
     emit(idle.target("< 10 MB idle", met));
+    emit(
+        Figure::new("memory_private_idle", median(&private.0), median(&private.1), "MB").baseline_is(raw_is),
+    );
     emit(Figure::new("memory_rss_under_load", median(&busy.0), median(&busy.1), "MB").baseline_is(raw_is));
     emit(
         Figure::new("server_throughput_64_callers", median(&rate.0), median(&rate.1), "calls/s")

@@ -199,14 +199,15 @@ impl Service {
         let _ = self.child.start_kill();
     }
 
-    /// (VmRSS, VmHWM) in KiB.
+    /// (VmRSS, RssAnon) in KiB: all resident pages, and the private ones alone (heap and
+    /// stacks, without the executable's clean pages, which every instance shares).
     pub fn memory_kib(&self) -> anyhow::Result<(u64, u64)> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid))?;
         let field = |name: &str| -> anyhow::Result<u64> {
             let line = status.lines().find(|l| l.starts_with(name)).context("no such field")?;
             Ok(line[name.len()..].trim().trim_end_matches("kB").trim().parse()?)
         };
-        Ok((field("VmRSS:")?, field("VmHWM:")?))
+        Ok((field("VmRSS:")?, field("RssAnon:")?))
     }
 }
 
