@@ -294,6 +294,12 @@ impl BookingStore {
         let cached = self.loads.clone();
         self.with_connection(move |connection, db| {
             let version = data_version(connection).map_err(db)?;
+            // Another call may hold the connection for its own check: nothing new, no query.
+            if let Some((read_at, loads)) = &*cached.lock().unwrap_or_else(|e| e.into_inner())
+                && *read_at == version
+            {
+                return Ok(loads.clone());
+            }
             let mut statement = connection
                 .prepare_cached(
                     "SELECT vessel_id, sum(containers), sum(weight) FROM bookings GROUP BY vessel_id",
@@ -339,7 +345,8 @@ fn load_of(connection: &Connection, vessel_id: &str) -> rusqlite::Result<Load> {
 
 /// A number that changes whenever another connection commits to the database.
 fn data_version(connection: &Connection) -> rusqlite::Result<i64> {
-    connection.query_row("PRAGMA data_version", [], |row| row.get(0))
+    // Cached: every FindAvailable asks it, and parsing it each time showed in profiles.
+    connection.prepare_cached("PRAGMA data_version")?.query_row([], |row| row.get(0))
 }
 
 fn user_version(connection: &Connection) -> rusqlite::Result<i64> {
