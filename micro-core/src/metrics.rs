@@ -11,10 +11,14 @@
 //! | `micro_client_request_duration_seconds` (histogram) | `service`, `method` |
 //! | `micro_client_attempts_total` | `service`, `node`, `result` |
 //! | `micro_registry_events_total` | `registry`, `service`, `event` |
+//! | `micro_broker_published_total` | `broker`, `topic`, `result` |
+//! | `micro_broker_handled_total` | `broker`, `topic`, `result` |
+//! | `micro_broker_handle_duration_seconds` (histogram) | `broker`, `topic` |
 //!
 //! No caller can grow the page: a `method` label is only ever a method the server serves
 //! (or, on the client, one that has answered), every other path counts as
-//! [`UNKNOWN_METHOD`]; a client's per-instance series go when the instance leaves.
+//! [`UNKNOWN_METHOD`]; a client's per-instance series go when the instance leaves; a
+//! process labels at most [`MAX_BROKER_TOPICS`] topics, the others count as [`OTHER_TOPIC`].
 //!
 //! The page is Prometheus text (`text/plain; version=0.0.4`) unless the scraper's `Accept`
 //! asks for OpenMetrics (`application/openmetrics-text`), which Prometheus does by default.
@@ -29,7 +33,7 @@
 //! ```
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::SocketAddr,
     sync::{Arc, Mutex, OnceLock, RwLock},
 };
@@ -111,6 +115,33 @@ pub struct RegistryLabels {
     pub event: String,
 }
 
+/// Labels of a broker's messages by outcome.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BrokerLabels {
+    /// The broker kind: `registry`, `memory`, `nats`, `rabbitmq`.
+    pub broker: String,
+    /// The topic, or [`OTHER_TOPIC`].
+    pub topic: String,
+    /// `ok` or `error`.
+    pub result: String,
+}
+
+/// Labels of a broker topic.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BrokerTopicLabels {
+    /// The broker kind.
+    pub broker: String,
+    /// The topic, or [`OTHER_TOPIC`].
+    pub topic: String,
+}
+
+/// At most this many topics per process get a label of their own; the others count as
+/// [`OTHER_TOPIC`].
+pub const MAX_BROKER_TOPICS: usize = 256;
+
+/// The `topic` label of messages of topics beyond [`MAX_BROKER_TOPICS`].
+pub const OTHER_TOPIC: &str = "other";
+
 /// The process's metrics.
 pub struct Metrics {
     /// Calls served, by method and status.
@@ -127,6 +158,14 @@ pub struct Metrics {
     pub client_attempts: Family<AttemptLabels, Counter>,
     /// Registry events seen or made.
     pub registry_events: Family<RegistryLabels, Counter>,
+    /// Messages published, by broker, topic and result.
+    pub broker_published: Family<BrokerLabels, Counter>,
+    /// Messages handed to a subscriber's handler, by broker, topic and result.
+    pub broker_handled: Family<BrokerLabels, Counter>,
+    /// Time a subscriber's handler took, by broker and topic.
+    pub broker_handle_duration: Family<BrokerTopicLabels, Histogram, fn() -> Histogram>,
+    /// The topics that have a label of their own.
+    broker_topics: Mutex<HashSet<String>>,
     /// Per service, the methods that have answered a client call, with their handles.
     client_methods: RwLock<HashMap<String, HashMap<String, Arc<ClientMethod>>>>,
     registry: Mutex<Registry>,
@@ -174,6 +213,10 @@ pub fn metrics() -> &'static Metrics {
             client_duration: Family::new_with_constructor(latency_histogram),
             client_attempts: Family::default(),
             registry_events: Family::default(),
+            broker_published: Family::default(),
+            broker_handled: Family::default(),
+            broker_handle_duration: Family::new_with_constructor(latency_histogram),
+            broker_topics: Mutex::default(),
             client_methods: RwLock::default(),
             registry: Mutex::new(Registry::with_prefix("micro")),
         };
@@ -210,6 +253,21 @@ pub fn metrics() -> &'static Metrics {
                 "Registry changes seen or made",
                 metrics.registry_events.clone(),
             );
+            registry.register(
+                "broker_published",
+                "Messages published, by whether the broker took them",
+                metrics.broker_published.clone(),
+            );
+            registry.register(
+                "broker_handled",
+                "Messages handed to a subscriber, by whether its handler succeeded",
+                metrics.broker_handled.clone(),
+            );
+            registry.register(
+                "broker_handle_duration_seconds",
+                "Time a subscriber's handler took",
+                metrics.broker_handle_duration.clone(),
+            );
         }
         metrics
     })
@@ -224,6 +282,40 @@ impl Metrics {
             event: event.to_owned(),
         };
         self.registry_events.get_or_create(&labels).inc();
+    }
+
+    /// Counts a publish on `broker` to `topic`.
+    pub fn broker_published(&self, broker: &str, topic: &str, ok: bool) {
+        let labels = BrokerLabels {
+            broker: broker.to_owned(),
+            topic: self.broker_topic(topic),
+            result: if ok { "ok" } else { "error" }.to_owned(),
+        };
+        self.broker_published.get_or_create(&labels).inc();
+    }
+
+    /// Counts a message handled on `broker` from `topic` in `seconds`.
+    pub fn broker_handled(&self, broker: &str, topic: &str, ok: bool, seconds: f64) {
+        let topic = self.broker_topic(topic);
+        let duration = BrokerTopicLabels { broker: broker.to_owned(), topic: topic.clone() };
+        self.broker_handle_duration.get_or_create(&duration).observe(seconds);
+        let labels = BrokerLabels {
+            broker: broker.to_owned(),
+            topic,
+            result: if ok { "ok" } else { "error" }.to_owned(),
+        };
+        self.broker_handled.get_or_create(&labels).inc();
+    }
+
+    /// `topic` as a label: itself for the first [`MAX_BROKER_TOPICS`] topics, then
+    /// [`OTHER_TOPIC`].
+    fn broker_topic(&self, topic: &str) -> String {
+        let mut topics = self.broker_topics.lock().expect("metrics lock");
+        if topics.contains(topic) || (topics.len() < MAX_BROKER_TOPICS && topics.insert(topic.to_owned())) {
+            topic.to_owned()
+        } else {
+            OTHER_TOPIC.to_owned()
+        }
     }
 
     /// The handles of a client's calls to `method` of `service`. `method` has a label of

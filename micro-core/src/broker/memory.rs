@@ -32,7 +32,8 @@ use async_trait::async_trait;
 use tokio::sync::mpsc;
 
 use super::{
-    AbortOnDrop, Broker, Handler, Message, SubscribeOptions, Subscription, refuse_durable, run_handler,
+    AbortOnDrop, Broker, Handler, Message, SubscribeOptions, Subscription, counted, refuse_durable,
+    run_handler,
 };
 use crate::{Error, Result};
 
@@ -84,17 +85,9 @@ impl MemoryBroker {
     }
 }
 
-#[async_trait]
-impl Broker for MemoryBroker {
-    fn kind(&self) -> &'static str {
-        "memory"
-    }
-
-    fn address(&self) -> String {
-        "this process".into()
-    }
-
-    async fn publish(&self, message: Message) -> Result<()> {
+impl MemoryBroker {
+    /// Publishes `message`; [`Broker::publish`] counts the outcome.
+    async fn send(&self, message: Message) -> Result<()> {
         let mut full = Vec::new();
         {
             let mut topics = self.inner.lock().expect("memory broker lock");
@@ -139,6 +132,22 @@ impl Broker for MemoryBroker {
             source: None,
         })
     }
+}
+
+#[async_trait]
+impl Broker for MemoryBroker {
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+
+    fn address(&self) -> String {
+        "this process".into()
+    }
+
+    async fn publish(&self, message: Message) -> Result<()> {
+        let topic = message.topic.clone();
+        counted(self.kind(), &topic, self.send(message).await)
+    }
 
     async fn subscribe(
         &self,
@@ -152,7 +161,7 @@ impl Broker for MemoryBroker {
         let (deliver, mut inbox) = mpsc::channel::<Message>(INBOX_CAPACITY);
         let task = tokio::spawn(async move {
             while let Some(message) = inbox.recv().await {
-                run_handler(&handler, message).await;
+                run_handler("memory", &handler, message).await;
             }
         });
         let mut topics = self.inner.lock().expect("memory broker lock");

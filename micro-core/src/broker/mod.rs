@@ -237,19 +237,33 @@ pub trait Broker: Send + Sync + 'static {
 
 /// Runs `handler` on `message` in a span continuing the publisher's trace; logs a failure
 /// with the topic and message id. Returns whether the message should be acknowledged.
-pub(crate) async fn run_handler(handler: &Handler, message: Message) -> bool {
+pub(crate) async fn run_handler(broker: &str, handler: &Handler, message: Message) -> bool {
     use tracing::Instrument;
     let topic = message.topic.clone();
     let message_id = message.id().unwrap_or("-").to_owned();
     let span = tracing::info_span!("broker.handle", topic = %topic, message_id = %message_id);
     trace::continue_trace(&message.headers, &span);
-    match handler(message).instrument(span).await {
+    let started = std::time::Instant::now();
+    let outcome = handler(message).instrument(span).await;
+    crate::metrics::metrics().broker_handled(
+        broker,
+        &topic,
+        outcome.is_ok(),
+        started.elapsed().as_secs_f64(),
+    );
+    match outcome {
         Ok(()) => true,
         Err(err) => {
             tracing::warn!(%topic, %message_id, error = %crate::error::error_chain(&*err), "handler failed");
             false
         }
     }
+}
+
+/// `outcome`, a publish on `broker` to `topic`, once counted in the metrics.
+pub(crate) fn counted(broker: &str, topic: &str, outcome: Result<()>) -> Result<()> {
+    crate::metrics::metrics().broker_published(broker, topic, outcome.is_ok());
+    outcome
 }
 
 /// Decodes `message`'s body as `M`; the error names the topic, the message id and the type.

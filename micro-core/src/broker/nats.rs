@@ -43,7 +43,7 @@ use async_trait::async_trait;
 use futures::StreamExt;
 use tokio::sync::oneshot;
 
-use super::{AbortOnDrop, Broker, Handler, Message, SubscribeOptions, Subscription, run_handler};
+use super::{AbortOnDrop, Broker, Handler, Message, SubscribeOptions, Subscription, counted, run_handler};
 use crate::{BoxError, Error, Result};
 
 /// Default NATS address.
@@ -203,17 +203,9 @@ fn from_nats(message: &async_nats::Message) -> Message {
     Message { topic: message.subject.to_string(), headers, body: message.payload.clone() }
 }
 
-#[async_trait]
-impl Broker for NatsBroker {
-    fn kind(&self) -> &'static str {
-        "nats"
-    }
-
-    fn address(&self) -> String {
-        self.address.clone()
-    }
-
-    async fn publish(&self, message: Message) -> Result<()> {
+impl NatsBroker {
+    /// Publishes `message`; [`Broker::publish`] counts the outcome.
+    async fn send(&self, message: Message) -> Result<()> {
         let topic = message.topic.clone();
         let message_id = message.id().unwrap_or("-").to_owned();
         let headers = to_nats_headers(&message.headers);
@@ -243,6 +235,22 @@ impl Broker for NatsBroker {
                 .map_err(|err| self.error(format!("topic {topic} message {message_id}: not sent"), err))
         }
     }
+}
+
+#[async_trait]
+impl Broker for NatsBroker {
+    fn kind(&self) -> &'static str {
+        "nats"
+    }
+
+    fn address(&self) -> String {
+        self.address.clone()
+    }
+
+    async fn publish(&self, message: Message) -> Result<()> {
+        let topic = message.topic.clone();
+        counted(self.kind(), &topic, self.send(message).await)
+    }
 
     async fn subscribe(
         &self,
@@ -261,7 +269,7 @@ impl Broker for NatsBroker {
             let task = tokio::spawn(async move {
                 let mut subscriber = subscriber;
                 while let Some(message) = subscriber.next().await {
-                    run_handler(&handler, from_nats(&message)).await;
+                    run_handler("nats", &handler, from_nats(&message)).await;
                 }
             });
             return Ok(Subscription::new(topic, options.queue, AbortOnDrop(task)));
@@ -374,7 +382,7 @@ impl DurableMember {
     /// Runs the handler, telling the server it is still at work every third of the ack wait,
     /// so a long handler's message is not delivered to another member meanwhile.
     async fn handle(&self, handler: &Handler, message: &jetstream::Message) -> bool {
-        let handled = run_handler(handler, from_nats(message));
+        let handled = run_handler("nats", handler, from_nats(message));
         tokio::pin!(handled);
         let every = self.ack_wait / 3;
         let mut progress = tokio::time::interval_at(tokio::time::Instant::now() + every, every);

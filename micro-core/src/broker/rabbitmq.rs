@@ -61,7 +61,9 @@ use lapin::{
 };
 use tokio::sync::watch;
 
-use super::{AbortOnDrop, Broker, Handler, Message, SubscribeOptions, Subscription, headers, run_handler};
+use super::{
+    AbortOnDrop, Broker, Handler, Message, SubscribeOptions, Subscription, counted, headers, run_handler,
+};
 use crate::{BoxError, Error, Result, registry::Backoff};
 
 /// Default RabbitMQ address (vhost `/`, user `guest`).
@@ -427,10 +429,10 @@ impl Binding {
             if let Err(err) = acked {
                 tracing::debug!(broker = "rabbitmq", topic = %self.topic, error = %err, "acknowledgement not sent");
             }
-            run_handler(handler, message).await;
+            run_handler("rabbitmq", handler, message).await;
             return;
         }
-        let answer = if run_handler(handler, message).await {
+        let answer = if run_handler("rabbitmq", handler, message).await {
             delivery.ack(BasicAckOptions::default()).await
         } else {
             tokio::time::sleep(REQUEUE_DELAY).await;
@@ -504,17 +506,9 @@ impl Drop for SubscriptionGuard {
     }
 }
 
-#[async_trait]
-impl Broker for RabbitMqBroker {
-    fn kind(&self) -> &'static str {
-        "rabbitmq"
-    }
-
-    fn address(&self) -> String {
-        self.address.clone()
-    }
-
-    async fn publish(&self, message: Message) -> Result<()> {
+impl RabbitMqBroker {
+    /// Publishes `message`; [`Broker::publish`] counts the outcome.
+    async fn send(&self, message: Message) -> Result<()> {
         let topic = message.topic.clone();
         let message_id = message.id().unwrap_or("-").to_owned();
         let routing_key = short(&topic, "topic")?;
@@ -560,6 +554,22 @@ impl Broker for RabbitMqBroker {
                 ))
             }
         }
+    }
+}
+
+#[async_trait]
+impl Broker for RabbitMqBroker {
+    fn kind(&self) -> &'static str {
+        "rabbitmq"
+    }
+
+    fn address(&self) -> String {
+        self.address.clone()
+    }
+
+    async fn publish(&self, message: Message) -> Result<()> {
+        let topic = message.topic.clone();
+        counted(self.kind(), &topic, self.send(message).await)
     }
 
     async fn subscribe(

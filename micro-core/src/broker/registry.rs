@@ -32,7 +32,7 @@ use async_trait::async_trait;
 use futures::future::BoxFuture;
 use tonic::{body::Body, server::NamedService};
 
-use super::{Broker, Handler, Message, SubscribeOptions, Subscription, refuse_durable, run_handler};
+use super::{Broker, Handler, Message, SubscribeOptions, Subscription, counted, refuse_durable, run_handler};
 use crate::{
     Client, Error, NamedChannel, Result, Server,
     config::ServerConfig,
@@ -248,17 +248,9 @@ async fn deliver(channel: NamedChannel, delivery: Delivery) -> Result<(), tonic:
     grpc.unary(tonic::Request::new(delivery), path, codec).await.map(drop)
 }
 
-#[async_trait]
-impl Broker for RegistryBroker {
-    fn kind(&self) -> &'static str {
-        "registry"
-    }
-
-    fn address(&self) -> String {
-        format!("registry {} at {}", self.client.registry().kind(), self.client.registry().address())
-    }
-
-    async fn publish(&self, message: Message) -> Result<()> {
+impl RegistryBroker {
+    /// Publishes `message`; [`Broker::publish`] counts the outcome.
+    async fn send(&self, message: Message) -> Result<()> {
         let targets = self.targets(&message.topic).await?;
         let message_id = message.id().unwrap_or("-").to_owned();
         if targets.is_empty() {
@@ -288,6 +280,22 @@ impl Broker for RegistryBroker {
                 None,
             ))
         }
+    }
+}
+
+#[async_trait]
+impl Broker for RegistryBroker {
+    fn kind(&self) -> &'static str {
+        "registry"
+    }
+
+    fn address(&self) -> String {
+        format!("registry {} at {}", self.client.registry().kind(), self.client.registry().address())
+    }
+
+    async fn publish(&self, message: Message) -> Result<()> {
+        let topic = message.topic.clone();
+        counted(self.kind(), &topic, self.send(message).await)
     }
 
     async fn subscribe(
@@ -347,7 +355,7 @@ impl tonic::server::UnaryService<Delivery> for DeliverMethod {
         Box::pin(async move {
             let Delivery { topic, headers, body } = request.into_inner();
             let message_id = headers.get(super::headers::MESSAGE_ID).cloned().unwrap_or_default();
-            if run_handler(&handler, Message { topic: topic.clone(), headers, body }).await {
+            if run_handler("registry", &handler, Message { topic: topic.clone(), headers, body }).await {
                 Ok(tonic::Response::new(Ack {}))
             } else {
                 Err(tonic::Status::unknown(format!("topic {topic} message {message_id}: the handler failed")))
