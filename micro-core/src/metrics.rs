@@ -33,7 +33,7 @@
 //! ```
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     net::SocketAddr,
     sync::{Arc, Mutex, OnceLock, RwLock},
 };
@@ -135,6 +135,55 @@ pub struct BrokerTopicLabels {
     pub topic: String,
 }
 
+/// One broker topic's metric handles, looked up once rather than on every message; those
+/// of handling made when the topic is first handled in this process.
+struct BrokerTopic {
+    broker: &'static str,
+    topic: String,
+    published_ok: Counter,
+    published_error: Counter,
+    handled: OnceLock<HandledHandles>,
+}
+
+struct HandledHandles {
+    ok: Counter,
+    error: Counter,
+    duration: Histogram,
+}
+
+impl BrokerTopic {
+    fn new(metrics: &Metrics, broker: &'static str, topic: &str) -> Self {
+        // One statement per handle: a family's read guard lives to the end of its statement,
+        // and the next new series needs the family's write lock.
+        let published_ok =
+            metrics.broker_published.get_or_create(&broker_labels(broker, topic, "ok")).clone();
+        let published_error =
+            metrics.broker_published.get_or_create(&broker_labels(broker, topic, "error")).clone();
+        BrokerTopic {
+            broker,
+            topic: topic.to_owned(),
+            published_ok,
+            published_error,
+            handled: OnceLock::new(),
+        }
+    }
+
+    fn handled(&self, metrics: &Metrics) -> &HandledHandles {
+        self.handled.get_or_init(|| {
+            let (broker, topic) = (self.broker, self.topic.as_str());
+            let labels = BrokerTopicLabels { broker: broker.to_owned(), topic: topic.to_owned() };
+            let ok = metrics.broker_handled.get_or_create(&broker_labels(broker, topic, "ok")).clone();
+            let error = metrics.broker_handled.get_or_create(&broker_labels(broker, topic, "error")).clone();
+            let duration = metrics.broker_handle_duration.get_or_create(&labels).clone();
+            HandledHandles { ok, error, duration }
+        })
+    }
+}
+
+fn broker_labels(broker: &str, topic: &str, result: &str) -> BrokerLabels {
+    BrokerLabels { broker: broker.to_owned(), topic: topic.to_owned(), result: result.to_owned() }
+}
+
 /// At most this many topics per process get a label of their own; the others count as
 /// [`OTHER_TOPIC`].
 pub const MAX_BROKER_TOPICS: usize = 256;
@@ -164,8 +213,8 @@ pub struct Metrics {
     pub broker_handled: Family<BrokerLabels, Counter>,
     /// Time a subscriber's handler took, by broker and topic.
     pub broker_handle_duration: Family<BrokerTopicLabels, Histogram, fn() -> Histogram>,
-    /// The topics that have a label of their own.
-    broker_topics: Mutex<HashSet<String>>,
+    /// Per broker, the topics that have a label of their own, with their handles.
+    broker_topics: RwLock<HashMap<&'static str, HashMap<String, Arc<BrokerTopic>>>>,
     /// Per service, the methods that have answered a client call, with their handles.
     client_methods: RwLock<HashMap<String, HashMap<String, Arc<ClientMethod>>>>,
     registry: Mutex<Registry>,
@@ -216,7 +265,7 @@ pub fn metrics() -> &'static Metrics {
             broker_published: Family::default(),
             broker_handled: Family::default(),
             broker_handle_duration: Family::new_with_constructor(latency_histogram),
-            broker_topics: Mutex::default(),
+            broker_topics: RwLock::default(),
             client_methods: RwLock::default(),
             registry: Mutex::new(Registry::with_prefix("micro")),
         };
@@ -285,37 +334,37 @@ impl Metrics {
     }
 
     /// Counts a publish on `broker` to `topic`.
-    pub fn broker_published(&self, broker: &str, topic: &str, ok: bool) {
-        let labels = BrokerLabels {
-            broker: broker.to_owned(),
-            topic: self.broker_topic(topic),
-            result: if ok { "ok" } else { "error" }.to_owned(),
-        };
-        self.broker_published.get_or_create(&labels).inc();
+    pub fn broker_published(&self, broker: &'static str, topic: &str, ok: bool) {
+        let handles = self.broker_topic(broker, topic);
+        if ok { &handles.published_ok } else { &handles.published_error }.inc();
     }
 
     /// Counts a message handled on `broker` from `topic` in `seconds`.
-    pub fn broker_handled(&self, broker: &str, topic: &str, ok: bool, seconds: f64) {
-        let topic = self.broker_topic(topic);
-        let duration = BrokerTopicLabels { broker: broker.to_owned(), topic: topic.clone() };
-        self.broker_handle_duration.get_or_create(&duration).observe(seconds);
-        let labels = BrokerLabels {
-            broker: broker.to_owned(),
-            topic,
-            result: if ok { "ok" } else { "error" }.to_owned(),
-        };
-        self.broker_handled.get_or_create(&labels).inc();
+    pub fn broker_handled(&self, broker: &'static str, topic: &str, ok: bool, seconds: f64) {
+        let topic = self.broker_topic(broker, topic);
+        let handled = topic.handled(self);
+        handled.duration.observe(seconds);
+        if ok { &handled.ok } else { &handled.error }.inc();
     }
 
-    /// `topic` as a label: itself for the first [`MAX_BROKER_TOPICS`] topics, then
-    /// [`OTHER_TOPIC`].
-    fn broker_topic(&self, topic: &str) -> String {
-        let mut topics = self.broker_topics.lock().expect("metrics lock");
-        if topics.contains(topic) || (topics.len() < MAX_BROKER_TOPICS && topics.insert(topic.to_owned())) {
-            topic.to_owned()
-        } else {
-            OTHER_TOPIC.to_owned()
-        }
+    /// The handles of `topic` on `broker`, made once: the topic's own for the first
+    /// [`MAX_BROKER_TOPICS`] topics, then those of [`OTHER_TOPIC`].
+    fn broker_topic(&self, broker: &'static str, topic: &str) -> Arc<BrokerTopic> {
+        let other = {
+            let known = self.broker_topics.read().expect("metrics lock");
+            if let Some(handles) = known.get(broker).and_then(|topics| topics.get(topic)) {
+                return handles.clone();
+            }
+            known.values().map(HashMap::len).sum::<usize>() >= MAX_BROKER_TOPICS
+        };
+        let key = if other { OTHER_TOPIC } else { topic };
+        let mut known = self.broker_topics.write().expect("metrics lock");
+        known
+            .entry(broker)
+            .or_default()
+            .entry(key.to_owned())
+            .or_insert_with(|| Arc::new(BrokerTopic::new(self, broker, key)))
+            .clone()
     }
 
     /// The handles of a client's calls to `method` of `service`. `method` has a label of

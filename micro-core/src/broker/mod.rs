@@ -237,7 +237,7 @@ pub trait Broker: Send + Sync + 'static {
 
 /// Runs `handler` on `message` in a span continuing the publisher's trace; logs a failure
 /// with the topic and message id. Returns whether the message should be acknowledged.
-pub(crate) async fn run_handler(broker: &str, handler: &Handler, message: Message) -> bool {
+pub(crate) async fn run_handler(broker: &'static str, handler: &Handler, message: Message) -> bool {
     use tracing::Instrument;
     let topic = message.topic.clone();
     let message_id = message.id().unwrap_or("-").to_owned();
@@ -261,7 +261,7 @@ pub(crate) async fn run_handler(broker: &str, handler: &Handler, message: Messag
 }
 
 /// `outcome`, a publish on `broker` to `topic`, once counted in the metrics.
-pub(crate) fn counted(broker: &str, topic: &str, outcome: Result<()>) -> Result<()> {
+pub(crate) fn counted(broker: &'static str, topic: &str, outcome: Result<()>) -> Result<()> {
     crate::metrics::metrics().broker_published(broker, topic, outcome.is_ok());
     outcome
 }
