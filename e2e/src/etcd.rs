@@ -87,6 +87,19 @@ impl EtcdCluster {
     /// # Panics
     /// When no `etcd` binary is found, or the cluster does not become healthy in time.
     pub fn start(size: usize) -> EtcdCluster {
+        // A free port may be taken by another test's process before etcd binds it: then the
+        // whole cluster starts again on fresh ports.
+        let mut attempt = 1;
+        loop {
+            match EtcdCluster::start_on_free_ports(size) {
+                Ok(cluster) => return cluster,
+                Err(err) if attempt < 3 && err.contains("address already in use") => attempt += 1,
+                Err(err) => panic!("{err}"),
+            }
+        }
+    }
+
+    fn start_on_free_ports(size: usize) -> Result<EtcdCluster, String> {
         let ports: Vec<(u16, u16)> = (0..size).map(|_| (free_port(), free_port())).collect();
         let initial = ports
             .iter()
@@ -104,8 +117,8 @@ impl EtcdCluster {
             cluster.clients.push(SocketAddr::from((Ipv4Addr::LOCALHOST, *client)));
             cluster.data.push(data);
         }
-        cluster.wait_healthy(health);
-        cluster
+        cluster.wait_healthy(health)?;
+        Ok(cluster)
     }
 
     /// Starts one member on each of the first `size` hosts of `network` (client port 2379 on
@@ -129,7 +142,9 @@ impl EtcdCluster {
             cluster.data.push(data);
         }
         let first = network.host(0);
-        cluster.wait_healthy(|address| first.within(|| health(address)));
+        if let Err(err) = cluster.wait_healthy(|address| first.within(|| health(address))) {
+            panic!("{err}");
+        }
         cluster
     }
 
@@ -153,18 +168,21 @@ impl EtcdCluster {
         }
     }
 
-    fn wait_healthy(&mut self, healthy: impl Fn(SocketAddr) -> bool) {
+    fn wait_healthy(&mut self, healthy: impl Fn(SocketAddr) -> bool) -> Result<(), String> {
         let deadline = Instant::now() + HEALTHY_TIMEOUT;
         for (i, address) in self.clients.clone().into_iter().enumerate() {
             while !healthy(address) {
                 let exited = self.members[i].as_mut().and_then(Process::exit_status);
                 if exited.is_some() || Instant::now() > deadline {
                     let log = self.members[i].as_ref().map(Process::log).unwrap_or_default();
-                    panic!("etcd member e{i} at {address} is not healthy (exit: {exited:?}); log:\n{log}");
+                    return Err(format!(
+                        "etcd member e{i} at {address} is not healthy (exit: {exited:?}); log:\n{log}"
+                    ));
                 }
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
+        Ok(())
     }
 }
 

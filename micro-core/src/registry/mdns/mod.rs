@@ -33,6 +33,8 @@ const KIND: RegistryKind = RegistryKind::Mdns;
 const BROWSE_WARM_UP: Duration = Duration::from_millis(1500);
 /// How long a unicast query collects answers.
 const UNICAST_WINDOW: Duration = Duration::from_millis(250);
+/// When a fresh registry asks by unicast a second time.
+const SECOND_QUERY_AFTER: Duration = Duration::from_secs(1);
 /// How long a goodbye may take to go out on deregistration.
 const GOODBYE_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -44,7 +46,7 @@ pub struct MdnsRegistry {
     browse_started: Instant,
     /// Turns true once the first unicast query has collected its answers.
     first_answers: tokio::sync::watch::Receiver<bool>,
-    /// The browse follower and the first unicast query, stopped with the registry.
+    /// The browse follower and the first unicast queries, stopped with the registry.
     tasks: [tokio::task::AbortHandle; 2],
 }
 
@@ -74,6 +76,10 @@ impl MdnsRegistry {
         let first_query = tokio::spawn(async move {
             asking.ask_by_unicast().await;
             let _ = answered.send(true);
+            // A responder that was busy, or an answer lost: ask once more, so an instance
+            // missed at start is not left to the browse's slower re-queries.
+            tokio::time::sleep(SECOND_QUERY_AFTER).await;
+            asking.ask_by_unicast().await;
         });
         Ok(MdnsRegistry {
             daemon,
