@@ -32,8 +32,7 @@ use async_trait::async_trait;
 use tokio::sync::mpsc;
 
 use super::{
-    AbortOnDrop, Broker, Handler, Message, SubscribeOptions, Subscription, counted, refuse_durable,
-    run_handler,
+    AbortOnDrop, Broker, Handler, Message, SubscribeOptions, Subscription, refuse_durable, run_handler,
 };
 use crate::{Error, Result};
 
@@ -85,8 +84,16 @@ impl MemoryBroker {
     }
 }
 
-impl MemoryBroker {
-    /// Publishes `message`; [`Broker::publish`] counts the outcome.
+#[async_trait]
+impl Broker for MemoryBroker {
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+
+    fn address(&self) -> String {
+        "this process".into()
+    }
+
     async fn send(&self, message: Message) -> Result<()> {
         let mut full = Vec::new();
         {
@@ -131,22 +138,6 @@ impl MemoryBroker {
             ),
             source: None,
         })
-    }
-}
-
-#[async_trait]
-impl Broker for MemoryBroker {
-    fn kind(&self) -> &'static str {
-        "memory"
-    }
-
-    fn address(&self) -> String {
-        "this process".into()
-    }
-
-    async fn publish(&self, message: Message) -> Result<()> {
-        let topic = message.topic.clone();
-        counted(self.kind(), &topic, self.send(message).await)
     }
 
     async fn subscribe(

@@ -224,7 +224,17 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Publishes `message` to `message.topic`. Returns once the backend took it (nats with
     /// JetStream: once the stream stored it); an error means it may not have been delivered.
-    async fn publish(&self, message: Message) -> Result<()>;
+    /// Counted in the broker metrics by topic and result; the backend's work is [`Broker::send`].
+    async fn publish(&self, message: Message) -> Result<()> {
+        let topic = message.topic.clone();
+        let outcome = self.send(message).await;
+        crate::metrics::metrics().broker_published(self.kind(), &topic, outcome.is_ok());
+        outcome
+    }
+
+    /// What the backend does to publish `message`, as [`Broker::publish`] describes; call
+    /// `publish`, which also counts it.
+    async fn send(&self, message: Message) -> Result<()>;
 
     /// Runs `handler` for each message on `topic` until the [`Subscription`] is dropped.
     async fn subscribe(
@@ -258,12 +268,6 @@ pub(crate) async fn run_handler(broker: &'static str, handler: &Handler, message
             false
         }
     }
-}
-
-/// `outcome`, a publish on `broker` to `topic`, once counted in the metrics.
-pub(crate) fn counted(broker: &'static str, topic: &str, outcome: Result<()>) -> Result<()> {
-    crate::metrics::metrics().broker_published(broker, topic, outcome.is_ok());
-    outcome
 }
 
 /// Decodes `message`'s body as `M`; the error names the topic, the message id and the type.

@@ -43,7 +43,7 @@ use async_trait::async_trait;
 use futures::StreamExt;
 use tokio::sync::oneshot;
 
-use super::{AbortOnDrop, Broker, Handler, Message, SubscribeOptions, Subscription, counted, run_handler};
+use super::{AbortOnDrop, Broker, Handler, Message, SubscribeOptions, Subscription, run_handler};
 use crate::{BoxError, Error, Result};
 
 /// Default NATS address.
@@ -203,8 +203,16 @@ fn from_nats(message: &async_nats::Message) -> Message {
     Message { topic: message.subject.to_string(), headers, body: message.payload.clone() }
 }
 
-impl NatsBroker {
-    /// Publishes `message`; [`Broker::publish`] counts the outcome.
+#[async_trait]
+impl Broker for NatsBroker {
+    fn kind(&self) -> &'static str {
+        "nats"
+    }
+
+    fn address(&self) -> String {
+        self.address.clone()
+    }
+
     async fn send(&self, message: Message) -> Result<()> {
         let topic = message.topic.clone();
         let message_id = message.id().unwrap_or("-").to_owned();
@@ -234,22 +242,6 @@ impl NatsBroker {
                 .await
                 .map_err(|err| self.error(format!("topic {topic} message {message_id}: not sent"), err))
         }
-    }
-}
-
-#[async_trait]
-impl Broker for NatsBroker {
-    fn kind(&self) -> &'static str {
-        "nats"
-    }
-
-    fn address(&self) -> String {
-        self.address.clone()
-    }
-
-    async fn publish(&self, message: Message) -> Result<()> {
-        let topic = message.topic.clone();
-        counted(self.kind(), &topic, self.send(message).await)
     }
 
     async fn subscribe(

@@ -61,9 +61,7 @@ use lapin::{
 };
 use tokio::sync::watch;
 
-use super::{
-    AbortOnDrop, Broker, Handler, Message, SubscribeOptions, Subscription, counted, headers, run_handler,
-};
+use super::{AbortOnDrop, Broker, Handler, Message, SubscribeOptions, Subscription, headers, run_handler};
 use crate::{BoxError, Error, Result, registry::Backoff};
 
 /// Default RabbitMQ address (vhost `/`, user `guest`).
@@ -506,8 +504,16 @@ impl Drop for SubscriptionGuard {
     }
 }
 
-impl RabbitMqBroker {
-    /// Publishes `message`; [`Broker::publish`] counts the outcome.
+#[async_trait]
+impl Broker for RabbitMqBroker {
+    fn kind(&self) -> &'static str {
+        "rabbitmq"
+    }
+
+    fn address(&self) -> String {
+        self.address.clone()
+    }
+
     async fn send(&self, message: Message) -> Result<()> {
         let topic = message.topic.clone();
         let message_id = message.id().unwrap_or("-").to_owned();
@@ -554,22 +560,6 @@ impl RabbitMqBroker {
                 ))
             }
         }
-    }
-}
-
-#[async_trait]
-impl Broker for RabbitMqBroker {
-    fn kind(&self) -> &'static str {
-        "rabbitmq"
-    }
-
-    fn address(&self) -> String {
-        self.address.clone()
-    }
-
-    async fn publish(&self, message: Message) -> Result<()> {
-        let topic = message.topic.clone();
-        counted(self.kind(), &topic, self.send(message).await)
     }
 
     async fn subscribe(

@@ -32,7 +32,7 @@ use async_trait::async_trait;
 use futures::future::BoxFuture;
 use tonic::{body::Body, server::NamedService};
 
-use super::{Broker, Handler, Message, SubscribeOptions, Subscription, counted, refuse_durable, run_handler};
+use super::{Broker, Handler, Message, SubscribeOptions, Subscription, refuse_durable, run_handler};
 use crate::{
     Client, Error, NamedChannel, Result, Server,
     config::ServerConfig,
@@ -248,8 +248,16 @@ async fn deliver(channel: NamedChannel, delivery: Delivery) -> Result<(), tonic:
     grpc.unary(tonic::Request::new(delivery), path, codec).await.map(drop)
 }
 
-impl RegistryBroker {
-    /// Publishes `message`; [`Broker::publish`] counts the outcome.
+#[async_trait]
+impl Broker for RegistryBroker {
+    fn kind(&self) -> &'static str {
+        "registry"
+    }
+
+    fn address(&self) -> String {
+        format!("registry {} at {}", self.client.registry().kind(), self.client.registry().address())
+    }
+
     async fn send(&self, message: Message) -> Result<()> {
         let targets = self.targets(&message.topic).await?;
         let message_id = message.id().unwrap_or("-").to_owned();
@@ -280,22 +288,6 @@ impl RegistryBroker {
                 None,
             ))
         }
-    }
-}
-
-#[async_trait]
-impl Broker for RegistryBroker {
-    fn kind(&self) -> &'static str {
-        "registry"
-    }
-
-    fn address(&self) -> String {
-        format!("registry {} at {}", self.client.registry().kind(), self.client.registry().address())
-    }
-
-    async fn publish(&self, message: Message) -> Result<()> {
-        let topic = message.topic.clone();
-        counted(self.kind(), &topic, self.send(message).await)
     }
 
     async fn subscribe(
