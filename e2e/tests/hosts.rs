@@ -149,8 +149,9 @@ fn dropping_the_network_stops_every_process_on_its_hosts() {
         String::from_utf8_lossy(&output.expect("sh runs").stdout).trim().parse().expect("a pid");
     let ids = network.namespace_ids();
     assert_eq!(ids.len(), 3, "the switch and two hosts");
-    assert!(processes_in(network.host(0).namespace_id()).contains(&server.pid()));
-    assert!(processes_in(network.host(1).namespace_id()).contains(&orphan));
+    // `nsenter` joins the namespace a moment after it is spawned, under the same pid.
+    assert!(joins(network.host(0).namespace_id(), server.pid()), "the server runs on host 0");
+    assert!(joins(network.host(1).namespace_id(), orphan), "the orphan runs on host 1");
 
     drop(network);
     for id in &ids {
@@ -159,4 +160,16 @@ fn dropping_the_network_stops_every_process_on_its_hosts() {
     assert!(server.exit_status().is_some(), "the server was stopped");
     let orphan_state = std::fs::read_to_string(format!("/proc/{orphan}/stat")).unwrap_or_default();
     assert!(orphan_state.is_empty() || orphan_state.contains(") Z"), "the orphan runs on: {orphan_state}");
+}
+
+/// Whether process `pid` is in the namespace `namespace_id` within a few seconds.
+fn joins(namespace_id: &str, pid: u32) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !processes_in(namespace_id).contains(&pid) {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    true
 }
