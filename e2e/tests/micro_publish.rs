@@ -1,6 +1,7 @@
 //! `micro publish` and `micro subscribe` as real processes: over the default registry broker
 //! on mDNS, a real nats-server and a real RabbitMQ; typed (`--type`/`--from`) into a prost
-//! subscriber; queue groups; durable subscribers; bad input that publishes nothing; exit codes.
+//! subscriber; queue groups; durable subscribers; dead letters read back; bad input that
+//! publishes nothing; exit codes.
 
 use std::{
     io::{BufRead, BufReader},
@@ -18,7 +19,10 @@ use e2e::{
 };
 use micro_core::{
     Client,
-    broker::{RegistryBroker, SubscribeOptions, subscribe_proto, topic_service_name},
+    broker::{
+        Broker, NatsBroker, RabbitMqBroker, RegistryBroker, SubscribeOptions, handler, subscribe_proto,
+        topic_service_name,
+    },
 };
 use proto::consignment::Consignment;
 use serde_json::Value;
@@ -239,6 +243,50 @@ fn durable_subscriber_gets_what_came_while_away(env: &[(&str, &str)]) {
     let mut received: Vec<&str> = lines.iter().map(|l| l["message_id"].as_str().unwrap()).collect();
     received.sort_unstable();
     assert_eq!(received, ["n-1", "n-2", "n-3"], "what came while it was away, each once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_group_gave_up_on_is_read_with_micro_subscribe_dead_letters() {
+    e2e::require_private_netns();
+    let nats = NatsServer::start();
+    let brokers: [(&str, String, Arc<dyn Broker>); 2] = [
+        ("nats", nats.address(), Arc::new(NatsBroker::connect(&nats.address()).await.expect("nats"))),
+        (
+            "rabbitmq",
+            RabbitMqServer::shared().address(),
+            Arc::new(RabbitMqBroker::connect(&RabbitMqServer::shared().address()).await.expect("rabbitmq")),
+        ),
+    ];
+    for (kind, address, broker) in brokers {
+        let topic = unique_name("payments");
+        let limited = SubscribeOptions::default().queue("billing").durable().max_deliveries(2);
+        let failing = handler(|_| async { Err("the ledger is closed".into()) });
+        let _billing = broker.subscribe(&topic, limited, failing).await.expect("subscribe");
+        let env = [("MICRO_BROKER", kind.to_owned()), ("MICRO_BROKER_ADDRESS", address)];
+        let (topic_, env_) = (topic.clone(), env.clone());
+        let lines = tokio::task::spawn_blocking(move || {
+            let env: Vec<(&str, &str)> = env_.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            publish(&[&topic_, r#"{"amount": 3}"#, "--id", "pay-1"], &env);
+            let (status, lines) =
+                Subscriber::start(&[&topic_, "--dead-letters", "--count", "1"], &env).wait();
+            assert!(status.success(), "{kind}: {status}");
+            lines
+        })
+        .await
+        .expect("micro runs");
+        let dead = &lines[0];
+        assert_eq!(dead["message_id"], "pay-1", "{kind}: {dead}");
+        assert_eq!(dead["topic"], format!("{topic}.dead"), "{kind}: {dead}");
+        assert_eq!(dead["body_json"]["amount"], 3, "{kind}: {dead}");
+        let headers = &dead["headers"];
+        assert_eq!(headers["dead-letter-topic"], topic.as_str(), "{kind}: {dead}");
+        assert_eq!(headers["dead-letter-group"], "billing", "{kind}: {dead}");
+        assert_eq!(headers["delivery-count"], "2", "{kind}: {dead}");
+        assert!(
+            headers["dead-letter-error"].as_str().unwrap().contains("the ledger is closed"),
+            "{kind}: {dead}"
+        );
+    }
 }
 
 #[test]

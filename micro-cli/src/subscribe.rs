@@ -10,6 +10,7 @@
 //! ```sh
 //! micro subscribe consignment.created --count 1 --timeout 30s
 //! micro subscribe consignment.created --type consignment.Consignment --from consignment-service
+//! micro subscribe consignment.created --dead-letters --count 1   # what a group gave up on
 //! ```
 
 use std::{
@@ -50,9 +51,15 @@ pub struct SubscribeArgs {
     /// Join this queue group: each message goes to one member of the group.
     #[arg(long)]
     pub queue: Option<String>,
-    /// Durable delivery (nats with JetStream; needs `--queue`, which names the consumer).
+    /// Durable delivery (nats with JetStream, rabbitmq; needs `--queue`, which names the
+    /// consumer or queue that keeps the subscriber's place).
     #[arg(long)]
     pub durable: bool,
+    /// Read the topic's dead letters instead: the messages a group with a delivery limit
+    /// gave up on, kept on `TOPIC.dead` for the `dead-letters` group (durable), each with
+    /// `dead-letter-*` headers saying from where and why. Each one printed is removed.
+    #[arg(long, conflicts_with_all = ["queue", "durable"])]
+    pub dead_letters: bool,
     /// Exit 0 after this many messages (default: run until stopped).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub count: Option<u64>,
@@ -97,10 +104,17 @@ pub async fn subscribe(
             }
         })
     };
-    let options = SubscribeOptions { queue: args.queue.clone(), durable: args.durable };
-    let subscription = broker.subscribe(&args.topic, options, handler).await?;
-    let queue = args.queue.as_deref().map(|q| format!(" in queue group {q}")).unwrap_or_default();
-    eprintln!("subscribed to {}{queue} on broker {} at {}", args.topic, broker.kind(), broker.address());
+    let (topic, options) = if args.dead_letters {
+        let options = SubscribeOptions::default().queue(broker::DEAD_LETTERS).durable();
+        (broker::dead_letter_topic(&args.topic), options)
+    } else {
+        let options =
+            SubscribeOptions { queue: args.queue.clone(), durable: args.durable, ..Default::default() };
+        (args.topic.clone(), options)
+    };
+    let queue = options.queue.as_deref().map(|q| format!(" in queue group {q}")).unwrap_or_default();
+    let subscription = broker.subscribe(&topic, options, handler).await?;
+    eprintln!("subscribed to {topic}{queue} on broker {} at {}", broker.kind(), broker.address());
 
     let timeout = args.timeout.map(Duration::from);
     let deadline = async {
@@ -129,8 +143,7 @@ pub async fn subscribe(
             }
             () = &mut deadline => break match args.count {
                 Some(wanted) => Err(Failure::TimedOut(format!(
-                    "{count} of {wanted} message(s) on topic {} within {:?} (broker {} at {}); check that something publishes to it on this broker",
-                    args.topic,
+                    "{count} of {wanted} message(s) on topic {topic} within {:?} (broker {} at {}); check that something publishes to it on this broker",
                     timeout.unwrap_or_default(),
                     broker.kind(),
                     broker.address()

@@ -146,13 +146,14 @@ impl Broker for MemoryBroker {
         options: SubscribeOptions,
         handler: Handler,
     ) -> Result<Subscription> {
-        if options.durable {
+        // Nothing is kept, so nothing is delivered again either.
+        if options.durable || options.max_deliveries.is_some() {
             return Err(refuse_durable(self));
         }
         let (deliver, mut inbox) = mpsc::channel::<Message>(INBOX_CAPACITY);
         let task = tokio::spawn(async move {
             while let Some(message) = inbox.recv().await {
-                run_handler("memory", &handler, message).await;
+                let _ = run_handler("memory", &handler, message).await;
             }
         });
         let mut topics = self.inner.lock().expect("memory broker lock");

@@ -13,6 +13,8 @@
 //! Every message carries [`headers`]: its content type, a message id subscribers can
 //! deduplicate on, and the trace context when the publisher is in a traced call.
 //! [`publish_proto`] and [`subscribe_proto`] send and receive prost messages.
+//! A durable group may give up on a message whose handler keeps failing
+//! ([`SubscribeOptions::max_deliveries`]): it goes to the topic's [`dead_letter_topic`].
 //!
 //! # Examples
 //! ```
@@ -73,6 +75,24 @@ pub mod headers {
     pub const PROTOBUF: &str = "application/protobuf";
     /// Content type of a JSON body.
     pub const JSON: &str = "application/json";
+    /// On a dead letter: the topic the message was published to.
+    pub const DEAD_LETTER_TOPIC: &str = "dead-letter-topic";
+    /// On a dead letter: the queue group whose handler kept failing.
+    pub const DEAD_LETTER_GROUP: &str = "dead-letter-group";
+    /// On a dead letter: the handler's last error.
+    pub const DEAD_LETTER_ERROR: &str = "dead-letter-error";
+    /// On a dead letter: how many times the group had the message delivered (on rabbitmq
+    /// also on a message delivered again after its handler failed).
+    pub const DELIVERY_COUNT: &str = "delivery-count";
+}
+
+/// The queue group that keeps a topic's dead letters (see [`SubscribeOptions::max_deliveries`]);
+/// read them with a durable subscription in this group to [`dead_letter_topic`].
+pub const DEAD_LETTERS: &str = "dead-letters";
+
+/// Where the messages of `topic` go that a group gave up on: `<topic>.dead`.
+pub fn dead_letter_topic(topic: &str) -> String {
+    format!("{topic}.dead")
 }
 
 /// One event: its topic, headers and body.
@@ -117,7 +137,8 @@ pub fn new_message_id() -> String {
     format!("{:032x}", rand::random::<u128>())
 }
 
-/// How to subscribe. Default: alone (every subscriber gets every message), not durable.
+/// How to subscribe. Default: alone (every subscriber gets every message), not durable,
+/// delivered again for as long as the handler fails.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SubscribeOptions {
     /// The queue group: each message goes to one member of each group. Default: none.
@@ -126,6 +147,12 @@ pub struct SubscribeOptions {
     /// until it acknowledges (nats: JetStream). The memory and registry brokers keep nothing
     /// and refuse it. Default: off.
     pub durable: bool,
+    /// For a durable group: a message whose handler fails on its `n`-th delivery is not
+    /// delivered again but published to [`dead_letter_topic`] (same body and id, plus the
+    /// `dead-letter-*` and `delivery-count` [`headers`]) and kept there for the
+    /// [`DEAD_LETTERS`] group, which the subscription declares. Default: `None`, delivered
+    /// again until handled.
+    pub max_deliveries: Option<u32>,
 }
 
 impl SubscribeOptions {
@@ -140,6 +167,62 @@ impl SubscribeOptions {
         self.durable = true;
         self
     }
+
+    /// Gives up on a message after `n` deliveries whose handler failed, sending it to the
+    /// dead letters; see [`SubscribeOptions::max_deliveries`]. Default: no limit.
+    pub fn max_deliveries(mut self, n: u32) -> Self {
+        self.max_deliveries = Some(n);
+        self
+    }
+
+    /// Checks what every durable backend needs: a group for a durable subscriber
+    /// (`group_names` says what the group name names there), and a delivery limit only on a
+    /// durable group, of at least one.
+    pub(crate) fn check(&self, topic: &str, group_names: &str) -> Result<()> {
+        let what = || format!("durable subscription to {topic}");
+        if self.durable && self.queue.is_none() {
+            return Err(Error::invalid(what(), format!("name a queue group: it names {group_names}")));
+        }
+        match self.max_deliveries {
+            Some(_) if !self.durable => Err(Error::invalid(
+                format!("subscription to {topic}"),
+                "a delivery limit needs a durable group: only durable messages are delivered again",
+            )),
+            Some(0) => Err(Error::invalid(what(), "max_deliveries must be at least 1")),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The dead letter of `message`, which group `group` had delivered `deliveries` times,
+/// its handler failing last with `error`.
+pub(crate) fn dead_letter(message: &Message, group: &str, deliveries: u64, error: &str) -> Message {
+    // Header values are one line of text on every backend.
+    let error: String =
+        error.chars().map(|c| if c.is_control() { ' ' } else { c }).take(MAX_DEAD_LETTER_ERROR).collect();
+    let mut dead = message.clone();
+    dead.topic = dead_letter_topic(&message.topic);
+    dead.headers.insert(headers::DEAD_LETTER_TOPIC.to_owned(), message.topic.clone());
+    dead.headers.insert(headers::DEAD_LETTER_GROUP.to_owned(), group.to_owned());
+    dead.headers.insert(headers::DEAD_LETTER_ERROR.to_owned(), error);
+    dead.headers.insert(headers::DELIVERY_COUNT.to_owned(), deliveries.to_string());
+    dead
+}
+
+/// Characters of a handler's error kept on its dead letter.
+const MAX_DEAD_LETTER_ERROR: usize = 1000;
+
+/// Logs that `group` gave up, after `deliveries`, on the message `dead` is the dead letter of.
+pub(crate) fn log_dead_lettered(broker: &str, dead: &Message, group: &str, deliveries: u64) {
+    tracing::error!(
+        broker,
+        topic = dead.headers.get(headers::DEAD_LETTER_TOPIC).map_or("-", String::as_str),
+        message_id = dead.id().unwrap_or("-"),
+        group,
+        deliveries,
+        dead_letter_topic = %dead.topic,
+        "handler kept failing: message sent to the dead letters"
+    );
 }
 
 /// What a subscriber runs for each message: `Ok` acknowledges it; an error is logged with
@@ -246,8 +329,12 @@ pub trait Broker: Send + Sync + 'static {
 }
 
 /// Runs `handler` on `message` in a span continuing the publisher's trace; logs a failure
-/// with the topic and message id. Returns whether the message should be acknowledged.
-pub(crate) async fn run_handler(broker: &'static str, handler: &Handler, message: Message) -> bool {
+/// with the topic and message id. Returns the handler's error, as text, when it failed.
+pub(crate) async fn run_handler(
+    broker: &'static str,
+    handler: &Handler,
+    message: Message,
+) -> Result<(), String> {
     use tracing::Instrument;
     let topic = message.topic.clone();
     let message_id = message.id().unwrap_or("-").to_owned();
@@ -261,13 +348,11 @@ pub(crate) async fn run_handler(broker: &'static str, handler: &Handler, message
         outcome.is_ok(),
         started.elapsed().as_secs_f64(),
     );
-    match outcome {
-        Ok(()) => true,
-        Err(err) => {
-            tracing::warn!(%topic, %message_id, error = %crate::error::error_chain(&*err), "handler failed");
-            false
-        }
-    }
+    outcome.map_err(|err| {
+        let error = crate::error::error_chain(&*err);
+        tracing::warn!(%topic, %message_id, %error, "handler failed");
+        error
+    })
 }
 
 /// Decodes `message`'s body as `M`; the error names the topic, the message id and the type.

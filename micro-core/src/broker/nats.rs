@@ -10,7 +10,8 @@
 //! - **Durable subscribers** (`SubscribeOptions::durable`, which needs a queue group) get a
 //!   JetStream durable pull consumer named after the group: each message goes to one member,
 //!   stays until the handler succeeds (`ack`), and a failed handler gets it again (`nak`)
-//!   after [`REDELIVERY_DELAY`]. A running handler tells the server it is still at work; a
+//!   after [`REDELIVERY_DELAY`], until a delivery limit sends it to the dead letters
+//!   ([`SubscribeOptions::max_deliveries`]). A running handler tells the server it is still at work; a
 //!   member whose subscription is dropped gives back at once what it pulled (its running
 //!   handler is cancelled), and the messages of a member that went silent go to the others
 //!   after [`NatsBroker::ack_wait`].
@@ -43,7 +44,10 @@ use async_trait::async_trait;
 use futures::StreamExt;
 use tokio::sync::oneshot;
 
-use super::{AbortOnDrop, Broker, Handler, Message, SubscribeOptions, Subscription, run_handler};
+use super::{
+    AbortOnDrop, Broker, DEAD_LETTERS, Handler, Message, SubscribeOptions, Subscription, dead_letter,
+    dead_letter_topic, log_dead_lettered, run_handler,
+};
 use crate::{BoxError, Error, Result};
 
 /// Default NATS address.
@@ -250,6 +254,7 @@ impl Broker for NatsBroker {
         options: SubscribeOptions,
         handler: Handler,
     ) -> Result<Subscription> {
+        options.check(topic, "the JetStream consumer that keeps the subscriber's place")?;
         if !options.durable {
             let subscriber = match &options.queue {
                 Some(queue) => self.client.queue_subscribe(topic.to_owned(), queue.clone()).await,
@@ -261,17 +266,36 @@ impl Broker for NatsBroker {
             let task = tokio::spawn(async move {
                 let mut subscriber = subscriber;
                 while let Some(message) = subscriber.next().await {
-                    run_handler("nats", &handler, from_nats(&message)).await;
+                    let _ = run_handler("nats", &handler, from_nats(&message)).await;
                 }
             });
             return Ok(Subscription::new(topic, options.queue, AbortOnDrop(task)));
         }
-        let Some(queue) = options.queue.clone() else {
-            return Err(Error::invalid(
-                format!("durable subscription to {topic}"),
-                "name a queue group: it names the JetStream consumer that keeps the subscriber's place",
-            ));
+        let queue = options.queue.clone().unwrap_or_default();
+        let consumer = self.durable_consumer(topic, &queue).await?;
+        if options.max_deliveries.is_some() {
+            // The dead letters are kept from the first one, whether or not anyone reads them yet.
+            self.durable_consumer(&dead_letter_topic(topic), DEAD_LETTERS).await?;
+        }
+        // Dropping the subscription drops `stop`: the task hands back what it holds and ends.
+        let (stop, stopped) = oneshot::channel::<()>();
+        let member = DurableMember {
+            topic: topic.to_owned(),
+            consumer_name: consumer.cached_info().name.clone(),
+            group: queue,
+            ack_wait: self.ack_wait,
+            max_deliveries: options.max_deliveries,
+            jetstream: self.jetstream.clone(),
+            publish_timeout: self.publish_timeout,
         };
+        let task = tokio::spawn(member.serve(consumer, handler, stopped));
+        Ok(Subscription::new(topic, options.queue, stop).stopping_with(task))
+    }
+}
+
+impl NatsBroker {
+    /// The durable consumer of `group` on `topic`'s stream, made if it is not there yet.
+    async fn durable_consumer(&self, topic: &str, group: &str) -> Result<jetstream::consumer::PullConsumer> {
         if !self.ensure_stream(topic, || format!("topic {topic}")).await? {
             return Err(self.error(
                 "durable delivery needs JetStream: start nats-server with -js",
@@ -283,27 +307,21 @@ impl Broker for NatsBroker {
             .get_stream(stream_name(topic))
             .await
             .map_err(|err| self.error(format!("cannot open the stream of topic {topic}"), err))?;
-        let durable = sanitize(&queue);
+        let durable = sanitize(group);
         let config = pull::Config {
             durable_name: Some(durable.clone()),
             ack_policy: jetstream::consumer::AckPolicy::Explicit,
             ack_wait: self.ack_wait,
             ..Default::default()
         };
-        let consumer = match stream.get_or_create_consumer(&durable, config).await {
-            Ok(consumer) => consumer,
+        match stream.get_or_create_consumer(&durable, config).await {
+            Ok(consumer) => Ok(consumer),
             // Another member of the group may have made it between the look-up and the create.
             Err(err) => stream
                 .get_consumer(&durable)
                 .await
-                .map_err(|_| self.error(format!("cannot create consumer {durable} on topic {topic}"), err))?,
-        };
-        // Dropping the subscription drops `stop`: the task hands back what it holds and ends.
-        let (stop, stopped) = oneshot::channel::<()>();
-        let member =
-            DurableMember { topic: topic.to_owned(), consumer_name: durable, ack_wait: self.ack_wait };
-        let task = tokio::spawn(member.serve(consumer, handler, stopped));
-        Ok(Subscription::new(topic, options.queue, stop).stopping_with(task))
+                .map_err(|_| self.error(format!("cannot create consumer {durable} on topic {topic}"), err)),
+        }
     }
 }
 
@@ -313,7 +331,12 @@ impl Broker for NatsBroker {
 struct DurableMember {
     topic: String,
     consumer_name: String,
+    group: String,
     ack_wait: Duration,
+    max_deliveries: Option<u32>,
+    /// Where dead letters are published.
+    jetstream: jetstream::Context,
+    publish_timeout: Duration,
 }
 
 impl DurableMember {
@@ -355,10 +378,9 @@ impl DurableMember {
                     handled = self.handle(&handler, &message) => handled,
                     _ = &mut stopped => return self.hand_back(messages, Some(message)).await,
                 };
-                let ack = if handled {
-                    message.ack().await
-                } else {
-                    message.ack_with(jetstream::AckKind::Nak(Some(REDELIVERY_DELAY))).await
+                let ack = match handled {
+                    Ok(()) => message.ack().await,
+                    Err(error) => self.failed(&message, &error).await,
                 };
                 if let Err(err) = ack {
                     tracing::warn!(topic = %self.topic, error = %err, "acknowledgement not sent; the message will come again");
@@ -373,7 +395,7 @@ impl DurableMember {
 
     /// Runs the handler, telling the server it is still at work every third of the ack wait,
     /// so a long handler's message is not delivered to another member meanwhile.
-    async fn handle(&self, handler: &Handler, message: &jetstream::Message) -> bool {
+    async fn handle(&self, handler: &Handler, message: &jetstream::Message) -> Result<(), String> {
         let handled = run_handler("nats", handler, from_nats(message));
         tokio::pin!(handled);
         let every = self.ack_wait / 3;
@@ -388,6 +410,38 @@ impl DurableMember {
                 }
             }
         }
+    }
+
+    /// Answers a message whose handler failed with `error`: delivered again after a pause
+    /// or, on its last allowed delivery, published to the dead letters and acknowledged. A
+    /// dead letter that cannot be stored leaves the message to be delivered again.
+    async fn failed(&self, message: &jetstream::Message, error: &str) -> Result<(), async_nats::Error> {
+        let deliveries = message.info().map_or(1, |info| info.delivered).max(1).unsigned_abs();
+        if let Some(max) = self.max_deliveries.filter(|&max| deliveries >= u64::from(max)) {
+            let dead = dead_letter(&from_nats(message), &self.group, deliveries, error);
+            let stored = tokio::time::timeout(self.publish_timeout, async {
+                let headers = to_nats_headers(&dead.headers);
+                let ack = self
+                    .jetstream
+                    .publish_with_headers(dead.topic.clone(), headers, dead.body.clone())
+                    .await?;
+                ack.await.map(drop).map_err(BoxError::from)
+            })
+            .await;
+            match stored {
+                Ok(Ok(())) => {
+                    log_dead_lettered("nats", &dead, &self.group, deliveries);
+                    return message.ack().await;
+                }
+                Ok(Err(err)) => {
+                    tracing::warn!(topic = %self.topic, max, error = %err, "cannot store the dead letter; delivering again")
+                }
+                Err(_) => {
+                    tracing::warn!(topic = %self.topic, max, "dead letter not stored in time; delivering again")
+                }
+            }
+        }
+        message.ack_with(jetstream::AckKind::Nak(Some(REDELIVERY_DELAY))).await
     }
 
     /// Gives back `current` (its handler cancelled) and every message already pulled, for

@@ -12,8 +12,10 @@
 //!   members, so each message goes to one member. Not durable: the queue is auto-delete and
 //!   delivery at most once, like the group's members themselves. **Durable** (needs a
 //!   group): a durable queue that keeps messages while every member is away; a message is
-//!   acknowledged after the handler succeeds, and a failed handler's message is requeued
-//!   (after a short pause) and delivered again, to any member. A durable and a non-durable
+//!   acknowledged after the handler succeeds; when it fails, a copy counting one more
+//!   delivery goes to the back of the queue after a short pause (the consumer goes on
+//!   meanwhile) and is delivered again, to any member, until a delivery limit sends it to
+//!   the dead letters ([`SubscribeOptions::max_deliveries`]). A durable and a non-durable
 //!   member cannot share a group: the server refuses the second with a clear error.
 //! - **Flow**: every consumer holds at most 16 unacknowledged messages (a non-durable one
 //!   acknowledges each on arrival); the rest wait on the server, so a slow handler does not
@@ -59,9 +61,12 @@ use lapin::{
     },
     types::{AMQPValue, FieldTable, LongString, ShortString},
 };
-use tokio::sync::watch;
+use tokio::{sync::watch, task::JoinSet};
 
-use super::{AbortOnDrop, Broker, Handler, Message, SubscribeOptions, Subscription, headers, run_handler};
+use super::{
+    AbortOnDrop, Broker, DEAD_LETTERS, Handler, Message, SubscribeOptions, Subscription, dead_letter,
+    dead_letter_topic, headers, log_dead_lettered, run_handler,
+};
 use crate::{BoxError, Error, Result, registry::Backoff};
 
 /// Default RabbitMQ address (vhost `/`, user `guest`).
@@ -88,6 +93,11 @@ const PREFETCH: u16 = 16;
 const REQUEUE_DELAY: Duration = Duration::from_millis(250);
 /// AMQP delivery mode of a message the server writes to disk.
 const PERSISTENT: u8 = 2;
+/// The exchange AMQP routes to the queue a routing key names.
+const DEFAULT_EXCHANGE: &str = "";
+/// Header on a copy delivered again: the topic it was published to (the copy's routing key
+/// is its queue's name). Read into [`Message::topic`], not shown as a header.
+const TOPIC_HEADER: &str = "x-micro-topic";
 
 /// One open connection and its confirming publish channel; replaced on reconnect.
 struct Live {
@@ -218,9 +228,11 @@ impl Live {
         Ok(channel)
     }
 
-    /// Publishes and waits for the confirmation; `Ok(false)` when no queue was bound.
+    /// Publishes through `exchange` and waits for the confirmation; `Ok(false)` when no
+    /// queue was bound.
     async fn publish(
         &self,
+        exchange: &str,
         routing_key: ShortString,
         body: &[u8],
         properties: BasicProperties,
@@ -228,7 +240,7 @@ impl Live {
         let channel = self.publisher().await?;
         let options = BasicPublishOptions { mandatory: true, ..Default::default() };
         let confirm =
-            channel.basic_publish(EXCHANGE.into(), routing_key, options, body, properties).await?.await?;
+            channel.basic_publish(exchange.into(), routing_key, options, body, properties).await?.await?;
         match confirm {
             Confirmation::Ack(returned) => Ok(returned.is_none()),
             Confirmation::Nack(_) => Err("the server refused to store it (nack)".into()),
@@ -357,7 +369,7 @@ fn from_delivery(delivery: &Delivery) -> Message {
         headers.entry(headers::CONTENT_TYPE.to_owned()).or_insert_with(|| content_type.as_str().to_owned());
     }
     Message {
-        topic: delivery.routing_key.as_str().to_owned(),
+        topic: headers.remove(TOPIC_HEADER).unwrap_or_else(|| delivery.routing_key.as_str().to_owned()),
         headers,
         body: bytes::Bytes::copy_from_slice(&delivery.data),
     }
@@ -369,7 +381,12 @@ struct Binding {
     routing_key: ShortString,
     /// The shared queue of a group; `None` for a plain subscriber's server-named queue.
     queue: Option<ShortString>,
+    /// The group's name, for dead letters.
+    group: String,
     durable: bool,
+    max_deliveries: Option<u32>,
+    /// The queue that keeps the topic's dead letters, when there is a delivery limit.
+    dead_letters: Option<Box<Binding>>,
 }
 
 impl Binding {
@@ -378,17 +395,42 @@ impl Binding {
             Some(group) => Some(short(&format!("{EXCHANGE}.{topic}.{group}"), "queue")?),
             None => None,
         };
+        let dead_letters = match options.max_deliveries {
+            Some(_) => {
+                let keep = SubscribeOptions::default().queue(DEAD_LETTERS).durable();
+                Some(Box::new(Binding::new(&dead_letter_topic(topic), &keep)?))
+            }
+            None => None,
+        };
         Ok(Binding {
             topic: topic.to_owned(),
             routing_key: short(topic, "topic")?,
             queue,
+            group: options.queue.clone().unwrap_or_default(),
             durable: options.durable,
+            max_deliveries: options.max_deliveries,
+            dead_letters,
         })
     }
 
-    /// Declares the queue and binding on `live` and starts consuming.
+    /// Declares the queue and binding on `live` (and the dead letters' queue) and starts
+    /// consuming.
     async fn attach(&self, live: &Live) -> Result<(Channel, Consumer), BoxError> {
         let channel = live.connection.create_channel().await?;
+        if let Some(dead_letters) = &self.dead_letters {
+            dead_letters.declare(&channel).await?;
+        }
+        let queue = self.declare(&channel).await?;
+        channel.basic_qos(PREFETCH, BasicQosOptions::default()).await?;
+        let tag = ShortString::from(format!("micro-{:016x}", rand::random::<u64>()));
+        // Acknowledged by hand even when not durable, so the prefetch bounds what waits here.
+        let options = BasicConsumeOptions::default();
+        let consumer = channel.basic_consume(queue, tag, options, FieldTable::default()).await?;
+        Ok((channel, consumer))
+    }
+
+    /// Declares the queue and its binding to the topic; returns the queue's name.
+    async fn declare(&self, channel: &Channel) -> Result<ShortString, BoxError> {
         let (name, options) = match &self.queue {
             None => (
                 ShortString::from(""),
@@ -409,36 +451,82 @@ impl Binding {
                 FieldTable::default(),
             )
             .await?;
-        channel.basic_qos(PREFETCH, BasicQosOptions::default()).await?;
-        let tag = ShortString::from(format!("micro-{:016x}", rand::random::<u64>()));
-        // Acknowledged by hand even when not durable, so the prefetch bounds what waits here.
-        let options = BasicConsumeOptions::default();
-        let consumer =
-            channel.basic_consume(queue.name().clone(), tag, options, FieldTable::default()).await?;
-        Ok((channel, consumer))
+        Ok(queue.name().clone())
     }
 
     /// Runs the handler on `delivery`. A durable subscriber acknowledges it after the
-    /// handler succeeds or requeues it; any other acknowledges it first (at most once).
-    async fn handle(&self, handler: &Handler, delivery: Delivery) {
+    /// handler succeeds; when it fails, hands it to [`Binding::failed`]. Any other
+    /// acknowledges it first (at most once).
+    async fn handle(&self, handler: &Handler, delivery: Delivery, live: &Arc<Live>, later: &mut JoinSet<()>) {
         let message = from_delivery(&delivery);
         if !self.durable {
             let acked = delivery.ack(BasicAckOptions::default()).await;
             if let Err(err) = acked {
                 tracing::debug!(broker = "rabbitmq", topic = %self.topic, error = %err, "acknowledgement not sent");
             }
-            run_handler("rabbitmq", handler, message).await;
+            let _ = run_handler("rabbitmq", handler, message).await;
             return;
         }
-        let answer = if run_handler("rabbitmq", handler, message).await {
-            delivery.ack(BasicAckOptions::default()).await
-        } else {
-            tokio::time::sleep(REQUEUE_DELAY).await;
-            delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await
-        };
-        if let Err(err) = answer {
-            tracing::warn!(broker = "rabbitmq", topic = %self.topic, error = %err, "acknowledgement not sent; the message will come again");
+        match run_handler("rabbitmq", handler, message).await {
+            Ok(()) => answered(&self.topic, delivery.ack(BasicAckOptions::default()).await),
+            Err(error) => self.failed(delivery, &error, live, later).await,
         }
+    }
+
+    /// Answers a delivery whose handler failed with `error`. On its last allowed delivery it
+    /// is published to the dead letters and acknowledged; otherwise, after a pause spent in a
+    /// task of `later` (the consumer goes on meanwhile), a copy counting one delivery more
+    /// goes to the back of the queue and the delivery is acknowledged. When a copy cannot be
+    /// stored the delivery is requeued, uncounted: nothing is lost either way.
+    async fn failed(&self, delivery: Delivery, error: &str, live: &Arc<Live>, later: &mut JoinSet<()>) {
+        let message = from_delivery(&delivery);
+        let deliveries =
+            message.headers.get(headers::DELIVERY_COUNT).and_then(|n| n.parse::<u64>().ok()).unwrap_or(1);
+        if let Some(max) = self.max_deliveries.filter(|&max| deliveries >= u64::from(max)) {
+            let dead = dead_letter(&message, &self.group, deliveries, error);
+            match store(live, EXCHANGE, &dead.topic, &dead).await {
+                Ok(()) => {
+                    log_dead_lettered("rabbitmq", &dead, &self.group, deliveries);
+                    return answered(&self.topic, delivery.ack(BasicAckOptions::default()).await);
+                }
+                Err(err) => {
+                    tracing::warn!(broker = "rabbitmq", topic = %self.topic, max, error = %err, "cannot store the dead letter; delivering again")
+                }
+            }
+        }
+        let Some(queue) = self.queue.clone() else { return };
+        let (live, topic) = (live.clone(), self.topic.clone());
+        later.spawn(async move {
+            tokio::time::sleep(REQUEUE_DELAY).await;
+            let mut copy = message;
+            copy.headers.insert(headers::DELIVERY_COUNT.to_owned(), (deliveries + 1).to_string());
+            copy.headers.insert(TOPIC_HEADER.to_owned(), copy.topic.clone());
+            let answer = match store(&live, DEFAULT_EXCHANGE, queue.as_str(), &copy).await {
+                Ok(()) => delivery.ack(BasicAckOptions::default()).await,
+                Err(err) => {
+                    tracing::debug!(broker = "rabbitmq", %topic, error = %err, "cannot store the copy; requeued");
+                    delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await
+                }
+            };
+            answered(&topic, answer);
+        });
+    }
+}
+
+/// Publishes `message` through `exchange` with `routing_key` and waits for the server to
+/// confirm it was stored in a queue.
+async fn store(live: &Live, exchange: &str, routing_key: &str, message: &Message) -> Result<(), BoxError> {
+    let properties = properties(message)?;
+    match live.publish(exchange, short(routing_key, "routing key")?, &message.body, properties).await? {
+        true => Ok(()),
+        false => Err(format!("no queue took it (routing key {routing_key})").into()),
+    }
+}
+
+/// Logs an acknowledgement that could not be sent.
+fn answered(topic: &str, answer: lapin::Result<bool>) {
+    if let Err(err) = answer {
+        tracing::warn!(broker = "rabbitmq", %topic, error = %err, "acknowledgement not sent; the message will come again");
     }
 }
 
@@ -453,6 +541,8 @@ async fn serve(
 ) {
     let mut backoff = Backoff::new(FIRST_RECONNECT_DELAY, MAX_RECONNECT_DELAY);
     let mut pending = Some(first);
+    // Failed messages waiting to be delivered again; they stop with this task.
+    let mut later = JoinSet::new();
     loop {
         let (connection, channel, mut consumer) = match pending.take() {
             Some(attached) => attached,
@@ -476,7 +566,7 @@ async fn serve(
         loop {
             tokio::select! {
                 next = consumer.next() => match next {
-                    Some(Ok(delivery)) => binding.handle(&handler, delivery).await,
+                    Some(Ok(delivery)) => binding.handle(&handler, delivery, &connection, &mut later).await,
                     Some(Err(err)) => {
                         tracing::debug!(broker = "rabbitmq", topic = %binding.topic, error = %err, "consumer interrupted");
                         break;
@@ -484,6 +574,7 @@ async fn serve(
                     None => break,
                 },
                 () = replaced(&mut live, connection.generation) => break,
+                Some(_) = later.join_next(), if !later.is_empty() => {}
             }
         }
         drop((consumer, channel, connection));
@@ -526,7 +617,7 @@ impl Broker for RabbitMqBroker {
                 let Some(connection) = current(&mut live).await else {
                     return Err(BoxError::from("the broker is shut down"));
                 };
-                match connection.publish(routing_key.clone(), &message.body, properties.clone()).await {
+                match connection.publish(EXCHANGE, routing_key.clone(), &message.body, properties.clone()).await {
                     Ok(routed) => return Ok(routed),
                     Err(err) => {
                         tracing::debug!(broker = "rabbitmq", %topic, %message_id, error = %err, "publish failed; trying again");
@@ -568,12 +659,7 @@ impl Broker for RabbitMqBroker {
         options: SubscribeOptions,
         handler: Handler,
     ) -> Result<Subscription> {
-        if options.durable && options.queue.is_none() {
-            return Err(Error::invalid(
-                format!("durable subscription to {topic}"),
-                "name a queue group: it names the durable queue that keeps the subscriber's messages",
-            ));
-        }
+        options.check(topic, "the durable queue that keeps the subscriber's messages")?;
         let binding = Binding::new(topic, &options)?;
         let mut live = self.subscribers.clone();
         let attached = tokio::time::timeout(self.publish_timeout, async {

@@ -296,7 +296,8 @@ impl Broker for RegistryBroker {
         options: SubscribeOptions,
         handler: Handler,
     ) -> Result<Subscription> {
-        if options.durable {
+        // Nothing is kept, so nothing is delivered again either.
+        if options.durable || options.max_deliveries.is_some() {
             return Err(refuse_durable(self));
         }
         let id = format!("{:016x}", rand::random::<u64>());
@@ -347,7 +348,10 @@ impl tonic::server::UnaryService<Delivery> for DeliverMethod {
         Box::pin(async move {
             let Delivery { topic, headers, body } = request.into_inner();
             let message_id = headers.get(super::headers::MESSAGE_ID).cloned().unwrap_or_default();
-            if run_handler("registry", &handler, Message { topic: topic.clone(), headers, body }).await {
+            if run_handler("registry", &handler, Message { topic: topic.clone(), headers, body })
+                .await
+                .is_ok()
+            {
                 Ok(tonic::Response::new(Ack {}))
             } else {
                 Err(tonic::Status::unknown(format!("topic {topic} message {message_id}: the handler failed")))

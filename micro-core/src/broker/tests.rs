@@ -270,6 +270,9 @@ async fn durable_subscribers_are_refused_where_nothing_is_kept() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("nats") && err.contains("rabbitmq"), "{err}");
+    let limited = SubscribeOptions::default().queue("g").max_deliveries(3);
+    let err = broker.subscribe("t", limited, handler(|_| async { Ok(()) })).await.unwrap_err().to_string();
+    assert!(err.contains("nats") && err.contains("rabbitmq"), "a delivery limit is refused too: {err}");
 }
 
 /// A handler whose first attempt at every message fails; later ones forward its id.
@@ -341,6 +344,75 @@ async fn durable_conformance(broker: Arc<dyn Broker>) {
     let mut got = collect(&mut rx, 2).await;
     got.sort();
     assert_eq!(got, [1, 2], "kept while away; the malformed one dropped, not blocking the queue");
+}
+
+/// A durable group with a delivery limit gives up on a message its handler keeps failing:
+/// after exactly that many deliveries it goes to the topic's dead letters, with its body, id
+/// and headers saying where from and why, and is kept there until read; the messages after
+/// it are handled meanwhile. A limit needs a durable group and at least one delivery.
+#[cfg(any(feature = "nats", feature = "rabbitmq"))]
+async fn dead_letter_conformance(broker: Arc<dyn Broker>) {
+    let kind = broker.kind();
+    let topic = format!("poison.{:08x}", rand::random::<u32>());
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let attempts = Arc::new(std::sync::Mutex::new(0_u32));
+    let counted = attempts.clone();
+    let limited = SubscribeOptions::default().queue("workers").durable().max_deliveries(3);
+    let poisoned = handler(move |m: Message| {
+        let tx = tx.clone();
+        let poison = &m.body[..] == b"poison";
+        if poison {
+            *counted.lock().unwrap() += 1;
+        }
+        async move {
+            if poison {
+                return Err("cannot digest poison".into());
+            }
+            tx.send(m.body).map_err(Into::into)
+        }
+    });
+    let _workers = broker.subscribe(&topic, limited, poisoned).await.expect("subscribe with a limit");
+    let poison = Message::new(&topic, "poison");
+    let poison_id = poison.id().unwrap().to_owned();
+    broker.publish(poison).await.expect("publish");
+    for i in 0..5 {
+        broker.publish(Message::new(&topic, format!("fine {i}"))).await.expect("publish");
+    }
+    assert_eq!(collect(&mut rx, 5).await.len(), 5, "{kind}: the messages after the poison are handled");
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while *attempts.lock().unwrap() < 3 {
+        assert!(std::time::Instant::now() < deadline, "{kind}: the poison was not delivered three times");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Longer than either backend's pause before delivering a failed message again.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(*attempts.lock().unwrap(), 3, "{kind}: delivered three times, then given up");
+
+    // Nobody read the dead letters while they came: they were kept.
+    let (dead_tx, mut dead_rx) = mpsc::unbounded_channel();
+    let keepers = SubscribeOptions::default().queue(DEAD_LETTERS).durable();
+    let _reader = forwarding(&*broker, &dead_letter_topic(&topic), keepers, "dead", dead_tx).await;
+    let (_, dead) = collect(&mut dead_rx, 1).await.remove(0);
+    assert_eq!(dead.topic, format!("{topic}.dead"), "{kind}");
+    assert_eq!(&dead.body[..], b"poison", "{kind}");
+    assert_eq!(dead.id(), Some(poison_id.as_str()), "{kind}: the dead letter keeps the message id");
+    let header = |name: &str| dead.headers.get(name).cloned().unwrap_or_default();
+    assert_eq!(header(headers::DEAD_LETTER_TOPIC), topic, "{kind}");
+    assert_eq!(header(headers::DEAD_LETTER_GROUP), "workers", "{kind}");
+    assert_eq!(header(headers::DELIVERY_COUNT), "3", "{kind}");
+    assert!(
+        header(headers::DEAD_LETTER_ERROR).contains("cannot digest poison"),
+        "{kind}: {:?}",
+        dead.headers
+    );
+
+    let ok = || handler(|_| async { Ok(()) });
+    let not_durable = SubscribeOptions::default().queue("workers").max_deliveries(3);
+    let err = broker.subscribe(&topic, not_durable, ok()).await.unwrap_err().to_string();
+    assert!(err.contains(&topic) && err.contains("durable group"), "{kind}: {err}");
+    let zero = SubscribeOptions::default().queue("workers").durable().max_deliveries(0);
+    let err = broker.subscribe(&topic, zero, ok()).await.unwrap_err().to_string();
+    assert!(err.contains(&topic) && err.contains("at least 1"), "{kind}: {err}");
 }
 
 /// A member of a durable group whose subscription is dropped gives back what it holds, the
@@ -555,6 +627,12 @@ mod nats {
     }
 
     #[tokio::test]
+    async fn nats_a_message_whose_handler_keeps_failing_goes_to_the_dead_letters() {
+        let server = NatsServer::start();
+        dead_letter_conformance(broker(&server).await).await;
+    }
+
+    #[tokio::test]
     async fn nats_a_dropped_durable_member_hands_over_what_it_holds() {
         let server = NatsServer::start();
         handover_conformance(broker(&server).await).await;
@@ -637,6 +715,11 @@ mod rabbitmq {
     #[tokio::test]
     async fn rabbitmq_durable_conformance() {
         durable_conformance(broker(RabbitMqServer::shared()).await).await;
+    }
+
+    #[tokio::test]
+    async fn rabbitmq_a_message_whose_handler_keeps_failing_goes_to_the_dead_letters() {
+        dead_letter_conformance(broker(RabbitMqServer::shared()).await).await;
     }
 
     #[tokio::test]
