@@ -428,6 +428,7 @@ impl DurableMember {
                 ack.await.map(drop).map_err(BoxError::from)
             })
             .await;
+            crate::metrics::metrics().broker_published("nats", &dead.topic, matches!(stored, Ok(Ok(()))));
             match stored {
                 Ok(Ok(())) => {
                     log_dead_lettered("nats", &dead, &self.group, deliveries);

@@ -484,7 +484,9 @@ impl Binding {
             message.headers.get(headers::DELIVERY_COUNT).and_then(|n| n.parse::<u64>().ok()).unwrap_or(1);
         if let Some(max) = self.max_deliveries.filter(|&max| deliveries >= u64::from(max)) {
             let dead = dead_letter(&message, &self.group, deliveries, error);
-            match store(live, EXCHANGE, &dead.topic, &dead).await {
+            let stored = store(live, EXCHANGE, &dead.topic, &dead).await;
+            crate::metrics::metrics().broker_published("rabbitmq", &dead.topic, stored.is_ok());
+            match stored {
                 Ok(()) => {
                     log_dead_lettered("rabbitmq", &dead, &self.group, deliveries);
                     return answered(&self.topic, delivery.ack(BasicAckOptions::default()).await);

@@ -405,6 +405,11 @@ async fn dead_letter_conformance(broker: Arc<dyn Broker>) {
         "{kind}: {:?}",
         dead.headers
     );
+    // Far fewer topics than the metrics' cap are used in this test binary.
+    let page = crate::metrics::metrics().render_as(crate::metrics::Format::Prometheus);
+    let counted =
+        format!(r#"micro_broker_published_total{{broker="{kind}",topic="{topic}.dead",result="ok"}} 1"#);
+    assert!(page.contains(&counted), "{kind}: the dead letter is counted as a publish: {counted}");
 
     let ok = || handler(|_| async { Ok(()) });
     let not_durable = SubscribeOptions::default().queue("workers").max_deliveries(3);
