@@ -4,6 +4,7 @@
 //! | --- | --- |
 //! | `greeter-server` | a service in one line: `micro_core::service("greeter")` |
 //! | `greeter-client` | a client in one line, with flags of its own |
+//! | `greeter-listener` | a subscriber in one line: `.subscribe_proto("greeter.greeted", …)` |
 //! | `vessel-finder` | a client of shippy's `vessel-service`, with shippy's proto |
 //!
 //! This library holds the greeter's generated types and its descriptor set.

@@ -1,5 +1,6 @@
 //! The examples as real processes against each other: over mDNS in the private namespace,
-//! and the one-line service on a real Consul agent with only environment variables.
+//! the one-line service on a real Consul agent with only environment variables, and a
+//! greeting announced as an event that the one-line subscriber prints.
 
 use std::{process::Command, time::Duration};
 
@@ -9,10 +10,14 @@ use e2e::{
     process::{Process, binary},
     unique_name,
 };
-use micro_core::config::{RegistryConfig, RegistryKind};
+use micro_core::{
+    broker::topic_service_name,
+    config::{RegistryConfig, RegistryKind},
+};
 
 const GREETER_SERVER: &str = env!("CARGO_BIN_EXE_greeter-server");
 const GREETER_CLIENT: &str = env!("CARGO_BIN_EXE_greeter-client");
+const GREETER_LISTENER: &str = env!("CARGO_BIN_EXE_greeter-listener");
 const VESSEL_FINDER: &str = env!("CARGO_BIN_EXE_vessel-finder");
 
 /// Runs `program` with `args` and `env` to its end: (exit code, stdout, stderr).
@@ -36,6 +41,27 @@ async fn greeter_client_greets_through_greeter_server_over_mdns() {
     wait_for(&registry, &name, 1).await;
     let (code, out, err) = run(GREETER_CLIENT, &["you", "--to", &name], &[]);
     assert_eq!((code, out.as_str()), (Some(0), "Hello, you!\n"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_announced_greeting_reaches_the_one_line_subscriber_on_the_default_broker() {
+    let registry = mdns();
+    let name = unique_name("greeter");
+    let _server =
+        Process::spawn("greeter-server", Command::new(GREETER_SERVER), &[], &[("MICRO_SERVER_NAME", &name)]);
+    // Process::spawn picks the memory broker unless told otherwise.
+    let default_broker = [("MICRO_BROKER", "registry")];
+    let listener = Process::spawn("greeter-listener", Command::new(GREETER_LISTENER), &[], &default_broker);
+    wait_for(&registry, &name, 1).await;
+    // The listener subscribed before it registered, so once it is found it is listening.
+    wait_for(&registry, &topic_service_name("greeter.greeted"), 1).await;
+    let (code, out, err) = run(GREETER_CLIENT, &["eve", "--to", &name, "--announce"], &default_broker);
+    assert_eq!((code, out.as_str()), (Some(0), "Hello, eve!\n"), "{err}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !listener.log().contains("eve was greeted") {
+        assert!(std::time::Instant::now() < deadline, "the listener printed no greeting: {}", listener.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -1,12 +1,14 @@
 //! One line to a well-behaved service (feature `cli`): [`service`] reads the standard flags
-//! and environment (registry, server, client, TLS, logs) the way every shippy binary does,
-//! installs logging, and serves gRPC reflection for the descriptors it is given.
+//! and environment (registry, broker, server, client, TLS, logs) the way every shippy binary
+//! does, installs logging, serves gRPC reflection for the descriptors it is given, and runs
+//! its event subscribers for as long as it serves.
 //!
 //! What it reads, with no code of the caller's: `MICRO_REGISTRY` (and the registry's
-//! address, token, look-up timeout), `MICRO_SERVER_*` and `MICRO_REGISTER_*` (name, version,
-//! labels, listen and advertise addresses, heartbeat, shutdown, metrics),
-//! `MICRO_CLIENT_*`, `MICRO_TLS_*`, `MICRO_LOG_FORMAT` and `RUST_LOG`; each also as a
-//! flag (`--registry consul`), which beats the environment. `--help` lists them all.
+//! address, token, look-up timeout), `MICRO_BROKER` and `MICRO_BROKER_ADDRESS`,
+//! `MICRO_SERVER_*` and `MICRO_REGISTER_*` (name, version, labels, listen and advertise
+//! addresses, heartbeat, shutdown, metrics), `MICRO_CLIENT_*`, `MICRO_TLS_*`,
+//! `MICRO_LOG_FORMAT` and `RUST_LOG`; each also as a flag (`--registry consul`), which beats
+//! the environment. `--help` lists them all.
 //!
 //! The long form, [`crate::Server::builder`] with [`crate::config`] values, stays for
 //! programs that want full control: it reads nothing from the environment.
@@ -34,6 +36,24 @@
 //! let reply = vessels.find_available(Specification { capacity: 3, max_weight: 500 }).await;
 //! # Ok(()) }
 //! ```
+//! A subscriber, and a publish on the same broker (`MICRO_BROKER`, default: the registry):
+//! ```no_run
+//! # async fn demo() -> micro_core::Result<()> {
+//! use micro_core::broker::{SubscribeOptions, publish_proto};
+//! use proto::consignment::Consignment;
+//!
+//! let service = micro_core::service("auditor");
+//! let broker = service.broker().await?; // for publishing, e.g. from a handler
+//! publish_proto(&*broker, "audit.started", None, &Consignment::default()).await?;
+//! service
+//!     .subscribe_proto("consignment.created", SubscribeOptions::default().queue("auditor"), |c: Consignment, _message| async move {
+//!         println!("consignment {}", c.id);
+//!         Ok(())
+//!     })
+//!     .run() // subscribed before it registers, unsubscribed after it drained
+//!     .await
+//! # }
+//! ```
 
 use std::{convert::Infallible, path::Path, sync::Arc};
 
@@ -43,9 +63,10 @@ use tonic::{body::Body, server::NamedService};
 use tower::Layer;
 
 use crate::{
-    Client, Registry, Result, RunningServer, Server,
-    cli::{ClientArgs, LogArgs, RegistryArgs, ServerArgs, TlsArgs},
-    config::{ClientConfig, RegistryConfig, ServerConfig},
+    BoxError, Client, Registry, Result, RunningServer, Server,
+    broker::{Broker, Handler, Message, SubscribeOptions, proto_handler},
+    cli::{BrokerArgs, ClientArgs, LogArgs, RegistryArgs, ServerArgs, TlsArgs},
+    config::{BrokerConfig, ClientConfig, RegistryConfig, ServerConfig},
     server::HttpService,
 };
 
@@ -71,6 +92,9 @@ pub struct ServiceArgs {
     /// The registry: `MICRO_REGISTRY`, `MICRO_REGISTRY_ADDRESS`, `MICRO_LOOKUP_TIMEOUT`, ….
     #[command(flatten)]
     pub registry: RegistryArgs,
+    /// The broker: `MICRO_BROKER`, `MICRO_BROKER_ADDRESS`.
+    #[command(flatten)]
+    pub broker: BrokerArgs,
     /// The server: `MICRO_SERVER_*`, `MICRO_REGISTER_*`, `MICRO_SHUTDOWN_*`, `MICRO_METRICS_ADDRESS`.
     #[command(flatten)]
     pub server: ServerArgs,
@@ -127,6 +151,15 @@ pub struct Service {
     served: Vec<&'static str>,
     descriptor_sets: Vec<&'static [u8]>,
     registry: OnceCell<Arc<dyn Registry>>,
+    broker: OnceCell<Arc<dyn Broker>>,
+    subscribers: Vec<Subscriber>,
+}
+
+/// A subscription to make when the service starts.
+struct Subscriber {
+    topic: String,
+    options: SubscribeOptions,
+    handler: Handler,
 }
 
 impl Service {
@@ -144,6 +177,8 @@ impl Service {
             served: Vec::new(),
             descriptor_sets: Vec::new(),
             registry: OnceCell::new(),
+            broker: OnceCell::new(),
+            subscribers: Vec::new(),
         }
     }
 
@@ -221,6 +256,38 @@ impl Service {
         Ok(Client::new(registry).config(config).tls(self.args.tls.load()?))
     }
 
+    /// The broker `MICRO_BROKER` names (default: the registry broker, on this service's
+    /// client), connected on first use and shared by its subscribers and every caller.
+    pub async fn broker(&self) -> Result<Arc<dyn Broker>> {
+        let config = BrokerConfig::from(self.args.broker.clone());
+        let client = self.client().await?;
+        self.broker.get_or_try_init(|| async move { config.connect(&client).await }).await.cloned()
+    }
+
+    /// Runs `handler` for each message on `topic` while the service runs: subscribed when it
+    /// starts, before it registers (a subscription that fails fails the start), and
+    /// unsubscribed when it stops, after the calls in flight drained. Default: none.
+    pub fn subscribe(
+        mut self,
+        topic: impl Into<String>,
+        options: SubscribeOptions,
+        handler: Handler,
+    ) -> Self {
+        self.subscribers.push(Subscriber { topic: topic.into(), options, handler });
+        self
+    }
+
+    /// As [`Service::subscribe`], with a handler that receives `M` decoded from the body, as
+    /// [`crate::broker::subscribe_proto`] does.
+    pub fn subscribe_proto<M, F, Fut>(self, topic: impl Into<String>, options: SubscribeOptions, f: F) -> Self
+    where
+        M: prost::Message + Default + 'static,
+        F: Fn(M, Message) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<(), BoxError>> + Send + 'static,
+    {
+        self.subscribe(topic, options, proto_handler(f))
+    }
+
     /// Binds, registers and serves in the background; see [`RunningServer::stop`].
     pub async fn start(self) -> Result<RunningServer> {
         self.into_server().await?.start().await
@@ -231,12 +298,22 @@ impl Service {
         self.into_server().await?.run().await
     }
 
-    async fn into_server(self) -> Result<Server> {
+    async fn into_server(mut self) -> Result<Server> {
         let registry = self.registry().await?;
         let tls = self.args.tls.load()?;
         let config = ServerConfig::try_from(self.args.server.clone())?;
         warn_unreflected(&self.served, &self.descriptor_sets);
-        Ok(self.server.config(config).tls(tls).registry(registry))
+        let mut subscriptions = Vec::new();
+        if !self.subscribers.is_empty() {
+            let broker = self.broker().await?;
+            for Subscriber { topic, options, handler } in std::mem::take(&mut self.subscribers) {
+                let subscription = broker.subscribe(&topic, options, handler).await?;
+                tracing::info!(%topic, queue = subscription.queue().unwrap_or("-"), broker = broker.kind(), "subscribed");
+                subscriptions.push(subscription);
+            }
+        }
+        let server = self.server.config(config).tls(tls).registry(registry);
+        Ok(subscriptions.into_iter().fold(server, Server::subscription))
     }
 }
 
@@ -283,5 +360,48 @@ mod tests {
         let config = ServerConfig::try_from(cli.micro.server).unwrap();
         assert_eq!(config.address, "127.0.0.1:7".parse().unwrap());
         assert_eq!(RegistryConfig::from(cli.micro.registry).kind, crate::config::RegistryKind::Memory);
+    }
+
+    fn memory_service() -> Service {
+        let args = ["svc", "--registry", "memory", "--broker", "memory", "--server-address", "127.0.0.1:0"];
+        Service::with_args("svc", Cli::parse_from(args).micro)
+    }
+
+    #[tokio::test]
+    async fn subscribers_run_while_the_service_serves_and_stop_with_it() {
+        let service = memory_service();
+        let broker = service.broker().await.expect("the broker MICRO_BROKER names");
+        assert_eq!(broker.kind(), "memory");
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let forward = crate::broker::handler(move |m: Message| {
+            let tx = tx.clone();
+            async move { tx.send(m.body).map_err(Into::into) }
+        });
+        let running =
+            service.subscribe("greeted", SubscribeOptions::default(), forward).start().await.expect("start");
+        broker.publish(Message::new("greeted", "one")).await.expect("publish");
+        let got = tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv()).await;
+        assert_eq!(got.expect("handled while serving").as_deref(), Some(&b"one"[..]));
+        running.stop().await.expect("stop");
+        broker.publish(Message::new("greeted", "two")).await.expect("a publish nobody hears");
+        let after = tokio::time::timeout(std::time::Duration::from_secs(1), rx.recv()).await;
+        assert_eq!(after, Ok(None), "the subscription and its handler are gone once stopped");
+    }
+
+    #[tokio::test]
+    async fn a_subscription_that_fails_fails_the_start_before_it_registers() {
+        let service = memory_service();
+        let registry = service.registry().await.expect("registry");
+        let durable = SubscribeOptions::default().queue("g").durable();
+        let err = service
+            .subscribe("greeted", durable, crate::broker::handler(|_| async { Ok(()) }))
+            .start()
+            .await
+            .err()
+            .expect("the memory broker keeps nothing, so refuses a durable subscriber")
+            .to_string();
+        assert!(err.contains("memory") && err.contains("durabl"), "{err}");
+        let lookup = registry.lookup("svc").await;
+        assert!(lookup.as_ref().map_or(true, Vec::is_empty), "nothing registered: {lookup:?}");
     }
 }

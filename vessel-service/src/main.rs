@@ -89,9 +89,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .registry(registry)
         .add_service(VesselServiceServer::new(VesselHandler::new(fleet).bookings(store)))
+        // Unsubscribed as it stops: the events pulled but not booked go back to the group now.
+        .subscription(subscription)
         .run()
         .await?;
-    // Gives back the events pulled but not booked, so the group's other members book them now.
-    subscription.unsubscribe().await;
     Ok(())
 }

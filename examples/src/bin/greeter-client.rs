@@ -1,15 +1,20 @@
 //! greeter-client: a client in one line, with a flag of its own beside the standard ones.
-//! It finds `greeter` by name and prints its answer.
+//! It finds `greeter` by name and prints its answer; with `--announce` it also publishes the
+//! greeting as a `greeter.greeted` event (see greeter-listener).
 //!
 //! Run it against greeter-server (see that file), in the same network namespace:
 //! ```sh
 //! cargo run -p examples --bin greeter-client -- you            # Hello, you!
 //! cargo run -p examples --bin greeter-client -- you --to greeter --registry consul
+//! cargo run -p examples --bin greeter-client -- you --announce # and greeter-listener hears it
 //! ```
 
 use clap::Parser;
 use examples::greeter::{HelloRequest, greeter_client::GreeterClient};
-use micro_core::service::{Service, ServiceArgs};
+use micro_core::{
+    broker::publish_proto,
+    service::{Service, ServiceArgs},
+};
 
 /// Asks the greeter service for a greeting.
 #[derive(Parser)]
@@ -21,6 +26,9 @@ struct Cli {
     /// The name greeter-server is registered under.
     #[arg(long, default_value = "greeter")]
     to: String,
+    /// Also publish the greeting as a `greeter.greeted` event on the broker (`--broker`).
+    #[arg(long)]
+    announce: bool,
     #[command(flatten)]
     micro: ServiceArgs,
 }
@@ -43,11 +51,17 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn greet(cli: Cli) -> Result<String, String> {
-    let client = Service::with_args("greeter-client", cli.micro).client().await.map_err(|e| e.to_string())?;
+    let service = Service::with_args("greeter-client", cli.micro);
+    let client = service.client().await.map_err(|e| e.to_string())?;
     let mut greeter = GreeterClient::new(client.channel(&cli.to));
+    let request = HelloRequest { name: cli.who };
     let reply = greeter
-        .say_hello(HelloRequest { name: cli.who })
+        .say_hello(request.clone())
         .await
         .map_err(|status| format!("SayHello: {}: {}", status.code(), status.message()))?;
+    if cli.announce {
+        let broker = service.broker().await.map_err(|e| e.to_string())?;
+        publish_proto(&*broker, "greeter.greeted", None, &request).await.map_err(|e| e.to_string())?;
+    }
     Ok(reply.into_inner().message)
 }

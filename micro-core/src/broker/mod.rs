@@ -383,9 +383,7 @@ pub async fn publish_proto<M: prost::Message>(
     Ok(id)
 }
 
-/// Subscribes with a handler that receives `M` decoded from the body (and the message, for
-/// its headers). A body that does not decode is logged as an error naming the topic, the
-/// message id and the type, and acknowledged (dropped), so it cannot block a queue.
+/// Subscribes with a handler that receives `M` decoded from the body: see [`proto_handler`].
 pub async fn subscribe_proto<M, F, Fut>(
     broker: &(impl Broker + ?Sized),
     topic: &str,
@@ -397,8 +395,20 @@ where
     F: Fn(M, Message) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<(), BoxError>> + Send + 'static,
 {
+    broker.subscribe(topic, options, proto_handler(f)).await
+}
+
+/// A [`Handler`] that decodes each body as `M` and runs `f` on it (and the message, for its
+/// headers). A body that does not decode is logged as an error naming the topic, the message
+/// id and the type, and acknowledged (dropped), so it cannot block a queue.
+pub fn proto_handler<M, F, Fut>(f: F) -> Handler
+where
+    M: prost::Message + Default + 'static,
+    F: Fn(M, Message) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), BoxError>> + Send + 'static,
+{
     let f = Arc::new(f);
-    let typed = handler(move |message: Message| {
+    handler(move |message: Message| {
         let f = f.clone();
         async move {
             match decode::<M>(&message) {
@@ -409,8 +419,7 @@ where
                 }
             }
         }
-    });
-    broker.subscribe(topic, options, typed).await
+    })
 }
 
 /// The error a broker without durable storage gives a durable subscriber.

@@ -68,6 +68,7 @@ pub struct Server {
     grpc_services: Vec<&'static str>,
     descriptor_sets: Vec<&'static [u8]>,
     tls: Option<crate::config::TlsConfig>,
+    subscriptions: Vec<crate::broker::Subscription>,
 }
 
 impl Server {
@@ -84,7 +85,17 @@ impl Server {
             grpc_services: Vec::new(),
             descriptor_sets: Vec::new(),
             tls: None,
+            subscriptions: Vec::new(),
         }
+    }
+
+    /// Keeps a broker subscription for as long as the server runs: [`RunningServer::stop`]
+    /// unsubscribes it (waiting, as [`crate::broker::Subscription::unsubscribe`] does) once
+    /// the calls in flight have drained; a start that fails or a dropped server drops it.
+    /// Default: none.
+    pub fn subscription(mut self, subscription: crate::broker::Subscription) -> Self {
+        self.subscriptions.push(subscription);
+        self
     }
 
     /// Serves TLS with this identity, checking client certificates against its CA when they
@@ -291,6 +302,7 @@ impl Server {
             health,
             health_names,
             serving: Some(Serving { stop_serving, serve, heartbeat, visibility, metrics }),
+            subscriptions: std::mem::take(&mut self.subscriptions),
         })
     }
 

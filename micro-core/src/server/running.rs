@@ -56,6 +56,8 @@ pub struct RunningServer {
     pub(super) health_names: Vec<&'static str>,
     /// `None` once stopped.
     pub(super) serving: Option<Serving>,
+    /// Broker subscriptions that live as long as the server (see [`crate::Server::subscription`]).
+    pub(super) subscriptions: Vec<crate::broker::Subscription>,
 }
 
 impl RunningServer {
@@ -76,7 +78,7 @@ impl RunningServer {
 
     /// Announces that it is draining (clients stop picking it), keeps serving for the drain
     /// delay, deregisters, then drains in-flight calls for up to the shutdown grace, then
-    /// closes, and stops the metrics endpoint.
+    /// closes, stops the metrics endpoint, and unsubscribes the server's broker subscriptions.
     pub async fn stop(mut self) -> Result<()> {
         let Some(serving) = self.serving.take() else { return Ok(()) };
         let Serving { stop_serving, serve, heartbeat, visibility, metrics } = serving;
@@ -121,6 +123,11 @@ impl RunningServer {
         };
         if let Some(metrics) = metrics {
             metrics.stop().await;
+        }
+        for subscription in std::mem::take(&mut self.subscriptions) {
+            let topic = subscription.topic().to_owned();
+            subscription.unsubscribe().await;
+            tracing::debug!(service = %node.name, %topic, "unsubscribed");
         }
         outcome
     }
