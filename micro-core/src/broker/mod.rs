@@ -81,8 +81,7 @@ pub mod headers {
     pub const DEAD_LETTER_GROUP: &str = "dead-letter-group";
     /// On a dead letter: the handler's last error.
     pub const DEAD_LETTER_ERROR: &str = "dead-letter-error";
-    /// On a dead letter: how many times the group had the message delivered (on rabbitmq
-    /// also on a message delivered again after its handler failed).
+    /// On a dead letter: how many times the group had the message delivered.
     pub const DELIVERY_COUNT: &str = "delivery-count";
 }
 

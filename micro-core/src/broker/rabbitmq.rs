@@ -13,7 +13,7 @@
 //!   delivery at most once, like the group's members themselves. **Durable** (needs a
 //!   group): a durable queue that keeps messages while every member is away; a message is
 //!   acknowledged after the handler succeeds; when it fails, a copy counting one more
-//!   delivery goes to the back of the queue after a short pause (the consumer goes on
+//!   delivery (in a header of the SDK's own, not shown to handlers) goes to the back of the queue after a short pause (the consumer goes on
 //!   meanwhile) and is delivered again, to any member, until a delivery limit sends it to
 //!   the dead letters ([`SubscribeOptions::max_deliveries`]). A durable and a non-durable
 //!   member cannot share a group: the server refuses the second with a clear error.
@@ -98,6 +98,9 @@ const DEFAULT_EXCHANGE: &str = "";
 /// Header on a copy delivered again: the topic it was published to (the copy's routing key
 /// is its queue's name). Read into [`Message::topic`], not shown as a header.
 const TOPIC_HEADER: &str = "x-micro-topic";
+/// Header on a copy delivered again: which delivery of the message it is (the first has
+/// none). Not shown as a header.
+const DELIVERY_HEADER: &str = "x-micro-delivery";
 
 /// One open connection and its confirming publish channel; replaced on reconnect.
 struct Live {
@@ -368,6 +371,7 @@ fn from_delivery(delivery: &Delivery) -> Message {
     if let Some(content_type) = delivery.properties.content_type() {
         headers.entry(headers::CONTENT_TYPE.to_owned()).or_insert_with(|| content_type.as_str().to_owned());
     }
+    headers.remove(DELIVERY_HEADER);
     Message {
         topic: headers.remove(TOPIC_HEADER).unwrap_or_else(|| delivery.routing_key.as_str().to_owned()),
         headers,
@@ -480,8 +484,7 @@ impl Binding {
     /// stored the delivery is requeued, uncounted: nothing is lost either way.
     async fn failed(&self, delivery: Delivery, error: &str, live: &Arc<Live>, later: &mut JoinSet<()>) {
         let message = from_delivery(&delivery);
-        let deliveries =
-            message.headers.get(headers::DELIVERY_COUNT).and_then(|n| n.parse::<u64>().ok()).unwrap_or(1);
+        let deliveries = delivery_number(&delivery);
         if let Some(max) = self.max_deliveries.filter(|&max| deliveries >= u64::from(max)) {
             let dead = dead_letter(&message, &self.group, deliveries, error);
             let stored = store(live, EXCHANGE, &dead.topic, &dead).await;
@@ -501,7 +504,7 @@ impl Binding {
         later.spawn(async move {
             tokio::time::sleep(REQUEUE_DELAY).await;
             let mut copy = message;
-            copy.headers.insert(headers::DELIVERY_COUNT.to_owned(), (deliveries + 1).to_string());
+            copy.headers.insert(DELIVERY_HEADER.to_owned(), (deliveries + 1).to_string());
             copy.headers.insert(TOPIC_HEADER.to_owned(), copy.topic.clone());
             let answer = match store(&live, DEFAULT_EXCHANGE, queue.as_str(), &copy).await {
                 Ok(()) => delivery.ack(BasicAckOptions::default()).await,
@@ -522,6 +525,17 @@ async fn store(live: &Live, exchange: &str, routing_key: &str, message: &Message
     match live.publish(exchange, short(routing_key, "routing key")?, &message.body, properties).await? {
         true => Ok(()),
         false => Err(format!("no queue took it (routing key {routing_key})").into()),
+    }
+}
+
+/// Which delivery of its message `delivery` is: 1, or what its copy's header says.
+fn delivery_number(delivery: &Delivery) -> u64 {
+    let header = delivery.properties.headers().as_ref().and_then(|table| {
+        table.inner().iter().find(|(key, _)| key.as_str() == DELIVERY_HEADER).map(|(_, value)| value.clone())
+    });
+    match header {
+        Some(AMQPValue::LongString(text)) => String::from_utf8_lossy(text.as_bytes()).parse().unwrap_or(1),
+        _ => 1,
     }
 }
 

@@ -400,6 +400,7 @@ async fn dead_letter_conformance(broker: Arc<dyn Broker>) {
     assert_eq!(header(headers::DEAD_LETTER_TOPIC), topic, "{kind}");
     assert_eq!(header(headers::DEAD_LETTER_GROUP), "workers", "{kind}");
     assert_eq!(header(headers::DELIVERY_COUNT), "3", "{kind}");
+    assert!(dead.headers.keys().all(|key| !key.starts_with("x-micro-")), "{kind}: {:?}", dead.headers);
     assert!(
         header(headers::DEAD_LETTER_ERROR).contains("cannot digest poison"),
         "{kind}: {:?}",
