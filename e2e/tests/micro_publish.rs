@@ -1,12 +1,17 @@
 //! `micro publish` and `micro subscribe` as real processes: over the default registry broker
 //! on mDNS, a real nats-server and a real RabbitMQ; typed (`--type`/`--from`) into a prost
-//! subscriber; queue groups; durable subscribers; dead letters read back; bad input that
-//! publishes nothing; exit codes.
+//! subscriber; queue groups; durable subscribers; dead letters read back and redelivered;
+//! bad input that publishes nothing; exit codes.
 
 use std::{
+    collections::HashMap,
     io::{BufRead, BufReader},
     process::{Child, Command, ExitStatus, Stdio},
-    sync::{Arc, Mutex, mpsc},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
     time::Duration,
 };
 
@@ -20,8 +25,8 @@ use e2e::{
 use micro_core::{
     Client,
     broker::{
-        Broker, NatsBroker, RabbitMqBroker, RegistryBroker, SubscribeOptions, handler, subscribe_proto,
-        topic_service_name,
+        Broker, Message, NatsBroker, RabbitMqBroker, RegistryBroker, SubscribeOptions, Subscription, handler,
+        subscribe_proto, topic_service_name,
     },
 };
 use proto::consignment::Consignment;
@@ -245,8 +250,62 @@ fn durable_subscriber_gets_what_came_while_away(env: &[(&str, &str)]) {
     assert_eq!(received, ["n-1", "n-2", "n-3"], "what came while it was away, each once");
 }
 
+/// A group that gives up after 2 deliveries while its handler fails, then is mended.
+struct Billing {
+    mended: Arc<AtomicBool>,
+    /// Failed attempts per message id.
+    failures: Arc<Mutex<HashMap<String, u32>>>,
+    handled: tokio::sync::mpsc::UnboundedReceiver<String>,
+    _subscription: Subscription,
+}
+
+impl Billing {
+    async fn subscribe(broker: &dyn Broker, topic: &str) -> Billing {
+        let (mended, failures) = (Arc::new(AtomicBool::new(false)), Arc::new(Mutex::new(HashMap::new())));
+        let (done, handled) = tokio::sync::mpsc::unbounded_channel();
+        let (mended_, failures_) = (mended.clone(), failures.clone());
+        let ledger = handler(move |m: Message| {
+            let id = m.id().unwrap_or("-").to_owned();
+            let outcome = if mended_.load(Ordering::SeqCst) {
+                done.send(id).map_err(Into::into)
+            } else {
+                *failures_.lock().unwrap().entry(id).or_insert(0) += 1;
+                Err("the ledger is closed".into())
+            };
+            async move { outcome }
+        });
+        let limited = SubscribeOptions::default().queue("billing").durable().max_deliveries(2);
+        let subscription = broker.subscribe(topic, limited, ledger).await.expect("subscribe");
+        Billing { mended, failures, handled, _subscription: subscription }
+    }
+
+    /// Waits until each of `ids` failed twice, so went to the dead letters.
+    async fn given_up(&self, ids: &[&str]) {
+        let deadline = std::time::Instant::now() + PATIENCE;
+        while !ids.iter().all(|id| self.failures.lock().unwrap().get(*id) == Some(&2)) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "not given up: {:?}",
+                self.failures.lock().unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// `micro ARGS` on a blocking thread, as these async tests need.
+async fn micro_async(args: Vec<String>, env: Vec<(&'static str, String)>) -> (Option<i32>, String, String) {
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        micro(&args, &env)
+    })
+    .await
+    .expect("micro runs")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn what_a_group_gave_up_on_is_read_with_micro_subscribe_dead_letters() {
+async fn dead_letters_are_read_with_micro_subscribe_and_put_back_with_micro_redeliver() {
     e2e::require_private_netns();
     let nats = NatsServer::start();
     let brokers: [(&str, String, Arc<dyn Broker>); 2] = [
@@ -259,22 +318,15 @@ async fn what_a_group_gave_up_on_is_read_with_micro_subscribe_dead_letters() {
     ];
     for (kind, address, broker) in brokers {
         let topic = unique_name("payments");
-        let limited = SubscribeOptions::default().queue("billing").durable().max_deliveries(2);
-        let failing = handler(|_| async { Err("the ledger is closed".into()) });
-        let _billing = broker.subscribe(&topic, limited, failing).await.expect("subscribe");
-        let env = [("MICRO_BROKER", kind.to_owned()), ("MICRO_BROKER_ADDRESS", address)];
-        let (topic_, env_) = (topic.clone(), env.clone());
-        let lines = tokio::task::spawn_blocking(move || {
-            let env: Vec<(&str, &str)> = env_.iter().map(|(k, v)| (*k, v.as_str())).collect();
-            publish(&[&topic_, r#"{"amount": 3}"#, "--id", "pay-1"], &env);
-            let (status, lines) =
-                Subscriber::start(&[&topic_, "--dead-letters", "--count", "1"], &env).wait();
-            assert!(status.success(), "{kind}: {status}");
-            lines
-        })
-        .await
-        .expect("micro runs");
-        let dead = &lines[0];
+        let mut billing = Billing::subscribe(&*broker, &topic).await;
+        let env = vec![("MICRO_BROKER", kind.to_owned()), ("MICRO_BROKER_ADDRESS", address)];
+        let run = |args: &[&str]| micro_async(args.iter().map(|a| a.to_string()).collect(), env.clone());
+
+        let (code, _, err) = run(&["publish", &topic, r#"{"amount": 3}"#, "--id", "pay-1"]).await;
+        assert_eq!(code, Some(0), "{kind}: {err}");
+        let (code, out, err) = run(&["subscribe", &topic, "--dead-letters", "--count", "1"]).await;
+        assert_eq!(code, Some(0), "{kind}: {err}");
+        let dead: Value = serde_json::from_str(out.trim()).expect("one JSON line");
         assert_eq!(dead["message_id"], "pay-1", "{kind}: {dead}");
         assert_eq!(dead["topic"], format!("{topic}.dead"), "{kind}: {dead}");
         assert_eq!(dead["body_json"]["amount"], 3, "{kind}: {dead}");
@@ -286,6 +338,30 @@ async fn what_a_group_gave_up_on_is_read_with_micro_subscribe_dead_letters() {
             headers["dead-letter-error"].as_str().unwrap().contains("the ledger is closed"),
             "{kind}: {dead}"
         );
+
+        // Two more given up on; the handler is mended; `micro redeliver` puts them back.
+        for id in ["pay-2", "pay-3"] {
+            let (code, _, err) = run(&["publish", &topic, r#"{"amount": 5}"#, "--id", id]).await;
+            assert_eq!(code, Some(0), "{kind}: {err}");
+        }
+        billing.given_up(&["pay-2", "pay-3"]).await;
+        billing.mended.store(true, Ordering::SeqCst);
+        let (code, out, err) = run(&["redeliver", &topic, "--idle", "3s"]).await;
+        assert_eq!(code, Some(0), "{kind}: {err}");
+        let mut printed: Vec<&str> = out.lines().collect();
+        printed.sort_unstable();
+        assert_eq!(printed, ["pay-2", "pay-3"], "{kind}: {err}");
+        assert!(err.contains("redelivered 2 dead letter(s)"), "{kind}: {err}");
+        let mut handled = Vec::new();
+        while handled.len() < 2 {
+            let next = tokio::time::timeout(PATIENCE, billing.handled.recv()).await;
+            handled.push(next.expect("redelivered in time").expect("billing runs"));
+        }
+        handled.sort();
+        assert_eq!(handled, ["pay-2", "pay-3"], "{kind}: the mended group handled them");
+        let (code, out, _) =
+            run(&["subscribe", &topic, "--dead-letters", "--count", "1", "--timeout", "1s"]).await;
+        assert_eq!((code, out.as_str()), (Some(7), ""), "{kind}: no dead letter is left");
     }
 }
 

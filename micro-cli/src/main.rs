@@ -1,5 +1,5 @@
 //! `micro`: see and use what is registered: `services`, `describe`, `health`, `watch`,
-//! `call`, `why`, `wait`, `register`, `config`, `gateway`, `publish`, `subscribe`; same `MICRO_REGISTRY` switch and flags as
+//! `call`, `why`, `wait`, `register`, `config`, `gateway`, `publish`, `subscribe`, `redeliver`; same `MICRO_REGISTRY` switch and flags as
 //! the services. Exit codes: see [`exit`].
 
 mod call;
@@ -11,6 +11,7 @@ mod lookup;
 mod message_type;
 mod out;
 mod publish;
+mod redeliver;
 mod register;
 mod settings;
 mod subscribe;
@@ -135,6 +136,9 @@ enum Command {
     /// Print each message on a topic as one JSON line, until `--count`, `--timeout` or
     /// SIGINT/SIGTERM; says `subscribed to …` on stderr once the subscription is in force.
     Subscribe(subscribe::SubscribeArgs),
+    /// Publish a topic's dead letters to it again (once the handler is mended), printing each
+    /// message id; stops when none came for `--idle`.
+    Redeliver(redeliver::RedeliverArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -238,6 +242,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let message_type = args.message_type.resolve(&registry, &client).await?;
             let broker = broker_config.connect(&client).await?;
             subscribe::subscribe(args, broker, message_type).await?;
+        }
+        Command::Redeliver(args) => {
+            let client = micro_core::Client::new(registry.clone()).config(client_config).tls(tls);
+            let broker = broker_config.connect(&client).await?;
+            redeliver::redeliver(args, broker).await?;
         }
     }
     Ok(())
