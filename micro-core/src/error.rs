@@ -12,8 +12,10 @@ use std::{net::SocketAddr, time::Duration};
 /// A boxed error from a backend or transport.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
-/// What can go wrong in registration, discovery and calls.
-#[derive(Debug, thiserror::Error)]
+/// What can go wrong in registration, discovery and calls. `{:?}` prints what `{}` does
+/// followed by every source (see [`error_chain`]), so a `main` returning
+/// [`crate::Result`] ends with one readable line.
+#[derive(thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// The registry holds no live instance of the service.
@@ -151,6 +153,12 @@ impl From<Error> for tonic::Status {
     }
 }
 
+impl std::fmt::Debug for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&error_chain(self))
+    }
+}
+
 /// Formats an error with its sources, `outer: inner: innermost`, without repeats.
 pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
     let mut text = err.to_string();
@@ -164,4 +172,23 @@ pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
         source = cause.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_is_the_message_and_its_sources_in_one_line() {
+        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "connection refused");
+        let err = Error::Broker {
+            broker: "nats".into(),
+            address: "127.0.0.1:4222".into(),
+            message: "cannot connect".into(),
+            source: Some(refused.into()),
+        };
+        let shown = format!("{err:?}");
+        assert!(shown.starts_with(&err.to_string()), "{shown}");
+        assert!(shown.ends_with(": connection refused") && !shown.contains('\n'), "{shown}");
+    }
 }
