@@ -186,6 +186,27 @@ fn broker_error(address: &str, message: impl Into<String>, source: impl Into<Box
     }
 }
 
+/// Publishes `message` to its topic's stream and waits up to `timeout` for the stream to
+/// store it; an error says which (`not stored`, `not stored within …`) and why.
+async fn store(
+    jetstream: &jetstream::Context,
+    timeout: Duration,
+    message: &Message,
+) -> Result<(), (String, BoxError)> {
+    let headers = to_nats_headers(&message.headers);
+    let stored = tokio::time::timeout(timeout, async {
+        let ack =
+            jetstream.publish_with_headers(message.topic.clone(), headers, message.body.clone()).await?;
+        ack.await.map(drop).map_err(BoxError::from)
+    })
+    .await;
+    match stored {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(err)) => Err(("not stored".to_owned(), err)),
+        Err(elapsed) => Err((format!("not stored within {timeout:?}"), elapsed.into())),
+    }
+}
+
 fn to_nats_headers(headers: &BTreeMap<String, String>) -> async_nats::HeaderMap {
     let mut map = async_nats::HeaderMap::new();
     for (key, value) in headers {
@@ -220,27 +241,12 @@ impl Broker for NatsBroker {
     async fn send(&self, message: Message) -> Result<()> {
         let topic = message.topic.clone();
         let message_id = message.id().unwrap_or("-").to_owned();
-        let headers = to_nats_headers(&message.headers);
         if self.ensure_stream(&topic, || format!("topic {topic} message {message_id}")).await? {
-            let stored = tokio::time::timeout(self.publish_timeout, async {
-                let ack = self.jetstream.publish_with_headers(topic.clone(), headers, message.body).await?;
-                ack.await.map(drop).map_err(BoxError::from)
-            })
-            .await;
-            match stored {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(err)) => {
-                    Err(self.error(format!("topic {topic} message {message_id}: not stored"), err))
-                }
-                Err(elapsed) => Err(self.error(
-                    format!(
-                        "topic {topic} message {message_id}: not stored within {:?}",
-                        self.publish_timeout
-                    ),
-                    elapsed,
-                )),
-            }
+            store(&self.jetstream, self.publish_timeout, &message)
+                .await
+                .map_err(|(what, err)| self.error(format!("topic {topic} message {message_id}: {what}"), err))
         } else {
+            let headers = to_nats_headers(&message.headers);
             self.client
                 .publish_with_headers(topic.clone(), headers, message.body)
                 .await
@@ -419,26 +425,15 @@ impl DurableMember {
         let deliveries = message.info().map_or(1, |info| info.delivered).max(1).unsigned_abs();
         if let Some(max) = self.max_deliveries.filter(|&max| deliveries >= u64::from(max)) {
             let dead = dead_letter(&from_nats(message), &self.group, deliveries, error);
-            let stored = tokio::time::timeout(self.publish_timeout, async {
-                let headers = to_nats_headers(&dead.headers);
-                let ack = self
-                    .jetstream
-                    .publish_with_headers(dead.topic.clone(), headers, dead.body.clone())
-                    .await?;
-                ack.await.map(drop).map_err(BoxError::from)
-            })
-            .await;
-            crate::metrics::metrics().broker_published("nats", &dead.topic, matches!(stored, Ok(Ok(()))));
+            let stored = store(&self.jetstream, self.publish_timeout, &dead).await;
+            crate::metrics::metrics().broker_published("nats", &dead.topic, stored.is_ok());
             match stored {
-                Ok(Ok(())) => {
+                Ok(()) => {
                     log_dead_lettered("nats", &dead, &self.group, deliveries);
                     return message.ack().await;
                 }
-                Ok(Err(err)) => {
-                    tracing::warn!(topic = %self.topic, max, error = %err, "cannot store the dead letter; delivering again")
-                }
-                Err(_) => {
-                    tracing::warn!(topic = %self.topic, max, "dead letter not stored in time; delivering again")
+                Err((what, err)) => {
+                    tracing::warn!(topic = %self.topic, max, error = %err, "dead letter {what}; delivering again")
                 }
             }
         }
