@@ -1,6 +1,6 @@
 //! Support for tests that start real processes and agents: the private network namespace
 //! check, unique names, waiting and paced calls ([`calls`]), and (in [`consul`]) a real
-//! Consul dev agent.
+//! Consul dev agent and (in [`postgres`]) a real PostgreSQL server.
 //!
 //! # Examples
 //! ```no_run
@@ -17,6 +17,7 @@ pub mod etcd;
 pub mod hosts;
 pub mod nats;
 pub mod otlp;
+pub mod postgres;
 pub mod process;
 pub mod rabbitmq;
 pub mod shippy;
