@@ -133,7 +133,10 @@ pub async fn run() -> anyhow::Result<()> {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(VesselServiceServer::new(VesselHandler::new(Fleet::default())))
+            .add_service(VesselServiceServer::new(VesselHandler::new(
+                Fleet::default(),
+                std::sync::Arc::new(vessel_service::store::SqliteStore::in_memory().unwrap()),
+            )))
             .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), async {
                 let _ = stopped.await;
             }),

@@ -28,16 +28,19 @@ use std::{sync::Arc, time::Duration};
 use micro_core::NamedChannel;
 use proto::{
     consignment::{
-        Consignment, GetRequest, Response,
+        Consignment, GetRequest, Response, SettleRequest, Settlement,
         shipping_service_server::{ShippingService, ShippingServiceServer},
     },
-    vessel::{Specification, vessel_service_client::VesselServiceClient},
+    vessel::{
+        Reservation, ReservationRef, ReserveRequest, Specification,
+        vessel_service_client::VesselServiceClient,
+    },
 };
 use tonic::{Code, Request, Status, body::Body, metadata::MetadataMap};
 
 pub use self::repository::{
-    CONSIGNMENT_CREATED, ConsignmentRepository, Created, IN_MEMORY, OutboxEvent, RepositoryError,
-    SqliteRepository,
+    CONSIGNMENT_CREATED, ConsignmentRepository, Created, IN_MEMORY, OutboxEvent, PostgresRepository,
+    RepositoryError, Settled, SqliteRepository,
 };
 
 /// Default time the vessel look-up may take, in milliseconds.
@@ -61,13 +64,31 @@ pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
 /// At most this many container problems are listed in one error message.
 const MAX_LISTED_CONTAINER_PROBLEMS: usize = 10;
 
-/// The gRPC handler: validates, finds a vessel through `vessel-service`, then stores.
+/// The name this service registers under unless `MICRO_SERVER_NAME` says otherwise, and the
+/// holder its reservations name unless [`ShippingHandler::holder`] says otherwise.
+pub const SERVICE_NAME: &str = "consignment-service";
+
+/// A test-only fault point: where [`ShippingHandler`] stops to let a test kill the process
+/// at a chosen moment of a creation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FaultPoint {
+    /// After the vessel reservation, before the consignment is stored: the creation logs
+    /// `fault point reached` and waits for ever.
+    PauseAfterReserve,
+}
+
+/// The gRPC handler: validates, reserves room on a vessel through `vessel-service`, stores
+/// the consignment (with its outbox event) under that reservation, and answers for the
+/// reservations it made when vessel-service asks (`SettleReservation`).
+/// `docs/reservations.md` has the protocol and why it is safe at each crash point.
 pub struct ShippingHandler {
     repository: Arc<dyn ConsignmentRepository>,
     vessels: VesselServiceClient<NamedChannel>,
     vessel_service: String,
     vessel_timeout: Duration,
+    holder: String,
     stored: Option<Arc<tokio::sync::Notify>>,
+    fault: Option<FaultPoint>,
 }
 
 impl ShippingHandler {
@@ -84,8 +105,23 @@ impl ShippingHandler {
             vessels: VesselServiceClient::new(vessels),
             vessel_service,
             vessel_timeout,
+            holder: SERVICE_NAME.to_owned(),
             stored: None,
+            fault: None,
         }
+    }
+
+    /// The name this service is registered under, which its reservations name as their
+    /// holder so vessel-service can settle them with it. Default: [`SERVICE_NAME`].
+    pub fn holder(mut self, holder: impl Into<String>) -> Self {
+        self.holder = holder.into();
+        self
+    }
+
+    /// Stops every creation at `fault` (tests only). Default: none.
+    pub fn fault_point(mut self, fault: Option<FaultPoint>) -> Self {
+        self.fault = fault;
+        self
     }
 
     /// Notifies `stored` after each new consignment (the outbox relay's waker, so its event
@@ -101,22 +137,54 @@ impl ShippingHandler {
         ShippingServiceServer::new(self).max_decoding_message_size(MAX_REQUEST_BYTES)
     }
 
-    async fn find_vessel(&self, spec: Specification) -> Result<String, Status> {
+    /// Holds room for `spec` on a vessel, under `key` when the creation has one (so retried
+    /// and hedged attempts share one hold).
+    async fn reserve(
+        &self,
+        spec: Specification,
+        consignment_id: &str,
+        key: Option<&str>,
+    ) -> Result<Reservation, Status> {
         let service = &self.vessel_service;
-        let mut request = Request::new(spec);
+        let mut request = Request::new(ReserveRequest {
+            specification: Some(spec),
+            holder: self.holder.clone(),
+            request_key: key.unwrap_or_default().to_owned(),
+            consignment_id: consignment_id.to_owned(),
+        });
         request.set_timeout(self.vessel_timeout);
-        let reply = tokio::time::timeout(self.vessel_timeout, self.vessels.clone().find_available(request))
-            .await
-            .map_err(|_| {
-                Status::unavailable(format!("{service} did not answer within {:?}", self.vessel_timeout))
-            })?;
+        let reply =
+            tokio::time::timeout(self.vessel_timeout, self.vessels.clone().reserve(request)).await.map_err(
+                |_| Status::unavailable(format!("{service} did not answer within {:?}", self.vessel_timeout)),
+            )?;
         match reply {
-            Ok(reply) => reply
-                .into_inner()
-                .vessel
-                .map(|vessel| vessel.id)
-                .ok_or_else(|| internal(format!("{service} answered OK without a vessel"))),
+            Ok(reply) => {
+                let reservation = reply.into_inner();
+                match reservation.vessel.is_some() && !reservation.id.is_empty() {
+                    true => Ok(reservation),
+                    false => Err(internal(format!("{service} answered Reserve OK without a reservation"))),
+                }
+            }
             Err(status) => Err(remap_vessel_status(service, status)),
+        }
+    }
+
+    /// Gives up `reservation_id`: settles it as abandoned here first (so nothing is stored
+    /// under it later), then releases its room at vessel-service. A failure of either is
+    /// left to vessel-service's reaper, which settles the hold once it expires.
+    async fn abandon(&self, reservation_id: &str) {
+        match self.repository.settle(reservation_id).await {
+            Ok(Settled::Abandoned) => {}
+            Ok(Settled::Stored(_)) => return,
+            Err(err) => {
+                tracing::warn!(reservation = %reservation_id, error = %micro_core::error::error_chain(&err), "reservation not abandoned; vessel-service settles it when it expires");
+                return;
+            }
+        }
+        let mut request = Request::new(ReservationRef { reservation_id: reservation_id.to_owned() });
+        request.set_timeout(self.vessel_timeout);
+        if let Err(status) = self.vessels.clone().release(request).await {
+            tracing::warn!(reservation = %reservation_id, service = %self.vessel_service, error = %status.message(), "reservation not released; vessel-service releases it when it expires");
         }
     }
 }
@@ -222,8 +290,16 @@ fn storage_status(err: RepositoryError) -> Status {
         RepositoryError::DuplicateId(id) => {
             Status::already_exists(format!("a consignment with id {id:?} already exists; nothing was stored"))
         }
+        RepositoryError::ReservationAbandoned(id) => Status::unavailable(format!(
+            "the vessel reservation {id} lapsed before the consignment was stored; nothing was stored: try again"
+        )),
+        err @ RepositoryError::Server { .. } => Status::unavailable(format!(
+            "consignment-service cannot reach its database: {}",
+            micro_core::error::error_chain(&err)
+        )),
         err @ (RepositoryError::SchemaTooNew { .. }
         | RepositoryError::Database { .. }
+        | RepositoryError::BadAddress { .. }
         | RepositoryError::Task(_)) => internal(micro_core::error::error_chain(&err)),
     }
 }
@@ -255,23 +331,65 @@ impl ShippingService for ShippingHandler {
         let capacity = i32::try_from(requested.containers.len())
             .map_err(|_| Status::invalid_argument("containers: too many"))?;
         let spec = Specification { capacity, max_weight: requested.weight };
-        let vessel_id = self.find_vessel(spec).await?;
         let mut consignment = requested.clone();
         if consignment.id.is_empty() {
             consignment.id = new_consignment_id();
         }
-        consignment.vessel_id = vessel_id;
-        let created = self.repository.create(consignment, key.as_deref()).await.map_err(storage_status)?;
+        let reservation = self.reserve(spec, &consignment.id, key.as_deref()).await?;
+        if requested.id.is_empty() && !reservation.consignment_id.is_empty() {
+            // An earlier attempt with the same key made the hold: store under its id.
+            consignment.id = reservation.consignment_id.clone();
+        }
+        consignment.vessel_id =
+            reservation.vessel.as_ref().map(|vessel| vessel.id.clone()).unwrap_or_default();
+        consignment.reservation_id = reservation.id.clone();
+        if self.fault == Some(FaultPoint::PauseAfterReserve) {
+            tracing::warn!(reservation = %reservation.id, consignment = %consignment.id, "fault point reached: pausing after the reservation");
+            std::future::pending::<()>().await;
+        }
+        let created = match self.repository.create(consignment, key.as_deref()).await {
+            Ok(created) => created,
+            Err(RepositoryError::ReservationAbandoned(id)) => {
+                return Err(Status::unavailable(format!(
+                    "the room {} held for this consignment lapsed before it was stored (reservation {id}); \
+                     nothing was stored: try again",
+                    self.vessel_service
+                )));
+            }
+            Err(err) => {
+                self.abandon(&reservation.id).await;
+                return Err(storage_status(err));
+            }
+        };
         if created.replayed {
-            // A concurrent call with the same key stored first.
+            // A concurrent call with the same key stored first; a hold of our own goes back.
+            if created.consignment.reservation_id != reservation.id {
+                self.abandon(&reservation.id).await;
+            }
             return replay(key.as_deref().unwrap_or_default(), created.consignment, &requested);
         }
         let stored = created.consignment;
         if let Some(notify) = &self.stored {
             notify.notify_one();
         }
-        tracing::info!(consignment = %stored.id, vessel = %stored.vessel_id, weight = stored.weight, containers = stored.containers.len(), key = key.as_deref().unwrap_or(""), "consignment stored");
+        tracing::info!(consignment = %stored.id, vessel = %stored.vessel_id, reservation = %stored.reservation_id, weight = stored.weight, containers = stored.containers.len(), key = key.as_deref().unwrap_or(""), "consignment stored");
         Ok(tonic::Response::new(Response { created: true, consignment: Some(stored), consignments: vec![] }))
+    }
+
+    async fn settle_reservation(
+        &self,
+        request: Request<SettleRequest>,
+    ) -> Result<tonic::Response<Settlement>, Status> {
+        let reservation_id = request.into_inner().reservation_id;
+        if reservation_id.is_empty() {
+            return Err(Status::invalid_argument("reservation_id: required"));
+        }
+        let settled = self.repository.settle(&reservation_id).await.map_err(storage_status)?;
+        tracing::info!(reservation = %reservation_id, settled = ?settled, "reservation settled");
+        Ok(tonic::Response::new(match settled {
+            Settled::Stored(consignment_id) => Settlement { stored: true, consignment_id },
+            Settled::Abandoned => Settlement { stored: false, consignment_id: String::new() },
+        }))
     }
 
     async fn get_consignments(

@@ -1,12 +1,15 @@
-//! consignment-service: registers as `consignment-service`, finds `vessel-service` by name,
-//! keeps consignments in an SQLite file (`--db`).
+//! consignment-service: registers as `consignment-service`, reserves room through
+//! `vessel-service` (found by name) before it stores a consignment, and keeps consignments in
+//! SQLite or PostgreSQL (`--db`).
 
-use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
+use std::{process::ExitCode, time::Duration};
 
 use anyhow::Context;
 use clap::Parser;
 use consignment_service::{
-    DEFAULT_DB, DEFAULT_VESSEL_TIMEOUT_MS, ShippingHandler, SqliteRepository, outbox::Relay,
+    DEFAULT_DB, DEFAULT_VESSEL_TIMEOUT_MS, FaultPoint, SERVICE_NAME, ShippingHandler,
+    outbox::Relay,
+    repository::{self, postgres::redacted},
     request_size_layer,
 };
 use micro_core::{
@@ -26,10 +29,15 @@ struct Cli {
     /// How long the vessel look-up may take, in milliseconds.
     #[arg(long, env = "CONSIGNMENT_VESSEL_TIMEOUT", default_value_t = DEFAULT_VESSEL_TIMEOUT_MS)]
     vessel_timeout: u64,
-    /// SQLite database file, created if missing (relative paths start at the working
-    /// directory); `:memory:` keeps consignments in memory only, lost on exit.
+    /// Where consignments are kept: an SQLite file, created if missing (relative paths start
+    /// at the working directory), which the instances on one host may share; `:memory:` (in
+    /// memory only, lost on exit); or a `postgres://user@host:port/database` URL, for
+    /// replicas on several hosts (the schema is created or migrated at start).
     #[arg(long, env = "CONSIGNMENT_DB", default_value = DEFAULT_DB)]
-    db: PathBuf,
+    db: String,
+    /// Test-only: stop every creation at this point, so a test can kill the process there.
+    #[arg(long, env = "CONSIGNMENT_TEST_FAULT", value_enum, hide = true)]
+    test_fault: Option<FaultPoint>,
     #[command(flatten)]
     registry: RegistryArgs,
     #[command(flatten)]
@@ -62,11 +70,10 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let db = cli.db.clone();
-    let repository = tokio::task::spawn_blocking(move || SqliteRepository::open(&db))
-        .await?
-        .with_context(|| format!("cannot open the consignment database {}", cli.db.display()))?;
-    tracing::info!(db = %repository.path(), schema = repository.schema_version()?, "consignment database ready");
+    let repository = repository::open(&cli.db)
+        .await
+        .with_context(|| format!("cannot open the consignment database {}", redacted(&cli.db)))?;
+    tracing::info!(db = %repository.database(), schema = repository.schema_version().await?, "consignment database ready");
     let registry_config = RegistryConfig::from(cli.registry);
     let registry = registry_config.connect().await.context("cannot open the registry")?;
     let tls = cli.tls.load()?;
@@ -77,14 +84,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     // consignment.created goes out through the outbox: written with each consignment,
     // published by the relay (at least once, message id = consignment id).
     let broker = BrokerConfig::from(cli.broker).connect(&client).await.context("cannot open the broker")?;
-    let relay = Relay::start(repository.clone(), broker);
+    let name = cli.server.server_name.clone().unwrap_or_else(|| SERVICE_NAME.to_owned());
+    let relay = Relay::start(repository.clone(), broker, this_instance());
     let handler = ShippingHandler::new(
-        Arc::new(repository),
+        repository,
         client.channel(&cli.vessel_service),
         Duration::from_millis(cli.vessel_timeout),
     )
+    .holder(name)
+    .fault_point(cli.test_fault)
     .notify_stored(relay.waker());
-    Server::builder("consignment-service")
+    Server::builder(SERVICE_NAME)
         .version(env!("CARGO_PKG_VERSION"))
         .config(cli.server.into_config_with_metrics(DEFAULT_METRICS_ADDRESS.parse()?)?)
         .tls(tls)
@@ -95,4 +105,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .run()
         .await?;
     Ok(())
+}
+
+/// This process among the replicas: `host:pid` and a random suffix.
+fn this_instance() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_owned())
+        .unwrap_or_else(|_| "localhost".to_owned());
+    format!("{host}:{}:{:08x}", std::process::id(), rand::random::<u32>())
 }

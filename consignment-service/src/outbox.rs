@@ -1,5 +1,7 @@
-//! The outbox relay: publishes the events [`SqliteRepository`] wrote beside each stored
-//! consignment, oldest first, and marks each sent once the broker took it. A crash between
+//! The outbox relay: publishes the events the repository wrote beside each stored
+//! consignment, oldest first, and marks each sent once the broker took it. Replicas on one
+//! database take turns: only the holder of the outbox lease relays, and another takes over
+//! once a holder's lease runs out (it stopped or died). A crash between
 //! the commit and the publish loses nothing (the event is still unsent at the next start); a
 //! crash between the publish and the mark publishes it again with the same message id, so
 //! delivery is at least once and subscribers deduplicate on the id. Each event carries the
@@ -10,7 +12,7 @@
 //! # async fn demo(repository: consignment_service::SqliteRepository) {
 //! use std::sync::Arc;
 //! let broker = Arc::new(micro_core::broker::MemoryBroker::new());
-//! let relay = consignment_service::outbox::Relay::start(repository, broker);
+//! let relay = consignment_service::outbox::Relay::start(Arc::new(repository), broker, "host:42".into());
 //! relay.wake(); // after a create, so the event goes out at once
 //! # }
 //! ```
@@ -20,12 +22,15 @@ use std::{sync::Arc, time::Duration};
 use micro_core::broker::{Broker, Message, headers};
 use tokio::sync::Notify;
 
-use crate::SqliteRepository;
+use crate::ConsignmentRepository;
 
 /// How often the relay looks at the outbox when nobody wakes it, and waits after a failure.
 pub const RELAY_INTERVAL: Duration = Duration::from_millis(500);
 /// Events read from the outbox at a time.
 const BATCH: usize = 100;
+/// How long the outbox lease lasts unless renewed (each round renews it): how long the
+/// other replicas wait to relay after the relaying one died.
+pub const RELAY_LEASE: Duration = Duration::from_secs(5);
 
 /// The running relay; dropping it stops it.
 pub struct Relay {
@@ -34,10 +39,15 @@ pub struct Relay {
 }
 
 impl Relay {
-    /// Starts relaying `repository`'s outbox to `broker`.
-    pub fn start(repository: SqliteRepository, broker: Arc<dyn Broker>) -> Relay {
+    /// Starts relaying `repository`'s outbox to `broker` whenever `instance` (this process,
+    /// unique among the replicas) holds the outbox lease.
+    pub fn start(
+        repository: Arc<dyn ConsignmentRepository>,
+        broker: Arc<dyn Broker>,
+        instance: String,
+    ) -> Relay {
         let wake = Arc::new(Notify::new());
-        let task = tokio::spawn(relay(repository, broker, wake.clone()));
+        let task = tokio::spawn(relay(repository, broker, wake.clone(), instance));
         Relay { wake, task }
     }
 
@@ -58,8 +68,29 @@ impl Drop for Relay {
     }
 }
 
-async fn relay(repository: SqliteRepository, broker: Arc<dyn Broker>, wake: Arc<Notify>) {
+async fn relay(
+    repository: Arc<dyn ConsignmentRepository>,
+    broker: Arc<dyn Broker>,
+    wake: Arc<Notify>,
+    instance: String,
+) {
+    let mut leased = false;
     loop {
+        match repository.lease_outbox(&instance, RELAY_LEASE).await {
+            Ok(holds) if holds != leased => {
+                leased = holds;
+                tracing::info!(instance = %instance, relaying = leased, "outbox lease {}", if leased { "taken" } else { "held by another replica" });
+            }
+            Ok(_) => {}
+            Err(err) => {
+                tracing::warn!(error = %micro_core::error::error_chain(&err), "cannot take the outbox lease");
+                leased = false;
+            }
+        }
+        if !leased {
+            tokio::time::sleep(RELAY_INTERVAL).await;
+            continue;
+        }
         let failed = match repository.unsent_events(BATCH).await {
             Ok(events) => {
                 let mut failed = false;

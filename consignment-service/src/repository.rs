@@ -27,6 +27,10 @@ use std::{
     time::Duration,
 };
 
+pub mod postgres;
+
+pub use self::postgres::PostgresRepository;
+
 use proto::consignment::{Consignment, Container};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
@@ -72,6 +76,20 @@ const MIGRATIONS: &[&str] = &[
     // that trace although the relay publishes later.
     "ALTER TABLE outbox ADD COLUMN traceparent TEXT;
      ALTER TABLE outbox ADD COLUMN tracestate TEXT;",
+    // 4: the vessel reservation each consignment is booked by; how each reservation this
+    // service made was settled (stored, or abandoned for good); who relays the outbox.
+    "ALTER TABLE consignments ADD COLUMN reservation_id TEXT NOT NULL DEFAULT '';
+     CREATE TABLE reservation_settlements (
+         reservation_id TEXT PRIMARY KEY,
+         outcome        TEXT NOT NULL CHECK (outcome IN ('stored', 'abandoned')),
+         consignment_id TEXT,
+         settled_at     TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+     );
+     CREATE TABLE outbox_lease (
+         name     TEXT    PRIMARY KEY,
+         holder   TEXT    NOT NULL,
+         until_ms INTEGER NOT NULL
+     );",
 ];
 
 /// The topic of the event each stored consignment gets.
@@ -120,9 +138,40 @@ pub enum RepositoryError {
         #[source]
         source: rusqlite::Error,
     },
+    /// The database server could not be reached, read or written.
+    #[error("database {database}")]
+    Server {
+        /// The database's address, without a password.
+        database: String,
+        /// What the server or driver said.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A `--db` that is neither a path nor a usable `postgres://` URL.
+    #[error("database {database:?}: {why}")]
+    BadAddress {
+        /// What was given.
+        database: String,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// The vessel reservation was abandoned (settled with vessel-service as never to be
+    /// stored) before the consignment could be stored under it.
+    #[error("reservation {0} was abandoned before the consignment was stored")]
+    ReservationAbandoned(String),
     /// The blocking storage task did not finish (it panicked or the runtime is shutting down).
     #[error("storage task failed")]
     Task(#[source] tokio::task::JoinError),
+}
+
+/// How a reservation this service made is settled, as [`ConsignmentRepository::settle`]
+/// answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settled {
+    /// This consignment is stored under it.
+    Stored(String),
+    /// Nothing is, nor will ever be, stored under it.
+    Abandoned,
 }
 
 /// The outcome of [`ConsignmentRepository::create`].
@@ -134,13 +183,45 @@ pub struct Created {
     pub replayed: bool,
 }
 
+/// Opens the repository `database` names: a `postgres://` (or `postgresql://`) URL,
+/// `:memory:`, or the path of an SQLite file (created if missing); the schema is created or
+/// migrated.
+pub async fn open(database: &str) -> Result<std::sync::Arc<dyn ConsignmentRepository>, RepositoryError> {
+    if database.starts_with("postgres://") || database.starts_with("postgresql://") {
+        return Ok(std::sync::Arc::new(PostgresRepository::connect(database).await?));
+    }
+    let path = database.to_owned();
+    let repository = tokio::task::spawn_blocking(move || SqliteRepository::open(&path))
+        .await
+        .map_err(RepositoryError::Task)??;
+    Ok(std::sync::Arc::new(repository))
+}
+
 /// Where consignments are kept.
 #[tonic::async_trait]
 pub trait ConsignmentRepository: Send + Sync + 'static {
-    /// Stores `consignment` and its containers in one transaction. With a `key` already
-    /// used, stores nothing and returns the consignment first stored under it
-    /// (`replayed: true`), whatever `consignment` holds: comparing is the caller's job.
+    /// The database, for logs and errors: a path, `:memory:`, or a URL without its password.
+    fn database(&self) -> &str;
+    /// The schema version the database is at.
+    async fn schema_version(&self) -> Result<i64, RepositoryError>;
+    /// Stores `consignment`, its containers and its `consignment.created` outbox event in
+    /// one transaction, and settles its `reservation_id` (when set) as stored in the same
+    /// one. With a `key` already used, stores nothing and returns the consignment first
+    /// stored under it (`replayed: true`), whatever `consignment` holds: comparing is the
+    /// caller's job. A reservation settled as abandoned already is
+    /// [`RepositoryError::ReservationAbandoned`], and nothing is stored.
     async fn create(&self, consignment: Consignment, key: Option<&str>) -> Result<Created, RepositoryError>;
+    /// Settles `reservation_id` for good: stored when a consignment was stored under it,
+    /// else abandoned from now on (a later [`ConsignmentRepository::create`] under it is
+    /// refused). Asking again gives the same answer.
+    async fn settle(&self, reservation_id: &str) -> Result<Settled, RepositoryError>;
+    /// Up to `limit` outbox events not yet marked sent, oldest first.
+    async fn unsent_events(&self, limit: usize) -> Result<Vec<OutboxEvent>, RepositoryError>;
+    /// Marks the outbox event at `seq` sent.
+    async fn mark_sent(&self, seq: i64) -> Result<(), RepositoryError>;
+    /// Takes or renews the outbox lease for `holder` for `lease`, unless another holder's
+    /// lease runs; true when `holder` has it. One relay at a time per database.
+    async fn lease_outbox(&self, holder: &str, lease: std::time::Duration) -> Result<bool, RepositoryError>;
     /// The consignment stored under idempotency `key`, if any.
     async fn find_by_key(&self, key: &str) -> Result<Option<Consignment>, RepositoryError>;
     /// Every stored consignment, oldest first.
@@ -190,63 +271,11 @@ impl SqliteRepository {
         &self.path
     }
 
-    /// The schema version the database is at.
-    pub fn schema_version(&self) -> Result<i64, RepositoryError> {
-        let connection = self.connection.lock().unwrap_or_else(|e| e.into_inner());
-        user_version(&connection).map_err(|source| self.error(source))
-    }
-
     fn ready(mut connection: Connection, path: String) -> Result<Self, RepositoryError> {
         let db = |source| RepositoryError::Database { path: path.clone(), source };
         connection.pragma_update(None, "foreign_keys", "ON").map_err(db)?;
         migrate(&mut connection, &path)?;
         Ok(SqliteRepository { connection: Arc::new(Mutex::new(connection)), path })
-    }
-
-    /// Up to `limit` events not yet marked sent, oldest first.
-    pub async fn unsent_events(&self, limit: usize) -> Result<Vec<OutboxEvent>, RepositoryError> {
-        let path = self.path.clone();
-        self.with_connection(move |connection| {
-            let db = |source| RepositoryError::Database { path: path.clone(), source };
-            let mut statement = connection
-                .prepare_cached(
-                    "SELECT seq, topic, message_id, body, traceparent, tracestate FROM outbox WHERE sent_at IS NULL ORDER BY seq LIMIT ?1",
-                )
-                .map_err(db)?;
-            let rows = statement
-                .query_map(params![limit as i64], |row| {
-                    Ok(OutboxEvent {
-                        seq: row.get(0)?,
-                        topic: row.get(1)?,
-                        message_id: row.get(2)?,
-                        body: row.get(3)?,
-                        traceparent: row.get(4)?,
-                        tracestate: row.get(5)?,
-                    })
-                })
-                .map_err(db)?;
-            rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db)
-        })
-        .await
-    }
-
-    /// Marks the event at `seq` sent.
-    pub async fn mark_sent(&self, seq: i64) -> Result<(), RepositoryError> {
-        let path = self.path.clone();
-        self.with_connection(move |connection| {
-            connection
-                .execute(
-                    "UPDATE outbox SET sent_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE seq = ?1",
-                    params![seq],
-                )
-                .map(drop)
-                .map_err(|source| RepositoryError::Database { path, source })
-        })
-        .await
-    }
-
-    fn error(&self, source: rusqlite::Error) -> RepositoryError {
-        RepositoryError::Database { path: self.path.clone(), source }
     }
 
     /// Runs `work` on the connection in a blocking task.
@@ -292,7 +321,8 @@ fn migrate(connection: &mut Connection, path: &str) -> Result<(), RepositoryErro
     Ok(())
 }
 
-const SELECT_CONSIGNMENT: &str = "SELECT seq, id, description, weight, vessel_id FROM consignments";
+const SELECT_CONSIGNMENT: &str =
+    "SELECT seq, id, description, weight, vessel_id, reservation_id FROM consignments";
 
 fn consignment_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(i64, Consignment)> {
     Ok((
@@ -303,6 +333,7 @@ fn consignment_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(i64, Consignmen
             weight: row.get(3)?,
             vessel_id: row.get(4)?,
             containers: Vec::new(),
+            reservation_id: row.get(5)?,
         },
     ))
 }
@@ -324,6 +355,29 @@ fn by_key(connection: &Connection, key: &str) -> rusqlite::Result<Option<Consign
     Ok(Some(consignment))
 }
 
+/// How `reservation_id` was settled, if it was.
+fn settlement_of(connection: &Connection, reservation_id: &str) -> rusqlite::Result<Option<Settled>> {
+    connection
+        .query_row(
+            "SELECT outcome, consignment_id FROM reservation_settlements WHERE reservation_id = ?1",
+            [reservation_id],
+            |row| {
+                let (outcome, consignment): (String, Option<String>) = (row.get(0)?, row.get(1)?);
+                Ok(match outcome.as_str() {
+                    "stored" => Settled::Stored(consignment.unwrap_or_default()),
+                    _ => Settled::Abandoned,
+                })
+            },
+        )
+        .optional()
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_millis() as i64)
+}
+
 fn is_unique_violation(err: &rusqlite::Error, column: &str) -> bool {
     matches!(err, rusqlite::Error::SqliteFailure(e, Some(message))
         if e.code == rusqlite::ErrorCode::ConstraintViolation && message.contains(column))
@@ -331,6 +385,96 @@ fn is_unique_violation(err: &rusqlite::Error, column: &str) -> bool {
 
 #[tonic::async_trait]
 impl ConsignmentRepository for SqliteRepository {
+    fn database(&self) -> &str {
+        &self.path
+    }
+
+    async fn schema_version(&self) -> Result<i64, RepositoryError> {
+        let path = self.path.clone();
+        self.with_connection(move |connection| {
+            user_version(connection).map_err(|source| RepositoryError::Database { path, source })
+        })
+        .await
+    }
+
+    async fn settle(&self, reservation_id: &str) -> Result<Settled, RepositoryError> {
+        let (reservation_id, path) = (reservation_id.to_owned(), self.path.clone());
+        self.with_connection(move |connection| {
+            let db = |source| RepositoryError::Database { path: path.clone(), source };
+            let transaction =
+                connection.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db)?;
+            transaction
+                .execute(
+                    "INSERT INTO reservation_settlements (reservation_id, outcome) VALUES (?1, 'abandoned')
+                     ON CONFLICT (reservation_id) DO NOTHING",
+                    [&reservation_id],
+                )
+                .map_err(db)?;
+            let settled = settlement_of(&transaction, &reservation_id).map_err(db)?;
+            transaction.commit().map_err(db)?;
+            Ok(settled.unwrap_or(Settled::Abandoned))
+        })
+        .await
+    }
+
+    async fn lease_outbox(&self, holder: &str, lease: Duration) -> Result<bool, RepositoryError> {
+        let (holder, path) = (holder.to_owned(), self.path.clone());
+        self.with_connection(move |connection| {
+            let now = now_ms();
+            let until = now + lease.as_millis() as i64;
+            connection
+                .execute(
+                    "INSERT INTO outbox_lease (name, holder, until_ms) VALUES ('relay', ?1, ?2)
+                     ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, until_ms = excluded.until_ms
+                     WHERE outbox_lease.holder = excluded.holder OR outbox_lease.until_ms < ?3",
+                    params![holder, until, now],
+                )
+                .map(|changed| changed == 1)
+                .map_err(|source| RepositoryError::Database { path, source })
+        })
+        .await
+    }
+
+    async fn unsent_events(&self, limit: usize) -> Result<Vec<OutboxEvent>, RepositoryError> {
+        let path = self.path.clone();
+        self.with_connection(move |connection| {
+            let db = |source| RepositoryError::Database { path: path.clone(), source };
+            let mut statement = connection
+                .prepare_cached(
+                    "SELECT seq, topic, message_id, body, traceparent, tracestate FROM outbox WHERE sent_at IS NULL ORDER BY seq LIMIT ?1",
+                )
+                .map_err(db)?;
+            let rows = statement
+                .query_map(params![limit as i64], |row| {
+                    Ok(OutboxEvent {
+                        seq: row.get(0)?,
+                        topic: row.get(1)?,
+                        message_id: row.get(2)?,
+                        body: row.get(3)?,
+                        traceparent: row.get(4)?,
+                        tracestate: row.get(5)?,
+                    })
+                })
+                .map_err(db)?;
+            rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db)
+        })
+        .await
+    }
+
+    async fn mark_sent(&self, seq: i64) -> Result<(), RepositoryError> {
+        let path = self.path.clone();
+        self.with_connection(move |connection| {
+            connection
+                .execute(
+                    "UPDATE outbox SET sent_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE seq = ?1",
+                    params![seq],
+                )
+                .map(drop)
+                .map_err(|source| RepositoryError::Database { path, source })
+        })
+        .await
+    }
+
     async fn create(&self, consignment: Consignment, key: Option<&str>) -> Result<Created, RepositoryError> {
         let key = key.map(str::to_owned);
         let path = self.path.clone();
@@ -347,9 +491,21 @@ impl ConsignmentRepository for SqliteRepository {
             {
                 return Ok(Created { consignment: existing, replayed: true });
             }
+            if !consignment.reservation_id.is_empty() {
+                let settled = transaction
+                    .execute(
+                        "INSERT INTO reservation_settlements (reservation_id, outcome, consignment_id)
+                         VALUES (?1, 'stored', ?2) ON CONFLICT (reservation_id) DO NOTHING",
+                        params![consignment.reservation_id, consignment.id],
+                    )
+                    .map_err(db)?;
+                if settled == 0 {
+                    return Err(RepositoryError::ReservationAbandoned(consignment.reservation_id.clone()));
+                }
+            }
             let inserted = transaction.execute(
-                "INSERT INTO consignments (id, description, weight, vessel_id, idempotency_key) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![consignment.id, consignment.description, consignment.weight, consignment.vessel_id, key],
+                "INSERT INTO consignments (id, description, weight, vessel_id, idempotency_key, reservation_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![consignment.id, consignment.description, consignment.weight, consignment.vessel_id, key, consignment.reservation_id],
             );
             match inserted {
                 Err(err) if is_unique_violation(&err, "consignments.id") => {
@@ -458,6 +614,7 @@ mod tests {
                     user_id: "u1".to_owned(),
                 })
                 .collect(),
+            reservation_id: String::new(),
         }
     }
 
@@ -471,7 +628,7 @@ mod tests {
         drop(first);
 
         let again = SqliteRepository::open(&path).unwrap();
-        assert_eq!(again.schema_version().unwrap(), MIGRATIONS.len() as i64);
+        assert_eq!(again.schema_version().await.unwrap(), MIGRATIONS.len() as i64);
         assert_eq!(again.list().await.unwrap(), vec![sample("c-1", 3), sample("c-2", 1)]);
         let replay = again.create(sample("c-other", 2), Some("k-1")).await.unwrap();
         assert_eq!(replay, Created { consignment: sample("c-1", 3), replayed: true });
@@ -551,7 +708,7 @@ mod tests {
                 .unwrap();
         }
         let repository = SqliteRepository::open(&path).unwrap();
-        assert_eq!(repository.schema_version().unwrap(), MIGRATIONS.len() as i64);
+        assert_eq!(repository.schema_version().await.unwrap(), MIGRATIONS.len() as i64);
         let events = repository.unsent_events(10).await.unwrap();
         assert_eq!(events.len(), 1);
         assert_eq!((events[0].message_id.as_str(), events[0].traceparent.as_deref()), ("old", None));

@@ -16,7 +16,7 @@ use proto::{
     vessel::vessel_service_server::VesselServiceServer,
 };
 use tonic::{Code, Request, Status};
-use vessel_service::{Fleet, VesselHandler};
+use vessel_service::{Fleet, VesselHandler, store::SqliteStore};
 
 struct Shippy {
     shipping: ShippingServiceClient<micro_core::NamedChannel>,
@@ -33,7 +33,10 @@ async fn shippy() -> Shippy {
     let vessels = Server::builder("vessel-service")
         .config(loopback())
         .registry(registry.clone())
-        .add_service(VesselServiceServer::new(VesselHandler::new(Fleet::default())))
+        .add_service(VesselServiceServer::new(VesselHandler::new(
+            Fleet::default(),
+            Arc::new(SqliteStore::in_memory().unwrap()),
+        )))
         .start()
         .await
         .unwrap();

@@ -162,9 +162,14 @@ fn burst_indices(stored: &[Consignment]) -> BTreeMap<usize, usize> {
         let expected = Consignment {
             id: consignment.id.clone(),
             vessel_id: consignment.vessel_id.clone(),
+            reservation_id: consignment.reservation_id.clone(),
             ..burst_consignment(i)
         };
         assert_eq!(consignment, &expected, "stored in part or altered");
+        assert!(
+            consignment.reservation_id.starts_with("r-"),
+            "stored without its reservation: {consignment:?}"
+        );
         *seen.entry(i).or_insert(0) += 1;
     }
     seen

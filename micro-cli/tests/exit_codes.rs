@@ -99,7 +99,10 @@ async fn each_exit_code_is_caused_by_its_situation() {
 
     // A server that serves no reflection for its service.
     let bare = unique_name("bare");
-    let fleet = vessel_service::VesselHandler::new(vessel_service::Fleet::default());
+    let fleet = vessel_service::VesselHandler::new(
+        vessel_service::Fleet::default(),
+        std::sync::Arc::new(vessel_service::store::SqliteStore::in_memory().unwrap()),
+    );
     let running = Server::builder(&bare)
         .registry(registry.clone())
         .config(micro_core::config::ServerConfig {

@@ -1,46 +1,51 @@
-//! vessel-service: finds a vessel of the fleet that can carry a load, and books each
-//! consignment it hears of (`consignment.created`) on its vessel, so a full vessel is no
-//! longer offered.
+//! vessel-service: finds a vessel of the fleet that can carry a load, holds room on it for
+//! a consignment until the consignment is stored (`Reserve`, then `Confirm` or `Release`),
+//! and never books a vessel past its capacity or its max weight, whatever the concurrency
+//! and however many instances share the database.
 //!
-//! [`Fleet`] is the vessels as configured; [`bookings::BookingStore`] keeps what is booked on
-//! them; [`VesselHandler`] answers `FindAvailable` from both; [`Booker`] books each event,
-//! subscribed with [`subscribe_created`].
+//! [`Fleet`] is the vessels as configured; a [`store::ReservationStore`] keeps what is held
+//! and booked on them (SQLite or PostgreSQL); [`VesselHandler`] answers the gRPC methods
+//! from both; [`Booker`] confirms the reservation of each `consignment.created` event,
+//! subscribed with [`subscribe_created`]; [`reaper::Reaper`] settles holds that outlive
+//! their time with the service that made them. `docs/reservations.md` has the protocol.
 //!
 //! # Examples
 //! ```
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {
-//! use proto::{consignment::{Consignment, Container}, vessel::Specification};
-//! use micro_core::broker::Message;
-//! use vessel_service::{Booker, Fleet, bookings::BookingStore};
+//! use std::sync::Arc;
+//! use proto::vessel::{ReserveRequest, Specification, vessel_service_server::VesselService};
+//! use vessel_service::{Fleet, VesselHandler, store::SqliteStore};
 //!
-//! let (fleet, store) = (Fleet::default(), BookingStore::in_memory().unwrap());
-//! let spec = Specification { capacity: 3, max_weight: 55_000 };
-//! let loads = store.loads().await.unwrap();
-//! assert_eq!(fleet.find_available(&spec, &loads).unwrap().id, "vessel001");
-//!
-//! // Four consignments of 55,000 each: the fourth overbooks vessel001's 200,000.
-//! let booker = Booker::new(fleet.clone(), store.clone());
-//! for n in 0..4 {
-//!     let consignment = Consignment { id: format!("c-{n}"), vessel_id: "vessel001".into(), weight: 55_000,
-//!         containers: vec![Container::default(); 3], ..Default::default() };
-//!     booker.book(&consignment, &Message::new("consignment.created", "")).await.unwrap();
+//! let handler = VesselHandler::new(Fleet::default(), Arc::new(SqliteStore::in_memory().unwrap()));
+//! let reserve = |n: usize| tonic::Request::new(ReserveRequest {
+//!     specification: Some(Specification { capacity: 3, max_weight: 55_000 }),
+//!     holder: "consignment-service".into(), consignment_id: format!("c-{n}"), ..Default::default()
+//! });
+//! // vessel001 carries 200,000 kg: three of 55,000 fit, the fourth is refused.
+//! for n in 0..3 {
+//!     assert_eq!(handler.reserve(reserve(n)).await.unwrap().into_inner().state, "held");
 //! }
-//! assert!(fleet.find_available(&spec, &store.loads().await.unwrap()).is_none());
+//! let status = handler.reserve(reserve(3)).await.unwrap_err();
+//! assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+//! assert!(status.message().contains("vessel001 has 491 containers and 35000 kg left"), "{status:?}");
 //! # }
 //! ```
 
-pub mod bookings;
+pub mod reaper;
+pub mod store;
 
-use std::{collections::HashMap, path::Path};
+use std::{collections::HashMap, path::Path, sync::Arc, time::Duration};
 
 use micro_core::broker::{Broker, Message, SubscribeOptions, Subscription, subscribe_proto};
 use proto::{
     consignment::Consignment,
-    vessel::{Response, Specification, Vessel, vessel_service_server::VesselService},
+    vessel::{
+        ReservationRef, ReserveRequest, Response, Specification, Vessel, vessel_service_server::VesselService,
+    },
 };
 use tonic::{Request, Status};
 
-use crate::bookings::{Booked, Booking, BookingError, BookingStore, Load};
+use crate::store::{Booked, Hold, Load, Released, Reservation, ReservationStore, Reserved, StoreError};
 
 /// Why the fleet could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -161,29 +166,116 @@ impl Fleet {
     }
 }
 
-/// The gRPC handler: the fleet, less what the bookings store says is booked, read at each
-/// call so instances sharing one database agree.
+/// How long a hold lasts unless its holder confirms it, when `--reservation-ttl` /
+/// `VESSEL_RESERVATION_TTL` does not say (milliseconds).
+pub const DEFAULT_RESERVATION_TTL_MS: u64 = 10_000;
+
+/// The gRPC handler: the fleet, less what the store says is booked or held, read at each
+/// call so instances sharing one database agree; reservations made, confirmed and released
+/// in that database.
 ///
-/// The vessel it answers with keeps its fleet figures (`capacity`, `max_weight` as
+/// A vessel it answers with keeps its fleet figures (`capacity`, `max_weight` as
 /// configured), not what remains: the figures describe the vessel, and the remaining room
 /// changes with every booking.
 #[derive(Debug, Clone)]
 pub struct VesselHandler {
     fleet: Fleet,
-    store: Option<BookingStore>,
+    store: Arc<dyn ReservationStore>,
+    ttl: Duration,
 }
 
 impl VesselHandler {
-    /// Serves `fleet`, every vessel empty unless [`VesselHandler::bookings`] says otherwise.
-    pub fn new(fleet: Fleet) -> Self {
-        VesselHandler { fleet, store: None }
+    /// Serves `fleet`, with what is booked and held kept in `store`.
+    pub fn new(fleet: Fleet, store: Arc<dyn ReservationStore>) -> Self {
+        VesselHandler { fleet, store, ttl: Duration::from_millis(DEFAULT_RESERVATION_TTL_MS) }
     }
 
-    /// Counts the bookings in `store` against the fleet. Default: none (every vessel empty).
-    pub fn bookings(mut self, store: BookingStore) -> Self {
-        self.store = Some(store);
+    /// How long a hold lasts unless confirmed. Default: [`DEFAULT_RESERVATION_TTL_MS`].
+    pub fn reservation_ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
         self
     }
+
+    /// The available vessels that could carry `spec` when empty, in fleet order; a
+    /// FAILED_PRECONDITION naming the fleet when none could.
+    fn candidates(&self, spec: &Specification) -> Result<Vec<Vessel>, Status> {
+        let candidates: Vec<Vessel> = self
+            .fleet
+            .vessels
+            .iter()
+            .filter(|vessel| vessel.available && fits(vessel, spec))
+            .cloned()
+            .collect();
+        if candidates.is_empty() {
+            return Err(Status::failed_precondition(format!(
+                "no available vessel fits capacity {} and max weight {} (fleet of {})",
+                spec.capacity,
+                spec.max_weight,
+                self.fleet.vessels.len()
+            )));
+        }
+        Ok(candidates)
+    }
+}
+
+fn check_specification(spec: &Specification) -> Result<(), Status> {
+    if spec.capacity <= 0 || spec.max_weight <= 0 {
+        return Err(Status::invalid_argument(format!(
+            "capacity ({}) and max_weight ({}) must both be positive",
+            spec.capacity, spec.max_weight
+        )));
+    }
+    Ok(())
+}
+
+/// The answer when every vessel that could carry `spec` is too full: what room each has left.
+fn fully_booked(spec: &Specification, candidates: &[Vessel], loads: &[(String, Load)]) -> Status {
+    let room: Vec<String> = candidates
+        .iter()
+        .zip(loads)
+        .map(|(vessel, (_, load))| {
+            format!(
+                "{} has {} containers and {} kg left of {} and {}",
+                vessel.id,
+                (i64::from(vessel.capacity) - load.containers).max(0),
+                (i64::from(vessel.max_weight) - load.weight).max(0),
+                vessel.capacity,
+                vessel.max_weight
+            )
+        })
+        .collect();
+    Status::failed_precondition(format!(
+        "no available vessel has room for {} containers and {} kg: {} of the fleet would when empty but are \
+         fully booked ({})",
+        spec.capacity,
+        spec.max_weight,
+        candidates.len(),
+        room.join("; ")
+    ))
+}
+
+fn reservation_message(reservation: &Reservation, vessel: Option<&Vessel>) -> proto::vessel::Reservation {
+    proto::vessel::Reservation {
+        id: reservation.id.clone(),
+        vessel: Some(
+            vessel
+                .cloned()
+                .unwrap_or_else(|| Vessel { id: reservation.vessel_id.clone(), ..Default::default() }),
+        ),
+        consignment_id: reservation.consignment_id.clone(),
+        state: reservation.state.clone(),
+        expires_at_unix_ms: reservation.expires_at_ms.unwrap_or_default(),
+        containers: i32::try_from(reservation.containers).unwrap_or(i32::MAX),
+        weight: i32::try_from(reservation.weight).unwrap_or(i32::MAX),
+    }
+}
+
+fn reservation_id(request: Request<ReservationRef>) -> Result<String, Status> {
+    let id = request.into_inner().reservation_id;
+    if id.is_empty() {
+        return Err(Status::invalid_argument("reservation_id: required"));
+    }
+    Ok(id)
 }
 
 #[tonic::async_trait]
@@ -193,35 +285,157 @@ impl VesselService for VesselHandler {
         request: Request<Specification>,
     ) -> Result<tonic::Response<Response>, Status> {
         let spec = request.into_inner();
-        if spec.capacity <= 0 || spec.max_weight <= 0 {
-            return Err(Status::invalid_argument(format!(
-                "capacity ({}) and max_weight ({}) must both be positive",
-                spec.capacity, spec.max_weight
-            )));
-        }
-        let loads = match &self.store {
-            Some(store) => store.loads().await?,
-            None => Default::default(),
-        };
+        check_specification(&spec)?;
+        let loads = self.store.loads().await?;
         if let Some(vessel) = self.fleet.find_available(&spec, &loads) {
             tracing::debug!(vessel = %vessel.id, capacity = spec.capacity, max_weight = spec.max_weight, "vessel found");
             return Ok(tonic::Response::new(Response { vessel: Some(vessel.clone()), vessels: vec![] }));
         }
-        let fleet_size = self.fleet.vessels.len();
-        let booked_full =
-            self.fleet.vessels.iter().filter(|vessel| vessel.available && fits(vessel, &spec)).count();
-        Err(Status::failed_precondition(if booked_full > 0 {
-            format!(
-                "no available vessel fits capacity {} and max weight {}: {booked_full} of the fleet of {fleet_size} \
-                 would when empty but are fully booked",
-                spec.capacity, spec.max_weight
-            )
-        } else {
-            format!(
-                "no available vessel fits capacity {} and max weight {} (fleet of {fleet_size})",
-                spec.capacity, spec.max_weight
-            )
-        }))
+        let candidates = self.candidates(&spec)?;
+        let loads: Vec<(String, Load)> = candidates
+            .iter()
+            .map(|vessel| (vessel.id.clone(), loads.get(&vessel.id).copied().unwrap_or_default()))
+            .collect();
+        Err(fully_booked(&spec, &candidates, &loads))
+    }
+
+    async fn reserve(
+        &self,
+        request: Request<ReserveRequest>,
+    ) -> Result<tonic::Response<proto::vessel::Reservation>, Status> {
+        let request = request.into_inner();
+        let spec = request.specification.unwrap_or_default();
+        check_specification(&spec)?;
+        for (field, value) in [("holder", &request.holder), ("consignment_id", &request.consignment_id)] {
+            if value.is_empty() {
+                return Err(Status::invalid_argument(format!("{field}: required")));
+            }
+        }
+        let candidates = self.candidates(&spec)?;
+        let hold = Hold {
+            holder: request.holder,
+            request_key: Some(request.request_key).filter(|key| !key.is_empty()),
+            consignment_id: request.consignment_id,
+            containers: i64::from(spec.capacity),
+            weight: i64::from(spec.max_weight),
+            ttl: self.ttl,
+        };
+        match self.store.reserve(hold, candidates.clone()).await? {
+            Reserved::Held { reservation, fresh, vessel_load } => {
+                let vessel = self.fleet.vessel(&reservation.vessel_id);
+                tracing::info!(
+                    reservation = %reservation.id,
+                    consignment = %reservation.consignment_id,
+                    holder = %reservation.holder,
+                    vessel = %reservation.vessel_id,
+                    containers = reservation.containers,
+                    weight = reservation.weight,
+                    booked_containers = vessel_load.containers,
+                    booked_weight = vessel_load.weight,
+                    fresh,
+                    "room held"
+                );
+                Ok(tonic::Response::new(reservation_message(&reservation, vessel)))
+            }
+            Reserved::Full { loads } => Err(fully_booked(&spec, &candidates, &loads)),
+        }
+    }
+
+    async fn confirm(
+        &self,
+        request: Request<ReservationRef>,
+    ) -> Result<tonic::Response<proto::vessel::Reservation>, Status> {
+        let id = reservation_id(request)?;
+        match self.store.confirm(&id).await? {
+            Some(booked) => {
+                log_booked(&self.fleet, &booked, None);
+                Ok(tonic::Response::new(reservation_message(
+                    &booked.reservation,
+                    self.fleet.vessel(&booked.reservation.vessel_id),
+                )))
+            }
+            None => Err(Status::not_found(format!(
+                "reservation {id} is unknown: it was released (its holder gave it up or abandoned it) or never made"
+            ))),
+        }
+    }
+
+    async fn release(
+        &self,
+        request: Request<ReservationRef>,
+    ) -> Result<tonic::Response<proto::vessel::Reservation>, Status> {
+        let id = reservation_id(request)?;
+        let reservation = match self.store.release(&id).await? {
+            Released::Released(reservation) => {
+                tracing::info!(reservation = %id, consignment = %reservation.consignment_id, vessel = %reservation.vessel_id, "hold released");
+                Reservation { state: RELEASED.to_owned(), ..reservation }
+            }
+            Released::Confirmed(reservation) => reservation,
+            Released::Unknown => Reservation {
+                id,
+                vessel_id: String::new(),
+                consignment_id: String::new(),
+                containers: 0,
+                weight: 0,
+                holder: String::new(),
+                state: RELEASED.to_owned(),
+                expires_at_ms: None,
+            },
+        };
+        Ok(tonic::Response::new(reservation_message(&reservation, self.fleet.vessel(&reservation.vessel_id))))
+    }
+}
+
+/// The state a `Release` answers with once the room is free (the reservation is gone).
+pub const RELEASED: &str = "released";
+
+/// Logs a booking: `consignment booked` (info) when `booked` is new, `already booked`
+/// (debug) when it was booked before; a warning when its vessel is not in `fleet` or is
+/// overbooked (only a booking made without a reservation can be).
+fn log_booked(fleet: &Fleet, booked: &Booked, message: Option<&Message>) {
+    let reservation = &booked.reservation;
+    let topic = message.map(|message| message.topic.as_str()).unwrap_or("-");
+    let message_id = message.and_then(Message::id).unwrap_or("-");
+    if !booked.fresh {
+        tracing::debug!(topic, message_id, consignment = %reservation.consignment_id, reservation = %reservation.id, vessel = %reservation.vessel_id, "already booked");
+        return;
+    }
+    let vessel = fleet.vessel(&reservation.vessel_id);
+    tracing::info!(
+        topic,
+        message_id,
+        consignment = %reservation.consignment_id,
+        reservation = %reservation.id,
+        vessel = %reservation.vessel_id,
+        containers = reservation.containers,
+        weight = reservation.weight,
+        booked_containers = booked.vessel_load.containers,
+        capacity = vessel.map(|v| v.capacity),
+        booked_weight = booked.vessel_load.weight,
+        max_weight = vessel.map(|v| v.max_weight),
+        "consignment booked"
+    );
+    match vessel {
+        None => tracing::warn!(
+            consignment = %reservation.consignment_id,
+            vessel = %reservation.vessel_id,
+            "consignment booked on a vessel not in this fleet (check --fleet on every vessel-service instance)"
+        ),
+        Some(vessel)
+            if booked.vessel_load.containers > i64::from(vessel.capacity)
+                || booked.vessel_load.weight > i64::from(vessel.max_weight) =>
+        {
+            tracing::warn!(
+                consignment = %reservation.consignment_id,
+                vessel = %vessel.id,
+                booked_containers = booked.vessel_load.containers,
+                capacity = vessel.capacity,
+                booked_weight = booked.vessel_load.weight,
+                max_weight = vessel.max_weight,
+                "vessel overbooked by a consignment stored without a reservation"
+            );
+        }
+        Some(_) => {}
     }
 }
 
@@ -233,93 +447,64 @@ pub const CONSIGNMENT_CREATED: &str = "consignment.created";
 /// by one instance of each differently named deployment.
 pub const SERVICE_NAME: &str = "vessel-service";
 
-/// Books the consignment of each `consignment.created` event on its vessel.
+/// Books the consignment of each `consignment.created` event: confirms its reservation, or,
+/// for a consignment stored without one, books it as it is.
 #[derive(Debug, Clone)]
 pub struct Booker {
     fleet: Fleet,
-    store: BookingStore,
+    store: Arc<dyn ReservationStore>,
 }
 
 impl Booker {
     /// Books on `fleet`'s vessels into `store`.
-    pub fn new(fleet: Fleet, store: BookingStore) -> Self {
+    pub fn new(fleet: Fleet, store: Arc<dyn ReservationStore>) -> Self {
         Booker { fleet, store }
     }
 
-    /// Books `consignment` (from `message`), keyed by its id (the message id when the
-    /// consignment has none): its containers and weight on its `vessel_id`. A consignment
-    /// booked already books nothing (debug `already booked`); one for a vessel not in the
-    /// fleet, or one that overbooks its vessel, is booked all the same with a warning, since
-    /// the consignment is stored already. `None` when there is no id to key it by.
+    /// Books `consignment` (from `message`). With a `reservation_id`, confirms that
+    /// reservation (a second time changes nothing). Without one (a consignment-service that
+    /// does not reserve), or when the reservation is unknown here (this database is not the
+    /// one it was made in), books its containers and weight on its `vessel_id` keyed by its
+    /// id (the message id when it has none), once; the consignment is stored already, so an
+    /// overbooking is booked all the same, with a warning. `None` when there is no id to key
+    /// it by.
     pub async fn book(
         &self,
         consignment: &Consignment,
         message: &Message,
-    ) -> Result<Option<Booked>, BookingError> {
-        let message_id = message.id().unwrap_or("-");
+    ) -> Result<Option<Booked>, StoreError> {
+        if !consignment.reservation_id.is_empty() {
+            if let Some(booked) = self.store.confirm(&consignment.reservation_id).await? {
+                log_booked(&self.fleet, &booked, Some(message));
+                return Ok(Some(booked));
+            }
+            tracing::warn!(
+                consignment = %consignment.id,
+                reservation = %consignment.reservation_id,
+                database = %self.store.database(),
+                "reservation unknown here: booking the stored consignment without it (was the database replaced?)"
+            );
+        }
         let consignment_id =
             [consignment.id.as_str(), message.id().unwrap_or_default()].into_iter().find(|id| !id.is_empty());
-        let Some(consignment_id) = consignment_id.map(str::to_owned) else {
+        let Some(consignment_id) = consignment_id else {
             tracing::warn!(topic = %message.topic, vessel = %consignment.vessel_id, "consignment without an id: not booked");
             return Ok(None);
         };
-        let booking = Booking {
-            consignment_id: consignment_id.clone(),
-            vessel_id: consignment.vessel_id.clone(),
-            containers: consignment.containers.len() as i64,
-            weight: i64::from(consignment.weight),
-        };
-        let (containers, weight) = (booking.containers, booking.weight);
-        let booked = self.store.book(booking).await?;
-        if !booked.fresh {
-            tracing::debug!(topic = %message.topic, message_id, consignment = %consignment_id, vessel = %booked.vessel_id, "already booked");
-            return Ok(Some(booked));
-        }
-        let vessel = self.fleet.vessel(&booked.vessel_id);
-        tracing::info!(
-            topic = %message.topic,
-            message_id,
-            consignment = %consignment_id,
-            vessel = %booked.vessel_id,
-            containers,
-            weight,
-            booked_containers = booked.vessel_load.containers,
-            capacity = vessel.map(|v| v.capacity),
-            booked_weight = booked.vessel_load.weight,
-            max_weight = vessel.map(|v| v.max_weight),
-            "consignment booked"
-        );
-        match vessel {
-            None => tracing::warn!(
-                consignment = %consignment_id,
-                vessel = %booked.vessel_id,
-                "consignment booked on a vessel not in this fleet (check --fleet on every vessel-service instance)"
-            ),
-            Some(vessel)
-                if booked.vessel_load.containers > i64::from(vessel.capacity)
-                    || booked.vessel_load.weight > i64::from(vessel.max_weight) =>
-            {
-                tracing::warn!(
-                    consignment = %consignment_id,
-                    vessel = %vessel.id,
-                    booked_containers = booked.vessel_load.containers,
-                    capacity = vessel.capacity,
-                    booked_weight = booked.vessel_load.weight,
-                    max_weight = vessel.max_weight,
-                    "vessel overbooked (creations raced for its last room)"
-                );
-            }
-            Some(_) => {}
-        }
+        let containers = consignment.containers.len() as i64;
+        let booked = self
+            .store
+            .book(consignment_id, &consignment.vessel_id, containers, i64::from(consignment.weight))
+            .await?;
+        log_booked(&self.fleet, &booked, Some(message));
         Ok(Some(booked))
     }
 }
 
 /// Subscribes `booker` to [`CONSIGNMENT_CREATED`] in queue group `queue` (the service's
 /// registered name, so each event is booked by one of its instances), durably when `durable`
-/// (nats, rabbitmq). A booking that fails
-/// (e.g. the database locked beyond its busy timeout) fails the handler, so a durable broker
-/// delivers the event again.
+/// (nats, rabbitmq). A booking that fails (e.g. the database unreachable) fails the handler,
+/// so a durable broker delivers the event again.
 pub async fn subscribe_created(
     broker: &dyn Broker,
     queue: &str,
@@ -343,9 +528,14 @@ pub async fn subscribe_created(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::SqliteStore;
 
     fn vessel(capacity: i32, max_weight: i32) -> Vessel {
         Vessel { id: "v".into(), capacity, max_weight, available: true, ..Default::default() }
+    }
+
+    fn memory() -> Arc<dyn ReservationStore> {
+        Arc::new(SqliteStore::in_memory().unwrap())
     }
 
     #[test]
@@ -381,11 +571,23 @@ mod tests {
         )
     }
 
+    fn reserve(consignment: &str, key: &str, capacity: i32, max_weight: i32) -> Request<ReserveRequest> {
+        Request::new(ReserveRequest {
+            specification: Some(Specification { capacity, max_weight }),
+            holder: "shipping".into(),
+            request_key: key.into(),
+            consignment_id: consignment.into(),
+        })
+    }
+
+    fn by_id(id: &str) -> Request<ReservationRef> {
+        Request::new(ReservationRef { reservation_id: id.into() })
+    }
+
     #[tokio::test]
-    async fn a_fully_booked_fleet_is_refused_saying_so() {
-        let (fleet, store) = (Fleet::new(vec![vessel(3, 100)]), BookingStore::in_memory().unwrap());
-        let (booker, handler) =
-            (Booker::new(fleet.clone(), store.clone()), VesselHandler::new(fleet).bookings(store));
+    async fn a_fully_booked_fleet_is_refused_saying_what_room_is_left() {
+        let (fleet, store) = (Fleet::new(vec![vessel(3, 100)]), memory());
+        let (booker, handler) = (Booker::new(fleet.clone(), store.clone()), VesselHandler::new(fleet, store));
         let spec = || Request::new(Specification { capacity: 2, max_weight: 50 });
         let found = handler.find_available(spec()).await.unwrap().into_inner().vessel.unwrap();
         assert_eq!((found.id.as_str(), found.capacity), ("v", 3), "fleet figures, not what remains");
@@ -395,9 +597,13 @@ mod tests {
         let status = handler.find_available(spec()).await.unwrap_err();
         assert_eq!(status.code(), tonic::Code::FailedPrecondition);
         assert!(
-            status.message().contains("1 of the fleet of 1 would when empty but are fully booked"),
+            status.message().contains("1 of the fleet would when empty but are fully booked"),
             "{status:?}"
         );
+        assert!(status.message().contains("v has 1 containers and 90 kg left of 3 and 100"), "{status:?}");
+        let status = handler.reserve(reserve("c-2", "", 2, 50)).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+        assert!(status.message().contains("v has 1 containers and 90 kg left"), "{status:?}");
 
         let too_big = Request::new(Specification { capacity: 4, max_weight: 50 });
         let status = handler.find_available(too_big).await.unwrap_err();
@@ -405,8 +611,70 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn unknown_vessels_and_overbookings_are_still_booked() {
-        let store = BookingStore::in_memory().unwrap();
+    async fn a_hold_takes_room_until_released_and_a_confirmed_one_for_good() {
+        let handler = VesselHandler::new(Fleet::new(vec![vessel(4, 100)]), memory());
+        let first = handler.reserve(reserve("c-1", "k-1", 2, 60)).await.unwrap().into_inner();
+        assert_eq!((first.state.as_str(), first.containers, first.weight), (HELD_STATE, 2, 60));
+        assert!(first.expires_at_unix_ms > 0);
+        let again = handler.reserve(reserve("c-1", "k-1", 2, 60)).await.unwrap().into_inner();
+        assert_eq!(again.id, first.id, "the same key while the hold lives: the same reservation");
+        let status = handler.reserve(reserve("c-2", "k-2", 2, 60)).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition, "weight: 60 + 60 > 100");
+
+        let released = handler.release(by_id(&first.id)).await.unwrap().into_inner();
+        assert_eq!(released.state, RELEASED);
+        assert_eq!(
+            handler.release(by_id(&first.id)).await.unwrap().into_inner().state,
+            RELEASED,
+            "twice: same"
+        );
+        let second = handler.reserve(reserve("c-2", "k-2", 2, 60)).await.unwrap().into_inner();
+        let confirmed = handler.confirm(by_id(&second.id)).await.unwrap().into_inner();
+        assert_eq!((confirmed.state.as_str(), confirmed.expires_at_unix_ms), ("confirmed", 0));
+        assert_eq!(handler.confirm(by_id(&second.id)).await.unwrap().into_inner().state, "confirmed");
+        let kept = handler.release(by_id(&second.id)).await.unwrap().into_inner();
+        assert_eq!(kept.state, "confirmed", "a booking is not released");
+        let status = handler.confirm(by_id(&first.id)).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::NotFound, "a released hold cannot be confirmed");
+        let status = handler.reserve(reserve("", "", 1, 1)).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    }
+
+    #[tokio::test]
+    async fn racing_reservations_never_overbook() {
+        let handler = VesselHandler::new(Fleet::new(vec![vessel(500, 200_000)]), memory());
+        let attempts = (0..12).map(|n| {
+            let handler = handler.clone();
+            tokio::spawn(async move { handler.reserve(reserve(&format!("c-{n}"), "", 3, 55_000)).await })
+        });
+        let mut held = 0;
+        for attempt in attempts {
+            match attempt.await.unwrap() {
+                Ok(_) => held += 1,
+                Err(status) => assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}"),
+            }
+        }
+        assert_eq!(held, 3, "3 of 55,000 kg fit 200,000 kg");
+    }
+
+    #[tokio::test]
+    async fn an_event_confirms_its_reservation_once() {
+        let (fleet, store) = (Fleet::new(vec![vessel(3, 100)]), memory());
+        let (booker, handler) =
+            (Booker::new(fleet.clone(), store.clone()), VesselHandler::new(fleet, store.clone()));
+        let held = handler.reserve(reserve("c-1", "", 2, 60)).await.unwrap().into_inner();
+        let (mut consignment, message) = created("c-1", "v", 2, 60);
+        consignment.reservation_id = held.id.clone();
+        let booked = booker.book(&consignment, &message).await.unwrap().unwrap();
+        assert!(booked.fresh && booked.reservation.is_confirmed());
+        assert!(!booker.book(&consignment, &message).await.unwrap().unwrap().fresh, "a redelivery");
+        assert_eq!(store.loads().await.unwrap()["v"], Load { containers: 2, weight: 60 }, "booked once");
+        assert_eq!(store.reservations_for("c-1").await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn unknown_vessels_and_overbookings_without_a_reservation_are_still_booked() {
+        let store = memory();
         let booker = Booker::new(Fleet::new(vec![vessel(3, 100)]), store.clone());
         for (id, vessel) in [("c-1", "elsewhere"), ("c-2", "v"), ("c-3", "v")] {
             let (consignment, message) = created(id, vessel, 2, 60);
@@ -419,12 +687,12 @@ mod tests {
 
     #[tokio::test]
     async fn a_consignment_without_an_id_is_keyed_by_its_message_id_or_not_booked() {
-        let store = BookingStore::in_memory().unwrap();
+        let store = memory();
         let booker = Booker::new(Fleet::default(), store.clone());
         let (consignment, message) = created("", "vessel001", 1, 1);
         let message = message.header(micro_core::broker::headers::MESSAGE_ID, "m-1");
         assert!(booker.book(&consignment, &message).await.unwrap().is_some());
-        assert!(store.booking("m-1").await.unwrap().is_some());
+        assert_eq!(store.reservations_for("m-1").await.unwrap().len(), 1);
         let mut anonymous = message.clone();
         anonymous.headers.clear();
         assert!(booker.book(&consignment, &anonymous).await.unwrap().is_none());
@@ -438,4 +706,6 @@ mod tests {
         let err = Fleet::from_json_file(&path).unwrap_err().to_string();
         assert!(err.contains("fleet.json:3:"), "{err}");
     }
+
+    const HELD_STATE: &str = crate::store::HELD;
 }

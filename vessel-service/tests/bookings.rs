@@ -157,6 +157,7 @@ fn consignment(id: &str, vessel: &str, containers: usize, weight: i32) -> Consig
                 user_id: "u".into(),
             })
             .collect(),
+        reservation_id: String::new(),
     }
 }
 

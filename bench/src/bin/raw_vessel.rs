@@ -6,7 +6,7 @@
 
 use proto::vessel::vessel_service_server::VesselServiceServer;
 use tonic::transport::{Server, server::TcpIncoming};
-use vessel_service::{Fleet, VesselHandler, bookings::BookingStore};
+use vessel_service::{Fleet, VesselHandler, store::SqliteStore};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -18,7 +18,7 @@ async fn main() -> anyhow::Result<()> {
     Server::builder()
         .add_service(VesselServiceServer::new(
             // As vessel-service serves it in the bench: bookings in memory, checked per call.
-            VesselHandler::new(Fleet::default()).bookings(BookingStore::in_memory()?),
+            VesselHandler::new(Fleet::default(), std::sync::Arc::new(SqliteStore::in_memory()?)),
         ))
         .serve_with_incoming_shutdown(incoming, async {
             let _ = tokio::signal::ctrl_c().await;

@@ -106,6 +106,54 @@ impl proto::vessel::vessel_service_server::VesselService for Faults {
         };
         Ok(tonic::Response::new(Response { vessel: Some(vessel), vessels: vec![] }))
     }
+
+    /// Holds nothing: answers as FindAvailable does (and counts as one), with a reservation
+    /// on the label's vessel.
+    async fn reserve(
+        &self,
+        request: Request<proto::vessel::ReserveRequest>,
+    ) -> Result<tonic::Response<proto::vessel::Reservation>, Status> {
+        self.arrive(Method::FindAvailable).await;
+        let request = request.into_inner();
+        let vessel = Vessel {
+            id: self.label.clone(),
+            capacity: 1,
+            max_weight: 1,
+            available: true,
+            ..Default::default()
+        };
+        Ok(tonic::Response::new(proto::vessel::Reservation {
+            id: format!("r-{}-{}", self.label, request.consignment_id),
+            vessel: Some(vessel),
+            consignment_id: request.consignment_id,
+            state: "held".into(),
+            ..Default::default()
+        }))
+    }
+
+    async fn confirm(
+        &self,
+        request: Request<proto::vessel::ReservationRef>,
+    ) -> Result<tonic::Response<proto::vessel::Reservation>, Status> {
+        let id = request.into_inner().reservation_id;
+        Ok(tonic::Response::new(proto::vessel::Reservation {
+            id,
+            state: "confirmed".into(),
+            ..Default::default()
+        }))
+    }
+
+    async fn release(
+        &self,
+        request: Request<proto::vessel::ReservationRef>,
+    ) -> Result<tonic::Response<proto::vessel::Reservation>, Status> {
+        let id = request.into_inner().reservation_id;
+        Ok(tonic::Response::new(proto::vessel::Reservation {
+            id,
+            state: "released".into(),
+            ..Default::default()
+        }))
+    }
 }
 
 #[tonic::async_trait]
@@ -133,6 +181,14 @@ impl proto::consignment::shipping_service_server::ShippingService for Faults {
         let value = MetadataValue::try_from(arrivals.join(",")).map_err(|_| Status::internal("arrivals"))?;
         response.metadata_mut().insert(ARRIVALS_HEADER, value);
         Ok(response)
+    }
+
+    /// Stores nothing, so every reservation it is asked about is abandoned.
+    async fn settle_reservation(
+        &self,
+        _: Request<consignment::SettleRequest>,
+    ) -> Result<tonic::Response<consignment::Settlement>, Status> {
+        Ok(tonic::Response::new(consignment::Settlement::default()))
     }
 }
 
