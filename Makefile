@@ -41,7 +41,7 @@ lint: build-deps
 docker-check: build-deps
 	$(CARGO) test -p e2e --test docker_files -- --nocapture
 
-## bench: release build, then the SDK against its baselines in a private network namespace (about 215 s; the run stops itself at 300 s); writes bench/results.md.
+## bench: release build, then the SDK against its baselines in a private network namespace (about 250 s; the run stops itself at 360 s); writes bench/results.md.
 bench: build-deps
 	scripts/install-consul >/dev/null
 	$(CARGO) build --release -p bench -p vessel-service -p e2e -p micro-cli

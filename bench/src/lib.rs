@@ -3,6 +3,7 @@
 //! process that allocates with mimalloc).
 
 pub mod broker;
+pub mod create;
 pub mod discovery;
 pub mod failover;
 pub mod gateway;

@@ -5,7 +5,7 @@
 //! Run it with `make bench`: it needs the release binaries next to it and a private network
 //! namespace (`scripts/netns-run`) for mDNS. The whole run stops by itself within
 //! [`TIME_LIMIT`]. `--only FIGURE` (unary, resolve, discovery, failover, memory, silent,
-//! gateway, broker) measures one figure, e.g. while working on it; `--brokers LIST`
+//! gateway, broker, create) measures one figure, e.g. while working on it; `--brokers LIST`
 //! (comma-separated, default every one of [`broker::BACKENDS`]) narrows the broker figure
 //! to some backends.
 
@@ -13,14 +13,14 @@ use std::{sync::Arc, time::Duration};
 
 use anyhow::Context;
 use bench::{
-    broker, discovery, failover, gateway, memory, procs, report, require_private_netns, resolve, silent,
-    unary,
+    broker, create, discovery, failover, gateway, memory, procs, report, require_private_netns, resolve,
+    silent, unary,
 };
 use micro_core::{Registry, registry::MdnsRegistry};
 use tokio::time::Instant;
 
 /// The whole run's bound; the watchdog kills every child and exits past it.
-const TIME_LIMIT: Duration = Duration::from_secs(300);
+const TIME_LIMIT: Duration = Duration::from_secs(360);
 
 const EXPLANATIONS: &str = include_str!("../EXPLAINED.md");
 
@@ -73,8 +73,8 @@ async fn main() -> anyhow::Result<()> {
 }
 
 /// The figures `--only` takes, in the order they run.
-const FIGURES: [&str; 8] =
-    ["unary", "resolve", "discovery", "failover", "memory", "silent", "gateway", "broker"];
+const FIGURES: [&str; 9] =
+    ["unary", "resolve", "discovery", "failover", "memory", "silent", "gateway", "broker", "create"];
 
 /// Every figure, or only the one named; the broker figure for the backends in `brokers`.
 async fn run(only: Option<&str>, brokers: &[String]) -> anyhow::Result<()> {
@@ -106,6 +106,9 @@ async fn run(only: Option<&str>, brokers: &[String]) -> anyhow::Result<()> {
     }
     if wanted("broker") {
         broker::run(brokers).await?;
+    }
+    if wanted("create") {
+        create::run().await.context("figure 10 (creations with reservations)")?;
     }
     Ok(())
 }

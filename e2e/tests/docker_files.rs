@@ -348,7 +348,7 @@ fn every_dockerfile_is_multi_stage_non_root_and_builds_a_real_binary() {
 }
 
 #[test]
-fn compose_runs_shippy_on_one_consul_agent_with_two_vessel_services() {
+fn compose_runs_shippy_on_one_consul_agent_and_postgres_with_two_instances_of_each_service() {
     let compose = compose();
     let services = services(&compose);
 
@@ -365,13 +365,25 @@ fn compose_runs_shippy_on_one_consul_agent_with_two_vessel_services() {
         .count();
     assert_eq!(agents, 1, "exactly one Consul agent");
 
+    // One PostgreSQL, pinned, healthy before the services start, with the two databases.
+    let postgres = services.get("postgres").expect("a `postgres` service");
+    let image = text(postgres.get("image").expect("postgres has an image"));
+    assert!(image.starts_with("postgres:1"), "postgres should be the official image, pinned: {image}");
+    assert!(postgres.get("healthcheck").and_then(|h| h.get("test")).is_some(), "postgres has a healthcheck");
+    let init =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../docker/postgres-init.sql"))
+            .expect("docker/postgres-init.sql");
+
     let top_volumes = compose.get("volumes").and_then(Value::as_mapping);
-    let mut vessel_instances = 0;
+    let (mut vessel_instances, mut consignment_instances) = (0, 0);
     let mut referenced = BTreeSet::new();
     for (name, service) in services {
         let name = text(name);
         let Some(dockerfile) = dockerfile_of(service) else {
-            assert_eq!(name, "consul", "{name}: every shippy service builds from docker/");
+            assert!(
+                ["consul", "postgres"].contains(&name.as_str()),
+                "{name}: every shippy service builds from docker/"
+            );
             continue;
         };
         assert!(dockerfile.is_file(), "{name}: its Dockerfile {} does not exist", dockerfile.display());
@@ -379,6 +391,9 @@ fn compose_runs_shippy_on_one_consul_agent_with_two_vessel_services() {
         let program = entrypoint_binary(stages(&dockerfile).last().unwrap());
         if program == "vessel-service" {
             vessel_instances += replicas(service);
+        }
+        if program == "consignment-service" {
+            consignment_instances += replicas(service);
         }
 
         // Every variable is one the program reads; the registry is Consul, found by name.
@@ -403,6 +418,21 @@ fn compose_runs_shippy_on_one_consul_agent_with_two_vessel_services() {
             Some("service_healthy"),
             "{name}: waits for a healthy consul"
         );
+
+        // Services with a database share one PostgreSQL database per service, made by the
+        // init script, and start once it is healthy.
+        for key in ["VESSEL_DB", "CONSIGNMENT_DB"] {
+            let Some(url) = env.get(key) else { continue };
+            let database = url.rsplit('/').next().unwrap();
+            assert!(url.starts_with("postgres://") && url.contains("@postgres:5432/"), "{name}: {key}={url}");
+            assert!(
+                init.contains(&format!("CREATE DATABASE {database} ")),
+                "{name}: {database} is not made by postgres-init.sql"
+            );
+            let condition =
+                service.get("depends_on").and_then(|d| d.get("postgres")).and_then(|c| c.get("condition"));
+            assert_eq!(condition.map(text).as_deref(), Some("service_healthy"), "{name}: waits for postgres");
+        }
 
         // Servers: a fixed port on every interface, metrics reachable, no shared advertise.
         if read.contains("MICRO_SERVER_ADDRESS") {
@@ -444,7 +474,7 @@ fn compose_runs_shippy_on_one_consul_agent_with_two_vessel_services() {
             }
         }
     }
-    assert_eq!(vessel_instances, 2, "two vessel-service instances");
+    assert_eq!((vessel_instances, consignment_instances), (2, 2), "two instances of each service");
     let written: BTreeSet<PathBuf> = dockerfiles().into_iter().map(|p| p.canonicalize().unwrap()).collect();
     assert_eq!(referenced, written, "every docker/*.Dockerfile is used by the compose file, and only those");
 }

@@ -134,7 +134,7 @@ scrape_configs:
     assert!(run.success, "CLI failed: {}", run.stderr);
     for (service, method) in [
         (&consignment_name, "/consignment.ShippingService/CreateConsignment"),
-        (&vessel_name, "/vessel.VesselService/FindAvailable"),
+        (&vessel_name, "/vessel.VesselService/Reserve"),
     ] {
         let query =
             format!(r#"micro_server_requests_total{{service="{service}",method="{method}",code="OK"}}"#);

@@ -88,13 +88,13 @@ async fn one_creation_is_one_trace_across_cli_consignment_and_vessel_services() 
 
     // The vessel call: vessel server span ← consignment-service attempt ← its call ← its server span.
     let vessel_server = server_span(&spans, "vessel-service").unwrap();
-    assert_eq!(vessel_server.name, "vessel.VesselService/FindAvailable");
+    assert_eq!(vessel_server.name, "vessel.VesselService/Reserve");
     assert_eq!(vessel_server.via, "grpc");
     let attempt = by_id(&spans, &vessel_server.parent_span_id);
     assert_eq!((attempt.service.as_str(), attempt.kind), ("consignment-service", CLIENT));
     assert_eq!(attempt.attribute("micro.attempt_kind"), Some("first"));
     let call = by_id(&spans, &attempt.parent_span_id);
-    assert_eq!(call.name, "vessel.VesselService/FindAvailable");
+    assert_eq!(call.name, "vessel.VesselService/Reserve");
     assert_eq!(call.attribute("rpc.service"), Some(vessel_name.as_str()));
     let create = by_id(&spans, &call.parent_span_id);
     assert_eq!((create.service.as_str(), create.kind), ("consignment-service", SERVER));
