@@ -85,6 +85,8 @@ pub struct PostgresStore {
     pool: Pool,
     database: String,
     instance: String,
+    /// The vessels whose running-total row is known to exist (the fleet's, so bounded).
+    ensured: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -122,7 +124,7 @@ impl PostgresStore {
             .runtime(Runtime::Tokio1)
             .build()
             .map_err(|err| StoreError::BadAddress { database: database.clone(), why: err.to_string() })?;
-        let store = PostgresStore { pool, database, instance: this_instance() };
+        let store = PostgresStore { pool, database, instance: this_instance(), ensured: Arc::default() };
         store.migrate().await?;
         Ok(store)
     }
@@ -232,78 +234,69 @@ fn lost_race(err: &tokio_postgres::Error) -> bool {
 }
 
 impl PostgresStore {
-    /// One reservation attempt, in one transaction.
+    /// One reservation attempt. The room is taken and the hold written by one statement
+    /// (a single implicit transaction), so the vessel's row lock is held for that statement
+    /// alone; a hold racing under the same holder and key fails on the unique index, rolls
+    /// back whole, and the next attempt finds it.
     async fn try_reserve(
         &self,
         client: &mut deadpool_postgres::Object,
         hold: &Hold,
         candidates: &[Vessel],
     ) -> Result<Reserved, tokio_postgres::Error> {
-        let transaction = client.transaction().await?;
         if let Some(key) = &hold.request_key {
-            let statement = transaction
+            let statement = client
                 .prepare_cached(&format!("{SELECT_RESERVATION} WHERE holder = $1 AND request_key = $2"))
                 .await?;
-            if let Some(row) = transaction.query_opt(&statement, &[&hold.holder, key]).await? {
+            if let Some(row) = client.query_opt(&statement, &[&hold.holder, key]).await? {
                 let reservation = reservation_row(&row);
-                let vessel_load = load_of(&transaction, &reservation.vessel_id).await?;
-                transaction.commit().await?;
+                let vessel_load = load_of(&*client, &reservation.vessel_id).await?;
                 return Ok(Reserved::Held { reservation, fresh: false, vessel_load });
             }
         }
-        let ensure = transaction
-            .prepare_cached(
-                "INSERT INTO vessel_loads (vessel_id, containers, weight) VALUES ($1, 0, 0)
-                 ON CONFLICT (vessel_id) DO NOTHING",
-            )
-            .await?;
-        let take = transaction
-            .prepare_cached(
-                "UPDATE vessel_loads SET containers = containers + $2, weight = weight + $3
-                 WHERE vessel_id = $1 AND containers + $2 <= $4 AND weight + $3 <= $5
-                 RETURNING containers, weight",
-            )
+        let take = client
+            .prepare_cached(&format!(
+                "WITH taken AS (
+                     UPDATE vessel_loads SET containers = containers + $2, weight = weight + $3
+                     WHERE vessel_id = $1 AND containers + $2 <= $4 AND weight + $3 <= $5
+                     RETURNING containers, weight
+                 ), held AS (
+                     INSERT INTO reservations (id, vessel_id, consignment_id, containers, weight, holder,
+                                               request_key, state, expires_at_ms, made_by)
+                     SELECT $6, $1, $7, $2, $3, $8, $9, 'held', {NOW_MS} + $10, $11 FROM taken
+                     RETURNING expires_at_ms
+                 )
+                 SELECT taken.containers, taken.weight, held.expires_at_ms FROM taken, held"
+            ))
             .await?;
         let mut loads = Vec::with_capacity(candidates.len());
         for vessel in candidates {
+            self.ensure_load_row(client, &vessel.id).await?;
             let (capacity, max_weight) = (i64::from(vessel.capacity), i64::from(vessel.max_weight));
-            transaction.execute(&ensure, &[&vessel.id]).await?;
-            let taken = transaction
-                .query_opt(&take, &[&vessel.id, &hold.containers, &hold.weight, &capacity, &max_weight])
-                .await?;
-            let Some(row) = taken else {
-                loads.push((vessel.id.clone(), load_of(&transaction, &vessel.id).await?));
-                continue;
-            };
-            let vessel_load = load_row(&row);
             let id = new_reservation_id();
             let ttl_ms = hold.ttl.as_millis() as i64;
-            let insert = transaction
-                .prepare_cached(&format!(
-                    "INSERT INTO reservations (id, vessel_id, consignment_id, containers, weight, holder,
-                                               request_key, state, expires_at_ms, made_by)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, 'held', {NOW_MS} + $8, $9)
-                     RETURNING expires_at_ms"
-                ))
-                .await?;
-            let expires_at_ms: i64 = transaction
-                .query_one(
-                    &insert,
+            let taken = client
+                .query_opt(
+                    &take,
                     &[
-                        &id,
                         &vessel.id,
-                        &hold.consignment_id,
                         &hold.containers,
                         &hold.weight,
+                        &capacity,
+                        &max_weight,
+                        &id,
+                        &hold.consignment_id,
                         &hold.holder,
                         &hold.request_key,
                         &ttl_ms,
                         &self.instance,
                     ],
                 )
-                .await?
-                .get(0);
-            transaction.commit().await?;
+                .await?;
+            let Some(row) = taken else {
+                loads.push((vessel.id.clone(), load_of(&*client, &vessel.id).await?));
+                continue;
+            };
             let reservation = Reservation {
                 id,
                 vessel_id: vessel.id.clone(),
@@ -312,12 +305,35 @@ impl PostgresStore {
                 weight: hold.weight,
                 holder: hold.holder.clone(),
                 state: HELD.to_owned(),
-                expires_at_ms: Some(expires_at_ms),
+                expires_at_ms: Some(row.get(2)),
             };
-            return Ok(Reserved::Held { reservation, fresh: true, vessel_load });
+            return Ok(Reserved::Held {
+                reservation,
+                fresh: true,
+                vessel_load: Load { containers: row.get(0), weight: row.get(1) },
+            });
         }
-        transaction.commit().await?;
         Ok(Reserved::Full { loads })
+    }
+
+    /// Makes sure `vessel_id` has a running total to update (once per vessel and process).
+    async fn ensure_load_row(
+        &self,
+        client: &deadpool_postgres::Object,
+        vessel_id: &str,
+    ) -> Result<(), tokio_postgres::Error> {
+        if self.ensured.lock().unwrap_or_else(|e| e.into_inner()).contains(vessel_id) {
+            return Ok(());
+        }
+        let ensure = client
+            .prepare_cached(
+                "INSERT INTO vessel_loads (vessel_id, containers, weight) VALUES ($1, 0, 0)
+                 ON CONFLICT (vessel_id) DO NOTHING",
+            )
+            .await?;
+        client.execute(&ensure, &[&vessel_id]).await?;
+        self.ensured.lock().unwrap_or_else(|e| e.into_inner()).insert(vessel_id.to_owned());
+        Ok(())
     }
 
     async fn try_book(
