@@ -1,8 +1,11 @@
 //! `micro`: see and use what is registered: `services`, `describe`, `health`, `watch`,
-//! `call`, `why`, `wait`, `register`, `config`, `gateway`, `publish`, `subscribe`, `redeliver`; same `MICRO_REGISTRY` switch and flags as
+//! `call`, `why`, `wait`, `register`, `config`, `gateway`, `publish`, `subscribe`, `redeliver`,
+//! `certs`, `authz`; same `MICRO_REGISTRY` switch and flags as
 //! the services. Exit codes: see [`exit`].
 
+mod authz;
 mod call;
+mod certs;
 mod dynamic;
 mod exit;
 mod gateway;
@@ -139,6 +142,12 @@ enum Command {
     /// Publish a topic's dead letters to it again (once the handler is mended), printing each
     /// message id; stops when none came for `--idle`.
     Redeliver(redeliver::RedeliverArgs),
+    /// Makes a development CA (once) and a short-lived certificate per service, each naming
+    /// its service by DNS name and SPIFFE id (`spiffe://TRUST_DOMAIN/svc/NAME`).
+    Certs(certs::CertsArgs),
+    /// Explains authorization policies: `micro authz check CALLER SERVICE METHOD --policy FILE`.
+    #[command(subcommand)]
+    Authz(authz::AuthzCommand),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -155,11 +164,17 @@ async fn main() -> ExitCode {
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|err| err.exit());
     let quiet = !matches!(cli.command, Command::Gateway(_));
     cli.log.init(if quiet { "micro_core=error" } else { "micro=info,micro_core=info" });
-    if let Command::Config = cli.command {
-        settings::print(&matches, cli.output);
-        return ExitCode::SUCCESS;
-    }
-    match run(cli).await {
+    // What needs no registry is answered before one is opened.
+    let outcome = match cli.command {
+        Command::Config => {
+            settings::print(&matches, cli.output);
+            Ok(())
+        }
+        Command::Certs(args) => certs::certs(args),
+        Command::Authz(command) => authz::authz(command),
+        command => run(Cli { command, ..cli }).await,
+    };
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => failure.report(),
     }
@@ -185,7 +200,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Describe { name } => health::describe(&registry, &name, tls.as_ref(), output).await?,
         Command::Health { name } => health::health(&registry, &name, tls.as_ref(), output).await?,
-        Command::Config => unreachable!("answered before the registry is opened"),
+        Command::Config | Command::Certs(_) | Command::Authz(_) => {
+            unreachable!("answered before the registry is opened")
+        }
         Command::Watch { names } => watch::watch(registry, names, output).await?,
         Command::Call { name, method, json } => {
             lookup::find(&registry, &name).await?;

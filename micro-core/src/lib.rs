@@ -50,6 +50,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod auth;
 pub mod broker;
 #[cfg(feature = "cli")]
 pub mod cli;

@@ -215,6 +215,8 @@ pub struct Metrics {
     pub broker_handle_duration: Family<BrokerTopicLabels, Histogram, fn() -> Histogram>,
     /// Per broker, the topics that have a label of their own, with their handles.
     broker_topics: RwLock<HashMap<&'static str, HashMap<String, Arc<BrokerTopic>>>>,
+    /// Calls an authorization policy refused, by server and gRPC service.
+    pub authz_denied: Family<AuthzLabels, Counter>,
     /// Per service, the methods that have answered a client call, with their handles.
     client_methods: RwLock<HashMap<String, HashMap<String, Arc<ClientMethod>>>>,
     registry: Mutex<Registry>,
@@ -266,6 +268,7 @@ pub fn metrics() -> &'static Metrics {
             broker_handled: Family::default(),
             broker_handle_duration: Family::new_with_constructor(latency_histogram),
             broker_topics: RwLock::default(),
+            authz_denied: Family::default(),
             client_methods: RwLock::default(),
             registry: Mutex::new(Registry::with_prefix("micro")),
         };
@@ -317,12 +320,32 @@ pub fn metrics() -> &'static Metrics {
                 "Time a subscriber's handler took",
                 metrics.broker_handle_duration.clone(),
             );
+            registry.register(
+                "authz_denied",
+                "Calls refused by the server's authorization policy",
+                metrics.authz_denied.clone(),
+            );
         }
         metrics
     })
 }
 
+/// Labels of `micro_authz_denied_total`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthzLabels {
+    /// The server's registered name.
+    pub service: String,
+    /// The gRPC service called: one the server serves, or [`UNKNOWN_METHOD`].
+    pub grpc_service: String,
+}
+
 impl Metrics {
+    /// Counts a call refused by `service`'s authorization policy.
+    pub fn authz_denied(&self, service: &str, grpc_service: &str) {
+        let labels = AuthzLabels { service: service.to_owned(), grpc_service: grpc_service.to_owned() };
+        self.authz_denied.get_or_create(&labels).inc();
+    }
+
     /// Counts a registry event.
     pub fn registry_event(&self, registry: &str, service: &str, event: &str) {
         let labels = RegistryLabels {

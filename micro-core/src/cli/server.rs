@@ -52,6 +52,12 @@ pub struct ServerArgs {
     /// the binary decides (the shippy services serve them on 127.0.0.1, any port).
     #[arg(long, env = "MICRO_METRICS_ADDRESS", value_parser = parse_metrics_address)]
     pub metrics_address: Option<MetricsAddress>,
+    /// Authorization policy file (YAML or JSON: rules of caller × method, allow or deny,
+    /// default deny), reread when it changes; needs MICRO_TLS_CA and a server certificate,
+    /// since callers are known by their certificates. Unset: every caller may call every
+    /// method.
+    #[arg(long, env = "MICRO_AUTHZ_POLICY")]
+    pub authz_policy: Option<std::path::PathBuf>,
 }
 
 /// Where metrics are served, as `MICRO_METRICS_ADDRESS` says.
@@ -111,6 +117,7 @@ impl TryFrom<ServerArgs> for ServerConfig {
                 Some(MetricsAddress::Off) | None => None,
             },
             tls: None,
+            authz_policy: args.authz_policy,
         };
         config.validate()?;
         Ok(config)

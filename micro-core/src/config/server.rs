@@ -41,6 +41,10 @@ pub struct ServerConfig {
     pub metrics_address: Option<SocketAddr>,
     /// TLS: served when it has an identity; client certificates checked against its CA.
     pub tls: Option<TlsConfig>,
+    /// An authorization policy file ([`crate::auth::Policy`]): with it, callers must present
+    /// a certificate of the TLS CA, and only the calls it allows are served. Default: none
+    /// (every caller may call every method).
+    pub authz_policy: Option<std::path::PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -57,6 +61,7 @@ impl Default for ServerConfig {
             drain_delay: Duration::from_millis(DEFAULT_DRAIN_DELAY_MS),
             metrics_address: None,
             tls: None,
+            authz_policy: None,
         }
     }
 }

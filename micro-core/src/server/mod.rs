@@ -187,12 +187,22 @@ impl Server {
         // What can fail without touching the network comes first.
         let tls = self.tls.take().or_else(|| self.config.tls.clone());
         let serves_tls = tls.as_ref().is_some_and(|t| t.identity.is_some());
+        let authorizes = self.config.authz_policy.is_some();
+        if authorizes && !tls.as_ref().is_some_and(|t| t.identity.is_some() && t.ca.is_some()) {
+            return Err(Error::invalid(
+                "MICRO_AUTHZ_POLICY",
+                "needs MICRO_TLS_CERT, MICRO_TLS_KEY and MICRO_TLS_CA: callers are known by their certificates \
+                 (`micro certs` makes a development set)",
+            ));
+        }
         let mut builder = tonic::transport::Server::builder();
         if let Some((tls, (cert, key))) = tls.as_ref().and_then(|t| Some((t, t.identity.as_ref()?))) {
             use tonic::transport::{Certificate, Identity, ServerTlsConfig};
             let mut config = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
             if let Some(ca) = &tls.ca {
-                config = config.client_ca_root(Certificate::from_pem(ca)).client_auth_optional(true);
+                // With a policy, a caller without a certificate of the CA is refused at the
+                // handshake; without one, a certificate is checked when presented.
+                config = config.client_ca_root(Certificate::from_pem(ca)).client_auth_optional(!authorizes);
             }
             builder = builder.tls_config(config).map_err(|err| {
                 Error::invalid("MICRO_TLS_CERT/MICRO_TLS_KEY", crate::error::error_chain(&err))
@@ -250,7 +260,11 @@ impl Server {
 
         let (stop_serving, serving_stopped) = oneshot::channel::<()>();
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-        let layers = self.layers;
+        let mut layers = self.layers;
+        if let Some(path) = &self.config.authz_policy {
+            let layer = crate::auth::AuthzLayer::watch(&node.name, path, &self.grpc_services)?;
+            layers.insert(0, Arc::new(move |inner| BoxCloneSyncService::new(layer.layer(inner))));
+        }
         // Metric labels only for what this server serves: a made-up path counts as `unknown`.
         let served = self.grpc_services.iter().copied().chain([
             <tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService> as NamedService>::NAME,
