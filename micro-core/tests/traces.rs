@@ -53,9 +53,17 @@ fn telemetry() -> &'static Telemetry {
             .unwrap();
         use opentelemetry_otlp::WithExportConfig;
         let provider = SdkTracerProvider::builder().with_batch_exporter(exporter).build();
+        // The SDK's spans, and nothing below info from elsewhere: h2's per-frame spans
+        // would fill the batch exporter's queue, which drops what overflows.
+        use tracing_subscriber::Layer as _;
+        let sdk_spans = || {
+            tracing_subscriber::filter::Targets::new()
+                .with_default(tracing::Level::INFO)
+                .with_target("micro_core", tracing::Level::TRACE)
+        };
         let subscriber = tracing_subscriber::registry()
-            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")))
-            .with(tracing_subscriber::fmt::layer().with_test_writer());
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")).with_filter(sdk_spans()))
+            .with(tracing_subscriber::fmt::layer().with_test_writer().with_filter(sdk_spans()));
         tracing::subscriber::set_global_default(subscriber).unwrap();
         Telemetry { receiver, provider }
     })
