@@ -7,10 +7,8 @@ use std::{process::ExitCode, time::Duration};
 use anyhow::Context;
 use clap::Parser;
 use consignment_service::{
-    DEFAULT_DB, DEFAULT_VESSEL_TIMEOUT_MS, FaultPoint, SERVICE_NAME, ShippingHandler,
-    outbox::Relay,
-    repository::{self, postgres::redacted},
-    request_size_layer,
+    DEFAULT_DB, DEFAULT_VESSEL_TIMEOUT_MS, FaultPoint, SERVICE_NAME, ShippingHandler, outbox::Relay,
+    repository, request_size_layer,
 };
 use micro_core::{
     Client, Server,
@@ -70,9 +68,9 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let repository = repository::open(&cli.db)
-        .await
-        .with_context(|| format!("cannot open the consignment database {}", redacted(&cli.db)))?;
+    let repository = repository::open(&cli.db).await.with_context(|| {
+        format!("cannot open the consignment database {}", shippy_postgres::redacted(&cli.db))
+    })?;
     tracing::info!(db = %repository.database(), schema = repository.schema_version().await?, "consignment database ready");
     let registry_config = RegistryConfig::from(cli.registry);
     let registry = registry_config.connect().await.context("cannot open the registry")?;

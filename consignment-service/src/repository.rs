@@ -187,7 +187,7 @@ pub struct Created {
 /// `:memory:`, or the path of an SQLite file (created if missing); the schema is created or
 /// migrated.
 pub async fn open(database: &str) -> Result<std::sync::Arc<dyn ConsignmentRepository>, RepositoryError> {
-    if database.starts_with("postgres://") || database.starts_with("postgresql://") {
+    if shippy_postgres::is_postgres(database) {
         return Ok(std::sync::Arc::new(PostgresRepository::connect(database).await?));
     }
     let path = database.to_owned();

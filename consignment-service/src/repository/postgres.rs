@@ -5,7 +5,7 @@
 //! keys, so two replicas racing with one key store once: the loser's transaction fails on
 //! the key, rolls back whole, and answers with the winner's consignment. The schema is
 //! created or migrated at start, under an advisory lock, so replicas starting together
-//! migrate once. Driver: `tokio-postgres` with a `deadpool-postgres` pool (plain TCP).
+//! migrate once; the pool, session settings and migrations are [`shippy_postgres`]'s.
 //!
 //! # Examples
 //! ```no_run
@@ -18,20 +18,16 @@
 
 use std::time::Duration;
 
-use deadpool_postgres::{GenericClient, Pool, Runtime};
 use proto::consignment::{Consignment, Container};
-use tokio_postgres::{NoTls, Row, error::SqlState};
+use shippy_postgres::{
+    PostgresError,
+    deadpool_postgres::{self, GenericClient, Pool},
+    redacted,
+    tokio_postgres::{self, Row, error::SqlState},
+};
 
 use super::{CONSIGNMENT_CREATED, ConsignmentRepository, Created, OutboxEvent, RepositoryError, Settled};
 
-/// Connections the pool keeps at most.
-const POOL_SIZE: usize = 16;
-/// Each session ends a transaction whose client went silent (a host partitioned mid-way)
-/// after 5 s, so the rows it locked are not held for the TCP timeout, and gives up a lock
-/// wait after 5 s (the call fails UNAVAILABLE and is retried) rather than waiting on.
-const SESSION_OPTIONS: &str = "-c idle_in_transaction_session_timeout=5000 -c lock_timeout=5000";
-/// TCP keepalive on idle pool connections, so a dead server is noticed.
-const KEEPALIVE_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
 /// The advisory lock migrations take, so replicas starting together migrate once.
 const MIGRATION_LOCK: i64 = 0x636f_6e73_6967; // "consig"
 
@@ -101,16 +97,6 @@ impl std::fmt::Debug for PostgresRepository {
     }
 }
 
-/// `url` with its password, if any, replaced by `***`, for logs and errors.
-pub fn redacted(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
-    let Some((credentials, host)) = rest.rsplit_once('@') else { return url.to_owned() };
-    match credentials.split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
-        None => url.to_owned(),
-    }
-}
-
 /// What went wrong inside one transaction.
 enum Failure {
     Database(tokio_postgres::Error),
@@ -127,24 +113,16 @@ impl PostgresRepository {
     /// Connects to the database at `url` (`postgres://user[:password]@host[:port]/name`),
     /// then creates or migrates the schema. Fails when the server cannot be reached.
     pub async fn connect(url: &str) -> Result<Self, RepositoryError> {
-        let database = redacted(url);
-        let bad = |why: String| RepositoryError::BadAddress { database: database.clone(), why };
-        let mut config: tokio_postgres::Config =
-            url.parse().map_err(|err: tokio_postgres::Error| bad(err.to_string()))?;
-        config.options(SESSION_OPTIONS).keepalives_idle(KEEPALIVE_IDLE);
-        let manager = deadpool_postgres::Manager::from_config(
-            config,
-            NoTls,
-            deadpool_postgres::ManagerConfig { recycling_method: deadpool_postgres::RecyclingMethod::Fast },
-        );
-        let pool = Pool::builder(manager)
-            .max_size(POOL_SIZE)
-            .runtime(Runtime::Tokio1)
-            .build()
-            .map_err(|err| bad(err.to_string()))?;
-        let repository = PostgresRepository { pool, database };
-        repository.migrate().await?;
-        Ok(repository)
+        let pool = shippy_postgres::connect(url, MIGRATIONS, MIGRATION_LOCK, "consignment").await.map_err(
+            |err| match err {
+                PostgresError::SchemaTooNew { found, known, .. } => {
+                    RepositoryError::SchemaTooNew { found, known }
+                }
+                PostgresError::BadAddress { database, why } => RepositoryError::BadAddress { database, why },
+                other => RepositoryError::Server { database: redacted(url), source: Box::new(other) },
+            },
+        )?;
+        Ok(PostgresRepository { pool, database: redacted(url) })
     }
 
     fn error(&self, source: impl std::error::Error + Send + Sync + 'static) -> RepositoryError {
@@ -153,42 +131,6 @@ impl PostgresRepository {
 
     async fn client(&self) -> Result<deadpool_postgres::Object, RepositoryError> {
         self.pool.get().await.map_err(|err| self.error(err))
-    }
-
-    async fn migrate(&self) -> Result<(), RepositoryError> {
-        let mut client = self.client().await?;
-        let transaction = client.transaction().await.map_err(|err| self.error(err))?;
-        let found = async {
-            transaction.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await?;
-            transaction
-                .batch_execute(
-                    "CREATE TABLE IF NOT EXISTS schema_migrations (
-                         version    BIGINT      PRIMARY KEY,
-                         applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
-                     )",
-                )
-                .await?;
-            let row =
-                transaction.query_one("SELECT coalesce(max(version), 0) FROM schema_migrations", &[]).await?;
-            Ok::<i64, tokio_postgres::Error>(row.get(0))
-        }
-        .await
-        .map_err(|err| self.error(err))?;
-        let known = MIGRATIONS.len() as i64;
-        if found > known {
-            return Err(RepositoryError::SchemaTooNew { found, known });
-        }
-        for (version, step) in MIGRATIONS.iter().enumerate().skip(found as usize) {
-            let next = version as i64 + 1;
-            async {
-                transaction.batch_execute(step).await?;
-                transaction.execute("INSERT INTO schema_migrations (version) VALUES ($1)", &[&next]).await
-            }
-            .await
-            .map_err(|err| self.error(err))?;
-            tracing::info!(database = %self.database, version = next, "database migrated");
-        }
-        transaction.commit().await.map_err(|err| self.error(err))
     }
 
     /// One attempt at [`ConsignmentRepository::create`], in one transaction.
@@ -328,11 +270,7 @@ impl ConsignmentRepository for PostgresRepository {
 
     async fn schema_version(&self) -> Result<i64, RepositoryError> {
         let client = self.client().await?;
-        let row = client
-            .query_one("SELECT coalesce(max(version), 0) FROM schema_migrations", &[])
-            .await
-            .map_err(|err| self.error(err))?;
-        Ok(row.get(0))
+        shippy_postgres::schema_version(&client).await.map_err(|err| self.error(err))
     }
 
     async fn create(&self, consignment: Consignment, key: Option<&str>) -> Result<Created, RepositoryError> {

@@ -38,10 +38,8 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use proto::vessel::Vessel;
 
-pub use self::{
-    postgres::{PostgresStore, redacted},
-    sqlite::SqliteStore,
-};
+pub use self::{postgres::PostgresStore, sqlite::SqliteStore};
+pub use shippy_postgres::redacted;
 
 /// The database vessel-service uses when `--db` / `VESSEL_DB` is not given: an SQLite file,
 /// relative to the working directory.
@@ -269,7 +267,7 @@ pub trait ReservationStore: Send + Sync + std::fmt::Debug + 'static {
 /// Opens the store `database` names: a `postgres://` (or `postgresql://`) URL, `:memory:`,
 /// or the path of an SQLite file (created if missing); the schema is created or migrated.
 pub async fn open(database: &str) -> Result<Arc<dyn ReservationStore>, StoreError> {
-    if database.starts_with("postgres://") || database.starts_with("postgresql://") {
+    if shippy_postgres::is_postgres(database) {
         return Ok(Arc::new(PostgresStore::connect(database).await?));
     }
     let path = database.to_owned();

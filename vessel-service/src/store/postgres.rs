@@ -10,8 +10,7 @@
 //! first's reservation. The schema is created or migrated at start, under an advisory lock
 //! so instances starting together migrate once.
 //!
-//! Driver: `tokio-postgres` with a `deadpool-postgres` pool (plain TCP: no TLS to the
-//! database yet).
+//! The pool, session settings and migrations are [`shippy_postgres`]'s.
 //!
 //! # Examples
 //! ```no_run
@@ -24,23 +23,19 @@
 
 use std::{collections::HashMap, sync::Arc};
 
-use deadpool_postgres::{GenericClient, Pool, Runtime};
 use proto::vessel::Vessel;
-use tokio_postgres::{NoTls, Row, error::SqlState};
+use shippy_postgres::{
+    PostgresError,
+    deadpool_postgres::{self, GenericClient, Pool},
+    lost_race, redacted,
+    tokio_postgres::{self, Row},
+};
 
 use super::{
     Booked, CONFIRMED, Expired, HELD, Hold, Load, Released, Reservation, ReservationStore, Reserved,
     StoreError, new_reservation_id, this_instance, unreserved_booking_id,
 };
 
-/// Connections the pool keeps at most.
-const POOL_SIZE: usize = 16;
-/// Each session ends a transaction whose client went silent (a host partitioned mid-way)
-/// after 5 s, so the rows it locked are not held for the TCP timeout, and gives up a lock
-/// wait after 5 s (the call fails UNAVAILABLE and is retried) rather than waiting on.
-const SESSION_OPTIONS: &str = "-c idle_in_transaction_session_timeout=5000 -c lock_timeout=5000";
-/// TCP keepalive on idle pool connections, so a dead server is noticed.
-const KEEPALIVE_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
 /// How often a transaction that lost a race (a unique key, a deadlock) is tried again.
 const ATTEMPTS: usize = 5;
 /// The advisory lock migrations take, so instances starting together migrate once.
@@ -95,38 +90,23 @@ impl std::fmt::Debug for PostgresStore {
     }
 }
 
-/// `url` with its password, if any, replaced by `***`, for logs and errors.
-pub fn redacted(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
-    let Some((credentials, host)) = rest.rsplit_once('@') else { return url.to_owned() };
-    match credentials.split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
-        None => url.to_owned(),
-    }
-}
-
 impl PostgresStore {
     /// Connects to the database at `url` (`postgres://user[:password]@host[:port]/name`),
     /// then creates or migrates the schema. Fails when the server cannot be reached.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        let database = redacted(url);
-        let mut config: tokio_postgres::Config = url.parse().map_err(|err: tokio_postgres::Error| {
-            StoreError::BadAddress { database: database.clone(), why: err.to_string() }
-        })?;
-        config.options(SESSION_OPTIONS).keepalives_idle(KEEPALIVE_IDLE);
-        let manager = deadpool_postgres::Manager::from_config(
-            config,
-            NoTls,
-            deadpool_postgres::ManagerConfig { recycling_method: deadpool_postgres::RecyclingMethod::Fast },
-        );
-        let pool = Pool::builder(manager)
-            .max_size(POOL_SIZE)
-            .runtime(Runtime::Tokio1)
-            .build()
-            .map_err(|err| StoreError::BadAddress { database: database.clone(), why: err.to_string() })?;
-        let store = PostgresStore { pool, database, instance: this_instance(), ensured: Arc::default() };
-        store.migrate().await?;
-        Ok(store)
+        let pool = shippy_postgres::connect(url, MIGRATIONS, MIGRATION_LOCK, "reservations").await.map_err(
+            |err| match err {
+                PostgresError::SchemaTooNew { found, known, .. } => StoreError::SchemaTooNew { found, known },
+                PostgresError::BadAddress { database, why } => StoreError::BadAddress { database, why },
+                other => StoreError::Database { database: redacted(url), source: Box::new(other) },
+            },
+        )?;
+        Ok(PostgresStore {
+            pool,
+            database: redacted(url),
+            instance: this_instance(),
+            ensured: Arc::default(),
+        })
     }
 
     fn error(&self, source: impl std::error::Error + Send + Sync + 'static) -> StoreError {
@@ -135,42 +115,6 @@ impl PostgresStore {
 
     async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
         self.pool.get().await.map_err(|err| self.error(err))
-    }
-
-    async fn migrate(&self) -> Result<(), StoreError> {
-        let mut client = self.client().await?;
-        let transaction = client.transaction().await.map_err(|err| self.error(err))?;
-        let found = async {
-            transaction.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await?;
-            transaction
-                .batch_execute(
-                    "CREATE TABLE IF NOT EXISTS schema_migrations (
-                         version    BIGINT      PRIMARY KEY,
-                         applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
-                     )",
-                )
-                .await?;
-            let row =
-                transaction.query_one("SELECT coalesce(max(version), 0) FROM schema_migrations", &[]).await?;
-            Ok::<i64, tokio_postgres::Error>(row.get(0))
-        }
-        .await
-        .map_err(|err| self.error(err))?;
-        let known = MIGRATIONS.len() as i64;
-        if found > known {
-            return Err(StoreError::SchemaTooNew { found, known });
-        }
-        for (version, step) in MIGRATIONS.iter().enumerate().skip(found as usize) {
-            let next = version as i64 + 1;
-            async {
-                transaction.batch_execute(step).await?;
-                transaction.execute("INSERT INTO schema_migrations (version) VALUES ($1)", &[&next]).await
-            }
-            .await
-            .map_err(|err| self.error(err))?;
-            tracing::info!(database = %self.database, version = next, "reservations database migrated");
-        }
-        transaction.commit().await.map_err(|err| self.error(err))
     }
 }
 
@@ -220,17 +164,6 @@ async fn add_load(
         )
         .await?;
     Ok(load_row(&client.query_one(&statement, &[&vessel_id, &containers, &weight]).await?))
-}
-
-/// Whether `err` lost a race that trying again resolves: a unique key taken meanwhile, a
-/// serialization failure or a deadlock.
-fn lost_race(err: &tokio_postgres::Error) -> bool {
-    matches!(
-        err.code(),
-        Some(code) if *code == SqlState::UNIQUE_VIOLATION
-            || *code == SqlState::T_R_SERIALIZATION_FAILURE
-            || *code == SqlState::T_R_DEADLOCK_DETECTED
-    )
 }
 
 impl PostgresStore {
@@ -374,11 +307,7 @@ impl ReservationStore for PostgresStore {
 
     async fn schema_version(&self) -> Result<i64, StoreError> {
         let client = self.client().await?;
-        let row = client
-            .query_one("SELECT coalesce(max(version), 0) FROM schema_migrations", &[])
-            .await
-            .map_err(|err| self.error(err))?;
-        Ok(row.get(0))
+        shippy_postgres::schema_version(&client).await.map_err(|err| self.error(err))
     }
 
     async fn reserve(&self, hold: Hold, candidates: Vec<Vessel>) -> Result<Reserved, StoreError> {
@@ -505,17 +434,5 @@ impl ReservationStore for PostgresStore {
             .await
             .map_err(|err| self.error(err))?;
         Ok(rows.iter().map(reservation_row).collect())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::redacted;
-
-    #[test]
-    fn a_password_never_shows() {
-        assert_eq!(redacted("postgres://shippy:secret@db:5432/v"), "postgres://shippy:***@db:5432/v");
-        assert_eq!(redacted("postgres://shippy@db/v"), "postgres://shippy@db/v");
-        assert_eq!(redacted("postgresql://db/v"), "postgresql://db/v");
     }
 }
