@@ -139,3 +139,27 @@ impl Drop for Process {
         }
     }
 }
+
+/// Where a test's process runs: this namespace, or a host of a [`crate::hosts::Network`].
+#[derive(Clone, Copy)]
+pub enum Place<'a> {
+    /// The test's own namespace (loopback only).
+    Here,
+    /// A host of the test's network.
+    On(&'a crate::hosts::Host),
+}
+
+impl Place<'_> {
+    /// Starts the workspace binary `name` there, as [`Process::start`] does.
+    pub fn start(self, name: &str, args: &[&str], env: &[(&str, &str)]) -> Process {
+        match self {
+            Place::Here => Process::start(name, args, env),
+            Place::On(host) => host.start(name, args, env),
+        }
+    }
+}
+
+/// An environment of owned values as the `(&str, &str)` pairs [`Process::start`] takes.
+pub fn env_refs<'a>(env: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    env.iter().map(|(name, value)| (*name, value.as_str())).collect()
+}

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use e2e::{
     discovery::{mdns, wait_for},
-    process::{Process, binary},
+    process::{Process, binary, env_refs},
     shippy::{self, sample_consignment},
     unique_name,
 };
@@ -22,10 +22,6 @@ fn tls_env(dir: &Path, name: &str) -> Vec<(&'static str, String)> {
         ("MICRO_TLS_CERT", dir.join(format!("{name}.pem")).display().to_string()),
         ("MICRO_TLS_KEY", dir.join(format!("{name}-key.pem")).display().to_string()),
     ]
-}
-
-fn refs<'a>(env: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
-    env.iter().map(|(k, v)| (*k, v.as_str())).collect()
 }
 
 fn run_micro(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
@@ -88,22 +84,23 @@ async fn shippy_serves_only_what_its_policies_allow() {
     let mut vessel_env = tls_env(&certs, &vessel);
     vessel_env.push(("MICRO_SERVER_NAME", vessel.clone()));
     vessel_env.push(("MICRO_AUTHZ_POLICY", vessel_policy.display().to_string()));
-    let _vessel = Process::start("vessel-service", &[], &refs(&vessel_env));
+    let _vessel = Process::start("vessel-service", &[], &env_refs(&vessel_env));
     let mut consignment_env = tls_env(&certs, &consignment);
     consignment_env.push(("MICRO_SERVER_NAME", consignment.clone()));
     consignment_env.push(("VESSEL_SERVICE", vessel.clone()));
     consignment_env.push(("MICRO_AUTHZ_POLICY", consignment_policy.display().to_string()));
-    let _consignment = Process::start("consignment-service", &["--db", ":memory:"], &refs(&consignment_env));
+    let _consignment =
+        Process::start("consignment-service", &["--db", ":memory:"], &env_refs(&consignment_env));
     wait_for(&registry, &vessel, 1).await;
     wait_for(&registry, &consignment, 1).await;
 
     // The CLI creates through consignment-service, which reserves at vessel-service.
     let cli_env = tls_env(&certs, &cli);
-    let run = shippy::run_cli(&consignment, &sample_consignment(), &[], &refs(&cli_env)).await;
+    let run = shippy::run_cli(&consignment, &sample_consignment(), &[], &env_refs(&cli_env)).await;
     assert!(run.success, "creation under the policies: {}\n{}", run.stdout, run.stderr);
 
     // The CLI's identity calling vessel-service directly: denied, naming the caller.
-    let mut env = refs(&cli_env);
+    let mut env = env_refs(&cli_env);
     env.push(("MICRO_REGISTRY", "mdns"));
     let denied = run_micro(
         &["call", &vessel, "vessel.VesselService/FindAvailable", r#"{"capacity": 1, "max_weight": 1}"#],

@@ -21,10 +21,10 @@ use std::{
 use e2e::{
     calls::poll_until,
     discovery::{STARTUP, mdns, wait_for},
-    hosts::{Host, Network},
+    hosts::Network,
     nats::NatsServer,
     postgres::PostgresServer,
-    process::Process,
+    process::{Place, Process, env_refs},
     rabbitmq::RabbitMqServer,
     unique_name,
 };
@@ -49,22 +49,6 @@ const TTL_MS: &str = "2000";
 const SETTLE: Duration = Duration::from_secs(60);
 const IDEMPOTENCY_KEY: &str = "idempotency-key";
 const REPLAYED: &str = "idempotent-replayed";
-
-/// Where a test's processes run: this namespace, or a host of their own.
-#[derive(Clone, Copy)]
-enum Place<'a> {
-    Here,
-    On(&'a Host),
-}
-
-impl Place<'_> {
-    fn start(self, name: &str, args: &[&str], env: &[(&str, &str)]) -> Process {
-        match self {
-            Place::Here => Process::start(name, args, env),
-            Place::On(host) => host.start(name, args, env),
-        }
-    }
-}
 
 /// Where the services keep their data.
 enum Databases<'a> {
@@ -140,7 +124,7 @@ impl<'a> Shippy<'a> {
 
     fn vessel_service(&self, place: Place) -> Process {
         let (fleet, db) = (self.fleet.display().to_string(), self.databases.vessel_db());
-        let mut env = refs(&self.broker);
+        let mut env = env_refs(&self.broker);
         env.extend([("MICRO_SERVER_NAME", self.vessel_name.as_str()), ("VESSEL_RESERVATION_TTL", TTL_MS)]);
         place.start("vessel-service", &["--fleet", &fleet, "--db", &db], &env)
     }
@@ -148,7 +132,7 @@ impl<'a> Shippy<'a> {
     fn consignment_service(&self, place: Place, boot: &str, extra: &[(&str, &str)]) -> Process {
         let db = self.databases.consignment_db();
         let boot = format!("boot={boot}");
-        let mut env = refs(&self.broker);
+        let mut env = env_refs(&self.broker);
         env.extend([
             ("MICRO_SERVER_NAME", self.consignment_name.as_str()),
             ("MICRO_SERVER_METADATA", boot.as_str()),
@@ -177,10 +161,6 @@ impl<'a> Shippy<'a> {
     fn vessels(&self, client: &Client) -> VesselServiceClient<NamedChannel> {
         VesselServiceClient::new(client.channel(&self.vessel_name))
     }
-}
-
-fn refs<'a>(env: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
-    env.iter().map(|(name, value)| (*name, value.as_str())).collect()
 }
 
 fn client(registry: &Arc<dyn Registry>) -> Client {

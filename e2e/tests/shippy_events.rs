@@ -30,7 +30,7 @@ use e2e::{
     discovery::{STARTUP, mdns, wait_for},
     hosts::{Host, Network},
     nats::NatsServer,
-    process::Process,
+    process::{Place, Process, env_refs},
     rabbitmq::RabbitMqServer,
     shippy::{self, sample_consignment},
     unique_name,
@@ -214,26 +214,6 @@ fn broker_env(kind: &str, address: Option<&str>) -> Vec<(&'static str, String)> 
     env
 }
 
-fn refs<'a>(env: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
-    env.iter().map(|(k, v)| (*k, v.as_str())).collect()
-}
-
-/// Where a test's processes run: this namespace, or a host of their own.
-#[derive(Clone, Copy)]
-enum Place<'a> {
-    Here,
-    On(&'a Host),
-}
-
-impl Place<'_> {
-    fn start(self, name: &str, args: &[&str], env: &[(&str, &str)]) -> Process {
-        match self {
-            Place::Here => Process::start(name, args, env),
-            Place::On(host) => host.start(name, args, env),
-        }
-    }
-}
-
 /// One test's shippy: names, broker settings, a fleet of one vessel, and files (the fleet,
 /// the consignment and booking databases) in a temporary folder.
 struct Shippy {
@@ -271,7 +251,7 @@ impl Shippy {
     fn vessel_service(&self, place: Place) -> Process {
         let fleet = self.fleet.display().to_string();
         let db = self.dir.path().join("vessels.db").display().to_string();
-        let mut env = refs(&self.broker);
+        let mut env = env_refs(&self.broker);
         env.extend([("MICRO_SERVER_NAME", self.vessel_name.as_str()), ("RUST_LOG", VESSEL_LOG)]);
         place.start("vessel-service", &["--fleet", &fleet, "--db", &db], &env)
     }
@@ -281,7 +261,7 @@ impl Shippy {
     fn consignment_service(&self, place: Place, boot: &str) -> Process {
         let db = self.db().display().to_string();
         let boot = format!("boot={boot}");
-        let mut env = refs(&self.broker);
+        let mut env = env_refs(&self.broker);
         env.extend([
             ("MICRO_SERVER_NAME", self.consignment_name.as_str()),
             ("MICRO_SERVER_METADATA", boot.as_str()),
@@ -298,7 +278,8 @@ impl Shippy {
     /// Creates the sample consignment through consignment-cli; returns the id it reports.
     async fn create_with_cli(&self) -> String {
         let run =
-            shippy::run_cli(&self.consignment_name, &sample_consignment(), &[], &refs(&self.broker)).await;
+            shippy::run_cli(&self.consignment_name, &sample_consignment(), &[], &env_refs(&self.broker))
+                .await;
         assert!(run.success, "consignment-cli failed:\n{}\n{}", run.stdout, run.stderr);
         run.created_id()
     }
@@ -784,7 +765,8 @@ async fn nats_booked_vessel_refuses_the_creation_that_no_longer_fits() {
     assert_each_handled_once("nats", &counts, &booked);
 
     let run =
-        shippy::run_cli(&shippy.consignment_name, &sample_consignment(), &[], &refs(&shippy.broker)).await;
+        shippy::run_cli(&shippy.consignment_name, &sample_consignment(), &[], &env_refs(&shippy.broker))
+            .await;
     assert!(!run.success, "a creation for a fully booked vessel must be refused: {}", run.stdout);
     assert!(
         run.stderr.contains("FAILED_PRECONDITION") && run.stderr.contains("fully booked"),
