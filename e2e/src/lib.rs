@@ -1,6 +1,6 @@
 //! Support for tests that start real processes and agents: the private network namespace
-//! check, unique names, waiting and paced calls ([`calls`]), and (in [`consul`]) a real
-//! Consul dev agent.
+//! check, unique names, waiting and paced calls ([`calls`]), (in [`consul`]) a real
+//! Consul dev agent, and (in [`interop`]) a grpc-go server.
 //!
 //! # Examples
 //! ```no_run
@@ -15,6 +15,7 @@ pub mod discovery;
 pub mod dnsmasq;
 pub mod etcd;
 pub mod hosts;
+pub mod interop;
 pub mod nats;
 pub mod otlp;
 pub mod process;

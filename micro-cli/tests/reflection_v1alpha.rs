@@ -1,7 +1,8 @@
-//! `micro call` and `micro gateway` against a server that serves only
+//! `micro call` and `micro gateway` against servers that serve only
 //! `grpc.reflection.v1alpha`, as grpc-go and Python's grpcio servers deployed before 2023 do:
 //! a plain tonic server of the test's own (echo.proto, tonic-reflection's v1alpha service,
-//! no v1), registered in a real Consul agent; `micro` runs as a real process.
+//! no v1), and grpc-go 1.33 (`e2e::interop::GoServer`), each registered in a real Consul
+//! agent; `micro` runs as a real process.
 
 use std::{process::Command, sync::Arc, time::Duration};
 
@@ -108,4 +109,27 @@ async fn micro_call_and_the_gateway_reach_a_server_with_only_reflection_v1alpha(
     };
     assert_eq!(reply.0, reqwest::StatusCode::OK, "{}", reply.1);
     assert!(reply.1.contains("through the gateway") && reply.1.contains("alpha"), "{}", reply.1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn micro_call_reaches_a_grpc_go_server_through_its_reflection_v1alpha() {
+    let agent = ConsulAgent::start_async().await;
+    let address = agent.http_address();
+    let config = RegistryConfig {
+        kind: RegistryKind::Consul,
+        address: Some(address.clone()),
+        ..RegistryConfig::default()
+    };
+    let registry: Arc<dyn Registry> = config.connect().await.expect("the consul agent");
+    let server = e2e::interop::GoServer::start().await;
+    let name = unique_name("go-health");
+    registry.register(&Node::new(&name, server.address), Duration::from_secs(60)).await.unwrap();
+    wait_for(&registry, &name, 1).await;
+
+    let called = tokio::task::block_in_place(|| {
+        micro(&address, &["call", &name, "grpc.health.v1.Health/Check", "{}"])
+    });
+    let (stdout, stderr) = (text(&called.stdout), text(&called.stderr));
+    assert!(called.status.success(), "micro call failed:\n{stdout}\n{stderr}");
+    assert!(stdout.contains("SERVING"), "{stdout}");
 }
