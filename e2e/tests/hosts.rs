@@ -18,6 +18,9 @@ use proto::vessel::{Specification, vessel_service_client::VesselServiceClient};
 
 /// How long a connect may take before it counts as unanswered.
 const NO_ANSWER: Duration = Duration::from_secs(1);
+/// How long a fresh network may take before its hosts reach each other (a busy machine
+/// can take longer than [`NO_ANSWER`] to pass a new link's first packets).
+const LINKS_UP_WITHIN: Duration = Duration::from_secs(10);
 
 fn init_logs() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -34,6 +37,18 @@ fn listen(network: &Network, host: usize) -> TcpListener {
 /// Connects from `host` to `target`, waiting at most [`NO_ANSWER`].
 fn connect(network: &Network, host: usize, target: SocketAddr) -> std::io::Result<TcpStream> {
     network.host(host).within(|| TcpStream::connect_timeout(&target, NO_ANSWER))
+}
+
+/// Connects from `host` to `target`, trying again while the fresh links do not answer yet,
+/// for at most [`LINKS_UP_WITHIN`].
+fn connect_once_up(network: &Network, host: usize, target: SocketAddr) -> std::io::Result<TcpStream> {
+    let started = Instant::now();
+    loop {
+        match connect(network, host, target) {
+            Err(err) if err.kind() == ErrorKind::TimedOut && started.elapsed() < LINKS_UP_WITHIN => continue,
+            result => return result,
+        }
+    }
 }
 
 /// A port on `address` that nothing listens on (it was bound and released).
@@ -55,7 +70,8 @@ fn two_hosts_reach_each_other_over_tcp_from_their_own_addresses() {
     assert!(a.octets()[..2] == [10, 77] && b.octets()[..2] == [10, 77], "{a} {b}");
 
     let listener = listen(&network, 0);
-    let mut client = connect(&network, 1, listener.local_addr().unwrap()).expect("host 1 reaches host 0");
+    let mut client =
+        connect_once_up(&network, 1, listener.local_addr().unwrap()).expect("host 1 reaches host 0");
     let (mut server, peer) = listener.accept().expect("accept");
     assert_eq!(peer.ip(), b, "the connection comes from host 1's address");
 
@@ -79,7 +95,7 @@ fn a_partitioned_host_answers_nothing_not_even_a_reset_until_healed() {
     let network = Network::new(2);
     let listener = listen(&network, 0);
     let closed = closed_port(&network, 0);
-    let mut client = connect(&network, 1, listener.local_addr().unwrap()).unwrap();
+    let mut client = connect_once_up(&network, 1, listener.local_addr().unwrap()).unwrap();
     let (mut server, _) = listener.accept().unwrap();
     // Connected, a closed port answers at once with a reset.
     let refused = connect(&network, 1, closed).map(|_| ()).unwrap_err();
