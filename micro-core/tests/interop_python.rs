@@ -4,7 +4,9 @@
 //! calls allowed every 5 minutes, GOAWAY `too_many_pings` after two strikes.
 //!
 //! Each reply names the connection it came on (the server's `context.peer()`), so the tests
-//! see whether calls kept one connection.
+//! see whether calls kept one connection. The other way round, a grpcio client
+//! (`tests/interop/echo_client.py`) finds an SDK server by name in a real Consul agent and
+//! calls it.
 
 use std::{
     path::{Path, PathBuf},
@@ -29,6 +31,17 @@ const CALL_EVERY: Duration = Duration::from_secs(8);
 /// The Python interpreter with grpcio: `INTEROP_PYTHON`, else Debian's.
 const DEFAULT_PYTHON: &str = "/usr/bin/python3";
 
+/// The interpreter, once it is known to import grpc.
+fn python() -> String {
+    let python = std::env::var("INTEROP_PYTHON").unwrap_or_else(|_| DEFAULT_PYTHON.into());
+    let has_grpc = std::process::Command::new(&python).args(["-c", "import grpc"]).output();
+    assert!(
+        has_grpc.is_ok_and(|out| out.status.success()),
+        "{python} cannot import grpc: apt-get install python3-grpcio (scripts/install-test-deps does)"
+    );
+    python
+}
+
 /// A running `echo_server.py`, killed when dropped; its stderr (C-core's keepalive trace)
 /// goes to a log file.
 struct PythonServer {
@@ -39,12 +52,7 @@ struct PythonServer {
 
 impl PythonServer {
     async fn start() -> PythonServer {
-        let python = std::env::var("INTEROP_PYTHON").unwrap_or_else(|_| DEFAULT_PYTHON.into());
-        let has_grpc = std::process::Command::new(&python).args(["-c", "import grpc"]).output();
-        assert!(
-            has_grpc.is_ok_and(|out| out.status.success()),
-            "{python} cannot import grpc: apt-get install python3-grpcio (scripts/install-test-deps does)"
-        );
+        let python = python();
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/echo_server.py");
         let logs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/e2e-logs");
         std::fs::create_dir_all(&logs).expect("a log folder");
@@ -120,4 +128,43 @@ async fn a_grpcio_servers_status_codes_and_the_callers_deadline_are_understood()
     slow.set_timeout(Duration::from_millis(300));
     let status = echo.say(slow).await.unwrap_err();
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpcio_client_finds_an_sdk_server_by_name_and_understands_its_codes_and_deadlines() {
+    use micro_core::{
+        Server,
+        config::{RegistryConfig, RegistryKind, ServerConfig},
+    };
+    let agent = e2e::consul::ConsulAgent::start_async().await;
+    let consul = agent.http_address();
+    let config = RegistryConfig {
+        kind: RegistryKind::Consul,
+        address: Some(consul.clone()),
+        ..RegistryConfig::default()
+    };
+    let registry: Arc<dyn Registry> = config.connect().await.expect("the consul agent");
+    let name = e2e::unique_name("rust-echo");
+    let _server = Server::builder(&name)
+        .config(ServerConfig { address: "127.0.0.1:0".parse().unwrap(), ..ServerConfig::default() })
+        .registry(registry.clone())
+        .add_service(test_proto::echo::echo_server::EchoServer::new(test_proto::Labelled::new("rust")))
+        .start()
+        .await
+        .expect("the SDK server starts");
+    e2e::discovery::wait_for(&registry, &name, 1).await;
+
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/echo_client.py");
+    let output =
+        Command::new(python()).arg(&script).args([&consul, &name]).output().await.expect("python runs");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "echo_client.py failed:\n{stdout}\n{stderr}");
+    let answers: Vec<serde_json::Value> =
+        stdout.lines().map(|line| serde_json::from_str(line).expect("a JSON line")).collect();
+    let answer = |call: &str| answers.iter().find(|a| a["call"] == call).cloned().unwrap_or_default();
+    assert_eq!(answer("plain")["text"], "from python", "{stdout}");
+    assert_eq!(answer("plain")["instance"], "rust", "{stdout}");
+    assert_eq!(answer("fail")["code"], "FAILED_PRECONDITION", "{stdout}");
+    assert_eq!(answer("slow")["code"], "DEADLINE_EXCEEDED", "{stdout}");
 }
