@@ -1,6 +1,7 @@
 //! Support for tests that start real processes and agents: the private network namespace
-//! check, unique names, waiting and paced calls ([`calls`]), and (in [`consul`]) a real
-//! Consul dev agent and (in [`postgres`]) a real PostgreSQL server.
+//! check, unique names, waiting and paced calls ([`calls`]), (in [`consul`]) a real
+//! Consul dev agent, (in [`postgres`]) a real PostgreSQL server, and (in [`interop`]) a
+//! grpc-go server.
 //!
 //! # Examples
 //! ```no_run
@@ -15,6 +16,7 @@ pub mod discovery;
 pub mod dnsmasq;
 pub mod etcd;
 pub mod hosts;
+pub mod interop;
 pub mod nats;
 pub mod otlp;
 pub mod postgres;

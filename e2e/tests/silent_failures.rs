@@ -4,6 +4,7 @@
 //! | scenario | asserted |
 //! | --- | --- |
 //! | mDNS, a vessel host partitioned during a paced stream of creations | none fails, none over 1 s |
+//! | mDNS, a vessel host partitioned while every connection to it was idle (no keepalive ping on idle connections) | none fails, none over 1 s |
 //! | the same over a 3-server Consul cluster, the partitioned host its leader | none fails, none over 1 s, a new leader, the instance off the passing list |
 //! | a hung instance | no idempotent call fails; it is ejected |
 //! | one instance ten times slower | it gets under 5% of calls |
@@ -322,6 +323,38 @@ fn mdns_a_vessel_host_that_vanishes_fails_no_creation_and_slows_none_past_1s() {
         (tally, recorder)
     });
     let line = recorder.report("mdns, vessel host partitioned", &tally);
+    assert!(tally.failures.is_empty(), "{line}");
+    assert!(recorder.latency(1.0) <= SLOWEST_CALL, "{line}");
+}
+
+/// How long the connections stay idle before and after the partition: longer than a
+/// keepalive interval and timeout, which an idle connection no longer spends on pings.
+const IDLE: Duration = Duration::from_secs(4);
+
+#[test]
+fn mdns_a_vessel_host_that_vanishes_while_idle_fails_no_creation_and_slows_none_past_1s() {
+    let _serial = one_at_a_time();
+    let network = Network::new(5);
+    let shippy = Shippy::start(&network, &[]);
+    let (tally, recorder) = network.host(4).block_on(|| async {
+        let registry = mdns();
+        wait_for(&registry, &shippy.vessel_name, 3).await;
+        wait_for(&registry, &shippy.consignment_name, 1).await;
+        let channel = client(registry).channel(&shippy.consignment_name);
+        wait_pickable(&channel, 1).await;
+        let mut caller = Caller::Create(ShippingServiceClient::new(channel));
+        caller.until_all_served(&["v0", "v1", "v2"]).await;
+
+        // Every connection idle; the vessel host vanishes; still idle: nothing notices.
+        tokio::time::sleep(IDLE).await;
+        partition(&network, 0);
+        tokio::time::sleep(IDLE).await;
+        let (stream, recorder) = stream(&caller, 2, Duration::from_millis(20), 500);
+        let tally = stream.join().await;
+        (tally, recorder)
+    });
+    let line = recorder.report("mdns, vessel host partitioned while idle", &tally);
+    assert_eq!(calls(&tally), 500, "{line}");
     assert!(tally.failures.is_empty(), "{line}");
     assert!(recorder.latency(1.0) <= SLOWEST_CALL, "{line}");
 }

@@ -2,6 +2,10 @@
 //! gateway` share: descriptors from server reflection, JSON to a [`DynamicMessage`] and
 //! back (proto3 JSON mapping), and a unary call through a [`NamedChannel`].
 //!
+//! Reflection is asked as `grpc.reflection.v1`, then, when the server does not implement
+//! it, as `grpc.reflection.v1alpha` (what most servers deployed before 2023 serve, grpc-go
+//! and Python's grpcio among them); the two have the same messages.
+//!
 //! # Examples
 //! ```ignore
 //! let pool = dynamic::descriptors(channel.clone(), &["vessel.VesselService".into()]).await?;
@@ -20,7 +24,7 @@ use prost::Message;
 use prost_reflect::{DescriptorPool, DynamicMessage, MessageDescriptor, MethodDescriptor};
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic_reflection::pb::v1::{
-    ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+    ServerReflectionRequest, ServerReflectionResponse, server_reflection_client::ServerReflectionClient,
     server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
 };
 
@@ -30,6 +34,33 @@ use crate::exit::Failure;
 pub const REFLECTION_HINT: &str = "the server offers no reflection for it: give the server its descriptors, \
      `.file_descriptor_set(FILE_DESCRIPTOR_SET)` (the encoded set your proto build writes) on \
      `Server::builder` or on `micro_core::service(..)`";
+/// What a server that is not this SDK's must do when its `v1alpha` reflection lacks a service.
+pub const V1ALPHA_HINT: &str = "the server's reflection (grpc.reflection.v1alpha) does not describe it: \
+     register that service's descriptors with the server's reflection (grpc-go: the service's \
+     generated package imported into the server; Python: its full name in \
+     `reflection.enable_server_reflection`)";
+/// What a server without any reflection must do.
+pub const NO_REFLECTION_HINT: &str = "the server serves neither grpc.reflection.v1 nor v1alpha: \
+     enable server reflection (grpc-go: `reflection.Register(server)`; Python: \
+     `grpc_reflection.v1alpha.reflection.enable_server_reflection`; a micro service serves it \
+     always, and describes its services given `.file_descriptor_set(FILE_DESCRIPTOR_SET)`)";
+
+/// Which reflection service answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reflection {
+    V1,
+    V1Alpha,
+}
+
+impl Reflection {
+    /// The advice for a service this reflection does not describe.
+    fn hint(self) -> &'static str {
+        match self {
+            Reflection::V1 => REFLECTION_HINT,
+            Reflection::V1Alpha => V1ALPHA_HINT,
+        }
+    }
+}
 
 /// The most services one server's reflection may list that are fetched.
 pub const MAX_REFLECTED_SERVICES: usize = 64;
@@ -38,7 +69,7 @@ pub const MAX_REFLECTED_SERVICES: usize = 64;
 /// health services left out.
 pub async fn list_services(channel: NamedChannel) -> Result<Vec<String>, Failure> {
     let request = MessageRequest::ListServices(String::new());
-    let reply = reflect(channel, vec![request]).await?.into_iter().next();
+    let reply = reflect(channel, vec![request]).await?.0.into_iter().next();
     match reply {
         Some(MessageResponse::ListServicesResponse(list)) => Ok(list
             .service
@@ -57,13 +88,14 @@ pub async fn descriptors(channel: NamedChannel, symbols: &[String]) -> Result<De
     let name = channel.name().to_owned();
     let requests = symbols.iter().map(|s| MessageRequest::FileContainingSymbol(s.clone())).collect();
     let mut files = BTreeMap::new();
-    for reply in reflect(channel, requests).await? {
+    let (replies, answered) = reflect(channel, requests).await?;
+    for reply in replies {
         let protos = match reply {
             MessageResponse::FileDescriptorResponse(files) => files.file_descriptor_proto,
             MessageResponse::ErrorResponse(err) => {
                 let code = tonic::Code::from_i32(err.error_code);
                 let hint = if code == tonic::Code::NotFound {
-                    format!("; {REFLECTION_HINT}")
+                    format!("; {}", answered.hint())
                 } else {
                     String::new()
                 };
@@ -85,49 +117,84 @@ pub async fn descriptors(channel: NamedChannel, symbols: &[String]) -> Result<De
         .map_err(|err| Failure::Other(format!("descriptors from {name}: {err}")))
 }
 
-/// Sends `requests` on one reflection stream and returns one answer per request.
+/// Sends `requests` on one reflection stream, `v1` or else `v1alpha`, and returns one
+/// answer per request and which reflection gave them.
 async fn reflect(
     channel: NamedChannel,
     requests: Vec<MessageRequest>,
-) -> Result<Vec<MessageResponse>, Failure> {
+) -> Result<(Vec<MessageResponse>, Reflection), Failure> {
     let name = channel.name().to_owned();
     let count = requests.len();
-    let mut reflection = ServerReflectionClient::new(channel);
-    let requests = requests
-        .into_iter()
-        .map(|r| ServerReflectionRequest { host: String::new(), message_request: Some(r) });
-    let unavailable = |status: tonic::Status| match status.code() {
-        tonic::Code::Unimplemented => Failure::CallFailed {
+    let wrap = |r| ServerReflectionRequest { host: String::new(), message_request: Some(r) };
+    let v1_requests: Vec<_> = requests.into_iter().map(wrap).collect();
+    let (replies, answered) = match reflect_v1(channel.clone(), v1_requests.clone()).await {
+        Err(status) if status.code() == tonic::Code::Unimplemented => {
+            (reflect_v1alpha(channel, v1_requests).await, Reflection::V1Alpha)
+        }
+        replies => (replies, Reflection::V1),
+    };
+    let failure = |status: tonic::Status| match (status.code(), answered) {
+        (tonic::Code::Unimplemented, _) => Failure::CallFailed {
             code: status.code(),
-            message: format!("server reflection on {name}: UNIMPLEMENTED; {REFLECTION_HINT}"),
+            message: format!("server reflection on {name}: UNIMPLEMENTED; {NO_REFLECTION_HINT}"),
         },
-        tonic::Code::NotFound => Failure::CallFailed {
+        (tonic::Code::NotFound, answered) => Failure::CallFailed {
             code: status.code(),
             message: format!(
-                "server reflection on {name}: NOT_FOUND: {}; {REFLECTION_HINT}",
-                status.message()
+                "server reflection on {name}: NOT_FOUND: {}; {}",
+                status.message(),
+                answered.hint()
             ),
         },
         _ => failed(&format!("server reflection on {name}"), &status),
     };
-    let mut replies = reflection
-        .server_reflection_info(futures::stream::iter(requests))
-        .await
-        .map_err(unavailable)?
-        .into_inner();
+    let mut replies = replies.map_err(failure)?;
     let mut answers = Vec::with_capacity(count);
     while answers.len() < count {
         let reply = replies
             .next()
             .await
             .ok_or_else(|| Failure::Other(format!("server reflection on {name} closed without an answer")))?
-            .map_err(unavailable)?;
+            .map_err(failure)?;
         let answer = reply
             .message_response
             .ok_or_else(|| Failure::Other(format!("{name} gave an empty reflection answer")))?;
         answers.push(answer);
     }
-    Ok(answers)
+    Ok((answers, answered))
+}
+
+type Replies = futures::stream::BoxStream<'static, Result<ServerReflectionResponse, tonic::Status>>;
+
+async fn reflect_v1(
+    channel: NamedChannel,
+    requests: Vec<ServerReflectionRequest>,
+) -> Result<Replies, tonic::Status> {
+    let mut reflection = ServerReflectionClient::new(channel);
+    let replies = reflection.server_reflection_info(futures::stream::iter(requests)).await?.into_inner();
+    Ok(replies.boxed())
+}
+
+/// The same conversation over `grpc.reflection.v1alpha`, whose messages are `v1`'s field for
+/// field: each is re-encoded from one version to the other.
+async fn reflect_v1alpha(
+    channel: NamedChannel,
+    requests: Vec<ServerReflectionRequest>,
+) -> Result<Replies, tonic::Status> {
+    use tonic_reflection::pb::v1alpha;
+    let requests = requests.into_iter().map(|request| {
+        v1alpha::ServerReflectionRequest::decode(request.encode_to_vec().as_slice())
+            .expect("v1 and v1alpha requests share their encoding")
+    });
+    let mut reflection = v1alpha::server_reflection_client::ServerReflectionClient::new(channel);
+    let replies = reflection.server_reflection_info(futures::stream::iter(requests)).await?.into_inner();
+    Ok(replies
+        .map(|reply| {
+            let reply = reply?;
+            ServerReflectionResponse::decode(reply.encode_to_vec().as_slice())
+                .map_err(|err| tonic::Status::internal(format!("a v1alpha reflection answer: {err}")))
+        })
+        .boxed())
 }
 
 /// A failed call or reflection request: its code decides the exit code or HTTP status.

@@ -3,7 +3,10 @@
 
 use std::sync::Arc;
 
-use micro_core::{Node, Registry, config::TlsConfig};
+use micro_core::{
+    Node, Registry,
+    config::{RegistryKind, TlsConfig},
+};
 
 use crate::{Output, exit::Failure, lookup, out, why};
 
@@ -24,7 +27,7 @@ async fn probe_all(
     tls: Option<&TlsConfig>,
 ) -> Result<Vec<Described>, Failure> {
     let nodes = lookup::find(registry, name).await?;
-    let consul_itself = registry.kind() == "consul" && name == "consul";
+    let consul_itself = registry.kind() == RegistryKind::Consul && name == "consul";
     let probes = nodes.iter().map(|node| async move {
         if consul_itself { CONSUL_ITSELF.to_owned() } else { why::probe(node, tls).await }
     });

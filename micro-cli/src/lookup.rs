@@ -52,7 +52,7 @@ pub async fn missing(registry: &Arc<dyn Registry>, name: &str, err: Error) -> Fa
 
 fn not_found(registry: &Arc<dyn Registry>, name: &str, names: &[String]) -> Failure {
     let mut message =
-        error_chain(&Error::NoInstance { service: name.into(), registry: registry.kind().into() });
+        error_chain(&Error::NoInstance { service: name.into(), registry: registry.kind().to_string() });
     if let Some(near) = suggestion(name, names) {
         message = format!("no instance of {name} in registry {}: did you mean {near}?", registry.kind());
     } else if names.is_empty() {

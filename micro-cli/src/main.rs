@@ -241,8 +241,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     Ok(Ok(found)) => found,
                     Ok(Err(err)) => return Err(lookup::missing(&registry, name, err).await),
                     Err(_) => {
-                        let timeout =
-                            Error::NoInstance { service: name.clone(), registry: registry.kind().into() };
+                        let timeout = Error::NoInstance {
+                            service: name.clone(),
+                            registry: registry.kind().to_string(),
+                        };
                         return Err(lookup::missing(&registry, name, timeout).await);
                     }
                 };

@@ -4,7 +4,7 @@ use std::{sync::Arc, time::Duration};
 
 use micro_core::{
     Client, NamedChannel, Node, Registry,
-    config::{ClientConfig, TlsConfig},
+    config::{ClientConfig, RegistryKind, TlsConfig},
     error::error_chain,
     selector::Filter,
 };
@@ -156,17 +156,17 @@ pub async fn explain(
                 }
             }
             hints.push(match registry.kind() {
-                "mdns" => "mDNS sees one network segment: is the service on this one, with multicast allowed (not behind a Docker bridge or firewall)? Otherwise use MICRO_REGISTRY=consul".into(),
-                "consul" => format!("is the service's check passing? see http://{}/v1/health/checks/{name}", registry.address()),
-                "etcd" => format!(
+                RegistryKind::Mdns => "mDNS sees one network segment: is the service on this one, with multicast allowed (not behind a Docker bridge or firewall)? Otherwise use MICRO_REGISTRY=consul".into(),
+                RegistryKind::Consul => format!("is the service's check passing? see http://{}/v1/health/checks/{name}", registry.address()),
+                RegistryKind::Etcd => format!(
                     "is the instance's lease alive? `etcdctl --endpoints {} get --prefix /micro/registry/{name}/` lists what is registered; a key goes when its lease (MICRO_REGISTER_TTL) runs out without a heartbeat",
                     registry.address()
                 ),
-                "dns" => format!(
+                RegistryKind::Dns => format!(
                     "the platform registers here, not the service: does `_grpc._tcp.{name}` (MICRO_DNS_TEMPLATE, MICRO_DNS_DOMAIN) have SRV or A records at {}? A Kubernetes headless Service needs a port named grpc",
                     registry.address()
                 ),
-                _ => "the memory registry only holds services of this process".into(),
+                RegistryKind::Memory => "the memory registry only holds services of this process".into(),
             });
             let message = failure.message().to_owned();
             lookup_failure = Some(failure);
@@ -219,7 +219,7 @@ pub async fn explain(
     Explanation {
         lookup_failure,
         name: name.to_owned(),
-        registry: registry.kind().to_owned(),
+        registry: registry.kind().to_string(),
         registry_address: registry.address(),
         lookup_ms,
         lookup_error,

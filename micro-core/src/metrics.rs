@@ -111,7 +111,8 @@ pub struct RegistryLabels {
     pub registry: String,
     /// The service name.
     pub service: String,
-    /// `insert`, `remove`, `refresh_repair`, `watch_error`, `register`, `deregister`, `heartbeat_failed`.
+    /// `insert`, `remove`, `refresh_repair`, `watch_error`, `register`, `deregister`, `heartbeat_failed`,
+    /// `refused` (mDNS: an instance past the cache limit; service `*`).
     pub event: String,
 }
 

@@ -222,7 +222,7 @@ async fn with_retry_connect_waits_for_the_agent_to_come_up() {
 
     let _agent = agent.restarted().await;
     let connected = timeout(Duration::from_secs(15), connecting).await;
-    assert!(matches!(connected, Ok(Ok(Ok("consul")))), "{connected:?}");
+    assert!(matches!(connected, Ok(Ok(Ok(RegistryKind::Consul)))), "{connected:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

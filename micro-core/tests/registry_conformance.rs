@@ -80,7 +80,7 @@ async fn conformance(registry: Arc<dyn Registry>) {
     match registry.lookup(&unknown).await {
         Err(err @ Error::NoInstance { .. }) => {
             let text = err.to_string();
-            assert!(text.contains(&unknown) && text.contains(kind), "{text}");
+            assert!(text.contains(&unknown) && text.contains(kind.as_str()), "{text}");
         }
         other => panic!("{kind}: lookup of an unknown name gave {other:?}"),
     }

@@ -62,7 +62,9 @@ fn telemetry() -> &'static Telemetry {
                 .with_target("micro_core", tracing::Level::TRACE)
         };
         let subscriber = tracing_subscriber::registry()
-            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")).with_filter(sdk_spans()))
+            .with(
+                tracing_opentelemetry::layer().with_tracer(provider.tracer("test")).with_filter(sdk_spans()),
+            )
             .with(tracing_subscriber::fmt::layer().with_test_writer().with_filter(sdk_spans()));
         tracing::subscriber::set_global_default(subscriber).unwrap();
         Telemetry { receiver, provider }

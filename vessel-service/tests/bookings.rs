@@ -44,7 +44,7 @@ impl OnlySubscriberAt {
 
 #[async_trait]
 impl Registry for OnlySubscriberAt {
-    fn kind(&self) -> &'static str {
+    fn kind(&self) -> micro_core::config::RegistryKind {
         self.inner.kind()
     }
 

@@ -5,6 +5,12 @@
 //! The cache is bounded: it holds only names the registry lists (a name from a request
 //! that the registry does not list creates nothing), at most [`MAX_SERVICES`] of them, and
 //! drops a name's entry, with its registry watch, once the registry no longer lists it.
+//!
+//! The registry is listed at most once per [`LISTING_TTL`], one listing at a time, however
+//! many requests come: names not held are answered from that listing, so a flood of
+//! requests for made-up names costs the registry a few listings a second (on Consul each
+//! is 1 + N HTTP queries), not one per request. A service registered within the last
+//! [`LISTING_TTL`] may be answered 404 until the next listing.
 
 use std::{
     collections::HashMap,
@@ -12,6 +18,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
+    time::{Duration, Instant},
 };
 
 use futures::StreamExt;
@@ -25,6 +32,8 @@ use crate::dynamic;
 
 /// The most services the cache holds; beyond it the least recently used entry goes.
 pub const MAX_SERVICES: usize = 512;
+/// How long one registry listing (or its failure) answers for every name not held.
+pub const LISTING_TTL: Duration = Duration::from_millis(500);
 
 /// The gRPC API one registered service offers.
 #[derive(Debug)]
@@ -97,17 +106,27 @@ async fn fetch(channel: NamedChannel) -> Result<Api, GatewayError> {
     Ok(Api { services })
 }
 
+/// What the last registry listing gave: the names, or why it failed.
+type Listing = Result<Arc<Vec<String>>, (Code, String)>;
+
 /// Entries by registered name.
 pub struct ReflectionCache {
     client: Client,
     entries: Mutex<HashMap<String, Arc<Entry>>>,
     clock: AtomicU64,
+    /// The last listing and when it was taken; held while a listing runs, so only one does.
+    listing: tokio::sync::Mutex<Option<(Instant, Listing)>>,
 }
 
 impl ReflectionCache {
     /// An empty cache whose channels come from `client`.
     pub fn new(client: Client) -> Self {
-        ReflectionCache { client, entries: Mutex::default(), clock: AtomicU64::new(0) }
+        ReflectionCache {
+            client,
+            entries: Mutex::default(),
+            clock: AtomicU64::new(0),
+            listing: tokio::sync::Mutex::new(None),
+        }
     }
 
     /// The registry names are looked up in.
@@ -115,22 +134,37 @@ impl ReflectionCache {
         self.client.registry()
     }
 
-    /// The names the registry lists; entries of names it no longer lists are dropped.
-    pub async fn list(&self) -> Result<Vec<String>, GatewayError> {
+    /// The names the registry lists, as of a listing at most [`LISTING_TTL`] old; entries
+    /// of names it no longer lists are dropped when a new listing comes.
+    pub async fn list(&self) -> Result<Arc<Vec<String>>, GatewayError> {
+        let mut listing = self.listing.lock().await;
+        let fresh = listing.as_ref().filter(|(at, _)| at.elapsed() < LISTING_TTL);
+        let answer = match fresh {
+            Some((_, answer)) => answer.clone(),
+            None => {
+                let answer = self.list_registry().await;
+                if let Ok(names) = &answer {
+                    self.entries.lock().expect("cache lock").retain(|name, _| names.contains(name));
+                }
+                *listing = Some((Instant::now(), answer.clone()));
+                answer
+            }
+        };
+        answer.map_err(|(code, message)| GatewayError::new(code, message))
+    }
+
+    async fn list_registry(&self) -> Listing {
         let registry = self.registry();
         let names = registry.list_services().await.map_err(|err| {
-            GatewayError::new(
-                Code::Unavailable,
-                format!(
-                    "registry {} at {}: {}",
-                    registry.kind(),
-                    registry.address(),
-                    micro_core::error::error_chain(&err)
-                ),
-            )
+            let message = format!(
+                "registry {} at {}: {}",
+                registry.kind(),
+                registry.address(),
+                micro_core::error::error_chain(&err)
+            );
+            (Code::Unavailable, message)
         })?;
-        self.entries.lock().expect("cache lock").retain(|name, _| names.contains(name));
-        Ok(names)
+        Ok(Arc::new(names))
     }
 
     /// The entry of `name`, made if the registry lists it; otherwise 404 naming what the
@@ -143,7 +177,7 @@ impl ReflectionCache {
         }
         let names = self.list().await?;
         if !names.iter().any(|n| n == name) {
-            return Err(unknown_service(self.registry().kind(), name, &names));
+            return Err(unknown_service(self.registry().kind().as_str(), name, &names));
         }
         let mut entries = self.entries.lock().expect("cache lock");
         if let Some(entry) = entries.get(name) {
@@ -204,4 +238,99 @@ pub fn unknown_method(service: &str, path: &str, api: &Api) -> GatewayError {
     let paths = api.method_paths();
     let known = if paths.is_empty() { "none".to_owned() } else { paths.join(", ") };
     GatewayError::new(Code::NotFound, format!("{service} has no method {path}; its methods: {known}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use e2e::consul::ConsulAgent;
+    use futures::stream::BoxStream;
+    use micro_core::{
+        Node,
+        config::{RegistryConfig, RegistryKind},
+        registry::{Change, NodeId},
+    };
+
+    use super::*;
+
+    /// A registry that counts the listings asked of the one it wraps.
+    struct CountingListings {
+        inner: Arc<dyn Registry>,
+        listings: AtomicUsize,
+    }
+
+    #[async_trait::async_trait]
+    impl Registry for CountingListings {
+        fn kind(&self) -> RegistryKind {
+            self.inner.kind()
+        }
+        fn address(&self) -> String {
+            self.inner.address()
+        }
+        async fn register(&self, node: &Node, ttl: Duration) -> micro_core::Result<()> {
+            self.inner.register(node, ttl).await
+        }
+        async fn deregister(&self, node: &Node) -> micro_core::Result<()> {
+            self.inner.deregister(node).await
+        }
+        async fn lookup(&self, name: &str) -> micro_core::Result<Vec<Node>> {
+            self.inner.lookup(name).await
+        }
+        async fn list_services(&self) -> micro_core::Result<Vec<String>> {
+            self.listings.fetch_add(1, Ordering::SeqCst);
+            self.inner.list_services().await
+        }
+        fn watch(&self, name: &str) -> BoxStream<'static, micro_core::Result<Change<NodeId, Node>>> {
+            self.inner.watch(name)
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn requests_for_made_up_names_cost_consul_a_few_listings_a_second() {
+        let agent = ConsulAgent::start_async().await;
+        let config = RegistryConfig {
+            kind: RegistryKind::Consul,
+            address: Some(agent.http_address()),
+            ..RegistryConfig::default()
+        };
+        let consul = config.connect().await.expect("the consul agent");
+        let vessel = Node::new("vessel-service", "127.0.0.1:50051".parse().unwrap());
+        consul.register(&vessel, Duration::from_secs(30)).await.unwrap();
+        let counting = Arc::new(CountingListings { inner: consul, listings: AtomicUsize::new(0) });
+        let cache = Arc::new(ReflectionCache::new(Client::new(counting.clone())));
+
+        let started = Instant::now();
+        futures::stream::iter(0..10_000)
+            .for_each_concurrent(64, |i| {
+                let cache = cache.clone();
+                async move {
+                    let err = cache.entry(&format!("made-up-{i}")).await.err().expect("an unknown name");
+                    assert_eq!(err.code, Code::NotFound, "{}", err.message);
+                    assert!(err.message.contains("vessel-service"), "{}", err.message);
+                }
+            })
+            .await;
+        let elapsed = started.elapsed();
+        let listings = counting.listings.load(Ordering::SeqCst);
+        eprintln!("{listings} registry listings for 10,000 made-up names in {elapsed:?}");
+        // One listing per LISTING_TTL at most, plus the first.
+        let allowed = (elapsed.as_secs_f64() / LISTING_TTL.as_secs_f64()).ceil() as usize + 1;
+        assert!(listings <= allowed, "{listings} listings in {elapsed:?}; at most {allowed}");
+        assert_eq!(cache.held(), 0, "made-up names create no entries");
+        assert!(cache.entry("vessel-service").await.is_ok(), "a listed name is still found");
+
+        // The listing is refreshed, not kept for good: a name registered since is found
+        // once the next listing comes.
+        let late = Node::new("late-service", "127.0.0.1:50052".parse().unwrap());
+        counting.register(&late, Duration::from_secs(30)).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while cache.entry("late-service").await.is_err() {
+            assert!(Instant::now() < deadline, "a service registered later is never found");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let (listings, elapsed) = (counting.listings.load(Ordering::SeqCst), started.elapsed());
+        let allowed = (elapsed.as_secs_f64() / LISTING_TTL.as_secs_f64()).ceil() as usize + 1;
+        assert!(listings <= allowed, "{listings} listings in {elapsed:?}; at most {allowed}");
+    }
 }

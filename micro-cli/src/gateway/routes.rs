@@ -49,12 +49,12 @@ fn json_response(status: StatusCode, headers: HeaderMap, body: String) -> Respon
 
 async fn list(State(gateway): State<Arc<Gateway>>) -> Result<Response, GatewayError> {
     let names = gateway.cache.list().await?;
-    Ok(json_response(StatusCode::OK, HeaderMap::new(), json!({ "services": names }).to_string()))
+    Ok(json_response(StatusCode::OK, HeaderMap::new(), json!({ "services": &*names }).to_string()))
 }
 
 async fn healthz(State(gateway): State<Arc<Gateway>>) -> Response {
     let registry = gateway.cache.registry();
-    let body = json!({ "status": "SERVING", "registry": registry.kind(), "registry_address": registry.address(),
+    let body = json!({ "status": "SERVING", "registry": registry.kind().as_str(), "registry_address": registry.address(),
         "cached_services": gateway.cache.held() });
     json_response(StatusCode::OK, HeaderMap::new(), body.to_string())
 }

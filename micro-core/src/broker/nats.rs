@@ -155,7 +155,7 @@ impl NatsBroker {
             tokio::time::timeout(self.publish_timeout, self.jetstream.get_or_create_stream(config)).await;
         match created {
             Ok(Ok(_)) => {}
-            Ok(Err(err)) if err.to_string().to_lowercase().contains("jetstream not enabled") => {
+            Ok(Err(err)) if jetstream_not_enabled(&err) => {
                 tracing::warn!(address = %self.address, "nats-server has no JetStream: core NATS only, no durable delivery");
                 *self.streams.lock().expect("streams lock") = None;
                 return Ok(false);
@@ -462,5 +462,19 @@ impl DurableMember {
             }
         }
         tracing::debug!(topic = %self.topic, consumer = %self.consumer_name, given_back, "durable member stopped");
+    }
+}
+/// Whether the server answered that it has no JetStream (for anyone, or for this account):
+/// its API error code, not its text.
+fn jetstream_not_enabled(err: &async_nats::jetstream::context::CreateStreamError) -> bool {
+    use async_nats::jetstream::{ErrorCode, context::CreateStreamErrorKind};
+    match err.kind() {
+        CreateStreamErrorKind::JetStream(err) => {
+            matches!(
+                err.error_code(),
+                ErrorCode::JETSTREAM_NOT_ENABLED | ErrorCode::JETSTREAM_NOT_ENABLED_FOR_ACCOUNT
+            )
+        }
+        _ => false,
     }
 }

@@ -30,6 +30,7 @@ use std::{
 
 use async_trait::async_trait;
 use futures::future::BoxFuture;
+use tokio::time::Instant;
 use tonic::{body::Body, server::NamedService};
 
 use super::{Broker, Handler, Message, SubscribeOptions, Subscription, refuse_durable, run_handler};
@@ -152,15 +153,24 @@ pub fn deliver_descriptor_set() -> &'static [u8] {
     })
 }
 
+/// A topic's routes unused for this long are dropped, and with them their channels'
+/// registry follows; the next publish to the topic looks it up afresh.
+pub const ROUTE_IDLE: Duration = Duration::from_secs(300);
+/// The most topics whose routes are kept; past it, the least recently used topic's go.
+pub const MAX_ROUTED_TOPICS: usize = 1024;
+
 /// Publishes to and subscribes through the service registry of a [`Client`].
 pub struct RegistryBroker {
     client: Client,
     server: ServerConfig,
-    /// Channels kept alive per topic, so their registry follow survives between publishes.
+    /// Channels kept alive per topic, so their registry follow survives between publishes:
+    /// at most [`MAX_ROUTED_TOPICS`], none idle for over [`ROUTE_IDLE`].
     routes: Mutex<HashMap<String, Routes>>,
 }
 
 struct Routes {
+    /// The last publish to the topic.
+    used: Instant,
     all: NamedChannel,
     targets: HashMap<String, NamedChannel>,
     /// Whether the registry was asked once; from then on `all` follows the topic's
@@ -192,11 +202,17 @@ impl RegistryBroker {
         let name = topic_service_name(topic);
         let (all, looked_up) = {
             let mut routes = self.routes.lock().expect("broker routes lock");
+            let now = Instant::now();
+            if !routes.contains_key(topic) {
+                evict_routes(&mut routes, now);
+            }
             let entry = routes.entry(topic.to_owned()).or_insert_with(|| Routes {
+                used: now,
                 all: self.client.channel_with(&name, Filter::new().metadata(TOPIC_LABEL, topic)),
                 targets: HashMap::new(),
                 looked_up: false,
             });
+            entry.used = now;
             (entry.all.clone(), std::mem::replace(&mut entry.looked_up, true))
         };
         let mut nodes = all.instances();
@@ -224,7 +240,12 @@ impl RegistryBroker {
             }
         }
         let mut routes = self.routes.lock().expect("broker routes lock");
-        let entry = routes.get_mut(topic).expect("routes of the topic were just made");
+        let entry = routes.entry(topic.to_owned()).or_insert_with(|| Routes {
+            used: Instant::now(),
+            all: all.clone(),
+            targets: HashMap::new(),
+            looked_up: true,
+        });
         entry.targets.retain(|key, _| wanted.contains_key(key));
         Ok(wanted
             .into_iter()
@@ -237,6 +258,27 @@ impl RegistryBroker {
                 (key, channel)
             })
             .collect())
+    }
+}
+
+/// Before a new topic's routes are added: drops those idle for over [`ROUTE_IDLE`], then
+/// the least recently used while [`MAX_ROUTED_TOPICS`] are held. Their channels stop
+/// following the registry once the last clone (a publish in flight) is gone.
+fn evict_routes(routes: &mut HashMap<String, Routes>, now: Instant) {
+    routes.retain(|_, routes| now.saturating_duration_since(routes.used) < ROUTE_IDLE);
+    while routes.len() >= MAX_ROUTED_TOPICS {
+        let Some(oldest) = routes.iter().min_by_key(|(_, r)| r.used).map(|(topic, _)| topic.clone()) else {
+            break;
+        };
+        tracing::debug!(topic = %oldest, "broker routes evicted: the most topics are routed");
+        routes.remove(&oldest);
+    }
+}
+
+impl RegistryBroker {
+    /// The topics whose routes are held now.
+    pub fn routed_topics(&self) -> usize {
+        self.routes.lock().expect("broker routes lock").len()
     }
 }
 

@@ -199,8 +199,8 @@ struct SlowLookups {
 
 #[async_trait::async_trait]
 impl crate::Registry for SlowLookups {
-    fn kind(&self) -> &'static str {
-        "memory"
+    fn kind(&self) -> crate::config::RegistryKind {
+        crate::config::RegistryKind::Memory
     }
     fn address(&self) -> String {
         "slow".into()

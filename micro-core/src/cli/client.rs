@@ -46,8 +46,9 @@ pub struct ClientArgs {
     /// taken for unreachable and ejected at once.
     #[arg(long, env = "MICRO_CLIENT_CONNECT_TIMEOUT", default_value_t = Millis::from_units(DEFAULT_CONNECT_TIMEOUT_MS))]
     pub client_connect_timeout: Millis,
-    /// Milliseconds between HTTP/2 keepalive pings on each connection, busy or idle; 0 turns
-    /// them off. A peer that vanished is known within interval + timeout.
+    /// Milliseconds between HTTP/2 keepalive pings on a connection with calls in flight (an
+    /// idle one is never pinged); 0 turns them off. A peer that vanished under a call is
+    /// known within interval + timeout.
     #[arg(long, env = "MICRO_CLIENT_KEEPALIVE_INTERVAL", default_value_t = Millis::from_units(DEFAULT_KEEPALIVE_INTERVAL_MS))]
     pub client_keepalive_interval: Millis,
     /// Milliseconds a keepalive ping may go unanswered before the connection is closed as

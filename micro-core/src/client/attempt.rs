@@ -32,9 +32,9 @@ use tracing::{Instrument, field::Empty};
 use super::{
     IDEMPOTENCY_KEY_HEADER,
     channel::ChannelCore,
-    deadline::{GRPC_TIMEOUT_HEADER, grpc_timeout, requested_timeout},
+    deadline::{GRPC_TIMEOUT_HEADER, GRPC_TIMEOUT_RESOLUTION, grpc_timeout, requested_timeout},
     endpoints::{Endpoint, InFlight},
-    failure::{CallSite, Failure, chain_has, retried},
+    failure::{CallSite, Failure, chain_has, go_away_reason, is_unprocessed, retried},
     outlier::Verdict,
     replay::Replay,
 };
@@ -238,6 +238,7 @@ impl ChannelCore {
         index: usize,
         endpoint: Endpoint,
         (request, polled): (http::Request<Body>, Arc<std::sync::atomic::AtomicBool>),
+        deadline: Instant,
     ) -> (usize, Result<http::Response<Body>, Failure>) {
         let in_flight = InFlight::start(&endpoint.stats);
         // Every attempt carries `grpc-timeout`, and tonic's channel ends the call there
@@ -247,14 +248,22 @@ impl ChannelCore {
         let outcome = match result {
             Ok(response) => match Status::from_header_map(response.headers()) {
                 Some(status) if status.code() == Code::Unavailable => Err(Failure::Status(status)),
-                // tonic's server ends a call past its `grpc-timeout` with CANCELLED.
-                Some(status) if is_server_timeout(&status) => Err(Failure::Deadline),
+                Some(status) if is_server_timeout(&status, deadline) => Err(Failure::Deadline),
                 _ => {
                     self.latencies.record(in_flight.answered());
                     Ok(response)
                 }
             },
             Err(err) if chain_has::<tonic::TimeoutExpired>(&*err) => Err(Failure::Deadline),
+            Err(err) if is_unprocessed(&*err) => {
+                let reason = go_away_reason(&*err);
+                if reason == Some(h2::Reason::ENHANCE_YOUR_CALM) {
+                    tracing::warn!(service = %self.name, node = %endpoint.node.id, address = %endpoint.node.address, "the server closed the connection for too many pings (GOAWAY ENHANCE_YOUR_CALM): raise MICRO_CLIENT_KEEPALIVE_INTERVAL, or the server's permitted ping interval");
+                } else {
+                    tracing::debug!(service = %self.name, node = %endpoint.node.id, ?reason, "not processed by the server; sent again on a new connection");
+                }
+                Err(Failure::Unprocessed(err))
+            }
             Err(err) => Err(Failure::Transport { source: err, sent: polled.load(Ordering::Acquire) }),
         };
         let verdict = match &outcome {
@@ -270,6 +279,7 @@ impl ChannelCore {
                 },
                 Err(Failure::Deadline) => span.record("micro.result", "deadline"),
                 Err(Failure::Transport { .. }) => span.record("micro.result", "transport_error"),
+                Err(Failure::Unprocessed(_)) => span.record("micro.result", "unprocessed"),
                 Err(Failure::Status(status)) => span.record("rpc.grpc.status_code", status.code() as i64),
             };
         }
@@ -302,9 +312,9 @@ impl ChannelCore {
         );
         let mut request = attempt_request(parts, replay, deadline);
         inject_trace_context(request.0.headers_mut(), &span);
-        attempts
-            .running
-            .push(Box::pin(self.clone().attempt(index, endpoint.clone(), request).instrument(span)));
+        attempts.running.push(Box::pin(
+            self.clone().attempt(index, endpoint.clone(), request, deadline).instrument(span),
+        ));
         attempts.endpoints.push(endpoint);
         attempts.open.push(index);
     }
@@ -438,10 +448,13 @@ fn attempt_request(
     (request, polled)
 }
 
-/// Whether the server ended the call because its `grpc-timeout` passed: tonic says so
-/// with `CANCELLED` and this message, where gRPC means `DEADLINE_EXCEEDED`.
-fn is_server_timeout(status: &Status) -> bool {
-    status.code() == Code::Cancelled && status.message() == "Timeout expired"
+/// Whether the server ended the call because its `grpc-timeout` passed: tonic's server
+/// says so with `CANCELLED` where gRPC means `DEADLINE_EXCEEDED`. Told by the clock, not the
+/// text: the server's timer started after the attempt left, so it fires no sooner than the
+/// call's deadline, less the millisecond `grpc-timeout` rounds down. A handler's own
+/// `CANCELLED` before then is the handler's answer, whatever it says.
+fn is_server_timeout(status: &Status, deadline: Instant) -> bool {
+    status.code() == Code::Cancelled && Instant::now() + GRPC_TIMEOUT_RESOLUTION >= deadline
 }
 
 /// Sleeps until `at`, or forever when there is nothing to wait for.

@@ -1,6 +1,11 @@
 //! Connections to instances: lazily connected tonic channels with a connect timeout and
-//! HTTP/2 keepalive pings, so a peer that vanished (a dead host, a partition) is known
-//! within about `keepalive_interval + keepalive_timeout` even while no call is in flight.
+//! HTTP/2 keepalive pings as gRFC A8 has them: pings only while calls are in flight, so a
+//! peer that vanished under a call is known within about `keepalive_interval +
+//! keepalive_timeout`, and never on an idle connection, which gRPC's own servers (C-core,
+//! Go, Java) punish with a GOAWAY `too_many_pings` once a ping comes more often than every
+//! 5 minutes without a call. A call to an idle connection whose peer vanished is covered
+//! by hedging (idempotent calls), the deadline, and the connect timeout of the connection
+//! that replaces it.
 
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
@@ -19,7 +24,7 @@ pub fn connect_lazily(node: &Node, config: &ClientConfig) -> Result<Channel, Box
         endpoint = endpoint
             .http2_keep_alive_interval(config.keepalive_interval)
             .keep_alive_timeout(config.keepalive_timeout)
-            .keep_alive_while_idle(true);
+            .keep_alive_while_idle(false);
     }
     if let Some((tls, ca)) = tls {
         let mut tls_config =

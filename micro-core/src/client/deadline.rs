@@ -15,6 +15,10 @@ pub(crate) const GRPC_TIMEOUT_HEADER: HeaderName = HeaderName::from_static("grpc
 /// other; with this one pending, a deadline longer than the period never is.
 pub(crate) const TIMER_ANCHOR_PERIOD: Duration = Duration::from_secs(1);
 
+/// The precision of `grpc-timeout` as [`grpc_timeout`] writes it: whole milliseconds,
+/// rounded down.
+pub(crate) const GRPC_TIMEOUT_RESOLUTION: Duration = Duration::from_millis(1);
+
 /// The deadline the caller put on the request as `grpc-timeout`, if any.
 pub(crate) fn requested_timeout(request: &http::Request<Body>) -> Option<Duration> {
     let value = request.headers().get(GRPC_TIMEOUT_HEADER)?.to_str().ok()?;

@@ -12,6 +12,9 @@ pub(crate) enum Failure {
     Deadline,
     /// The transport failed; `sent` tells whether the request may have reached the server.
     Transport { source: BoxError, sent: bool },
+    /// The server took no part in the call ([`is_unprocessed`]): safe to send again, and no
+    /// fault of the instance (a GOAWAY of a server shutting down or rotating connections).
+    Unprocessed(BoxError),
     /// The server (or a proxy) answered with this status.
     Status(Status),
 }
@@ -23,6 +26,7 @@ impl Failure {
             Failure::Deadline => (true, Some(Code::DeadlineExceeded)),
             // A transport failure that carries a gRPC status (a reset stream) keeps its code.
             Failure::Transport { sent, source } => (*sent, source.downcast_ref::<Status>().map(Status::code)),
+            Failure::Unprocessed(_) => (false, None),
             Failure::Status(status) => (true, Some(status.code())),
         }
     }
@@ -31,6 +35,7 @@ impl Failure {
     pub(crate) fn verdict(&self) -> Verdict {
         match self {
             Failure::Transport { source, sent } if is_dead_peer(&**source, *sent) => Verdict::Dead,
+            Failure::Unprocessed(_) => Verdict::Spared,
             Failure::Deadline | Failure::Transport { .. } | Failure::Status(_) => Verdict::Failed,
         }
     }
@@ -59,7 +64,7 @@ impl Failure {
                  which failed before answering; not retried because the method is not idempotent: {}",
                 error_chain(&*source)
             )),
-            Failure::Transport { source, .. } => Error::Transport {
+            Failure::Transport { source, .. } | Failure::Unprocessed(source) => Error::Transport {
                 service: service.to_owned(),
                 node: id.clone(),
                 address,
@@ -111,10 +116,28 @@ pub(crate) fn is_connect_error(err: &(dyn std::error::Error + 'static)) -> bool 
         })
 }
 
-/// Whether the connection died because the peer stopped answering HTTP/2 pings. hyper
-/// keeps that error type private, so its message is what tells.
+/// Whether the connection died because the peer stopped answering HTTP/2 pings: the only
+/// timeout hyper's HTTP/2 client has (connect and call timeouts are tonic's own types).
 fn is_keepalive_timeout(err: &(dyn std::error::Error + 'static)) -> bool {
-    chain(err).any(|e| e.to_string().contains("keep-alive timed out"))
+    chain(err).any(|e| e.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_timeout))
+}
+
+/// Whether the server took no part in the request (RFC 9113 §8.7), so it may be sent again
+/// whatever the method: its stream was above the last one a GOAWAY let through, or was
+/// reset with `REFUSED_STREAM`, or its connection closed before the request was written.
+pub(crate) fn is_unprocessed(err: &(dyn std::error::Error + 'static)) -> bool {
+    chain(err).any(|e| {
+        let refused = e.downcast_ref::<h2::Error>().is_some_and(|h2| {
+            h2.is_remote() && (h2.is_go_away() || h2.reason() == Some(h2::Reason::REFUSED_STREAM))
+        });
+        refused || e.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_canceled)
+    })
+}
+
+/// The reason of the GOAWAY the server sent, when that ended the attempt.
+pub(crate) fn go_away_reason(err: &(dyn std::error::Error + 'static)) -> Option<h2::Reason> {
+    chain(err)
+        .find_map(|e| e.downcast_ref::<h2::Error>().filter(|h2| h2.is_go_away() && h2.is_remote())?.reason())
 }
 
 pub(crate) fn chain_has<E: std::error::Error + 'static>(err: &(dyn std::error::Error + 'static)) -> bool {
@@ -151,6 +174,16 @@ mod tests {
         assert!(Failure::Status(Status::unavailable("x")).retry_allowed(true));
         assert!(!Failure::Status(Status::invalid_argument("x")).retry_allowed(true));
         assert!(!Failure::Deadline.retry_allowed(true));
+    }
+
+    #[test]
+    fn a_request_the_server_never_processed_is_retried_and_judges_nobody() {
+        let refused = || Failure::Unprocessed(Box::new(h2::Error::from(h2::Reason::REFUSED_STREAM)));
+        assert!(refused().retry_allowed(false));
+        assert_eq!(refused().verdict(), Verdict::Spared);
+        // A reset the client made itself is no refusal by the server.
+        assert!(!is_unprocessed(&h2::Error::from(h2::Reason::REFUSED_STREAM)));
+        assert!(!is_unprocessed(&std::io::Error::from(std::io::ErrorKind::BrokenPipe)));
     }
 
     #[test]

@@ -11,8 +11,9 @@
 //! the instance, and is never sent twice. An instance that fails repeatedly (a refused
 //! connection at once) is ejected for a while and tried again later.
 //!
-//! Silent failures cost no call either: each connection sends HTTP/2 keepalive pings, so a
-//! peer that vanished (a dead host, a partition) is known within about two seconds; an
+//! Silent failures cost no call either: a connection with calls in flight sends HTTP/2
+//! keepalive pings (an idle one never does, as gRFC A8 asks), so a peer that vanished (a
+//! dead host, a partition) under a call is known within about three seconds; an
 //! idempotent call not answered within the name's recent p95 latency is hedged to another
 //! instance; and the default strategy weighs each instance's latency, so a slow one gets
 //! few calls. See [`crate::config::ClientConfig`] for every setting.

@@ -25,6 +25,8 @@ pub(crate) enum Verdict {
     Failed,
     /// It is unreachable or not answering at all; ejected at once.
     Dead,
+    /// It took no part (it refused the request with a GOAWAY): no change.
+    Spared,
 }
 
 /// Why an instance was last ejected, for `micro why` and logs.
@@ -89,6 +91,7 @@ impl OutlierState {
                 EjectReason::ConsecutiveFailures
             }
             Verdict::Dead => EjectReason::Unreachable,
+            Verdict::Spared => return None,
         };
         let mut ejected = self.ejected.lock().expect("outlier lock");
         if ejected.is_some_and(|(until, _)| until > now) {

@@ -463,23 +463,145 @@ async fn the_default_strategy_sends_a_slow_instance_few_calls() {
     assert!(slow.arrived() < 10, "the slow instance got {} of 200 calls", slow.arrived());
 }
 
-/// Ends every call as tonic's server does when a call outlives its `grpc-timeout`.
-struct TimedOutOnTheServer;
+/// Answers at once with the text tonic's server gives a call that outlived its
+/// `grpc-timeout`, as a handler of its own.
+struct CancelsWithTimeoutText(Arc<AtomicUsize>);
 
 #[tonic::async_trait]
-impl Answer for TimedOutOnTheServer {
+impl Answer for CancelsWithTimeoutText {
     async fn answer(&self, _: Request<Message>) -> Result<tonic::Response<Reply>, Status> {
+        self.0.fetch_add(1, Ordering::SeqCst);
         Err(Status::cancelled("Timeout expired"))
     }
 }
 
 #[tokio::test]
-async fn a_deadline_that_passed_on_the_server_reaches_the_caller_as_deadline_exceeded() {
+async fn a_handlers_cancelled_timeout_expired_is_its_answer_not_a_deadline() {
     let registry = MemoryRegistry::new();
-    let _server = start_with(&registry, "svc", TimedOutOnTheServer, "1").await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let _server = start_with(&registry, "svc", CancelsWithTimeoutText(calls.clone()), "1").await;
     let client = Client::new(Arc::new(registry)).idempotent_methods(&[SAY]);
-    let status = call(&mut EchoClient::new(client.channel("svc"))).await.unwrap_err();
-    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    let channel = client.channel("svc");
+    let status = call(&mut EchoClient::new(channel.clone())).await.unwrap_err();
+    assert_eq!(status.code(), Code::Cancelled, "{status:?}");
+    assert_eq!(status.message(), "Timeout expired", "the handler's own words reach the caller");
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "an answer is not retried");
+    assert!(channel.inspect().iter().all(|view| view.ejected.is_none()), "an answer ejects nobody");
+}
+
+/// Holds `Record` calls whose text is `hold` until released; answers the others at once.
+struct Holding {
+    arrived: tokio::sync::Semaphore,
+    release: tokio::sync::Semaphore,
+}
+
+#[tonic::async_trait]
+impl Answer for Arc<Holding> {
+    async fn answer(&self, request: Request<Message>) -> Result<tonic::Response<Reply>, Status> {
+        if request.get_ref().text == "hold" {
+            self.arrived.add_permits(1);
+            self.release.acquire().await.expect("open").forget();
+        }
+        reply_from("holding")
+    }
+}
+
+/// One address whose connections can be sent away, as a server that rotates its
+/// connections does: each generation of tonic server takes the connections accepted while
+/// it is current; [`RotatingServer::rotate`] shuts the current one down gracefully (a
+/// GOAWAY; calls in flight finish) and gives new connections to a fresh one.
+struct RotatingServer {
+    address: std::net::SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    rotations: tokio::sync::mpsc::UnboundedSender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RotatingServer {
+    async fn start(answer: Arc<Holding>) -> RotatingServer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let (rotations, mut rotate) = tokio::sync::mpsc::unbounded_channel();
+        let counted = accepted.clone();
+        let task = tokio::spawn(async move {
+            let mut generations = tokio::task::JoinSet::new();
+            loop {
+                let (connections, incoming) = tokio::sync::mpsc::unbounded_channel::<std::io::Result<_>>();
+                let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+                let server = tonic::transport::Server::builder()
+                    .add_service(EchoServer::new(Serve(answer.clone())))
+                    .serve_with_incoming_shutdown(
+                        tokio_stream::wrappers::UnboundedReceiverStream::new(incoming),
+                        async move { stopped.await.unwrap_or(()) },
+                    );
+                generations.spawn(server);
+                loop {
+                    tokio::select! {
+                        Ok((stream, _)) = listener.accept() => {
+                            counted.fetch_add(1, Ordering::SeqCst);
+                            let _ = connections.send(Ok(stream));
+                        }
+                        Some(()) = rotate.recv() => {
+                            let _ = stop.send(());
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+        RotatingServer { address, accepted, rotations, task }
+    }
+
+    fn rotate(&self) {
+        self.rotations.send(()).expect("the server runs");
+    }
+}
+
+impl Drop for RotatingServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test]
+async fn a_goaway_lets_calls_in_flight_finish_sends_new_ones_on_a_new_connection_and_ejects_nobody() {
+    let registry = MemoryRegistry::new();
+    let holding = Arc::new(Holding {
+        arrived: tokio::sync::Semaphore::new(0),
+        release: tokio::sync::Semaphore::new(0),
+    });
+    let server = RotatingServer::start(holding.clone()).await;
+    let node = Node::new("goaway-svc", server.address);
+    registry.register(&node, Duration::from_secs(30)).await.unwrap();
+    // `Record` may not be sent twice: only a call the server refused may go again.
+    let client = Client::new(Arc::new(registry));
+    let channel = client.channel("goaway-svc");
+    let mut echo = EchoClient::new(channel.clone());
+    echo.record(say("first")).await.unwrap();
+    assert_eq!(server.accepted.load(Ordering::SeqCst), 1);
+
+    let mut held_echo = echo.clone();
+    let held = tokio::spawn(async move { held_echo.record(say("hold")).await });
+    let arrived = tokio::time::timeout(Duration::from_secs(5), holding.arrived.acquire()).await;
+    arrived.expect("the held call reaches the server").unwrap().forget();
+    server.rotate();
+
+    // Calls go on while the first connection drains; each must succeed, and soon they
+    // arrive on a second connection.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut calls_after = 0;
+    while server.accepted.load(Ordering::SeqCst) < 2 || calls_after < 20 {
+        assert!(Instant::now() < deadline, "no second connection after {calls_after} calls");
+        echo.record(say("after")).await.expect("a call after the GOAWAY");
+        calls_after += 1;
+    }
+    assert!(!held.is_finished(), "the call in flight is still held");
+    holding.release.add_permits(1);
+    let reply = tokio::time::timeout(Duration::from_secs(5), held).await.expect("the held call ends");
+    reply.unwrap().expect("the call in flight when the GOAWAY came finishes");
+    let views = channel.inspect();
+    assert!(views.iter().all(|view| view.ejected.is_none()), "a GOAWAY ejects nobody: {views:?}");
 }
 
 #[tokio::test]

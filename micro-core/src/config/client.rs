@@ -23,8 +23,16 @@ pub const DEFAULT_EJECT_TIME_MS: u64 = 1000;
 pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 2000;
 /// Default first backoff between attempts in milliseconds; it doubles, with full jitter.
 pub const DEFAULT_BACKOFF_MS: u64 = 20;
-/// Default interval of HTTP/2 keepalive pings on each connection, in milliseconds.
-pub const DEFAULT_KEEPALIVE_INTERVAL_MS: u64 = 1000;
+/// Default interval of HTTP/2 keepalive pings on a connection with calls in flight, in
+/// milliseconds (an idle connection is never pinged). A gRPC server counts a ping as a
+/// strike when it sent nothing since the previous one and closes the connection at the
+/// third: at this interval that takes a call silent for over 6 s, longer than the default
+/// deadline ([`DEFAULT_REQUEST_TIMEOUT_MS`]).
+pub const DEFAULT_KEEPALIVE_INTERVAL_MS: u64 = 2000;
+const _: () = assert!(
+    3 * DEFAULT_KEEPALIVE_INTERVAL_MS > DEFAULT_REQUEST_TIMEOUT_MS,
+    "three pings within the default deadline would close connections to gRPC servers"
+);
 /// Default time a keepalive ping may go unanswered before the connection is closed as
 /// dead, in milliseconds: a vanished peer is known within interval + timeout.
 pub const DEFAULT_KEEPALIVE_TIMEOUT_MS: u64 = 1000;
@@ -81,7 +89,8 @@ pub struct ClientConfig {
     pub lookup_timeout: Duration,
     /// TCP connect limit per instance.
     pub connect_timeout: Duration,
-    /// HTTP/2 keepalive ping interval per connection; zero turns keepalive off.
+    /// HTTP/2 keepalive ping interval on a connection with calls in flight (idle ones are
+    /// never pinged); zero turns keepalive off.
     pub keepalive_interval: Duration,
     /// How long a keepalive ping may go unanswered before the connection is dropped.
     pub keepalive_timeout: Duration,

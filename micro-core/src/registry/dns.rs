@@ -31,7 +31,7 @@
 //! ```
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::BTreeMap,
     net::{IpAddr, SocketAddr},
     sync::{
         Arc, Mutex,
@@ -85,8 +85,9 @@ struct Inner {
     ttl: (Duration, Duration),
     /// The nameserver, or `system` for the system's resolver configuration, for messages.
     address: String,
-    /// SRV records whose target did not resolve, already warned about.
-    warned: Mutex<HashSet<String>>,
+    /// SRV records whose target did not resolve, already warned about (the latest
+    /// [`super::warned::MAX_WARNED`]).
+    warned: Mutex<super::warned::WarnedOnce<String>>,
 }
 
 /// Builds a [`DnsRegistry`]; see [`DnsRegistry::builder`].
@@ -268,7 +269,7 @@ impl Inner {
                 Ok(_) | Err(_) => {
                     let record =
                         format!("{srv_query} SRV {} {} {} {target}", srv.priority, srv.weight, srv.port);
-                    if self.warned.lock().expect("dns warned lock").insert(record.clone()) {
+                    if self.warned.lock().expect("dns warned lock").first_time(record.clone()) {
                         tracing::warn!(%record, "dns: skipped an SRV record whose target has no A/AAAA record");
                     }
                 }
@@ -324,8 +325,8 @@ impl Inner {
 
 #[async_trait]
 impl Registry for DnsRegistry {
-    fn kind(&self) -> &'static str {
-        KIND.as_str()
+    fn kind(&self) -> crate::config::RegistryKind {
+        KIND
     }
 
     fn address(&self) -> String {
@@ -377,7 +378,8 @@ impl Registry for DnsRegistry {
     fn watch(&self, name: &str) -> BoxStream<'static, Result<Change<NodeId, Node>>> {
         let inner = self.inner.clone();
         let name = name.to_owned();
-        let state = (BTreeMap::<NodeId, Node>::new(), None::<Instant>, inner.ttl.0);
+        let backoff = super::Backoff::new(inner.ttl.0, inner.ttl.1);
+        let state = (BTreeMap::<NodeId, Node>::new(), None::<Instant>, backoff);
         futures::stream::unfold((inner, name, state), |(inner, name, (mut known, mut next, mut backoff))| async move {
             loop {
                 if let Some(at) = next {
@@ -387,13 +389,13 @@ impl Registry for DnsRegistry {
                     Ok(Answer::Found(nodes, ttl)) => (nodes, ttl),
                     Ok(Answer::Nothing(_)) => (Vec::new(), inner.ttl.0),
                     Err(err) => {
-                        tracing::warn!(service = %name, error = %crate::error::error_chain(&err), retry_in = ?backoff, "dns: query failed; keeping known instances");
-                        next = Some(Instant::now() + backoff);
-                        backoff = (backoff * 2).min(inner.ttl.1);
+                        let retry_in = backoff.next_delay();
+                        tracing::warn!(service = %name, error = %crate::error::error_chain(&err), ?retry_in, "dns: query failed; keeping known instances");
+                        next = Some(Instant::now() + retry_in);
                         continue;
                     }
                 };
-                backoff = inner.ttl.0;
+                backoff.reset();
                 next = Some(Instant::now() + wait);
                 let now: BTreeMap<NodeId, Node> = now.into_iter().map(|n| (n.id.clone(), n)).collect();
                 let mut changes: Vec<Change<NodeId, Node>> =

@@ -104,8 +104,8 @@ fn sweeping(shared: Weak<Shared>) -> BoxStream<'static, Result<Change<NodeId, No
 
 #[async_trait]
 impl Registry for MemoryRegistry {
-    fn kind(&self) -> &'static str {
-        crate::config::RegistryKind::Memory.as_str()
+    fn kind(&self) -> crate::config::RegistryKind {
+        crate::config::RegistryKind::Memory
     }
 
     fn address(&self) -> String {
@@ -155,7 +155,7 @@ impl Registry for MemoryRegistry {
             .map(|entry| entry.node.clone())
             .collect();
         if nodes.is_empty() {
-            return Err(Error::NoInstance { service: name.into(), registry: self.kind().into() });
+            return Err(Error::NoInstance { service: name.into(), registry: self.kind().to_string() });
         }
         nodes.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(nodes)
@@ -177,7 +177,7 @@ impl Registry for MemoryRegistry {
             let services = self.shared.services.lock().expect("memory registry lock");
             services.get(name).into_iter().flat_map(|nodes| nodes.values()).map(|e| e.node.clone()).collect()
         };
-        let published = watch_published(current, changes, name, self.kind(), self.address());
+        let published = watch_published(current, changes, name, self.kind().as_str(), self.address());
         futures::stream::select(published, sweeping(Arc::downgrade(&self.shared))).boxed()
     }
 }

@@ -24,7 +24,7 @@ use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 use async_trait::async_trait;
 use futures::stream::BoxStream;
 
-use crate::{Error, Result};
+use crate::{Error, Result, config::RegistryKind};
 
 mod backoff;
 #[cfg(feature = "consul")]
@@ -36,6 +36,8 @@ mod etcd;
 #[cfg(feature = "mdns")]
 mod mdns;
 mod memory;
+#[cfg(any(feature = "dns", feature = "etcd"))]
+mod warned;
 
 pub use backoff::Backoff;
 #[cfg(feature = "consul")]
@@ -97,8 +99,8 @@ impl Node {
 /// heartbeat: the runtime calls it again every register interval.
 #[async_trait]
 pub trait Registry: Send + Sync + 'static {
-    /// The backend's short name, as `MICRO_REGISTRY` spells it.
-    fn kind(&self) -> &'static str;
+    /// The backend, whose [`RegistryKind::as_str`] is how `MICRO_REGISTRY` spells it.
+    fn kind(&self) -> RegistryKind;
 
     /// Where the backend lives, for error messages (`224.0.0.251:5353`, `127.0.0.1:8500`).
     fn address(&self) -> String;

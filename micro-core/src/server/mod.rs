@@ -299,8 +299,8 @@ impl Server {
             }
             return Err(err);
         }
-        crate::metrics::metrics().registry_event(registry.kind(), &node.name, "register");
-        tracing::info!(service = %node.name, node = %node.id, address = %node.address, %bound, registry = registry.kind(), "registered");
+        crate::metrics::metrics().registry_event(registry.kind().as_str(), &node.name, "register");
+        tracing::info!(service = %node.name, node = %node.id, address = %node.address, %bound, registry = %registry.kind(), "registered");
         let health_names: Vec<&str> = std::iter::once("").chain(self.grpc_services.iter().copied()).collect();
         for name in &health_names {
             health.set_service_status(*name, ServingStatus::Serving).await;

@@ -99,11 +99,11 @@ impl RunningServer {
                 }
             }
         }
-        crate::metrics::metrics().registry_event(self.registry.kind(), &node.name, "deregister");
+        crate::metrics::metrics().registry_event(self.registry.kind().as_str(), &node.name, "deregister");
         match self.registry.deregister(node).await {
             Ok(()) => tracing::info!(service = %node.name, node = %node.id, "deregistered"),
             Err(err) => {
-                tracing::warn!(service = %node.name, registry = self.registry.kind(), address = %self.registry.address(), error = %error_chain(&err), "deregistration failed; the registration will expire")
+                tracing::warn!(service = %node.name, registry = %self.registry.kind(), address = %self.registry.address(), error = %error_chain(&err), "deregistration failed; the registration will expire")
             }
         }
         let _ = stop_serving.send(());
@@ -143,7 +143,11 @@ impl Drop for RunningServer {
         let _ = stop_serving.send(());
         serve.abort();
         tracing::info!(service = %self.node.name, node = %self.node.id, "dropped without stop(): deregistering without draining");
-        crate::metrics::metrics().registry_event(self.registry.kind(), &self.node.name, "deregister");
+        crate::metrics::metrics().registry_event(
+            self.registry.kind().as_str(),
+            &self.node.name,
+            "deregister",
+        );
         deregister_in_background(self.registry.clone(), self.node.clone());
     }
 }
@@ -157,7 +161,7 @@ pub(super) fn deregister_in_background(registry: Arc<dyn Registry>, node: Node) 
     };
     let mut deregistration = Box::pin(async move {
         if let Err(err) = registry.deregister(&node).await {
-            tracing::warn!(service = %node.name, node = %node.id, registry = registry.kind(), address = %registry.address(), error = %error_chain(&err), "deregistration failed; the registration will expire after its TTL");
+            tracing::warn!(service = %node.name, node = %node.id, registry = %registry.kind(), address = %registry.address(), error = %error_chain(&err), "deregistration failed; the registration will expire after its TTL");
         }
     });
     if deregistration.as_mut().now_or_never().is_none() {
@@ -181,8 +185,12 @@ pub(super) async fn keep_registered(registry: Arc<dyn Registry>, node: Node, con
             Ok(()) => tracing::trace!(service = %node.name, "heartbeat"),
             Err(err) => {
                 failing = true;
-                crate::metrics::metrics().registry_event(registry.kind(), &node.name, "heartbeat_failed");
-                tracing::warn!(service = %node.name, node = %node.id, registry = registry.kind(), address = %registry.address(), error = %error_chain(&err), "heartbeat failed; retrying");
+                crate::metrics::metrics().registry_event(
+                    registry.kind().as_str(),
+                    &node.name,
+                    "heartbeat_failed",
+                );
+                tracing::warn!(service = %node.name, node = %node.id, registry = %registry.kind(), address = %registry.address(), error = %error_chain(&err), "heartbeat failed; retrying");
             }
         }
     }
@@ -197,10 +205,10 @@ pub(super) async fn check_visible(registry: Arc<dyn Registry>, node: Node) {
         Err(_) => false,
     };
     if visible {
-        tracing::debug!(service = %node.name, registry = registry.kind(), "own registration visible");
-    } else if registry.kind() == RegistryKind::Mdns.as_str() {
+        tracing::debug!(service = %node.name, registry = %registry.kind(), "own registration visible");
+    } else if registry.kind() == RegistryKind::Mdns {
         tracing::warn!(service = %node.name, node = %node.id, "no mDNS answer came back for this instance's own announcement: multicast seems blocked on this network (Docker bridge, firewall); peers will not find it. Use MICRO_REGISTRY=consul there");
     } else {
-        tracing::warn!(service = %node.name, node = %node.id, registry = registry.kind(), address = %registry.address(), "this instance's own registration is not visible in the registry");
+        tracing::warn!(service = %node.name, node = %node.id, registry = %registry.kind(), address = %registry.address(), "this instance's own registration is not visible in the registry");
     }
 }

@@ -184,8 +184,8 @@ impl ConsulRegistryBuilder {
 
 #[async_trait]
 impl Registry for ConsulRegistry {
-    fn kind(&self) -> &'static str {
-        KIND.as_str()
+    fn kind(&self) -> crate::config::RegistryKind {
+        KIND
     }
 
     fn address(&self) -> String {
@@ -248,7 +248,7 @@ impl Registry for ConsulRegistry {
             }
             index = Some(next_index(index.unwrap_or(0), answered));
         }
-        Err(Error::NoInstance { service: name.into(), registry: self.kind().into() })
+        Err(Error::NoInstance { service: name.into(), registry: self.kind().to_string() })
     }
 
     /// Names in the catalog (GET /v1/catalog/services) that have at least one passing

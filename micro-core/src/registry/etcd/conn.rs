@@ -2,7 +2,6 @@
 //! time, moving to the next when it fails.
 
 use std::{
-    collections::HashSet,
     future::Future,
     sync::{
         Mutex,
@@ -25,8 +24,9 @@ pub(super) struct Conn {
     pub(super) clients: Mutex<Vec<Client>>,
     /// The index of the endpoint in use.
     pub(super) current: AtomicUsize,
-    /// Keys (with their revision) whose bad value was already warned about.
-    pub(super) warned: Mutex<HashSet<(String, i64)>>,
+    /// Keys (with their revision) whose bad value was already warned about (the latest
+    /// [`crate::registry::warned::MAX_WARNED`]).
+    pub(super) warned: Mutex<crate::registry::warned::WarnedOnce<(String, i64)>>,
 }
 
 impl Conn {
@@ -138,7 +138,7 @@ impl Conn {
 
     /// Warns once per key and revision that its value is not an instance.
     pub(super) fn warn_bad_value(&self, key: &str, revision: i64, reason: &str) {
-        if self.warned.lock().expect("etcd warned lock").insert((key.to_owned(), revision)) {
+        if self.warned.lock().expect("etcd warned lock").first_time((key.to_owned(), revision)) {
             tracing::warn!(%key, revision, reason, "etcd: skipped a value that is not a go-micro registry.Service with a node");
         }
     }

@@ -217,8 +217,8 @@ impl EtcdRegistryBuilder {
 
 #[async_trait]
 impl Registry for EtcdRegistry {
-    fn kind(&self) -> &'static str {
-        KIND.as_str()
+    fn kind(&self) -> crate::config::RegistryKind {
+        KIND
     }
 
     fn address(&self) -> String {
@@ -282,7 +282,7 @@ impl Registry for EtcdRegistry {
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(Error::NoInstance { service: name.into(), registry: self.kind().into() });
+                return Err(Error::NoInstance { service: name.into(), registry: self.kind().to_string() });
             }
             tokio::time::sleep(left.min(LOOKUP_POLL)).await;
         }
@@ -311,7 +311,7 @@ impl Registry for EtcdRegistry {
             revision: None,
             stream: None,
             pending: VecDeque::new(),
-            backoff: WATCH_BACKOFF.0,
+            backoff: crate::registry::Backoff::new(WATCH_BACKOFF.0, WATCH_BACKOFF.1),
             failing: false,
         };
         futures::stream::unfold(state, |mut state| async move {

@@ -3,12 +3,11 @@
 use std::{
     collections::{BTreeMap, VecDeque},
     sync::Arc,
-    time::Duration,
 };
 
 use etcd_client::{EventType, GetOptions, WatchOptions, WatchStream};
 
-use super::{WATCH_BACKOFF, conn::Conn, wire::node_of};
+use super::{conn::Conn, wire::node_of};
 use crate::Result;
 use crate::registry::{Change, Node, NodeId};
 
@@ -40,7 +39,9 @@ pub(super) struct WatchState {
     /// The open watch and the endpoint it runs on.
     pub(super) stream: Option<(usize, WatchStream)>,
     pub(super) pending: VecDeque<Change<NodeId, Node>>,
-    pub(super) backoff: Duration,
+    /// The wait before the next try after a failure: jittered, so every watcher of a
+    /// cluster that came back does not return at the same moment.
+    pub(super) backoff: crate::registry::Backoff,
     pub(super) failing: bool,
 }
 
@@ -52,11 +53,11 @@ impl WatchState {
             }
             if let Err(err) = self.step().await {
                 let endpoint = self.stream.take().map_or(self.conn.current().0, |(index, _)| index);
-                tracing::warn!(service = %self.name, error = %crate::error::error_chain(&err), retry_in = ?self.backoff, "etcd: watch failed; keeping known instances");
+                let retry_in = self.backoff.next_delay();
+                tracing::warn!(service = %self.name, error = %crate::error::error_chain(&err), ?retry_in, "etcd: watch failed; keeping known instances");
                 self.failing = true;
                 self.conn.failed(endpoint).await;
-                tokio::time::sleep(self.backoff).await;
-                self.backoff = (self.backoff * 2).min(WATCH_BACKOFF.1);
+                tokio::time::sleep(retry_in).await;
             }
         }
     }
@@ -89,7 +90,7 @@ impl WatchState {
             self.failing = false;
             tracing::info!(service = %self.name, address = %self.conn.address, "etcd: watch answers again");
         }
-        self.backoff = WATCH_BACKOFF.0;
+        self.backoff.reset();
         if answer.canceled() || answer.compact_revision() > 0 {
             tracing::warn!(service = %self.name, compacted = answer.compact_revision(), reason = %answer.cancel_reason(), "etcd: watch cancelled; reading afresh");
             self.stream = None;

@@ -4,6 +4,12 @@
 //! the node id, with key=value TXT entries `txtvers=1`, `name`, `version`, `id` and one entry
 //! per metadata key, so `avahi-browse -r _micro._tcp` or any zeroconf library can read it.
 //! One long-lived browse per registry feeds a cache, so look-ups answer from memory.
+//!
+//! The cache holds at most [`MAX_MDNS_INSTANCES`] instances of other processes, whatever
+//! the segment announces: past it a new instance is refused (counted as the registry event
+//! `refused`, service `*`) until some leave; instances already known stay and are updated,
+//! and this process's own are always kept. (`mdns-sd`'s own record cache is not bounded by
+//! this; its records expire with their TTL.)
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -35,6 +41,11 @@ const BROWSE_WARM_UP: Duration = Duration::from_millis(1500);
 const UNICAST_WINDOW: Duration = Duration::from_millis(250);
 /// When a fresh registry asks by unicast a second time.
 const SECOND_QUERY_AFTER: Duration = Duration::from_secs(1);
+/// The most instances of other processes the cache keeps (about 1 kB each).
+pub const MAX_MDNS_INSTANCES: usize = 4096;
+/// The service label of the `refused` registry event: not the name announced, which the
+/// network chooses.
+const ANY_SERVICE: &str = "*";
 /// How long a goodbye may take to go out on deregistration.
 const GOODBYE_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -141,9 +152,16 @@ impl Shared {
         }
     }
 
-    /// Adds or updates one instance and tells the watchers.
+    /// Adds or updates one instance and tells the watchers; a new instance of another
+    /// process is refused once [`MAX_MDNS_INSTANCES`] are known.
     fn learn(&self, key: String, node: Node) {
+        let own = self.announced.lock().expect("mdns lock").contains_key(&node.id);
         let mut nodes = self.nodes.lock().expect("mdns cache lock");
+        if !own && !nodes.contains_key(&key) && nodes.len() >= MAX_MDNS_INSTANCES {
+            crate::metrics::metrics().registry_event(KIND.as_str(), ANY_SERVICE, "refused");
+            tracing::debug!(service = %node.name, node = %node.id, limit = MAX_MDNS_INSTANCES, "mdns: instance refused, the cache is full");
+            return;
+        }
         if nodes.get(&key) != Some(&node) {
             tracing::debug!(service = %node.name, node = %node.id, address = %node.address, "mdns: instance up");
             nodes.insert(key, node.clone());
@@ -223,8 +241,8 @@ fn decode_resolved(resolved: &ResolvedService) -> Option<Node> {
 
 #[async_trait]
 impl Registry for MdnsRegistry {
-    fn kind(&self) -> &'static str {
-        KIND.as_str()
+    fn kind(&self) -> RegistryKind {
+        KIND
     }
 
     fn address(&self) -> String {
@@ -276,21 +294,28 @@ impl Registry for MdnsRegistry {
         let deadline = Instant::now() + self.lookup_timeout;
         // A fresh registry first hears every responder's unicast answer.
         self.first_answers_in(deadline).await;
-        let mut asked_again = false;
+        // On a miss, every responder is asked once more, within this look-up (it ends with it).
+        let mut asking = std::pin::pin!(self.shared.ask_by_unicast());
+        let mut asked = false;
         loop {
             let found = self.known(name);
             if !found.is_empty() {
                 return Ok(found);
             }
-            if !asked_again {
-                asked_again = true;
-                let shared = self.shared.clone();
-                tokio::spawn(async move { shared.ask_by_unicast().await });
-            }
-            match tokio::time::timeout_at(deadline, changes.recv()).await {
+            let event = tokio::select! {
+                () = &mut asking, if !asked => {
+                    asked = true;
+                    continue;
+                }
+                event = tokio::time::timeout_at(deadline, changes.recv()) => event,
+            };
+            match event {
                 Ok(Ok(_)) | Ok(Err(broadcast::error::RecvError::Lagged(_))) => continue,
                 Ok(Err(broadcast::error::RecvError::Closed)) | Err(_) => {
-                    return Err(Error::NoInstance { service: name.into(), registry: self.kind().into() });
+                    return Err(Error::NoInstance {
+                        service: name.into(),
+                        registry: self.kind().to_string(),
+                    });
                 }
             }
         }
@@ -308,7 +333,7 @@ impl Registry for MdnsRegistry {
     fn watch(&self, name: &str) -> BoxStream<'static, Result<Change<NodeId, Node>>> {
         // Subscribe before taking the snapshot, so no change falls between the two.
         let changes = self.shared.changes.subscribe();
-        watch_published(self.known(name), changes, name, self.kind(), self.address())
+        watch_published(self.known(name), changes, name, self.kind().as_str(), self.address())
     }
 }
 
@@ -327,6 +352,38 @@ mod tests {
         assert_eq!(txt[0], (labels::TXTVERS.into(), labels::TXTVERS_CURRENT.into()));
         let decoded = decode_txt(txt.iter().map(|(k, v)| (k.as_str(), v.as_str())), node.address);
         assert_eq!(decoded, Some(node));
+    }
+
+    #[tokio::test]
+    async fn past_the_limit_new_instances_are_refused_and_counted_but_own_ones_kept() {
+        let (changes, _) = broadcast::channel(16);
+        let shared = Shared { nodes: Mutex::default(), changes, announced: Mutex::default() };
+        let own = Node::new("own-service", "127.0.0.1:2".parse().unwrap());
+        shared.announced.lock().unwrap().insert(own.id.clone(), own.clone());
+        let peer = Node::new("peer-service", "127.0.0.1:3".parse().unwrap());
+        shared.learn(full_name(&peer.id), peer.clone());
+        let refused = || {
+            let labels = crate::metrics::RegistryLabels {
+                registry: KIND.to_string(),
+                service: ANY_SERVICE.into(),
+                event: "refused".into(),
+            };
+            crate::metrics::metrics().registry_events.get(&labels).map_or(0, |c| c.get())
+        };
+        let refused_before = refused();
+        for i in 0..MAX_MDNS_INSTANCES + 100 {
+            let flood = Node::new(format!("made-up-{i}"), "127.0.0.1:4".parse().unwrap());
+            shared.learn(full_name(&flood.id), flood);
+        }
+        assert_eq!(shared.nodes.lock().unwrap().len(), MAX_MDNS_INSTANCES);
+        assert_eq!(refused() - refused_before, 101, "the flood past the limit, counted");
+        shared.learn(full_name(&own.id), own.clone());
+        let mut moved = peer.clone();
+        moved.address = "127.0.0.1:5".parse().unwrap();
+        shared.learn(full_name(&peer.id), moved.clone());
+        let nodes = shared.nodes.lock().unwrap();
+        assert_eq!(nodes.get(&full_name(&own.id)), Some(&own), "this process's own instance is kept");
+        assert_eq!(nodes.get(&full_name(&peer.id)), Some(&moved), "a known peer stays and is updated");
     }
 
     #[test]
