@@ -135,6 +135,9 @@ impl ChannelCore {
             parts.headers.insert(REQUEST_ID_HEADER, request_id);
         }
         let method = parts.uri.path().to_owned();
+        if !self.throttle.admit() {
+            return Err(Box::new(self.throttled(&method)));
+        }
         let idempotent =
             self.idempotent.contains(&method) || parts.headers.contains_key(IDEMPOTENCY_KEY_HEADER);
         let replay = Replay::new(body).await;
@@ -195,6 +198,7 @@ impl ChannelCore {
                     if avoid.contains(&endpoint.node.id)
                         || attempts.endpoints.len() >= max_attempts
                         || !self.budget.withdraw()
+                        || !self.throttle.admit()
                     {
                         continue;
                     }
@@ -211,7 +215,11 @@ impl ChannelCore {
                 Event::Finished(index, Err(failure)) => {
                     attempts.open.retain(|&open| open != index);
                     let endpoint = &attempts.endpoints[index];
+                    // A refused call goes only to an instance not tried yet, and at once.
+                    let refused = failure.is_refusal();
+                    let untried = !refused || self.has_untried(&attempts.avoid());
                     let retry = failure.retry_allowed(idempotent)
+                        && untried
                         && attempts.endpoints.len() < max_attempts
                         && replay.replayable()
                         && retry_at.is_none();
@@ -221,12 +229,19 @@ impl ChannelCore {
                         self.give_up(&attempts, |_| false);
                         return Err(Box::new(retried(last_failure.unwrap_or(status), retries)));
                     }
-                    let backoff = self.backoff(retries);
-                    if retry && Instant::now() + backoff < deadline && self.budget.withdraw() {
-                        tracing::debug!(service = %self.name, node = %endpoint.node.id, %method, attempt = index, "retrying on another instance");
+                    let backoff = if refused { Duration::ZERO } else { self.backoff(retries) };
+                    if retry
+                        && Instant::now() + backoff < deadline
+                        && (!refused || self.throttle.admit())
+                        && self.budget.withdraw()
+                    {
+                        tracing::debug!(service = %self.name, node = %endpoint.node.id, %method, attempt = index, refused, "retrying on another instance");
                         retry_at = Some(Instant::now() + backoff);
                     }
-                    last_failure = Some(status);
+                    last_failure = Some(match refused && !untried && attempts.open.is_empty() {
+                        true => self.refused_everywhere(&attempts, &method),
+                        false => status,
+                    });
                 }
             }
         }
@@ -247,6 +262,10 @@ impl ChannelCore {
         let outcome = match result {
             Ok(response) => match Status::from_header_map(response.headers()) {
                 Some(status) if status.code() == Code::Unavailable => Err(Failure::Status(status)),
+                Some(status) if crate::server::is_refusal(response.headers()) => {
+                    self.refused_by(&endpoint);
+                    Err(Failure::Status(status))
+                }
                 // tonic's server ends a call past its `grpc-timeout` with CANCELLED.
                 Some(status) if is_server_timeout(&status) => Err(Failure::Deadline),
                 _ => {
@@ -261,6 +280,9 @@ impl ChannelCore {
             Ok(_) => Verdict::Answered,
             Err(failure) => failure.verdict(),
         };
+        if !overloaded(&outcome) {
+            self.throttle.accepted();
+        }
         let span = tracing::Span::current();
         if !span.is_disabled() {
             match &outcome {
@@ -328,6 +350,56 @@ impl ChannelCore {
             tracing::debug!(service = %self.name, node = %endpoint.node.id, answered, ?verdict, "unanswered attempt cancelled");
             self.judge(endpoint, verdict);
         }
+    }
+
+    /// Whether an instance not in `avoid` could be picked now.
+    fn has_untried(&self, avoid: &[NodeId]) -> bool {
+        let set = self.endpoints.borrow().clone();
+        let pool = if set.pickable.is_empty() { &set.eligible } else { &set.pickable };
+        pool.iter().any(|&i| !avoid.contains(&set.endpoints[i].node.id))
+    }
+
+    /// `endpoint` refused a call as overloaded: it looks slower to the latency-aware
+    /// strategy, twice as slow each time it refuses again (from the name's recent p95 or
+    /// [`MIN_REFUSAL_PENALTY`], up to [`MAX_REFUSAL_PENALTY`]), and the estimate decays back
+    /// as it would after any slow answer, so it is tried again a few seconds later.
+    fn refused_by(&self, endpoint: &Endpoint) {
+        let now = Instant::now();
+        let known = endpoint.stats.latency.estimate(now).unwrap_or_default();
+        let recent = self.latencies.quantile().unwrap_or_default();
+        let penalty = (known.max(recent) * 2).clamp(MIN_REFUSAL_PENALTY, MAX_REFUSAL_PENALTY);
+        endpoint.stats.latency.raise(now, penalty);
+        tracing::debug!(service = %self.name, node = %endpoint.node.id, ?penalty, "refused as overloaded");
+    }
+
+    /// The status of a call every instance tried refused as overloaded.
+    fn refused_everywhere(&self, attempts: &Attempts, method: &str) -> Status {
+        let tried: Vec<String> =
+            attempts.endpoints.iter().map(|e| format!("{} at {}", e.node.id, e.node.address)).collect();
+        crate::Error::Overloaded {
+            service: self.name.clone(),
+            reason: format!(
+                "every instance tried refused {method} over its concurrency limit ({}), and no other \
+                 instance is left to try; the call was not started anywhere. Add instances or send \
+                 fewer calls",
+                tried.join(", ")
+            ),
+        }
+        .into()
+    }
+
+    /// The status of a call this client refused itself (adaptive throttling).
+    fn throttled(&self, method: &str) -> Status {
+        crate::Error::Overloaded {
+            service: self.name.clone(),
+            reason: format!(
+                "{method} was not sent: its instances refused many recent calls as overloaded, so this \
+                 client refuses {:.0}% of calls to them itself until they accept more \
+                 (adaptive throttling, MICRO_CLIENT_THROTTLE)",
+                self.throttle.probability() * 100.0
+            ),
+        }
+        .into()
     }
 
     /// How long an attempt may go unanswered before the call is hedged.
@@ -442,6 +514,27 @@ fn attempt_request(
 /// with `CANCELLED` and this message, where gRPC means `DEADLINE_EXCEEDED`.
 fn is_server_timeout(status: &Status) -> bool {
     status.code() == Code::Cancelled && status.message() == "Timeout expired"
+}
+
+/// `grpc-status` of `RESOURCE_EXHAUSTED`.
+const RESOURCE_EXHAUSTED_CODE: &[u8] = b"8";
+
+/// The least an overload refusal makes its instance look slow.
+const MIN_REFUSAL_PENALTY: Duration = Duration::from_millis(10);
+/// The most an overload refusal makes its instance look slow.
+const MAX_REFUSAL_PENALTY: Duration = Duration::from_secs(2);
+
+/// Whether an attempt ended refused as overloaded (`RESOURCE_EXHAUSTED`, marked or not),
+/// which is what adaptive throttling counts against the instances.
+fn overloaded(outcome: &Result<http::Response<Body>, Failure>) -> bool {
+    match outcome {
+        // A header lookup, not a parse of the status: this runs on every answer.
+        Ok(response) => response
+            .headers()
+            .get("grpc-status")
+            .is_some_and(|code| code.as_bytes() == RESOURCE_EXHAUSTED_CODE),
+        Err(failure) => failure.sent_and_code().1 == Some(Code::ResourceExhausted),
+    }
 }
 
 /// Sleeps until `at`, or forever when there is nothing to wait for.

@@ -25,6 +25,9 @@ pub(crate) enum Verdict {
     Failed,
     /// It is unreachable or not answering at all; ejected at once.
     Dead,
+    /// It refused the call as overloaded, before starting it: no sign of failure, so
+    /// neither counted nor forgiven (the strategy sees it instead).
+    Refused,
 }
 
 /// Why an instance was last ejected, for `micro why` and logs.
@@ -89,6 +92,7 @@ impl OutlierState {
                 EjectReason::ConsecutiveFailures
             }
             Verdict::Dead => EjectReason::Unreachable,
+            Verdict::Refused => return None,
         };
         let mut ejected = self.ejected.lock().expect("outlier lock");
         if ejected.is_some_and(|(until, _)| until > now) {
