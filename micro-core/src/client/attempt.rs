@@ -103,7 +103,14 @@ impl ChannelCore {
             otel.status_code = Empty,
         );
         let started = std::time::Instant::now();
-        let result = self.clone().attempts(request).instrument(span.clone()).await;
+        let result = match self.throttle.admit() {
+            true => {
+                let result = self.clone().attempts(request).instrument(span.clone()).await;
+                self.throttle.finished(!overloaded(&result));
+                result
+            }
+            false => Err(Box::new(self.throttled(uri.path())) as BoxError),
+        };
         let finish =
             CallFinish { core: self, path: uri, span, started, answered: result.is_ok(), done: false };
         match result {
@@ -135,9 +142,6 @@ impl ChannelCore {
             parts.headers.insert(REQUEST_ID_HEADER, request_id);
         }
         let method = parts.uri.path().to_owned();
-        if !self.throttle.admit() {
-            return Err(Box::new(self.throttled(&method)));
-        }
         let idempotent =
             self.idempotent.contains(&method) || parts.headers.contains_key(IDEMPOTENCY_KEY_HEADER);
         let replay = Replay::new(body).await;
@@ -198,7 +202,6 @@ impl ChannelCore {
                     if avoid.contains(&endpoint.node.id)
                         || attempts.endpoints.len() >= max_attempts
                         || !self.budget.withdraw()
-                        || !self.throttle.admit()
                     {
                         continue;
                     }
@@ -230,11 +233,7 @@ impl ChannelCore {
                         return Err(Box::new(retried(last_failure.unwrap_or(status), retries)));
                     }
                     let backoff = if refused { Duration::ZERO } else { self.backoff(retries) };
-                    if retry
-                        && Instant::now() + backoff < deadline
-                        && (!refused || self.throttle.admit())
-                        && self.budget.withdraw()
-                    {
+                    if retry && Instant::now() + backoff < deadline && self.budget.withdraw() {
                         tracing::debug!(service = %self.name, node = %endpoint.node.id, %method, attempt = index, refused, "retrying on another instance");
                         retry_at = Some(Instant::now() + backoff);
                     }
@@ -280,9 +279,6 @@ impl ChannelCore {
             Ok(_) => Verdict::Answered,
             Err(failure) => failure.verdict(),
         };
-        if !overloaded(&outcome) {
-            self.throttle.accepted();
-        }
         let span = tracing::Span::current();
         if !span.is_disabled() {
             match &outcome {
@@ -524,16 +520,16 @@ const MIN_REFUSAL_PENALTY: Duration = Duration::from_millis(10);
 /// The most an overload refusal makes its instance look slow.
 const MAX_REFUSAL_PENALTY: Duration = Duration::from_secs(2);
 
-/// Whether an attempt ended refused as overloaded (`RESOURCE_EXHAUSTED`, marked or not),
-/// which is what adaptive throttling counts against the instances.
-fn overloaded(outcome: &Result<http::Response<Body>, Failure>) -> bool {
+/// Whether a call ended refused as overloaded (`RESOURCE_EXHAUSTED`, marked or not), which
+/// is what adaptive throttling counts against the instances.
+fn overloaded(outcome: &Result<http::Response<Body>, BoxError>) -> bool {
     match outcome {
         // A header lookup, not a parse of the status: this runs on every answer.
         Ok(response) => response
             .headers()
             .get("grpc-status")
             .is_some_and(|code| code.as_bytes() == RESOURCE_EXHAUSTED_CODE),
-        Err(failure) => failure.sent_and_code().1 == Some(Code::ResourceExhausted),
+        Err(err) => err.downcast_ref::<Status>().is_some_and(|s| s.code() == Code::ResourceExhausted),
     }
 }
 

@@ -1,11 +1,15 @@
 //! Adaptive throttling per name, as in Google's SRE book: when the instances of a name
 //! refuse calls as overloaded (`RESOURCE_EXHAUSTED`), the client refuses some calls itself,
 //! before sending them, with the probability `max(0, (requests - K * accepts) / (requests + 1))`
-//! over the last [`WINDOW`]. `requests` counts every attempt the client meant to send, those
-//! it refused itself included; `accepts` those the instances did not refuse (any answer or
-//! failure but an overload refusal counts as accepted: only overload throttles). With
-//! `K = 2` nothing is refused locally until half the attempts are refused by the servers,
-//! and a fleet that is all overloaded receives about `K` times what it serves, not a storm.
+//! over the last [`WINDOW`]. `requests` counts every call, those the client refused itself
+//! included; `accepts` the calls that did not end refused as overloaded (any answer or
+//! failure but an overload refusal counts as accepted: only overload throttles).
+//!
+//! It counts calls, not attempts: a call one instance refused and another served was
+//! accepted, so a fleet with room somewhere is never throttled, and a fleet that is all
+//! overloaded receives about `K` times what it serves, not a storm. A call is counted when
+//! it ends, so calls still in flight never look refused. With `K = 2` nothing is refused
+//! locally until half the calls end refused.
 
 use std::{
     sync::Mutex,
@@ -77,8 +81,8 @@ impl Throttle {
         probability(self.ratio, requests, accepts)
     }
 
-    /// Counts a request the client means to send, and decides whether it goes: `false`
-    /// means refuse it locally.
+    /// Decides whether a call goes: `false` means refuse it locally, and counts it as a
+    /// request that was not accepted. A call that goes is counted by [`Throttle::finished`].
     pub(crate) fn admit(&self) -> bool {
         self.admit_with(rand::rng().random_range(0.0..1.0))
     }
@@ -91,20 +95,25 @@ impl Throttle {
         let mut counts = self.state.lock().expect("throttle lock");
         counts.advance(Instant::now());
         let (requests, accepts) = counts.totals();
-        let current = counts.current;
-        counts.buckets[current].0 += 1;
-        draw >= probability(self.ratio, requests, accepts)
+        let admitted = draw >= probability(self.ratio, requests, accepts);
+        if !admitted {
+            let current = counts.current;
+            counts.buckets[current].0 += 1;
+        }
+        admitted
     }
 
-    /// Counts a request the instance did not refuse as overloaded.
-    pub(crate) fn accepted(&self) {
+    /// Counts a call that went and has ended: `accepted` unless it ended refused as
+    /// overloaded.
+    pub(crate) fn finished(&self, accepted: bool) {
         if self.ratio <= 0.0 {
             return;
         }
         let mut counts = self.state.lock().expect("throttle lock");
         counts.advance(Instant::now());
         let current = counts.current;
-        counts.buckets[current].1 += 1;
+        counts.buckets[current].0 += 1;
+        counts.buckets[current].1 += u64::from(accepted);
     }
 }
 
@@ -121,9 +130,7 @@ mod tests {
         let throttle = Throttle::new(2.0);
         for i in 0..1_000 {
             assert!(throttle.admit_with(0.0));
-            if i % 2 == 0 {
-                throttle.accepted();
-            }
+            throttle.finished(i % 2 == 0);
         }
         assert_eq!(throttle.probability(), 0.0);
     }
@@ -131,15 +138,16 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn refusals_raise_the_probability_and_it_is_forgotten_after_the_window() {
         let throttle = Throttle::new(2.0);
-        for _ in 0..1_000 {
-            throttle.admit_with(1.0);
+        for _ in 0..900 {
+            assert!(throttle.admit_with(1.0));
+            throttle.finished(false);
         }
-        // Nothing accepted: almost every request is refused locally.
+        // Nothing accepted: almost every call is refused locally, and counted.
         assert!(throttle.probability() > 0.99, "{}", throttle.probability());
         assert!(!throttle.admit_with(0.5));
         // A tenth accepted: p = 1 - 2 * 0.1.
-        for _ in 0..100 {
-            throttle.accepted();
+        for _ in 0..99 {
+            throttle.finished(true);
         }
         assert!((throttle.probability() - 0.8).abs() < 0.01, "{}", throttle.probability());
         tokio::time::advance(WINDOW + Duration::from_millis(1)).await;
