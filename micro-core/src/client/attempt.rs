@@ -227,7 +227,11 @@ impl ChannelCore {
                         && replay.replayable()
                         && retry_at.is_none();
                     let deadline_passed = matches!(failure, Failure::Deadline);
-                    let status = failure.into_status(&site, &endpoint.node, idempotent);
+                    let mut status = failure.into_status(&site, &endpoint.node, idempotent);
+                    // The marker says this attempt never started; it must not travel on with
+                    // the status (a handler passing it back to its own caller would make that
+                    // caller resend a call that did run).
+                    status.metadata_mut().remove(crate::server::REFUSED_HEADER);
                     if deadline_passed {
                         self.give_up(&attempts, |_| false);
                         return Err(Box::new(retried(last_failure.unwrap_or(status), retries)));

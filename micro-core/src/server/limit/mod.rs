@@ -10,7 +10,8 @@
 //!
 //! A refusal carries the response metadata [`REFUSED_HEADER`]: the call was refused before
 //! its handler ran, so the SDK's client sends it to another instance even when the method
-//! is not idempotent. A call holds its place from its arrival until its handler returns
+//! is not idempotent. No other response carries it: the layer removes it from what handlers
+//! answer, and the client from the statuses it hands on. A call holds its place from its arrival until its handler returns
 //! (for a streaming call: until the handler returns its stream).
 //!
 //! Each limit is in the metrics: `micro_server_concurrency_limit`,
@@ -281,9 +282,12 @@ where
         };
         let call = self.inner.call(request);
         Box::pin(async move {
-            let response = call.await;
+            let mut response = call.await?;
             drop(permit);
-            response
+            // Only this layer may say a call never started: a handler that passes on a
+            // status it got from a refused call of its own did run.
+            response.headers_mut().remove(REFUSED_HEADER);
+            Ok(response)
         })
     }
 }
@@ -305,6 +309,20 @@ mod tests {
         assert_eq!(limits.for_path("/a.B/C").unwrap().scope, "/a.B/C");
         assert_eq!(limits.for_path("/a.B/D").unwrap().scope, SERVER_SCOPE);
         assert!(self::limits(ConcurrencyLimit::Off, &[]).limits.for_path("/a.B/D").is_none());
+    }
+
+    #[tokio::test]
+    async fn a_handler_cannot_pass_on_the_marker_of_a_refusal_it_got() {
+        use tower::{Layer, ServiceExt};
+        let handler = tower::service_fn(|_: http::Request<Body>| async {
+            let mut passed_on = tonic::Status::resource_exhausted("downstream refused").into_http::<Body>();
+            passed_on.headers_mut().insert(REFUSED_HEADER, HeaderValue::from_static(REFUSED_OVERLOADED));
+            Ok::<_, Infallible>(passed_on)
+        });
+        let service = limits(ConcurrencyLimit::default(), &[]).layer(handler);
+        let request = http::Request::builder().uri("/a.B/C").body(Body::empty()).unwrap();
+        let response = service.oneshot(request).await.unwrap();
+        assert!(!is_refusal(response.headers()), "{:?}", response.headers());
     }
 
     #[test]
