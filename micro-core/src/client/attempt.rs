@@ -105,8 +105,9 @@ impl ChannelCore {
         let started = std::time::Instant::now();
         let result = match self.throttle.admit() {
             true => {
-                let result = self.clone().attempts(request).instrument(span.clone()).await;
-                self.throttle.finished(!overloaded(&result));
+                let mut refused = false;
+                let result = self.clone().attempts(request, &mut refused).instrument(span.clone()).await;
+                self.throttle.finished(!(refused && result.is_err()));
                 result
             }
             false => Err(Box::new(self.throttled(uri.path())) as BoxError),
@@ -127,9 +128,12 @@ impl ChannelCore {
         }
     }
 
+    /// The call's attempts; `refused` tells, once it has failed, whether its last failed
+    /// attempt was refused over a server's concurrency limit (what throttling counts).
     async fn attempts(
         self: Arc<Self>,
         request: http::Request<Body>,
+        refused_last: &mut bool,
     ) -> Result<http::Response<Body>, BoxError> {
         let timeout = requested_timeout(&request)
             .map_or(self.config.request_timeout, |t| t.min(self.config.request_timeout));
@@ -220,6 +224,7 @@ impl ChannelCore {
                     let endpoint = &attempts.endpoints[index];
                     // A refused call goes only to an instance not tried yet, and at once.
                     let refused = failure.is_refusal();
+                    *refused_last = refused;
                     let untried = !refused || self.has_untried(&attempts.avoid());
                     let retry = failure.retry_allowed(idempotent)
                         && untried
@@ -516,26 +521,10 @@ fn is_server_timeout(status: &Status) -> bool {
     status.code() == Code::Cancelled && status.message() == "Timeout expired"
 }
 
-/// `grpc-status` of `RESOURCE_EXHAUSTED`.
-const RESOURCE_EXHAUSTED_CODE: &[u8] = b"8";
-
 /// The least an overload refusal makes its instance look slow.
 const MIN_REFUSAL_PENALTY: Duration = Duration::from_millis(10);
 /// The most an overload refusal makes its instance look slow.
 const MAX_REFUSAL_PENALTY: Duration = Duration::from_secs(2);
-
-/// Whether a call ended refused as overloaded (`RESOURCE_EXHAUSTED`, marked or not), which
-/// is what adaptive throttling counts against the instances.
-fn overloaded(outcome: &Result<http::Response<Body>, BoxError>) -> bool {
-    match outcome {
-        // A header lookup, not a parse of the status: this runs on every answer.
-        Ok(response) => response
-            .headers()
-            .get("grpc-status")
-            .is_some_and(|code| code.as_bytes() == RESOURCE_EXHAUSTED_CODE),
-        Err(err) => err.downcast_ref::<Status>().is_some_and(|s| s.code() == Code::ResourceExhausted),
-    }
-}
 
 /// Sleeps until `at`, or forever when there is nothing to wait for.
 async fn sleep_until(at: Option<Instant>) {

@@ -1,9 +1,11 @@
 //! Adaptive throttling per name, as in Google's SRE book: when the instances of a name
 //! refuse calls as overloaded (`RESOURCE_EXHAUSTED`), the client refuses some calls itself,
 //! before sending them, with the probability `max(0, (requests - K * accepts) / (requests + 1))`
-//! over the last [`WINDOW`]. `requests` counts every call, those the client refused itself
-//! included; `accepts` the calls that did not end refused as overloaded (any answer or
-//! failure but an overload refusal counts as accepted: only overload throttles).
+//! over the last [`WINDOW`], once it holds at least [`MIN_REQUESTS`] calls (so one refusal
+//! on a quiet channel refuses nothing). `requests` counts every call, those the client
+//! refused itself included; `accepts` the calls that did not end refused over a server's
+//! concurrency limit (any answer or other failure counts as accepted, a `RESOURCE_EXHAUSTED`
+//! of the application's own too: only overload refusals throttle).
 //!
 //! It counts calls, not attempts: a call one instance refused and another served was
 //! accepted, so a fleet with room somewhere is never throttled, and a fleet that is all
@@ -21,6 +23,8 @@ use tokio::time::Instant;
 
 /// How far back the counts go.
 pub(crate) const WINDOW: Duration = Duration::from_secs(5);
+/// Fewer calls than this in the window never throttle.
+pub(crate) const MIN_REQUESTS: u64 = 10;
 /// Buckets of the window: each covers `WINDOW / BUCKETS`.
 const BUCKETS: usize = 10;
 
@@ -118,6 +122,9 @@ impl Throttle {
 }
 
 fn probability(ratio: f64, requests: u64, accepts: u64) -> f64 {
+    if requests < MIN_REQUESTS {
+        return 0.0;
+    }
     ((requests as f64 - ratio * accepts as f64) / (requests as f64 + 1.0)).max(0.0)
 }
 
@@ -153,5 +160,11 @@ mod tests {
         tokio::time::advance(WINDOW + Duration::from_millis(1)).await;
         assert_eq!(throttle.probability(), 0.0);
         assert!(Throttle::new(0.0).admit_with(0.0), "0 turns it off");
+        // A quiet channel: a few refusals refuse nothing locally.
+        let quiet = Throttle::new(2.0);
+        for _ in 0..MIN_REQUESTS - 1 {
+            quiet.finished(false);
+        }
+        assert_eq!(quiet.probability(), 0.0);
     }
 }
