@@ -54,7 +54,8 @@ async fn start(
 ) -> anyhow::Result<(Service, SocketAddr)> {
     let slots = SLOTS.to_string();
     let hold = HOLD.as_millis().to_string();
-    let mut all = vec![("FAULT_NAME", name), ("FAULT_SLOTS", slots.as_str()), ("FAULT_HOLD_MS", hold.as_str())];
+    let mut all =
+        vec![("FAULT_NAME", name), ("FAULT_SLOTS", slots.as_str()), ("FAULT_HOLD_MS", hold.as_str())];
     all.extend_from_slice(env);
     let service = Service::start("fault-server", &all)?;
     let deadline = Instant::now() + Duration::from_secs(10);

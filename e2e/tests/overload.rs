@@ -23,7 +23,9 @@ use proto::{
 };
 use tokio::{task::JoinSet, time::Instant};
 use tonic::{Code, transport::Channel};
-use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
 
 fn fault_server(name: &str, label: &str, env: &[(&str, &str)]) -> Process {
     let mut all = vec![("FAULT_NAME", name), ("FAULT_LABEL", label)];
@@ -123,7 +125,7 @@ fn mixed_calls(channel: NamedChannel, workers: usize, pace: Duration, total: usi
     let turn = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     CallStream::start(workers, pace, total, move || {
         let (mut vessels, mut shipping) = (vessels.clone(), shipping.clone());
-        let idempotent = turn.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 2 == 0;
+        let idempotent = turn.fetch_add(1, std::sync::atomic::Ordering::Relaxed).is_multiple_of(2);
         async move {
             if idempotent {
                 let reply = vessels.find_available(Specification { capacity: 1, max_weight: 1 }).await?;
@@ -149,7 +151,13 @@ struct Phase {
     refused: Vec<Duration>,
 }
 
-async fn raw_phase(address: SocketAddr, service: &str, callers: usize, pace: Duration, total: usize) -> Phase {
+async fn raw_phase(
+    address: SocketAddr,
+    service: &str,
+    callers: usize,
+    pace: Duration,
+    total: usize,
+) -> Phase {
     let channel = raw_channel(address).await;
     let started = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut set = JoinSet::new();

@@ -160,7 +160,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let name = std::env::var("FAULT_NAME").map_err(|_| "FAULT_NAME must name the service")?;
     let var = |key: &str| std::env::var(key).ok();
     let cli = <Cli as clap::Parser>::parse();
-    let hold = Duration::from_millis(var("FAULT_HOLD_MS").and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_HOLD_MS));
+    let hold =
+        Duration::from_millis(var("FAULT_HOLD_MS").and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_HOLD_MS));
     let slots = var("FAULT_SLOTS")
         .map(|v| v.parse::<usize>().map_err(|_| format!("FAULT_SLOTS={v:?}: expected a number of slots")))
         .transpose()?

@@ -147,7 +147,8 @@ impl RateLimits {
         if let Some(rate) = self.client {
             let mut clients = self.clients.lock().expect("rate limit lock");
             let clients = &mut *clients;
-            let due = clients.last_sweep.is_none_or(|last| now.saturating_duration_since(last) >= SWEEP_EVERY);
+            let due =
+                clients.last_sweep.is_none_or(|last| now.saturating_duration_since(last) >= SWEEP_EVERY);
             if due && clients.buckets.len() >= MAX_CLIENTS && !clients.buckets.contains_key(&client) {
                 clients.buckets.retain(|_, bucket| !bucket.is_full(rate, now));
                 clients.last_sweep = Some(now);
@@ -211,9 +212,11 @@ pub async fn limit(State(limits): State<Arc<RateLimits>>, request: Request, next
 pub fn parse_route_limit(text: &str) -> Result<(String, f64), String> {
     let parsed = text.rsplit_once('=').and_then(|(route, rate)| {
         let rate: f64 = rate.parse().ok().filter(|r: &f64| *r > 0.0 && r.is_finite())?;
-        (route.split('/').count() == 3 && !route.split('/').any(str::is_empty)).then(|| (route.to_owned(), rate))
+        (route.split('/').count() == 3 && !route.split('/').any(str::is_empty))
+            .then(|| (route.to_owned(), rate))
     });
-    parsed.ok_or_else(|| format!("expected service/package.Service/Method=N (calls per second), got {text:?}"))
+    parsed
+        .ok_or_else(|| format!("expected service/package.Service/Method=N (calls per second), got {text:?}"))
 }
 
 #[cfg(test)]

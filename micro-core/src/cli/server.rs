@@ -198,7 +198,8 @@ mod tests {
     }
 
     fn config(args: &[&str]) -> Result<ServerConfig> {
-        let cli = Cli::try_parse_from(std::iter::once("test").chain(args.iter().copied())).expect("flags parse");
+        let cli =
+            Cli::try_parse_from(std::iter::once("test").chain(args.iter().copied())).expect("flags parse");
         ServerConfig::try_from(cli.server)
     }
 

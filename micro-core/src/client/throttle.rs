@@ -13,10 +13,7 @@
 //! it ends, so calls still in flight never look refused. With `K = 2` nothing is refused
 //! locally until half the calls end refused.
 
-use std::{
-    sync::Mutex,
-    time::Duration,
-};
+use std::{sync::Mutex, time::Duration};
 
 use rand::Rng;
 use tokio::time::Instant;

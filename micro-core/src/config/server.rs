@@ -125,13 +125,16 @@ impl ServerConfig {
                     "the lowest limit must be at least 1 and not above the highest",
                 );
             }
-            ConcurrencyLimit::Fixed(0) => return invalid("MICRO_SERVER_LIMIT=0".into(), "must be at least 1, or off"),
+            ConcurrencyLimit::Fixed(0) => {
+                return invalid("MICRO_SERVER_LIMIT=0".into(), "must be at least 1, or off");
+            }
             _ => {}
         }
         for (method, limit) in &self.method_limits {
-            let well_formed = method.strip_prefix('/').and_then(|m| m.split_once('/')).is_some_and(
-                |(service, name)| !service.is_empty() && !name.is_empty() && !name.contains('/'),
-            );
+            let well_formed =
+                method.strip_prefix('/').and_then(|m| m.split_once('/')).is_some_and(|(service, name)| {
+                    !service.is_empty() && !name.is_empty() && !name.contains('/')
+                });
             if !well_formed {
                 return invalid(
                     format!("MICRO_SERVER_METHOD_LIMITS entry {method:?}"),

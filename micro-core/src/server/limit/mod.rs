@@ -68,8 +68,11 @@ pub const REFUSED_OVERLOADED: &str = "overloaded";
 pub const SERVER_SCOPE: &str = "server";
 
 /// Path prefixes of the services no limit ever refuses: health and reflection.
-const EXEMPT: [&str; 3] =
-    ["/grpc.health.v1.Health/", "/grpc.reflection.v1.ServerReflection/", "/grpc.reflection.v1alpha.ServerReflection/"];
+const EXEMPT: [&str; 3] = [
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.v1.ServerReflection/",
+    "/grpc.reflection.v1alpha.ServerReflection/",
+];
 
 /// Whether a call to `path` is served whatever the load.
 pub fn is_exempt(path: &str) -> bool {
