@@ -1,4 +1,4 @@
-//! Figure 10: creating consignments with reservations (vessel-service's `Reserve` in the
+//! Figure 11: creating consignments with reservations (vessel-service's `Reserve` in the
 //! database, then the store under it), against the path shippy had before them (ask
 //! `FindAvailable`, store, then book once the event arrives; here the booking is made at
 //! once, in process, the best case for that path), on SQLite files and on PostgreSQL. Both
@@ -238,16 +238,16 @@ fn databases(
     }
 }
 
-/// Figure 10, on SQLite and on PostgreSQL.
+/// Figure 11, on SQLite and on PostgreSQL.
 pub async fn run() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    eprintln!("[10 create] starting PostgreSQL");
+    eprintln!("[11 create] starting PostgreSQL");
     let postgres = e2e::postgres::PostgresServer::start();
     for backend in ["sqlite", "postgres"] {
         let mut results = Vec::new();
         for reserved in [true, false] {
             let label = format!("{backend}_{}", if reserved { "reserved" } else { "unreserved" });
-            eprintln!("[10 create] {label}: {CALLERS} callers for {LENGTH:?}");
+            eprintln!("[11 create] {label}: {CALLERS} callers for {LENGTH:?}");
             let path =
                 start(reserved, &databases(backend, dir.path(), Some(&postgres), &label), i32::MAX).await?;
             let (per_second, latencies, failed) = throughput(&path.shipping).await;

@@ -9,6 +9,7 @@ pub mod failover;
 pub mod gateway;
 pub mod load;
 pub mod memory;
+pub mod overload;
 pub mod procs;
 pub mod report;
 pub mod resolve;

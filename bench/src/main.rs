@@ -5,7 +5,7 @@
 //! Run it with `make bench`: it needs the release binaries next to it and a private network
 //! namespace (`scripts/netns-run`) for mDNS. The whole run stops by itself within
 //! [`TIME_LIMIT`]. `--only FIGURE` (unary, resolve, discovery, failover, memory, silent,
-//! gateway, broker, create) measures one figure, e.g. while working on it; `--brokers LIST`
+//! gateway, overload, broker, create) measures one figure, e.g. while working on it; `--brokers LIST`
 //! (comma-separated, default every one of [`broker::BACKENDS`]) narrows the broker figure
 //! to some backends.
 
@@ -13,8 +13,8 @@ use std::{sync::Arc, time::Duration};
 
 use anyhow::Context;
 use bench::{
-    broker, create, discovery, failover, gateway, memory, procs, report, require_private_netns, resolve,
-    silent, unary,
+    broker, create, discovery, failover, gateway, memory, overload, procs, report, require_private_netns,
+    resolve, silent, unary,
 };
 use micro_core::{Registry, registry::MdnsRegistry};
 use tokio::time::Instant;
@@ -73,8 +73,18 @@ async fn main() -> anyhow::Result<()> {
 }
 
 /// The figures `--only` takes, in the order they run.
-const FIGURES: [&str; 9] =
-    ["unary", "resolve", "discovery", "failover", "memory", "silent", "gateway", "broker", "create"];
+const FIGURES: [&str; 10] = [
+    "unary",
+    "resolve",
+    "discovery",
+    "failover",
+    "memory",
+    "silent",
+    "gateway",
+    "overload",
+    "broker",
+    "create",
+];
 
 /// Every figure, or only the one named; the broker figure for the backends in `brokers`.
 async fn run(only: Option<&str>, brokers: &[String]) -> anyhow::Result<()> {
@@ -96,7 +106,7 @@ async fn run(only: Option<&str>, brokers: &[String]) -> anyhow::Result<()> {
         gateway::run(registry.clone()).await.context("figure 8 (gateway)")?;
     }
     if wanted("failover") {
-        failover::run(registry).await.context("figure 4 (failover)")?;
+        failover::run(registry.clone()).await.context("figure 4 (failover)")?;
     }
     if wanted("memory") {
         memory::run().await.context("figure 5 (memory)")?;
@@ -104,11 +114,14 @@ async fn run(only: Option<&str>, brokers: &[String]) -> anyhow::Result<()> {
     if wanted("silent") {
         silent::run().await.context("figure 6 (silent failures across hosts)")?;
     }
+    if wanted("overload") {
+        overload::run(registry.clone()).await.context("figure 10 (overload)")?;
+    }
     if wanted("broker") {
         broker::run(brokers).await?;
     }
     if wanted("create") {
-        create::run().await.context("figure 10 (creations with reservations)")?;
+        create::run().await.context("figure 11 (creations with reservations)")?;
     }
     Ok(())
 }

@@ -349,3 +349,29 @@ async fn the_dashboard_in_a_real_browser() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_over_its_rate_gets_429_with_retry_after_while_another_is_served() {
+    let registry = mdns();
+    let name = unique_name("rated");
+    let _server = Process::start("fault-server", &[], &[("FAULT_NAME", &name)]);
+    wait_for(&registry, &name, 1).await;
+    // One call per 10 s per client address, in bursts of 3: the fourth call at once is over.
+    let gateway = Gateway::start(&["--rate-limit", "0.1", "--rate-burst", "3"]).await;
+    gateway.wait_listed(&[&name]).await;
+    let find = format!("{}/{name}/vessel.VesselService/FindAvailable", gateway.url);
+    let from = |address: [u8; 4]| {
+        reqwest::Client::builder().local_address(std::net::IpAddr::from(address)).build().expect("client")
+    };
+    let (greedy, other) = (from([127, 0, 0, 1]), from([127, 0, 0, 2]));
+    for _ in 0..3 {
+        let answer = Answer::of(greedy.post(&find).body("{}").send().await.expect("answer")).await;
+        assert_eq!(answer.status, StatusCode::OK, "{}", answer.text);
+    }
+    let over = Answer::of(greedy.post(&find).body("{}").send().await.expect("answer")).await;
+    over.assert_error(429, "RESOURCE_EXHAUSTED", &["client 127.0.0.1", "MICRO_GATEWAY_RATE_LIMIT"]);
+    let retry_after: u64 = over.headers["retry-after"].to_str().unwrap().parse().expect("whole seconds");
+    assert!((1..=10).contains(&retry_after), "Retry-After: {retry_after}");
+    let served = Answer::of(other.post(&find).body("{}").send().await.expect("answer")).await;
+    assert_eq!(served.status, StatusCode::OK, "another client is served: {}", served.text);
+}

@@ -94,6 +94,16 @@ pub enum Error {
         /// The limit that was exceeded.
         after: Duration,
     },
+    /// A call was refused, or not sent, because the service is overloaded: by a server over
+    /// its concurrency limit, by every instance tried, or by the client's own throttling.
+    /// The call was never started, so it is safe to send again later or elsewhere.
+    #[error("{service} is overloaded: {reason}")]
+    Overloaded {
+        /// The service called.
+        service: String,
+        /// Who refused and what to check.
+        reason: String,
+    },
     /// The server stopped with an error while serving.
     #[error("server error: {0}")]
     Serve(#[source] BoxError),
@@ -145,6 +155,7 @@ impl From<Error> for tonic::Status {
             | Error::Broker { .. } => tonic::Status::unavailable(message),
             Error::InvalidArgument { .. } | Error::Decode { .. } => tonic::Status::invalid_argument(message),
             Error::Timeout { .. } => tonic::Status::deadline_exceeded(message),
+            Error::Overloaded { .. } => tonic::Status::resource_exhausted(message),
             Error::Bind { .. } | Error::MetricsBind { .. } | Error::Serve(_) => {
                 tracing::error!(error = %message, "internal error");
                 tonic::Status::internal("internal server error")

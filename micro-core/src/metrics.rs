@@ -7,6 +7,9 @@
 //! | `micro_server_requests_total` | `method`, `code` |
 //! | `micro_server_request_duration_seconds` (histogram) | `method` |
 //! | `micro_server_requests_in_flight` | `method` |
+//! | `micro_server_concurrency_limit` (the current limit) | `service`, `scope` |
+//! | `micro_server_concurrency_in_flight` (calls held by the limit) | `service`, `scope` |
+//! | `micro_server_refused_total` (calls refused over the limit) | `service`, `scope` |
 //! | `micro_client_requests_total` | `service`, `method`, `code` |
 //! | `micro_client_request_duration_seconds` (histogram) | `service`, `method` |
 //! | `micro_client_attempts_total` | `service`, `node`, `result` |
@@ -17,7 +20,8 @@
 //!
 //! No caller can grow the page: a `method` label is only ever a method the server serves
 //! (or, on the client, one that has answered), every other path counts as
-//! [`UNKNOWN_METHOD`]; a client's per-instance series go when the instance leaves; a
+//! [`UNKNOWN_METHOD`]; a limit's `scope` is `server` or a method given a limit of its own
+//! in the server's settings; a client's per-instance series go when the instance leaves; a
 //! process labels at most [`MAX_BROKER_TOPICS`] topics, the others count as [`OTHER_TOPIC`].
 //!
 //! The page is Prometheus text (`text/plain; version=0.0.4`) unless the scraper's `Accept`
@@ -63,6 +67,16 @@ pub struct RequestLabels {
     pub method: String,
     /// The gRPC status code name, e.g. `OK`, `UNAVAILABLE`.
     pub code: String,
+}
+
+/// Labels of one concurrency limit of a server.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    /// The service name the server serves under.
+    pub service: String,
+    /// `server` for the limit of the whole server, else the path of a method with a fixed
+    /// limit of its own (from the server's settings, so the set is bounded).
+    pub scope: String,
 }
 
 /// Labels of one client attempt.
@@ -200,6 +214,12 @@ pub struct Metrics {
     pub server_duration: Family<MethodLabels, Histogram, fn() -> Histogram>,
     /// Calls being served, by method.
     pub server_in_flight: Family<MethodLabels, Gauge>,
+    /// Each concurrency limit's current value.
+    pub limit: Family<LimitLabels, Gauge>,
+    /// Calls each concurrency limit holds.
+    pub limit_in_flight: Family<LimitLabels, Gauge>,
+    /// Calls refused by each concurrency limit.
+    pub limit_refused: Family<LimitLabels, Counter>,
     /// Client calls (all attempts together), by service, method and status.
     pub client_requests: Family<ClientRequestLabels, Counter>,
     /// Time to the end of each client call, by service and method.
@@ -261,6 +281,9 @@ pub fn metrics() -> &'static Metrics {
             server_requests: Family::default(),
             server_duration: Family::new_with_constructor(latency_histogram),
             server_in_flight: Family::default(),
+            limit: Family::default(),
+            limit_in_flight: Family::default(),
+            limit_refused: Family::default(),
             client_requests: Family::default(),
             client_duration: Family::new_with_constructor(latency_histogram),
             client_attempts: Family::default(),
@@ -285,6 +308,21 @@ pub fn metrics() -> &'static Metrics {
                 "server_requests_in_flight",
                 "gRPC calls being served",
                 metrics.server_in_flight.clone(),
+            );
+            registry.register(
+                "server_concurrency_limit",
+                "Calls a server serves at once before refusing more",
+                metrics.limit.clone(),
+            );
+            registry.register(
+                "server_concurrency_in_flight",
+                "Calls held by a server's concurrency limit",
+                metrics.limit_in_flight.clone(),
+            );
+            registry.register(
+                "server_refused",
+                "Calls refused with RESOURCE_EXHAUSTED over a server's concurrency limit",
+                metrics.limit_refused.clone(),
             );
             registry.register(
                 "client_requests",

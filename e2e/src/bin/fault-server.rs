@@ -10,6 +10,9 @@
 //! | `FAULT_DELAY_AFTER` | the first N calls of each method answer at once, later ones after `FAULT_DELAY_MS` (a service that turns slow); default 0 |
 //! | `FAULT_HANG` | `1`: accept every call and never answer it (the connection stays healthy) |
 //! | `FAULT_EXIT_ON_CALL` | `1`: exit abruptly once a call arrives, before answering |
+//! | `FAULT_SLOTS` | a fixed capacity: each call waits for one of this many slots and holds it for `FAULT_HOLD_MS` (overload that is real and costs no CPU); unset, no slots |
+//! | `FAULT_HOLD_MS` | how long a call holds its slot; default 20 |
+//! | `MICRO_SERVER_LIMIT`, `MICRO_SERVER_LIMIT_MIN`, `MICRO_SERVER_LIMIT_MAX`, `MICRO_SERVER_METHOD_LIMITS` | the SDK's concurrency limits, as for any service |
 //! | `MICRO_SERVER_ADDRESS` | address to listen on (and advertise unless `0.0.0.0`); default `127.0.0.1:0` |
 //!
 //! It serves reflection for shippy's protos, so `micro call` and `micro gateway` reach it too.
@@ -40,6 +43,15 @@ use tonic::{Request, Status, metadata::MetadataValue};
 const ARRIVALS_HEADER: &str = "fault-arrivals";
 /// Listening address when `MICRO_SERVER_ADDRESS` is unset: loopback, a port the system picks.
 const DEFAULT_ADDRESS: &str = "127.0.0.1:0";
+/// How long a call holds its slot when `FAULT_HOLD_MS` is unset.
+const DEFAULT_HOLD_MS: u64 = 20;
+
+/// The SDK's settings the fault server takes from its flags and environment.
+#[derive(clap::Parser)]
+struct Cli {
+    #[command(flatten)]
+    limits: micro_core::cli::LimitArgs,
+}
 
 /// The methods the faults apply to, in the order [`ARRIVALS_HEADER`] lists them.
 #[derive(Clone, Copy)]
@@ -67,6 +79,8 @@ struct Faults {
     delay_after: usize,
     hang: bool,
     exit_on_call: bool,
+    /// A fixed capacity: the slots and how long each call holds one.
+    slots: Option<(Arc<tokio::sync::Semaphore>, Duration)>,
     /// Calls that arrived, per [`Method`] (indexed by its discriminant).
     arrived: Arc<[AtomicUsize; 2]>,
 }
@@ -85,6 +99,10 @@ impl Faults {
         }
         if earlier >= self.delay_after {
             tokio::time::sleep(self.delay).await;
+        }
+        if let Some((slots, hold)) = &self.slots {
+            let _slot = slots.acquire().await.expect("the slots are never closed");
+            tokio::time::sleep(*hold).await;
         }
     }
 
@@ -197,19 +215,28 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt().with_writer(std::io::stderr).init();
     let name = std::env::var("FAULT_NAME").map_err(|_| "FAULT_NAME must name the service")?;
     let var = |key: &str| std::env::var(key).ok();
+    let cli = <Cli as clap::Parser>::parse();
+    let hold =
+        Duration::from_millis(var("FAULT_HOLD_MS").and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_HOLD_MS));
+    let slots = var("FAULT_SLOTS")
+        .map(|v| v.parse::<usize>().map_err(|_| format!("FAULT_SLOTS={v:?}: expected a number of slots")))
+        .transpose()?
+        .map(|n| (Arc::new(tokio::sync::Semaphore::new(n)), hold));
     let faults = Faults {
         label: var("FAULT_LABEL").unwrap_or_else(|| "fault".into()),
         delay: Duration::from_millis(var("FAULT_DELAY_MS").and_then(|v| v.parse().ok()).unwrap_or(0)),
         delay_after: var("FAULT_DELAY_AFTER").and_then(|v| v.parse().ok()).unwrap_or(0),
         hang: var("FAULT_HANG").as_deref() == Some("1"),
         exit_on_call: var("FAULT_EXIT_ON_CALL").as_deref() == Some("1"),
+        slots,
         arrived: Arc::default(),
     };
     let address = var("MICRO_SERVER_ADDRESS").unwrap_or_else(|| DEFAULT_ADDRESS.into());
     let address: SocketAddr =
         address.parse().map_err(|_| format!("MICRO_SERVER_ADDRESS={address:?}: expected ip:port"))?;
     let registry = RegistryConfig::default().connect().await?;
-    let config = ServerConfig { address, ..ServerConfig::default() };
+    let (limit, method_limits) = cli.limits.into_limits();
+    let config = ServerConfig { address, limit, method_limits, ..ServerConfig::default() };
     Server::builder(name)
         .config(config)
         .registry(registry)

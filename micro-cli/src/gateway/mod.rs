@@ -12,6 +12,7 @@
 //! | JSON and headers to a call and back, schemas | `gateway/transcode.rs` |
 //! | gRPC code to HTTP status, the error body | `gateway/status.rs` |
 //! | Prometheus metrics | `gateway/metrics.rs` |
+//! | rate limits per client address and per route, `429` with `Retry-After` | `gateway/ratelimit.rs` |
 //! | the dashboard at `/ui` and its page | `gateway/dashboard.rs`, `gateway/page.html` |
 //!
 //! # Examples
@@ -23,6 +24,7 @@
 
 mod dashboard;
 mod metrics;
+mod ratelimit;
 mod reflection;
 mod routes;
 mod status;
@@ -53,7 +55,23 @@ pub struct GatewayArgs {
     /// Let pages from this origin (`*`: any) call the gateway (CORS); off when unset.
     #[arg(long, env = "MICRO_GATEWAY_CORS_ORIGIN")]
     pub cors_origin: Option<String>,
+    /// Calls per second each client address may make (a token bucket; 429 with Retry-After
+    /// beyond it); 0 turns the limit off.
+    #[arg(long, env = "MICRO_GATEWAY_RATE_LIMIT", default_value_t = DEFAULT_RATE_LIMIT)]
+    pub rate_limit: f64,
+    /// Calls a client may make at once above its rate; 0 is one second's worth.
+    #[arg(long, env = "MICRO_GATEWAY_RATE_BURST", default_value_t = DEFAULT_RATE_BURST)]
+    pub rate_burst: u32,
+    /// Calls per second of single routes, all clients together,
+    /// `service/package.Service/Method=N`, comma-separated or repeated.
+    #[arg(long, env = "MICRO_GATEWAY_ROUTE_RATE_LIMITS", value_delimiter = ',', value_parser = ratelimit::parse_route_limit)]
+    pub route_rate_limits: Vec<(String, f64)>,
 }
+
+/// Calls per second per client address unless `--rate-limit` says otherwise: off.
+pub const DEFAULT_RATE_LIMIT: f64 = 0.0;
+/// A client's burst unless `--rate-burst` says otherwise: one second's worth.
+pub const DEFAULT_RATE_BURST: u32 = 0;
 
 /// What every route shares.
 pub struct Gateway {
@@ -62,6 +80,8 @@ pub struct Gateway {
     cors_origin: Option<HeaderValue>,
     /// TLS for the dashboard's health probes, as the client calls.
     tls: Option<TlsConfig>,
+    /// Rate limits of calls.
+    limits: Arc<ratelimit::RateLimits>,
     health: dashboard::HealthCache,
 }
 
@@ -75,20 +95,35 @@ pub async fn run(args: GatewayArgs, client: Client, tls: Option<TlsConfig>) -> R
                 .map_err(|_| Failure::Other(format!("--cors-origin {origin:?}: not a header value")))
         })
         .transpose()?;
+    if !(args.rate_limit >= 0.0 && args.rate_limit.is_finite()) {
+        return Err(Failure::Other(format!(
+            "--rate-limit {} (MICRO_GATEWAY_RATE_LIMIT): expected calls per second, 0 for none",
+            args.rate_limit
+        )));
+    }
+    let client_rate = (args.rate_limit > 0.0).then(|| ratelimit::Rate::new(args.rate_limit, args.rate_burst));
+    let route_rates: Vec<(String, ratelimit::Rate)> = args
+        .route_rate_limits
+        .iter()
+        .map(|(route, rate)| (route.clone(), ratelimit::Rate::new(*rate, args.rate_burst)))
+        .collect();
     let gateway = Arc::new(Gateway {
         cache: ReflectionCache::new(client),
         max_body: args.max_body,
         cors_origin,
         tls,
         health: dashboard::HealthCache::default(),
+        limits: Arc::new(ratelimit::RateLimits::new(client_rate, &route_rates)),
     });
     let listener = tokio::net::TcpListener::bind(args.address).await.map_err(|err| {
         Failure::Other(format!("gateway address {} (MICRO_GATEWAY_ADDRESS): {err}", args.address))
     })?;
     let address = listener.local_addr().map_err(|err| Failure::Other(err.to_string()))?;
-    tracing::info!(%address, cors = gateway.cors_origin.is_some(), max_body = args.max_body, "gateway listening");
+    tracing::info!(%address, cors = gateway.cors_origin.is_some(), max_body = args.max_body,
+        rate_limit = args.rate_limit, route_limits = route_rates.len(), "gateway listening");
     crate::out::line(format!("micro gateway on http://{address}/ (dashboard: http://{address}/ui)"));
-    axum::serve(listener, routes::router(gateway))
+    // The client's address keys its rate limit.
+    axum::serve(listener, routes::router(gateway).into_make_service_with_connect_info::<SocketAddr>())
         .with_graceful_shutdown(shutdown())
         .await
         .map_err(|err| Failure::Other(format!("gateway: {err}")))?;

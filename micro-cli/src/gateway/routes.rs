@@ -31,7 +31,10 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics_page))
         .route("/{service}", get(describe))
-        .route("/{service}/{grpc_service}/{method}", post(call))
+        .route(
+            "/{service}/{grpc_service}/{method}",
+            post(call).layer(middleware::from_fn_with_state(gateway.limits.clone(), super::ratelimit::limit)),
+        )
         .merge(super::dashboard::routes())
         .fallback(not_found)
         .with_state(gateway.clone());

@@ -11,7 +11,8 @@ use crate::{
     config::{
         ClientConfig, DEFAULT_CONNECT_TIMEOUT_MS, DEFAULT_EJECT_AFTER, DEFAULT_EJECT_TIME_MS,
         DEFAULT_KEEPALIVE_INTERVAL_MS, DEFAULT_KEEPALIVE_TIMEOUT_MS, DEFAULT_REFRESH_INTERVAL_SECS,
-        DEFAULT_REQUEST_TIMEOUT_MS, DEFAULT_RETRIES, DEFAULT_RETRY_BUDGET_PERCENT, Hedge,
+        DEFAULT_REQUEST_TIMEOUT_MS, DEFAULT_RETRIES, DEFAULT_RETRY_BUDGET_PERCENT, DEFAULT_THROTTLE_RATIO,
+        Hedge,
     },
     selector::StrategyKind,
 };
@@ -60,6 +61,21 @@ pub struct ClientArgs {
     /// milliseconds.
     #[arg(long, env = "MICRO_CLIENT_HEDGE", default_value = "auto", value_parser = parse_hedge)]
     pub client_hedge: Hedge,
+    /// Adaptive throttling per name: once its instances refuse calls as overloaded, calls
+    /// are refused locally with the probability (requests - K * accepts) / (requests + 1);
+    /// this is K (at least 1), or `off`.
+    #[arg(long, env = "MICRO_CLIENT_THROTTLE", default_value_t = DEFAULT_THROTTLE_RATIO, value_parser = parse_throttle)]
+    pub client_throttle: f64,
+}
+
+fn parse_throttle(text: &str) -> std::result::Result<f64, String> {
+    match text {
+        "off" | "0" => Ok(0.0),
+        ratio => match ratio.parse::<f64>() {
+            Ok(k) if k >= 1.0 && k.is_finite() => Ok(k),
+            _ => Err(format!("expected off or a number of at least 1, got {text:?}")),
+        },
+    }
 }
 
 fn parse_hedge(text: &str) -> std::result::Result<Hedge, String> {
@@ -90,6 +106,7 @@ impl ClientConfig {
             keepalive_interval: args.client_keepalive_interval.into(),
             keepalive_timeout: args.client_keepalive_timeout.into(),
             hedge: args.client_hedge,
+            throttle_ratio: args.client_throttle,
             ..ClientConfig::default()
         };
         config.validate()?;
@@ -134,6 +151,10 @@ mod tests {
         assert!(set.keepalive_interval.is_zero());
         assert_eq!(set.connect_timeout, Duration::from_millis(250));
         assert_eq!(config(&["--client-hedge", "40"]).unwrap().hedge, Hedge::After(Duration::from_millis(40)));
+        assert_eq!(defaults.throttle_ratio, DEFAULT_THROTTLE_RATIO);
+        assert_eq!(config(&["--client-throttle", "off"]).unwrap().throttle_ratio, 0.0);
+        assert_eq!(config(&["--client-throttle", "1.5"]).unwrap().throttle_ratio, 1.5);
+        assert!(Cli::try_parse_from(["test", "--client-throttle", "0.5"]).is_err());
     }
 
     #[test]

@@ -32,7 +32,7 @@ pub use client::ClientArgs;
 pub use duration::{DurationArg, Millis, Seconds};
 pub use log::{LogArgs, LogFormat};
 pub use registry::RegistryArgs;
-pub use server::{MetricsAddress, ServerArgs};
+pub use server::{LimitArgs, LimitKind, MetricsAddress, ServerArgs};
 pub use telemetry::{DEFAULT_OTLP_PROTOCOL, OtlpProtocol, TelemetryArgs, TracesExporter, flush_telemetry};
 pub use tls::TlsArgs;
 

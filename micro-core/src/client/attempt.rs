@@ -103,7 +103,15 @@ impl ChannelCore {
             otel.status_code = Empty,
         );
         let started = std::time::Instant::now();
-        let result = self.clone().attempts(request).instrument(span.clone()).await;
+        let result = match self.throttle.admit() {
+            true => {
+                let mut refused = false;
+                let result = self.clone().attempts(request, &mut refused).instrument(span.clone()).await;
+                self.throttle.finished(!(refused && result.is_err()));
+                result
+            }
+            false => Err(Box::new(self.throttled(uri.path())) as BoxError),
+        };
         let finish =
             CallFinish { core: self, path: uri, span, started, answered: result.is_ok(), done: false };
         match result {
@@ -120,9 +128,12 @@ impl ChannelCore {
         }
     }
 
+    /// The call's attempts; `refused` tells, once it has failed, whether its last failed
+    /// attempt was refused over a server's concurrency limit (what throttling counts).
     async fn attempts(
         self: Arc<Self>,
         request: http::Request<Body>,
+        refused_last: &mut bool,
     ) -> Result<http::Response<Body>, BoxError> {
         let timeout = requested_timeout(&request)
             .map_or(self.config.request_timeout, |t| t.min(self.config.request_timeout));
@@ -211,22 +222,34 @@ impl ChannelCore {
                 Event::Finished(index, Err(failure)) => {
                     attempts.open.retain(|&open| open != index);
                     let endpoint = &attempts.endpoints[index];
+                    // A refused call goes only to an instance not tried yet, and at once.
+                    let refused = failure.is_refusal();
+                    *refused_last = refused;
+                    let untried = !refused || self.has_untried(&attempts.avoid());
                     let retry = failure.retry_allowed(idempotent)
+                        && untried
                         && attempts.endpoints.len() < max_attempts
                         && replay.replayable()
                         && retry_at.is_none();
                     let deadline_passed = matches!(failure, Failure::Deadline);
-                    let status = failure.into_status(&site, &endpoint.node, idempotent);
+                    let mut status = failure.into_status(&site, &endpoint.node, idempotent);
+                    // The marker says this attempt never started; it must not travel on with
+                    // the status (a handler passing it back to its own caller would make that
+                    // caller resend a call that did run).
+                    status.metadata_mut().remove(crate::server::REFUSED_HEADER);
                     if deadline_passed {
                         self.give_up(&attempts, |_| false);
                         return Err(Box::new(retried(last_failure.unwrap_or(status), retries)));
                     }
-                    let backoff = self.backoff(retries);
+                    let backoff = if refused { Duration::ZERO } else { self.backoff(retries) };
                     if retry && Instant::now() + backoff < deadline && self.budget.withdraw() {
-                        tracing::debug!(service = %self.name, node = %endpoint.node.id, %method, attempt = index, "retrying on another instance");
+                        tracing::debug!(service = %self.name, node = %endpoint.node.id, %method, attempt = index, refused, "retrying on another instance");
                         retry_at = Some(Instant::now() + backoff);
                     }
-                    last_failure = Some(status);
+                    last_failure = Some(match refused && !untried && attempts.open.is_empty() {
+                        true => self.refused_everywhere(&attempts, &method),
+                        false => status,
+                    });
                 }
             }
         }
@@ -248,6 +271,10 @@ impl ChannelCore {
         let outcome = match result {
             Ok(response) => match Status::from_header_map(response.headers()) {
                 Some(status) if status.code() == Code::Unavailable => Err(Failure::Status(status)),
+                Some(status) if crate::server::is_refusal(response.headers()) => {
+                    self.refused_by(&endpoint);
+                    Err(Failure::Status(status))
+                }
                 Some(status) if is_server_timeout(&status, deadline) => Err(Failure::Deadline),
                 _ => {
                     self.latencies.record(in_flight.answered());
@@ -338,6 +365,56 @@ impl ChannelCore {
             tracing::debug!(service = %self.name, node = %endpoint.node.id, answered, ?verdict, "unanswered attempt cancelled");
             self.judge(endpoint, verdict);
         }
+    }
+
+    /// Whether an instance not in `avoid` could be picked now.
+    fn has_untried(&self, avoid: &[NodeId]) -> bool {
+        let set = self.endpoints.borrow().clone();
+        let pool = if set.pickable.is_empty() { &set.eligible } else { &set.pickable };
+        pool.iter().any(|&i| !avoid.contains(&set.endpoints[i].node.id))
+    }
+
+    /// `endpoint` refused a call as overloaded: it looks slower to the latency-aware
+    /// strategy, twice as slow each time it refuses again (from the name's recent p95 or
+    /// [`MIN_REFUSAL_PENALTY`], up to [`MAX_REFUSAL_PENALTY`]), and the estimate decays back
+    /// as it would after any slow answer, so it is tried again a few seconds later.
+    fn refused_by(&self, endpoint: &Endpoint) {
+        let now = Instant::now();
+        let known = endpoint.stats.latency.estimate(now).unwrap_or_default();
+        let recent = self.latencies.quantile().unwrap_or_default();
+        let penalty = (known.max(recent) * 2).clamp(MIN_REFUSAL_PENALTY, MAX_REFUSAL_PENALTY);
+        endpoint.stats.latency.raise(now, penalty);
+        tracing::debug!(service = %self.name, node = %endpoint.node.id, ?penalty, "refused as overloaded");
+    }
+
+    /// The status of a call every instance tried refused as overloaded.
+    fn refused_everywhere(&self, attempts: &Attempts, method: &str) -> Status {
+        let tried: Vec<String> =
+            attempts.endpoints.iter().map(|e| format!("{} at {}", e.node.id, e.node.address)).collect();
+        crate::Error::Overloaded {
+            service: self.name.clone(),
+            reason: format!(
+                "every instance tried refused {method} over its concurrency limit ({}), and no other \
+                 instance is left to try; the call was not started anywhere. Add instances or send \
+                 fewer calls",
+                tried.join(", ")
+            ),
+        }
+        .into()
+    }
+
+    /// The status of a call this client refused itself (adaptive throttling).
+    fn throttled(&self, method: &str) -> Status {
+        crate::Error::Overloaded {
+            service: self.name.clone(),
+            reason: format!(
+                "{method} was not sent: its instances refused many recent calls as overloaded, so this \
+                 client refuses {:.0}% of calls to them itself until they accept more \
+                 (adaptive throttling, MICRO_CLIENT_THROTTLE)",
+                self.throttle.probability() * 100.0
+            ),
+        }
+        .into()
     }
 
     /// How long an attempt may go unanswered before the call is hedged.
@@ -456,6 +533,11 @@ fn attempt_request(
 fn is_server_timeout(status: &Status, deadline: Instant) -> bool {
     status.code() == Code::Cancelled && Instant::now() + GRPC_TIMEOUT_RESOLUTION >= deadline
 }
+
+/// The least an overload refusal makes its instance look slow.
+const MIN_REFUSAL_PENALTY: Duration = Duration::from_millis(10);
+/// The most an overload refusal makes its instance look slow.
+const MAX_REFUSAL_PENALTY: Duration = Duration::from_secs(2);
 
 /// Sleeps until `at`, or forever when there is nothing to wait for.
 async fn sleep_until(at: Option<Instant>) {

@@ -18,6 +18,7 @@ use super::{
     endpoints::{Endpoint, EndpointSet},
     latency::LatencyWindow,
     outlier::{EjectPolicy, EjectReason, Verdict},
+    throttle::Throttle,
 };
 use crate::{
     BoxError, Error,
@@ -45,6 +46,8 @@ pub(crate) struct ChannelCore {
     pub(crate) endpoints: watch::Sender<Arc<EndpointSet>>,
     pub(crate) budget: TpsBudget,
     pub(crate) latencies: LatencyWindow,
+    /// Adaptive throttling of this name's calls while its instances refuse them.
+    pub(crate) throttle: Throttle,
     /// The registry follower and ejection timers; a `JoinSet` aborts them when dropped,
     /// with the channel.
     pub(crate) tasks: Mutex<JoinSet<()>>,
@@ -65,6 +68,7 @@ impl ChannelCore {
             config.min_retries_per_sec,
             config.retry_budget_percent / 100.0,
         );
+        let throttle = Throttle::new(config.throttle_ratio);
         ChannelCore {
             name: name.to_owned(),
             registry_kind,
@@ -76,6 +80,7 @@ impl ChannelCore {
             endpoints: watch::channel(Arc::new(EndpointSet::default())).0,
             budget,
             latencies: LatencyWindow::new(HEDGE_QUANTILE),
+            throttle,
             tasks: Mutex::default(),
         }
     }

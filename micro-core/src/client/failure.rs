@@ -31,9 +31,16 @@ impl Failure {
         }
     }
 
+    /// Whether a server refused the call over its concurrency limit, before starting it.
+    pub(crate) fn is_refusal(&self) -> bool {
+        matches!(self, Failure::Status(status) if status.code() == Code::ResourceExhausted
+            && crate::server::is_refusal(status.metadata().as_ref()))
+    }
+
     /// What the failure says about the instance.
     pub(crate) fn verdict(&self) -> Verdict {
         match self {
+            Failure::Status(_) if self.is_refusal() => Verdict::Refused,
             Failure::Transport { source, sent } if is_dead_peer(&**source, *sent) => Verdict::Dead,
             Failure::Unprocessed(_) => Verdict::Spared,
             Failure::Deadline | Failure::Transport { .. } | Failure::Status(_) => Verdict::Failed,
@@ -41,10 +48,12 @@ impl Failure {
     }
 
     /// Whether another attempt may follow: always when nothing reached a server, and after
-    /// sending only for an idempotent call that failed without an answer or `UNAVAILABLE`.
+    /// sending only for an idempotent call that failed without an answer or `UNAVAILABLE`;
+    /// a call refused before it started, always.
     pub(crate) fn retry_allowed(&self, idempotent: bool) -> bool {
         let (sent, code) = self.sent_and_code();
         !sent
+            || self.is_refusal()
             || (idempotent
                 && !matches!(self, Failure::Deadline)
                 && code.is_none_or(|c| c == Code::Unavailable))

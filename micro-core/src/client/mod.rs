@@ -11,6 +11,15 @@
 //! the instance, and is never sent twice. An instance that fails repeatedly (a refused
 //! connection at once) is ejected for a while and tried again later.
 //!
+//! A call a server refused over its concurrency limit (`RESOURCE_EXHAUSTED` marked with
+//! [`crate::server::REFUSED_HEADER`]) never started, so it goes at once to an instance not
+//! tried yet, idempotent or not, within the retry budget; the refusing instance looks
+//! slower to the latency-aware strategy, more so each time it refuses, so it gets fewer
+//! calls. A call every instance refused fails at once with `RESOURCE_EXHAUSTED` saying so,
+//! and while a name's instances keep refusing, the channel refuses some calls itself before
+//! sending them (adaptive throttling, `MICRO_CLIENT_THROTTLE`), so an overloaded fleet
+//! gets no retry storm.
+//!
 //! Silent failures cost no call either: a connection with calls in flight sends HTTP/2
 //! keepalive pings (an idle one never does, as gRFC A8 asks), so a peer that vanished (a
 //! dead host, a partition) under a call is known within about three seconds; an
@@ -31,6 +40,7 @@
 //! | deadlines | `client/deadline.rs` |
 //! | connections, keepalive | `client/connect.rs` |
 //! | request replay | `client/replay.rs` |
+//! | adaptive throttling when instances refuse as overloaded | `client/throttle.rs` |
 //!
 //! # Examples
 //! ```no_run
@@ -56,6 +66,7 @@ mod follow;
 mod latency;
 mod outlier;
 mod replay;
+mod throttle;
 
 use std::{
     collections::{HashMap, HashSet},

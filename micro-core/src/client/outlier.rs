@@ -27,6 +27,9 @@ pub(crate) enum Verdict {
     Dead,
     /// It took no part (it refused the request with a GOAWAY): no change.
     Spared,
+    /// It refused the call as overloaded, before starting it: no sign of failure, so
+    /// neither counted nor forgiven (the strategy sees it instead).
+    Refused,
 }
 
 /// Why an instance was last ejected, for `micro why` and logs.
@@ -91,7 +94,7 @@ impl OutlierState {
                 EjectReason::ConsecutiveFailures
             }
             Verdict::Dead => EjectReason::Unreachable,
-            Verdict::Spared => return None,
+            Verdict::Spared | Verdict::Refused => return None,
         };
         let mut ejected = self.ejected.lock().expect("outlier lock");
         if ejected.is_some_and(|(until, _)| until > now) {

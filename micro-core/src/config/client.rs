@@ -36,6 +36,10 @@ const _: () = assert!(
 /// Default time a keepalive ping may go unanswered before the connection is closed as
 /// dead, in milliseconds: a vanished peer is known within interval + timeout.
 pub const DEFAULT_KEEPALIVE_TIMEOUT_MS: u64 = 1000;
+/// Default `K` of the client's adaptive throttling: a name's calls are refused locally
+/// with the probability `(requests - K * accepts) / (requests + 1)` once its instances
+/// refuse more than half of them as overloaded.
+pub const DEFAULT_THROTTLE_RATIO: f64 = 2.0;
 /// The recent latency quantile of a name after which an idempotent call is hedged.
 pub const HEDGE_QUANTILE: f64 = 0.95;
 /// The shortest adaptive hedge delay, in milliseconds: below it, hedges would chase noise.
@@ -114,6 +118,8 @@ pub struct ClientConfig {
     pub eject_time: Duration,
     /// TLS to instances when it has a CA; the identity is presented when servers ask.
     pub tls: Option<TlsConfig>,
+    /// `K` of the adaptive throttling per name (see `client/throttle.rs`); 0 turns it off.
+    pub throttle_ratio: f64,
 }
 
 impl Default for ClientConfig {
@@ -134,6 +140,7 @@ impl Default for ClientConfig {
             eject_after: DEFAULT_EJECT_AFTER,
             eject_time: Duration::from_millis(DEFAULT_EJECT_TIME_MS),
             tls: None,
+            throttle_ratio: DEFAULT_THROTTLE_RATIO,
         }
     }
 }
@@ -178,6 +185,13 @@ impl ClientConfig {
                 "MICRO_CLIENT_RETRY_BUDGET",
                 self.retry_budget_percent.to_string(),
                 "must be a percentage from 0 to 1000",
+            );
+        }
+        if self.throttle_ratio != 0.0 && !(self.throttle_ratio >= 1.0 && self.throttle_ratio.is_finite()) {
+            return invalid(
+                "MICRO_CLIENT_THROTTLE",
+                self.throttle_ratio.to_string(),
+                "must be off (0) or at least 1: below 1 it would refuse calls no server refused",
             );
         }
         Ok(())

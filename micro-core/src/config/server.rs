@@ -15,6 +15,45 @@ pub const DEFAULT_REGISTER_INTERVAL_SECS: u64 = 10;
 pub const DEFAULT_DRAIN_DELAY_MS: u64 = 500;
 /// Default bound on draining in-flight calls at shutdown, in seconds.
 pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 10;
+/// Default lowest adaptive concurrency limit: a server never refuses a call while fewer
+/// than this many are in flight, whatever its latency does (a 64-caller load on one
+/// instance, as in `make bench`, is never refused).
+pub const DEFAULT_LIMIT_MIN: usize = 100;
+/// Default highest adaptive concurrency limit.
+pub const DEFAULT_LIMIT_MAX: usize = 1000;
+
+/// How many calls a server serves at once before it refuses more with
+/// `RESOURCE_EXHAUSTED` (health and reflection calls are never refused).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConcurrencyLimit {
+    /// No limit: every call is served, however many wait.
+    Off,
+    /// Learned from latency (see [`crate::server::limit`]), kept between `min` and `max`.
+    Adaptive {
+        /// The lowest limit; it also starts there.
+        min: usize,
+        /// The highest limit.
+        max: usize,
+    },
+    /// This many calls at once, always.
+    Fixed(usize),
+}
+
+impl Default for ConcurrencyLimit {
+    fn default() -> Self {
+        ConcurrencyLimit::Adaptive { min: DEFAULT_LIMIT_MIN, max: DEFAULT_LIMIT_MAX }
+    }
+}
+
+impl std::fmt::Display for ConcurrencyLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConcurrencyLimit::Off => f.write_str("off"),
+            ConcurrencyLimit::Adaptive { min, max } => write!(f, "adaptive ({min} to {max})"),
+            ConcurrencyLimit::Fixed(limit) => write!(f, "{limit}"),
+        }
+    }
+}
 
 /// How a server binds, announces itself and stops, as plain values.
 #[derive(Debug, Clone)]
@@ -45,6 +84,11 @@ pub struct ServerConfig {
     /// a certificate of the TLS CA, and only the calls it allows are served. Default: none
     /// (every caller may call every method).
     pub authz_policy: Option<std::path::PathBuf>,
+    /// The concurrency limit of the whole server (every method without a limit of its own).
+    pub limit: ConcurrencyLimit,
+    /// Fixed limits of single methods (`/package.Service/Method`, limit): such a method is
+    /// held to its own limit instead of the server's.
+    pub method_limits: Vec<(String, usize)>,
 }
 
 impl Default for ServerConfig {
@@ -62,6 +106,8 @@ impl Default for ServerConfig {
             metrics_address: None,
             tls: None,
             authz_policy: None,
+            limit: ConcurrencyLimit::default(),
+            method_limits: Vec::new(),
         }
     }
 }
@@ -75,6 +121,34 @@ impl ServerConfig {
                 format!("MICRO_REGISTER_INTERVAL={:?}", self.register_interval),
                 format!("must be above zero and less than MICRO_REGISTER_TTL={:?}", self.register_ttl),
             ));
+        }
+        let invalid = |what: String, why: &str| Err(Error::invalid(what, why));
+        match self.limit {
+            ConcurrencyLimit::Adaptive { min, max } if min == 0 || min > max => {
+                return invalid(
+                    format!("MICRO_SERVER_LIMIT_MIN={min} with MICRO_SERVER_LIMIT_MAX={max}"),
+                    "the lowest limit must be at least 1 and not above the highest",
+                );
+            }
+            ConcurrencyLimit::Fixed(0) => {
+                return invalid("MICRO_SERVER_LIMIT=0".into(), "must be at least 1, or off");
+            }
+            _ => {}
+        }
+        for (method, limit) in &self.method_limits {
+            let well_formed =
+                method.strip_prefix('/').and_then(|m| m.split_once('/')).is_some_and(|(service, name)| {
+                    !service.is_empty() && !name.is_empty() && !name.contains('/')
+                });
+            if !well_formed {
+                return invalid(
+                    format!("MICRO_SERVER_METHOD_LIMITS entry {method:?}"),
+                    "expected /package.Service/Method=N",
+                );
+            }
+            if *limit == 0 {
+                return invalid(format!("MICRO_SERVER_METHOD_LIMITS entry {method}=0"), "must be at least 1");
+            }
         }
         Ok(())
     }

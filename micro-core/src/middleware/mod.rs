@@ -346,7 +346,10 @@ impl OnStatus for Finish {
         let status = tonic::Status::from_header_map(headers);
         let code = status.as_ref().map_or(tonic::Code::Ok, tonic::Status::code);
         self.record(code);
-        if let Some(status) = status.filter(|s| s.code() != tonic::Code::Ok) {
+        // Refusals over a concurrency limit are counted, not logged: under a spike they come
+        // by the thousand, when the server can least afford a line each.
+        let refused = crate::server::is_refusal(headers);
+        if let Some(status) = status.filter(|s| s.code() != tonic::Code::Ok && !refused) {
             let method = self.unknown_path.as_deref().unwrap_or(&self.metrics.method);
             tracing::info!(parent: &self.span, %method, request_id = self.request_id.to_str().unwrap_or("?"),
                 grpc_status = code_name(status.code()), grpc_message = status.message(),

@@ -41,10 +41,12 @@ use crate::{
 };
 
 mod advertise;
+pub mod limit;
 mod running;
 
 pub use advertise::advertise_address;
 use advertise::interfaces;
+pub use limit::{REFUSED_HEADER, is_refusal};
 pub use running::RunningServer;
 use running::{Serving, Task, check_visible, keep_registered};
 
@@ -139,6 +141,23 @@ impl Server {
     /// Adds a metadata label announced with each instance. Default: none.
     pub fn metadata(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.metadata.insert(key.into(), value.into());
+        self
+    }
+
+    /// How many calls it serves at once before refusing more with `RESOURCE_EXHAUSTED`
+    /// (health and reflection are never refused); see [`limit`]. Default: adaptive, from
+    /// [`crate::config::DEFAULT_LIMIT_MIN`] to [`crate::config::DEFAULT_LIMIT_MAX`]. Call it
+    /// after [`Server::config`], which replaces every setting.
+    pub fn concurrency_limit(mut self, limit: crate::config::ConcurrencyLimit) -> Self {
+        self.config.limit = limit;
+        self
+    }
+
+    /// A fixed limit of its own for the method `path` (`/package.Service/Method`), which
+    /// then is held to it instead of the server's limit. Default: none. Call it after
+    /// [`Server::config`], which replaces every setting.
+    pub fn method_limit(mut self, path: impl Into<String>, limit: usize) -> Self {
+        self.config.method_limits.push((path.into(), limit));
         self
     }
 
@@ -273,9 +292,12 @@ impl Server {
         let descriptor_sets: Vec<&[u8]> =
             self.descriptor_sets.iter().copied().chain([tonic_health::pb::FILE_DESCRIPTOR_SET]).collect();
         let trace = ServerTraceLayer::new(ServedMethods::new(served, &descriptor_sets));
+        // Inside the trace layer, so a refusal is counted and logged like any failed call.
+        let limits =
+            limit::LimitLayer::new(&self.name, advertised, self.config.limit, &self.config.method_limits);
         let stack = tower::layer::layer_fn(move |routes: Routes| {
             let inner = layers.iter().rev().fold(HttpService::new(routes), |inner, layer| layer(inner));
-            trace.layer(inner)
+            trace.layer(limits.layer(inner))
         });
         let serve =
             tokio::spawn(builder.layer(stack).add_routes(self.routes.routes()).serve_with_incoming_shutdown(
