@@ -1,6 +1,7 @@
-//! `micro`: see and use what is registered: `services`, `describe`, `health`, `watch`,
-//! `call`, `why`, `wait`, `register`, `config`, `gateway`, `publish`, `subscribe`, `redeliver`; same `MICRO_REGISTRY` switch and flags as
-//! the services. Exit codes: see [`exit`].
+//! `micro`: make a service (`new`), and see and use what is registered: `services`,
+//! `describe`, `health`, `watch`, `call`, `why`, `wait`, `register`, `config`, `gateway`,
+//! `publish`, `subscribe`, `redeliver`; same `MICRO_REGISTRY` switch and flags as the
+//! services. Exit codes: see [`exit`].
 
 mod call;
 mod dynamic;
@@ -9,6 +10,7 @@ mod gateway;
 mod health;
 mod lookup;
 mod message_type;
+mod new;
 mod out;
 mod publish;
 mod redeliver;
@@ -59,6 +61,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Make a new service's crate: proto, build.rs, server, client, a test that calls it by
+    /// name in-process, a README; `cargo build`, `cargo test` and `cargo run` work in it at once.
+    New(new::NewArgs),
     /// List the names of registered services.
     Services,
     /// Show the instances of a service: id, address, version, metadata.
@@ -159,6 +164,15 @@ async fn main() -> ExitCode {
         settings::print(&matches, cli.output);
         return ExitCode::SUCCESS;
     }
+    if let Command::New(args) = cli.command {
+        return match new::new(args, cli.registry.registry) {
+            Ok(next) => {
+                out::line(next);
+                ExitCode::SUCCESS
+            }
+            Err(failure) => failure.report(),
+        };
+    }
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => failure.report(),
@@ -185,7 +199,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Describe { name } => health::describe(&registry, &name, tls.as_ref(), output).await?,
         Command::Health { name } => health::health(&registry, &name, tls.as_ref(), output).await?,
-        Command::Config => unreachable!("answered before the registry is opened"),
+        Command::Config | Command::New(_) => unreachable!("answered before the registry is opened"),
         Command::Watch { names } => watch::watch(registry, names, output).await?,
         Command::Call { name, method, json } => {
             lookup::find(&registry, &name).await?;
