@@ -2,7 +2,7 @@
 //!
 //! | binary | what it shows |
 //! | --- | --- |
-//! | `greeter-server` | a service in one line: `micro_core::service("greeter")` |
+//! | `greeter-server` | a service in one line: `micro_core::service("greeter")`; its own argument is the greeting |
 //! | `greeter-client` | a client in one line, with flags of its own |
 //! | `greeter-listener` | a subscriber in one line: `.subscribe_proto("greeter.greeted", …)` |
 //! | `vessel-finder` | a client of shippy's `vessel-service`, with shippy's proto |
