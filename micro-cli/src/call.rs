@@ -60,7 +60,11 @@ async fn unknown_service(channel: NamedChannel, service: &str, method: &str) -> 
     let methods: Vec<String> = pool
         .services()
         .filter(|s| listed.iter().any(|l| l == s.full_name()))
-        .flat_map(|s| s.methods().map(|m| format!("{}/{}", m.parent_service().full_name(), m.name())).collect::<Vec<_>>())
+        .flat_map(|s| {
+            s.methods()
+                .map(|m| format!("{}/{}", m.parent_service().full_name(), m.name()))
+                .collect::<Vec<_>>()
+        })
         .collect();
     let meant = methods.iter().find(|path| {
         path.rsplit_once('/').is_some_and(|(full, name)| {

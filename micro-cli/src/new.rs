@@ -111,13 +111,10 @@ impl Registry {
     }
 }
 
-/// Words that cannot name a Rust crate's module.
-const KEYWORDS: &[&str] = &[
-    "as", "async", "await", "box", "break", "const", "continue", "crate", "dyn", "else", "enum", "extern",
-    "false", "fn", "for", "gen", "if", "impl", "in", "let", "loop", "match", "mod", "move", "mut", "pub", "ref",
-    "return", "self", "static", "struct", "super", "trait", "true", "try", "type", "unsafe", "use", "where",
-    "while", "yield", "test", "proc_macro", "core", "std",
-];
+/// Words that cannot name a Rust crate's module, separated by spaces.
+const KEYWORDS: &str = "as async await box break const continue crate dyn else enum extern false fn for gen \
+                        if impl in let loop match mod move mut pub ref return self static struct super trait \
+                        true try type unsafe use where while yield test proc_macro core std";
 
 /// A service name `micro new` can make a crate, a proto package and a registered name of.
 fn parse_name(text: &str) -> Result<String, String> {
@@ -133,7 +130,7 @@ fn parse_name(text: &str) -> Result<String, String> {
         ));
     }
     let ident = text.replace('-', "_");
-    if KEYWORDS.contains(&ident.as_str()) || text.ends_with("-client") {
+    if KEYWORDS.split_whitespace().any(|word| word == ident) || text.ends_with("-client") {
         return Err(format!("{text:?} cannot name a crate and its client binary: choose another name"));
     }
     Ok(text.to_owned())
@@ -168,7 +165,8 @@ pub fn new(args: NewArgs, registry: RegistryKind) -> Result<String, Failure> {
     // The clone's lock file: the versions micro is tested with, and already downloaded.
     let lock = micro_core.parent().map(|clone| clone.join("Cargo.lock")).filter(|lock| lock.is_file());
     if let Some(lock) = &lock {
-        std::fs::copy(lock, dir.join("Cargo.lock")).map_err(|err| write_failed(&dir.join("Cargo.lock"), &err))?;
+        std::fs::copy(lock, dir.join("Cargo.lock"))
+            .map_err(|err| write_failed(&dir.join("Cargo.lock"), &err))?;
     }
     tracing::info!(name = %args.name, path = %dir.display(), "created");
     Ok(crate_.next_steps(&dir, files.iter().map(|(path, _)| path.as_str()), lock.is_some()))
@@ -199,7 +197,10 @@ impl Crate {
             .split('-')
             .map(|part| {
                 let mut chars = part.chars();
-                chars.next().map(|first| first.to_ascii_uppercase().to_string() + chars.as_str()).unwrap_or_default()
+                chars
+                    .next()
+                    .map(|first| first.to_ascii_uppercase().to_string() + chars.as_str())
+                    .unwrap_or_default()
             })
             .collect();
         Crate {
@@ -312,10 +313,7 @@ impl Crate {
 
     fn client(&self) -> String {
         let (uses, publish) = if self.topic.is_some() {
-            (
-                "use __IDENT__::{TOPIC, api::Event};\nuse micro_core::broker::publish_proto;\n",
-                CLIENT_PUBLISH,
-            )
+            ("use __IDENT__::{TOPIC, api::Event};\nuse micro_core::broker::publish_proto;\n", CLIENT_PUBLISH)
         } else {
             ("", "")
         };
@@ -338,7 +336,11 @@ impl Crate {
         if self.topic.is_some() {
             text.push_str(&self.fill(README_SUBSCRIBER));
         }
-        let _ = write!(text, "{}", self.fill(README_TAIL).replace("__MICRO_CORE__", &self.micro_core.display().to_string()));
+        let _ = write!(
+            text,
+            "{}",
+            self.fill(README_TAIL).replace("__MICRO_CORE__", &self.micro_core.display().to_string())
+        );
         text
     }
 

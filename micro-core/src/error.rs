@@ -215,6 +215,9 @@ mod tests {
         let err = call().unwrap_err();
         assert_eq!(format!("{err:?}"), "call failed: UNAVAILABLE: no instance of greeter in registry mdns");
         let status = tonic::Status::from(err);
-        assert_eq!((status.code(), status.message()), (tonic::Code::Unavailable, "no instance of greeter in registry mdns"));
+        assert_eq!(
+            (status.code(), status.message()),
+            (tonic::Code::Unavailable, "no instance of greeter in registry mdns")
+        );
     }
 }

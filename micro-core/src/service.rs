@@ -403,7 +403,7 @@ impl Service {
     /// meaning and its value here (set, or the default).
     pub fn help(&self) -> String {
         use std::fmt::Write;
-        let mut text = format!("{}", self.name);
+        let mut text = self.name.clone();
         if !self.version.is_empty() {
             let _ = write!(text, " {}", self.version);
         }
@@ -414,7 +414,12 @@ impl Service {
         }
         let topics: Vec<&str> = self.subscribers.iter().map(|s| s.topic.as_str()).collect();
         if !topics.is_empty() {
-            let _ = write!(text, "{} subscribed to {}", if served.is_empty() { "" } else { "," }, topics.join(", "));
+            let _ = write!(
+                text,
+                "{} subscribed to {}",
+                if served.is_empty() { "" } else { "," },
+                topics.join(", ")
+            );
         }
         text.push_str(
             ".\n\nIt reads its settings from the environment, not from its command line, which is the \
@@ -441,7 +446,8 @@ impl Service {
                 };
                 let meaning = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
                 let meaning = meaning.split([';', '(']).next().unwrap_or_default();
-                let meaning = meaning.split(". ").next().unwrap_or_default().trim().trim_end_matches('.').to_owned();
+                let meaning =
+                    meaning.split(". ").next().unwrap_or_default().trim().trim_end_matches('.').to_owned();
                 Some((var, format!("{meaning}: {value}")))
             })
             .collect();
@@ -521,9 +527,10 @@ mod tests {
 
     #[test]
     fn a_bad_value_names_the_variable_it_came_from() {
-        let err = StandardCli::try_parse_from(["svc", "--registry", "zookeeper"]).err().expect("no such registry");
+        let err =
+            StandardCli::try_parse_from(["svc", "--registry", "zookeeper"]).expect_err("no such registry");
         assert_eq!(environment_of(&err.to_string()).as_deref(), Some("MICRO_REGISTRY"), "{err}");
-        let err = StandardCli::try_parse_from(["svc", "--register-ttl", "soon"]).err().expect("not a duration");
+        let err = StandardCli::try_parse_from(["svc", "--register-ttl", "soon"]).expect_err("not a duration");
         assert_eq!(environment_of(&err.to_string()).as_deref(), Some("MICRO_REGISTER_TTL"), "{err}");
         let told = in_terms_of_the_environment(&err.to_string());
         assert!(told.starts_with("error: invalid value 'soon' for MICRO_REGISTER_TTL"), "{told}");
@@ -532,7 +539,8 @@ mod tests {
 
     #[test]
     fn help_says_what_the_service_is_then_lists_its_variables() {
-        let help = memory_service().version("1.2.3").add_service(tonic_health::server::health_reporter().1).help();
+        let help =
+            memory_service().version("1.2.3").add_service(tonic_health::server::health_reporter().1).help();
         let first = help.lines().next().unwrap_or_default();
         assert!(first.starts_with("svc 1.2.3: a micro service (the program "), "{help}");
         for var in ["MICRO_REGISTRY ", "MICRO_SERVER_ADDRESS ", "MICRO_BROKER ", "MICRO_LOG_FORMAT "] {

@@ -78,7 +78,10 @@ async fn describe(
 
 /// 405 for a method path asked with anything but POST: says how to call it and where its
 /// request schema is, with `Allow: POST`.
-async fn use_post(method: Method, Path((service, grpc_service, name)): Path<(String, String, String)>) -> Response {
+async fn use_post(
+    method: Method,
+    Path((service, grpc_service, name)): Path<(String, String, String)>,
+) -> Response {
     let message = format!(
         "{method} /{service}/{grpc_service}/{name}: a method is called with POST and its request as a JSON \
          body (curl -d '{{...}}'); GET /{service} lists its methods with their request schemas"
