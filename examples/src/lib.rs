@@ -30,7 +30,8 @@ pub mod greeter {
         include_bytes!(concat!(env!("OUT_DIR"), "/greeter_descriptors.bin"));
 }
 
-/// The README's Rust snippets, compiled as doc tests so the README cannot stop compiling.
+/// The Rust snippets of the README and of `docs/`, compiled as doc tests so the guide
+/// cannot stop compiling.
 #[cfg(doctest)]
 #[doc = include_str!(concat!(env!("OUT_DIR"), "/readme_snippets.md"))]
 pub struct ReadmeSnippets;
