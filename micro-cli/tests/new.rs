@@ -85,7 +85,12 @@ async fn a_new_service_builds_tests_runs_and_answers_micro_call_and_its_client()
     // `cargo run` runs this binary: a real process, on mDNS in the private namespace.
     let registry = mdns();
     let server_bin = target_dir().join("debug").join(NAME);
-    let server = Process::spawn(NAME, Command::new(&server_bin), &[], &[("MICRO_REGISTRY", "mdns"), ("MICRO_BROKER", "registry")]);
+    let server = Process::spawn(
+        NAME,
+        Command::new(&server_bin),
+        &[],
+        &[("MICRO_REGISTRY", "mdns"), ("MICRO_BROKER", "registry")],
+    );
     wait_for(&registry, NAME, 1).await;
     assert!(server.log().contains("subscribed"), "subscribed before it registered: {}", server.log());
 
@@ -131,4 +136,87 @@ fn micro_new_refuses_a_folder_in_use_and_a_name_it_cannot_use() {
     let output = micro(&["new", "counter", "--path", dir, "--micro-core", "/nonexistent/micro-core"]);
     assert_eq!(output.status.code(), Some(1), "{}", text(&output.stderr));
     assert!(text(&output.stderr).contains("--micro-core"), "{}", text(&output.stderr));
+}
+
+/// The commands of the README's quick start, in order: each line of its `sh` blocks, with
+/// comments and blank lines dropped.
+fn quick_start_commands() -> Vec<String> {
+    let readme = std::fs::read_to_string(workspace_root().join("README.md")).expect("the README");
+    let section = readme
+        .split("\n## Quick start")
+        .nth(1)
+        .and_then(|rest| rest.split("\n## ").next())
+        .expect("the README has a `## Quick start` section");
+    let mut commands = Vec::new();
+    let mut inside = false;
+    for line in section.lines() {
+        if line.starts_with("```") {
+            inside = !inside && line == "```sh";
+            continue;
+        }
+        if inside {
+            let command = line.split(" # ").next().unwrap_or_default().trim();
+            if !command.is_empty() {
+                commands.push(command.to_owned());
+            }
+        }
+    }
+    commands
+}
+
+/// Every command of the README's quick start, run as a newcomer would, in a temporary
+/// folder standing for the clone's parent: `../counter` is made there, built, tested and
+/// run; the client and `micro call` reach it. A command this test does not know fails it,
+/// so the README cannot show a quick start nobody ran.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_readme_quick_start_runs_as_written() {
+    let temp = tempfile::tempdir().expect("a temporary folder");
+    let crate_dir = temp.path().join("counter");
+    let crate_arg = crate_dir.to_str().expect("a UTF-8 path").to_owned();
+    let registry = mdns();
+    let mut server = None;
+    let commands = quick_start_commands();
+    assert!(commands.len() >= 5, "the quick start's commands: {commands:?}");
+    let mut dir = workspace_root();
+    for command in &commands {
+        match command.as_str() {
+            // The test harness built it: this is the binary MICRO names.
+            "cargo build -p micro-cli" => assert!(Path::new(MICRO).is_file()),
+            "target/debug/micro new counter --path ../counter" => {
+                let made = micro(&["new", "counter", "--path", &crate_arg]);
+                assert!(made.status.success(), "{command}: {}", text(&made.stderr));
+            }
+            "cd ../counter" => dir = crate_dir.clone(),
+            "cargo test" => {
+                let tested = cargo(&dir, &["test"]);
+                assert!(text(&tested.stdout).contains("test answers_a_call_by_name ... ok"), "{command}");
+            }
+            "cargo run" => {
+                cargo(&dir, &["build", "--bins"]);
+                let binary = target_dir().join("debug").join("counter");
+                let env = [("MICRO_REGISTRY", "mdns")];
+                server = Some(Process::spawn("counter", Command::new(binary), &[], &env));
+                wait_for(&registry, "counter", 1).await;
+            }
+            "cargo run --bin counter-client -- you" => {
+                let client = Command::new(target_dir().join("debug").join("counter-client"))
+                    .arg("you")
+                    .env("MICRO_REGISTRY", "mdns")
+                    .env_remove("RUST_LOG")
+                    .output()
+                    .unwrap();
+                assert_eq!(text(&client.stdout), "Hello, you!\n", "{command}: {}", text(&client.stderr));
+            }
+            r#"../micro/target/debug/micro call counter counter.Counter/Hello '{"name": "you"}'"# => {
+                let call = micro(&["call", "counter", "counter.Counter/Hello", r#"{"name": "you"}"#]);
+                assert!(call.status.success(), "{command}: {}", text(&call.stderr));
+                let reply: serde_json::Value = serde_json::from_slice(&call.stdout).expect("JSON");
+                assert_eq!(reply["message"], "Hello, you!");
+            }
+            other => panic!(
+                "the README's quick start runs {other:?}, which this test does not know: run it here too"
+            ),
+        }
+    }
+    assert!(server.is_some(), "the quick start runs the service: {commands:?}");
 }
