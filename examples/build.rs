@@ -17,9 +17,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // else, becomes a doc test.
     let mut pages = vec![PathBuf::from("../README.md")];
     println!("cargo:rerun-if-changed=../docs");
-    let mut guide: Vec<PathBuf> = fs::read_dir("../docs")?
-        .map(|entry| entry.map(|e| e.path()))
-        .collect::<Result<_, _>>()?;
+    let mut guide: Vec<PathBuf> =
+        fs::read_dir("../docs")?.map(|entry| entry.map(|e| e.path())).collect::<Result<_, _>>()?;
     guide.retain(|path| path.extension().is_some_and(|ext| ext == "md"));
     guide.sort();
     pages.extend(guide);
