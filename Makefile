@@ -15,8 +15,10 @@ build-deps:
 build: build-deps
 	$(CARGO) build --workspace --bins
 
-## run: build, then the shippy demo in a private network namespace (MICRO_REGISTRY=mdns|consul|etcd, MICRO_BROKER=registry|nats|rabbitmq).
-run: build
+## run: check its variables, build, then the shippy demo in a private network namespace (MICRO_REGISTRY=mdns|consul|etcd, MICRO_BROKER=registry|nats|rabbitmq).
+run:
+	@scripts/check-run-vars
+	@$(MAKE) --no-print-directory build
 	@if [ "$(MICRO_REGISTRY)" = consul ]; then scripts/install-consul; fi
 	@if [ "$(MICRO_REGISTRY)" = etcd ] && ! command -v etcd >/dev/null; then scripts/install-test-deps; fi
 	@if [ "$(MICRO_BROKER)" = nats ] && ! command -v nats-server >/dev/null; then scripts/install-test-deps; fi

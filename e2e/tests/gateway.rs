@@ -201,6 +201,10 @@ async fn shippy_through_the_gateway() {
     assert!(metrics.text.contains(&ok_line), "{}", metrics.text);
     assert!(metrics.text.contains("micro_client_attempts_total"), "the SDK's metrics too");
     gateway.get("/no/such/route/here").await.assert_error(404, "NOT_FOUND", &["no route"]);
+    // A GET on a method path says to POST, and where the schema is.
+    let get_method = gateway.get(&format!("/{vessel_name}/vessel.VesselService/FindAvailable")).await;
+    get_method.assert_error(405, "UNIMPLEMENTED", &["POST", &format!("GET /{vessel_name}")]);
+    assert_eq!(get_method.headers["allow"], "POST");
 
     // vessel-service gone: the create is 503 naming it.
     vessel.terminate(Duration::from_secs(10)).await;

@@ -2,7 +2,7 @@
 //!
 //! | binary | what it shows |
 //! | --- | --- |
-//! | `greeter-server` | a service in one line: `micro_core::service("greeter")` |
+//! | `greeter-server` | a service in one line: `micro_core::service("greeter")`; its own argument is the greeting |
 //! | `greeter-client` | a client in one line, with flags of its own |
 //! | `greeter-listener` | a subscriber in one line: `.subscribe_proto("greeter.greeted", …)` |
 //! | `vessel-finder` | a client of shippy's `vessel-service`, with shippy's proto |
@@ -30,7 +30,8 @@ pub mod greeter {
         include_bytes!(concat!(env!("OUT_DIR"), "/greeter_descriptors.bin"));
 }
 
-/// The README's Rust snippets, compiled as doc tests so the README cannot stop compiling.
+/// The Rust snippets of the README and of `docs/`, compiled as doc tests so the guide
+/// cannot stop compiling.
 #[cfg(doctest)]
 #[doc = include_str!(concat!(env!("OUT_DIR"), "/readme_snippets.md"))]
 pub struct ReadmeSnippets;

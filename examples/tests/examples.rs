@@ -44,6 +44,45 @@ async fn greeter_client_greets_through_greeter_server_over_mdns() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn the_one_line_service_started_with_an_argument_of_its_own_starts_and_uses_it() {
+    let registry = mdns();
+    let name = unique_name("greeter");
+    let _server = Process::spawn(
+        "greeter-server",
+        Command::new(GREETER_SERVER),
+        &["Howdy"],
+        &[("MICRO_SERVER_NAME", &name)],
+    );
+    wait_for(&registry, &name, 1).await;
+    let (code, out, err) = run(GREETER_CLIENT, &["you", "--to", &name], &[]);
+    assert_eq!((code, out.as_str()), (Some(0), "Howdy, you!\n"), "{err}");
+}
+
+#[test]
+fn help_of_the_one_line_service_says_what_it_is_and_starts_nothing() {
+    let env = [("MICRO_REGISTRY", "memory"), ("MICRO_SERVER_ADDRESS", "127.0.0.1:0")];
+    let (code, out, err) = run(GREETER_SERVER, &["--help"], &env);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let first = out.lines().next().unwrap_or_default();
+    let expected = format!(
+        "greeter {}: a micro service (the program greeter-server) serving greeter.Greeter.",
+        env!("CARGO_PKG_VERSION")
+    );
+    assert_eq!(first, expected, "{out}");
+    assert!(out.contains("MICRO_REGISTRY") && out.contains("\"memory\" (set)"), "{out}");
+    assert!(out.contains("MICRO_BROKER "), "{out}");
+    assert!(out.lines().count() < 120, "one line a variable: {out}");
+    assert!(!err.contains("listening") && !err.contains("registered"), "started nothing: {err}");
+}
+
+#[test]
+fn a_bad_variable_stops_the_one_line_service_naming_the_variable() {
+    let (code, out, err) = run(GREETER_SERVER, &[], &[("MICRO_REGISTRY", "zookeeper")]);
+    assert_eq!(code, Some(2), "{out}{err}");
+    assert!(err.contains("zookeeper") && err.contains("MICRO_REGISTRY"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn an_announced_greeting_reaches_the_one_line_subscriber_on_the_default_broker() {
     let registry = mdns();
     let name = unique_name("greeter");

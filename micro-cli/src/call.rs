@@ -17,7 +17,13 @@ pub async fn call(channel: NamedChannel, method: &str, json: &str) -> Result<Str
         .filter(|(service, name)| !service.is_empty() && !name.is_empty())
         .ok_or_else(|| Failure::Other(format!("method {method:?}: expected package.Service/Method")))?;
     let service = service.trim_start_matches('/');
-    let pool = dynamic::descriptors(channel.clone(), &[service.to_owned()]).await?;
+    let pool = match dynamic::descriptors(channel.clone(), &[service.to_owned()]).await {
+        Ok(pool) => pool,
+        Err(failure @ Failure::CallFailed { code: tonic::Code::NotFound, .. }) => {
+            return Err(unknown_service(channel, service, method_name).await.unwrap_or(failure));
+        }
+        Err(failure) => return Err(failure),
+    };
     let descriptor = pool.get_service_by_name(service).ok_or_else(|| Failure::CallFailed {
         code: tonic::Code::NotFound,
         message: format!("{} does not describe {service}; {REFLECTION_HINT}", channel.name()),
@@ -34,10 +40,45 @@ pub async fn call(channel: NamedChannel, method: &str, json: &str) -> Result<Str
     }
     let request = dynamic::request_from_json(&method, json.as_bytes())
         .map_err(|err| Failure::Other(format!("request JSON for {}: {err}", method.input().full_name())))?;
-    let name = channel.name().to_owned();
-    let path = format!("/{}/{}", descriptor.full_name(), method.name());
-    let reply = dynamic::unary(channel, &method, tonic::Request::new(request))
-        .await
-        .map_err(|status| dynamic::failed(&format!("call {name} {path}"), &status))?;
+    // The caller names the call ("call NAME METHOD: …"); the status says how it failed.
+    let reply = dynamic::unary(channel, &method, tonic::Request::new(request)).await.map_err(|status| {
+        Failure::CallFailed {
+            code: status.code(),
+            message: format!("{}: {}", micro_core::metrics::code_name(status.code()), status.message()),
+        }
+    })?;
     Ok(dynamic::to_json(reply.get_ref()))
+}
+
+/// When reflection does not know `service` but lists others: NOT_FOUND naming the methods it
+/// does know (`counter.Counter/Add, …`), with the one meant when only the package was left
+/// out, as the gateway answers. `None` when it lists nothing (no reflection for any), so the
+/// caller's own failure, with its hint, stands.
+async fn unknown_service(channel: NamedChannel, service: &str, method: &str) -> Option<Failure> {
+    let listed = dynamic::list_services(channel.clone()).await.ok().filter(|l| !l.is_empty())?;
+    let pool = dynamic::descriptors(channel.clone(), &listed).await.ok()?;
+    let methods: Vec<String> = pool
+        .services()
+        .filter(|s| listed.iter().any(|l| l == s.full_name()))
+        .flat_map(|s| {
+            s.methods()
+                .map(|m| format!("{}/{}", m.parent_service().full_name(), m.name()))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let meant = methods.iter().find(|path| {
+        path.rsplit_once('/').is_some_and(|(full, name)| {
+            name == method && full.rsplit('.').next() == Some(service.rsplit('.').next().unwrap_or(service))
+        })
+    });
+    let hint = meant.map(|path| format!("did you mean {path}? ")).unwrap_or_default();
+    let known = if methods.is_empty() { "none".to_owned() } else { methods.join(", ") };
+    Some(Failure::CallFailed {
+        code: tonic::Code::NotFound,
+        message: format!(
+            "{} has no service {service}; {hint}its methods: {known} (a service served without its \
+             descriptors is not listed: {REFLECTION_HINT})",
+            channel.name()
+        ),
+    })
 }

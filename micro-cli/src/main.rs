@@ -1,7 +1,8 @@
-//! `micro`: see and use what is registered: `services`, `describe`, `health`, `watch`,
-//! `call`, `why`, `wait`, `register`, `config`, `gateway`, `publish`, `subscribe`, `redeliver`,
-//! `certs`, `authz`; same `MICRO_REGISTRY` switch and flags as
-//! the services. Exit codes: see [`exit`].
+//! `micro`: make a service (`new`), and see and use what is registered: `services`,
+//! `describe`, `health`, `watch`, `call`, `why`, `wait`, `register`, `config`, `gateway`,
+//! `publish`, `subscribe`, `redeliver`; make certificates (`certs`) and explain
+//! authorization policies (`authz`); same `MICRO_REGISTRY` switch and flags as the
+//! services. Exit codes: see [`exit`].
 
 mod authz;
 mod call;
@@ -12,6 +13,7 @@ mod gateway;
 mod health;
 mod lookup;
 mod message_type;
+mod new;
 mod out;
 mod publish;
 mod redeliver;
@@ -62,6 +64,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Make a new service's crate: proto, build.rs, server, client, a test that calls it by
+    /// name in-process, a README; `cargo build`, `cargo test` and `cargo run` work in it at once.
+    New(new::NewArgs),
     /// List the names of registered services.
     Services,
     /// Show the instances of a service: id, address, version, metadata.
@@ -172,6 +177,7 @@ async fn main() -> ExitCode {
         }
         Command::Certs(args) => certs::certs(args),
         Command::Authz(command) => authz::authz(command),
+        Command::New(args) => new::new(args, cli.registry.registry).map(out::line),
         command => run(Cli { command, ..cli }).await,
     };
     match outcome {
@@ -200,7 +206,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Describe { name } => health::describe(&registry, &name, tls.as_ref(), output).await?,
         Command::Health { name } => health::health(&registry, &name, tls.as_ref(), output).await?,
-        Command::Config | Command::Certs(_) | Command::Authz(_) => {
+        Command::Config | Command::New(_) | Command::Certs(_) | Command::Authz(_) => {
             unreachable!("answered before the registry is opened")
         }
         Command::Watch { names } => watch::watch(registry, names, output).await?,

@@ -133,6 +133,18 @@ pub enum Error {
         #[source]
         source: prost::DecodeError,
     },
+    /// A call answered with a failed status: what `?` on a tonic-generated client's call
+    /// gives in a function returning [`Result`], so a `main` prints one line with the code
+    /// and the message (`call failed: UNAVAILABLE: no instance of greeter …`), not the
+    /// status's fields.
+    #[error("call failed: {}: {}", crate::metrics::code_name(.0.code()), .0.message())]
+    Call(tonic::Status),
+}
+
+impl From<tonic::Status> for Error {
+    fn from(status: tonic::Status) -> Self {
+        Error::Call(status)
+    }
 }
 
 /// Shorthand for results with [`Error`].
@@ -156,6 +168,8 @@ impl From<Error> for tonic::Status {
             Error::InvalidArgument { .. } | Error::Decode { .. } => tonic::Status::invalid_argument(message),
             Error::Timeout { .. } => tonic::Status::deadline_exceeded(message),
             Error::Overloaded { .. } => tonic::Status::resource_exhausted(message),
+            // A status passed on through `?` keeps its code and message.
+            Error::Call(status) => status,
             Error::Bind { .. } | Error::MetricsBind { .. } | Error::Serve(_) => {
                 tracing::error!(error = %message, "internal error");
                 tonic::Status::internal("internal server error")
@@ -201,5 +215,20 @@ mod tests {
         let shown = format!("{err:?}");
         assert!(shown.starts_with(&err.to_string()), "{shown}");
         assert!(shown.ends_with(": connection refused") && !shown.contains('\n'), "{shown}");
+    }
+
+    #[test]
+    fn a_failed_call_is_its_code_and_message_in_one_line_and_keeps_them_on_the_wire() {
+        fn call() -> Result<()> {
+            Err(tonic::Status::unavailable("no instance of greeter in registry mdns"))?;
+            Ok(())
+        }
+        let err = call().unwrap_err();
+        assert_eq!(format!("{err:?}"), "call failed: UNAVAILABLE: no instance of greeter in registry mdns");
+        let status = tonic::Status::from(err);
+        assert_eq!(
+            (status.code(), status.message()),
+            (tonic::Code::Unavailable, "no instance of greeter in registry mdns")
+        );
     }
 }

@@ -6,7 +6,7 @@
 //!
 //! | concept | module |
 //! | --- | --- |
-//! | one line to a service or client configured by flags and environment (feature `cli`) | `service` |
+//! | one line to a service or client configured by the environment (feature `cli`) | `service` |
 //! | events between services: publish, subscribe, queue groups | [`broker`] |
 //! | where instances are listed | [`registry`] |
 //! | which instance gets a call | [`selector`] |
@@ -17,9 +17,10 @@
 //! | flags and environment, log set-up for binaries (feature `cli`) | `cli` |
 //!
 //! # Examples
-//! A service in one line: `service(name)` reads the standard flags and environment
+//! A service in one line: `service(name)` reads the standard environment
 //! (`MICRO_REGISTRY`, `MICRO_SERVER_ADDRESS`, `MICRO_TLS_*`, `RUST_LOG`, …; `--help` lists
-//! them), installs logging, and serves reflection for the descriptors it is given:
+//! them) and leaves the command line to the program, installs logging, and serves
+//! reflection for the descriptors it is given:
 //! ```no_run
 //! # async fn demo(fleet: impl proto::vessel::vessel_service_server::VesselService) -> micro_core::Result<()> {
 //! use proto::vessel::vessel_service_server::VesselServiceServer;

@@ -1,14 +1,21 @@
-//! One line to a well-behaved service (feature `cli`): [`service`] reads the standard flags
-//! and environment (registry, broker, server, client, TLS, logs) the way every shippy binary
-//! does, installs logging, serves gRPC reflection for the descriptors it is given, and runs
-//! its event subscribers for as long as it serves.
+//! One line to a well-behaved service (feature `cli`): [`service`] reads the standard
+//! settings from the environment (registry, broker, server, client, TLS, logs) the way every
+//! shippy binary does, installs logging, serves gRPC reflection for the descriptors it is
+//! given, and runs its event subscribers for as long as it serves.
 //!
 //! What it reads, with no code of the caller's: `MICRO_REGISTRY` (and the registry's
 //! address, token, look-up timeout), `MICRO_BROKER` and `MICRO_BROKER_ADDRESS`,
 //! `MICRO_SERVER_*` and `MICRO_REGISTER_*` (name, version, labels, listen and advertise
 //! addresses, heartbeat, shutdown, metrics), `MICRO_CLIENT_*`, `MICRO_TLS_*`,
-//! `MICRO_LOG_FORMAT` and `RUST_LOG`; each also as a flag (`--registry consul`), which beats
-//! the environment. `--help` lists them all.
+//! `MICRO_LOG_FORMAT` and `RUST_LOG`.
+//!
+//! The command line stays the program's own: `my-service 40` hands `40` to the program,
+//! and [`service`] never looks at it, except that a program run with `--help` (or `-h`)
+//! alone, and no parser of its own, prints what the service is and every variable it reads
+//! when it comes to [`Service::run`], and exits. A program that wants the standard settings
+//! as flags too (`--registry consul`, which beat the environment) asks for them:
+//! [`Service::from_command_line`] parses the whole command line, and [`Service::with_args`]
+//! takes [`ServiceArgs`] flattened into the program's own clap parser.
 //!
 //! The long form, [`crate::Server::builder`] with [`crate::config`] values, stays for
 //! programs that want full control: it reads nothing from the environment.
@@ -109,18 +116,22 @@ pub struct ServiceArgs {
     pub log: LogArgs,
 }
 
-/// The parser [`service`] uses when the program has no flags of its own.
+/// The standard settings alone, as [`service`] reads them from the environment and
+/// [`Service::from_command_line`] from the command line too.
 #[derive(Debug, Parser)]
-#[command(about = "A micro service: every setting below also reads its environment variable.")]
 struct StandardCli {
     #[command(flatten)]
     micro: ServiceArgs,
 }
 
-/// A service configured by the standard flags and environment of this process: parses them
-/// (exiting with clap's message on `--help` or a bad value, as any command does), installs
-/// logging on stderr (`RUST_LOG`, default `<binary>=info,micro_core=info`), and returns the
-/// builder. `name` is what it registers under unless `MICRO_SERVER_NAME` says otherwise.
+/// A service configured by the standard environment of this process (`MICRO_*`, `RUST_LOG`;
+/// never its command line, which stays the program's own), with logging installed on
+/// stderr (`RUST_LOG`, default `<binary>=info,micro_core=info`). `name` is what it registers
+/// under unless `MICRO_SERVER_NAME` says otherwise. A variable with a bad value ends the
+/// process with exit code 2 and a message naming the variable, as a bad flag would.
+///
+/// Run with `--help` or `-h` alone, [`Service::run`] prints what the service is and every
+/// variable it reads, then exits 0 before it binds or registers anything.
 ///
 /// # Examples
 /// ```no_run
@@ -129,9 +140,60 @@ struct StandardCli {
 /// # Ok(()) }
 /// ```
 pub fn service(name: impl Into<String>) -> Service {
-    let matches = StandardCli::command().get_matches();
-    let cli = StandardCli::from_arg_matches(&matches).unwrap_or_else(|err| err.exit());
-    Service::with_args(name, cli.micro)
+    let binary = binary_name();
+    let cli = StandardCli::try_parse_from([binary.as_str()]).unwrap_or_else(|err| {
+        // Nothing came from the command line, so the bad value came from a variable.
+        eprintln!("{}", in_terms_of_the_environment(&err.to_string()));
+        std::process::exit(2)
+    });
+    let mut service = Service::with_args(name, cli.micro);
+    service.help_asked = help_asked(std::env::args_os().skip(1));
+    service
+}
+
+/// Values `--help` does not print: tokens, passwords, headers, and addresses that carry
+/// credentials (`nats://user:secret@host`).
+fn may_hold_a_secret(var: &str, value: &str) -> bool {
+    value.contains('@') || ["TOKEN", "PASSWORD", "SECRET", "HEADERS"].iter().any(|word| var.contains(word))
+}
+
+/// True when the arguments are `--help` or `-h` alone.
+fn help_asked(mut args: impl Iterator<Item = std::ffi::OsString>) -> bool {
+    matches!((args.next(), args.next()), (Some(arg), None) if arg == "--help" || arg == "-h")
+}
+
+/// A clap error about a flag, told in terms of its environment variable: `error: invalid
+/// value 'zookeeper' for MICRO_REGISTRY`, the possible values, and where the list is.
+fn in_terms_of_the_environment(message: &str) -> String {
+    let named = StandardCli::command().get_arguments().find_map(|arg| {
+        let long = arg.get_long()?;
+        let var = arg.get_env()?.to_string_lossy().into_owned();
+        let start = message.find(&format!("'--{long}"))?;
+        let end = start + 1 + message[start + 1..].find('\'')?;
+        (message[start..end].starts_with(&format!("'--{long} ")) || end == start + 3 + long.len())
+            .then(|| (message[start..=end].to_owned(), var))
+    });
+    let mut lines: Vec<String> = message
+        .lines()
+        .filter(|line| !line.starts_with("For more information") && !line.trim().is_empty())
+        .map(str::to_owned)
+        .collect();
+    if let (Some((flag, var)), Some(first)) = (named, lines.first_mut()) {
+        *first = first.replace(&flag, &var);
+    }
+    lines.push("  (the service reads its settings from the environment: `--help` lists them)".to_owned());
+    lines.join("\n")
+}
+
+/// The variable behind the flag a clap error names (`'--registry <REGISTRY>'`).
+#[cfg(test)]
+fn environment_of(message: &str) -> Option<String> {
+    let command = StandardCli::command();
+    command.get_arguments().find_map(|arg| {
+        let long = arg.get_long()?;
+        let named = message.contains(&format!("'--{long} ")) || message.contains(&format!("'--{long}'"));
+        named.then(|| arg.get_env()).flatten().map(|var| var.to_string_lossy().into_owned())
+    })
 }
 
 /// The file name of the running binary, e.g. `greeter-server`.
@@ -142,10 +204,14 @@ fn binary_name() -> String {
         .unwrap_or_else(|| "service".to_owned())
 }
 
-/// A service under construction: what it serves, and the settings read from flags and
-/// environment. Setters take `self` and return it. Made by [`service`] or
-/// [`Service::with_args`].
+/// A service under construction: what it serves, and the settings read from the environment
+/// (and flags, when asked). Setters take `self` and return it. Made by [`service`],
+/// [`Service::from_command_line`] or [`Service::with_args`].
 pub struct Service {
+    name: String,
+    version: String,
+    /// `--help` alone on a command line no parser read: [`Service::run`] prints the help.
+    help_asked: bool,
     args: ServiceArgs,
     server: Server,
     served: Vec<&'static str>,
@@ -163,6 +229,30 @@ struct Subscriber {
 }
 
 impl Service {
+    /// As [`service`], with every standard setting a flag too (`--registry consul`, which
+    /// beats `MICRO_REGISTRY`): parses the whole command line, so it suits a program with no
+    /// arguments of its own (one with its own flattens [`ServiceArgs`] into its parser and
+    /// calls [`Service::with_args`]). `--help` lists the flags, each with its variable and
+    /// default; a bad flag ends the process with clap's message and exit code 2.
+    ///
+    /// # Examples
+    /// ```no_run
+    /// # async fn demo() -> micro_core::Result<()> {
+    /// // `greeter --registry consul --server-address 127.0.0.1:50051`
+    /// micro_core::Service::from_command_line("greeter").run().await
+    /// # }
+    /// ```
+    pub fn from_command_line(name: impl Into<String>) -> Self {
+        let name = name.into();
+        let about = format!(
+            "{name}: a micro service. Each setting is a flag or its environment variable (shown); \
+             the flag wins."
+        );
+        let matches = StandardCli::command().about(about).get_matches();
+        let cli = StandardCli::from_arg_matches(&matches).unwrap_or_else(|err| err.exit());
+        Service::with_args(name, cli.micro)
+    }
+
     /// A service from settings the caller parsed (see [`ServiceArgs`]); installs logging
     /// like [`service`] does.
     pub fn with_args(name: impl Into<String>, args: ServiceArgs) -> Self {
@@ -172,8 +262,11 @@ impl Service {
         let registered = args.server.server_name.clone().unwrap_or_else(|| name.clone());
         args.log.init_service(&format!("{target}=info,micro_core=info"), &registered);
         Service {
+            server: Server::builder(name.clone()),
+            name,
+            version: String::new(),
+            help_asked: false,
             args,
-            server: Server::builder(name),
             served: Vec::new(),
             descriptor_sets: Vec::new(),
             registry: OnceCell::new(),
@@ -184,7 +277,8 @@ impl Service {
 
     /// The version announced; `MICRO_SERVER_VERSION` beats it. Default: empty.
     pub fn version(mut self, version: impl Into<String>) -> Self {
-        self.server = self.server.version(version);
+        self.version = version.into();
+        self.server = self.server.version(self.version.clone());
         self
     }
 
@@ -294,8 +388,75 @@ impl Service {
     }
 
     /// Starts, then runs until SIGINT or SIGTERM, then stops gracefully (see [`Server::run`]).
+    /// A program made by [`service`] and run with `--help` or `-h` alone prints what it is
+    /// and the variables it reads ([`Service::help`]) and exits 0 instead.
     pub async fn run(self) -> Result<()> {
+        if self.help_asked {
+            print!("{}", self.help());
+            std::process::exit(0);
+        }
         self.into_server().await?.run().await
+    }
+
+    /// What `--help` prints for a service made by [`service`]: its name, version and binary,
+    /// what it serves and subscribes to, then every environment variable it reads with its
+    /// meaning and its value here (set, or the default).
+    pub fn help(&self) -> String {
+        use std::fmt::Write;
+        let mut text = self.name.clone();
+        if !self.version.is_empty() {
+            let _ = write!(text, " {}", self.version);
+        }
+        let _ = write!(text, ": a micro service (the program {})", binary_name());
+        let served: Vec<&str> = self.served.iter().copied().filter(|s| !s.starts_with("grpc.")).collect();
+        if !served.is_empty() {
+            let _ = write!(text, " serving {}", served.join(", "));
+        }
+        let topics: Vec<&str> = self.subscribers.iter().map(|s| s.topic.as_str()).collect();
+        if !topics.is_empty() {
+            let _ = write!(
+                text,
+                "{} subscribed to {}",
+                if served.is_empty() { "" } else { "," },
+                topics.join(", ")
+            );
+        }
+        text.push_str(
+            ".\n\nIt reads its settings from the environment, not from its command line, which is the \
+             program's own.\nEach variable, its meaning and its value here:\n\n",
+        );
+        let command = StandardCli::command();
+        let rows: Vec<(String, String)> = command
+            .get_arguments()
+            .filter(|arg| !arg.is_hide_set())
+            .filter_map(|arg| {
+                let var = arg.get_env()?.to_string_lossy().into_owned();
+                let value = match std::env::var(&var) {
+                    Ok(value) if arg.is_hide_env_values_set() || may_hold_a_secret(&var, &value) => {
+                        "set (value hidden)".to_owned()
+                    }
+                    Ok(value) => format!("{value:?} (set)"),
+                    Err(_) => match arg.get_default_values() {
+                        [] => "unset".to_owned(),
+                        defaults => {
+                            let defaults: Vec<_> = defaults.iter().map(|d| d.to_string_lossy()).collect();
+                            format!("{} (default)", defaults.join(","))
+                        }
+                    },
+                };
+                let meaning = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+                let meaning = meaning.split([';', '(']).next().unwrap_or_default();
+                let meaning =
+                    meaning.split(". ").next().unwrap_or_default().trim().trim_end_matches('.').to_owned();
+                Some((var, format!("{meaning}: {value}")))
+            })
+            .collect();
+        let width = rows.iter().map(|(var, _)| var.len()).max().unwrap_or(0);
+        for (var, line) in rows {
+            let _ = writeln!(text, "  {var:width$}  {line}");
+        }
+        text.push_str("\nRUST_LOG chooses what is logged (default: <binary>=info,micro_core=info).\n");
+        text
     }
 
     async fn into_server(mut self) -> Result<Server> {
@@ -352,6 +513,40 @@ mod tests {
     fn descriptor_sets_name_their_services() {
         assert_eq!(described_services(&[tonic_health::pb::FILE_DESCRIPTOR_SET]), ["grpc.health.v1.Health"]);
         assert!(described_services(&[&b"not a descriptor set"[..]]).is_empty());
+    }
+
+    #[test]
+    fn only_help_alone_asks_for_the_service_help() {
+        let args = |list: &[&str]| list.iter().map(std::ffi::OsString::from).collect::<Vec<_>>().into_iter();
+        assert!(help_asked(args(&["--help"])));
+        assert!(help_asked(args(&["-h"])));
+        assert!(!help_asked(args(&[])));
+        assert!(!help_asked(args(&["40"])), "the program's own argument");
+        assert!(!help_asked(args(&["--help", "40"])), "the program's own parser decides");
+    }
+
+    #[test]
+    fn a_bad_value_names_the_variable_it_came_from() {
+        let err =
+            StandardCli::try_parse_from(["svc", "--registry", "zookeeper"]).expect_err("no such registry");
+        assert_eq!(environment_of(&err.to_string()).as_deref(), Some("MICRO_REGISTRY"), "{err}");
+        let err = StandardCli::try_parse_from(["svc", "--register-ttl", "soon"]).expect_err("not a duration");
+        assert_eq!(environment_of(&err.to_string()).as_deref(), Some("MICRO_REGISTER_TTL"), "{err}");
+        let told = in_terms_of_the_environment(&err.to_string());
+        assert!(told.starts_with("error: invalid value 'soon' for MICRO_REGISTER_TTL"), "{told}");
+        assert!(!told.contains("--register-ttl") && !told.contains("try '--help'"), "{told}");
+    }
+
+    #[test]
+    fn help_says_what_the_service_is_then_lists_its_variables() {
+        let help =
+            memory_service().version("1.2.3").add_service(tonic_health::server::health_reporter().1).help();
+        let first = help.lines().next().unwrap_or_default();
+        assert!(first.starts_with("svc 1.2.3: a micro service (the program "), "{help}");
+        for var in ["MICRO_REGISTRY ", "MICRO_SERVER_ADDRESS ", "MICRO_BROKER ", "MICRO_LOG_FORMAT "] {
+            assert!(help.contains(var), "{var} missing: {help}");
+        }
+        assert!(help.lines().count() < 120, "one line a variable: {help}");
     }
 
     #[test]

@@ -33,7 +33,9 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/{service}", get(describe))
         .route(
             "/{service}/{grpc_service}/{method}",
-            post(call).layer(middleware::from_fn_with_state(gateway.limits.clone(), super::ratelimit::limit)),
+            post(call)
+                .fallback(use_post)
+                .layer(middleware::from_fn_with_state(gateway.limits.clone(), super::ratelimit::limit)),
         )
         .merge(super::dashboard::routes())
         .fallback(not_found)
@@ -77,6 +79,23 @@ async fn describe(
         api.services.iter().flat_map(|s| s.methods()).map(|m| transcode::describe_method(&m)).collect();
     let body = json!({ "service": service, "methods": methods });
     Ok(json_response(StatusCode::OK, HeaderMap::new(), serde_json::to_string_pretty(&body).expect("json")))
+}
+
+/// 405 for a method path asked with anything but POST: says how to call it and where its
+/// request schema is, with `Allow: POST`.
+async fn use_post(
+    method: Method,
+    Path((service, grpc_service, name)): Path<(String, String, String)>,
+) -> Response {
+    let message = format!(
+        "{method} /{service}/{grpc_service}/{name}: a method is called with POST and its request as a JSON \
+         body (curl -d '{{...}}'); GET /{service} lists its methods with their request schemas"
+    );
+    let mut err = GatewayError::new(Code::Unimplemented, message);
+    err.status = Some(StatusCode::METHOD_NOT_ALLOWED);
+    let mut response = err.into_response();
+    response.headers_mut().insert(header::ALLOW, HeaderValue::from_static("POST"));
+    response
 }
 
 async fn call(

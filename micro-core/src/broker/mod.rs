@@ -174,6 +174,7 @@ impl SubscribeOptions {
         self
     }
 
+    #[cfg(any(feature = "nats", feature = "rabbitmq"))]
     /// Checks what every durable backend needs: a group for a durable subscriber
     /// (`group_names` says what the group name names there), and a delivery limit only on a
     /// durable group, of at least one.
@@ -193,6 +194,7 @@ impl SubscribeOptions {
     }
 }
 
+#[cfg(any(feature = "nats", feature = "rabbitmq"))]
 /// The dead letter of `message`, which group `group` had delivered `deliveries` times,
 /// its handler failing last with `error`.
 pub(crate) fn dead_letter(message: &Message, group: &str, deliveries: u64, error: &str) -> Message {
@@ -208,9 +210,11 @@ pub(crate) fn dead_letter(message: &Message, group: &str, deliveries: u64, error
     dead
 }
 
+#[cfg(any(feature = "nats", feature = "rabbitmq"))]
 /// Characters of a handler's error kept on its dead letter.
 const MAX_DEAD_LETTER_ERROR: usize = 1000;
 
+#[cfg(any(feature = "nats", feature = "rabbitmq"))]
 /// Logs that `group` gave up, after `deliveries`, on the message `dead` is the dead letter of.
 pub(crate) fn log_dead_lettered(broker: &str, dead: &Message, group: &str, deliveries: u64) {
     tracing::error!(
