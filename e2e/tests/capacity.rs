@@ -551,7 +551,7 @@ async fn random_rounds_with_replays_and_kills_keep_every_invariant() {
     let registry = mdns();
     let shippy = Shippy::new(vec![("MICRO_BROKER", "memory".into())], |_| Databases::postgres(server));
     let _vessels = [shippy.vessel_service(Place::Here), shippy.vessel_service(Place::Here)];
-    let mut replicas = vec![
+    let mut replicas = [
         shippy.consignment_service(Place::Here, "r0", &[]),
         shippy.consignment_service(Place::Here, "r1", &[]),
     ];
@@ -590,8 +590,9 @@ async fn random_rounds_with_replays_and_kills_keep_every_invariant() {
         let mut answered = 0;
         while let Some((key, reply)) = running.next().await {
             answered += 1;
-            if kill_at.is_some() && answered == 4 {
-                let doomed = kill_at.unwrap();
+            if let Some(doomed) = kill_at
+                && answered == 4
+            {
                 replicas[doomed].signal("KILL");
                 replicas[doomed] = shippy.consignment_service(Place::Here, &format!("r{boots}"), &[]);
                 boots += 1;

@@ -325,11 +325,11 @@ impl ReservationStore for PostgresStore {
         let client = self.client().await?;
         let confirmed = async {
             let statement = client
-                .prepare_cached(&format!(
+                .prepare_cached(
                     "UPDATE reservations SET state = 'confirmed', expires_at_ms = NULL
                      WHERE id = $1 AND state = 'held'
-                     RETURNING id, vessel_id, consignment_id, containers, weight, holder, state, expires_at_ms"
-                ))
+                     RETURNING id, vessel_id, consignment_id, containers, weight, holder, state, expires_at_ms",
+                )
                 .await?;
             if let Some(row) = client.query_opt(&statement, &[&id]).await? {
                 let reservation = reservation_row(&row);
