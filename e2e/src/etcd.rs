@@ -158,6 +158,25 @@ impl EtcdCluster {
         self.clients[index].to_string()
     }
 
+    /// The index of the member that leads the cluster now, as the members report it
+    /// (`etcdctl endpoint status`), waiting (up to 20 s) until one does.
+    pub fn leader(&self) -> usize {
+        let deadline = Instant::now() + HEALTHY_TIMEOUT;
+        loop {
+            let status = etcdctl(&self.endpoints(), &["endpoint", "status", "-w", "json"]);
+            let members: Vec<serde_json::Value> = serde_json::from_str(&status).expect("etcdctl status JSON");
+            let leader = members.iter().position(|member| {
+                let status = &member["Status"];
+                status["leader"].as_u64().is_some_and(|leader| Some(leader) == status["header"]["member_id"].as_u64())
+            });
+            match leader {
+                Some(index) => return index,
+                None if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
+                None => panic!("no etcd member reports that it leads: {status}"),
+            }
+        }
+    }
+
     /// Kills member `index` (SIGKILL) and waits for it to exit.
     pub fn kill(&mut self, index: usize) {
         if let Some(mut member) = self.members[index].take() {

@@ -11,7 +11,7 @@ use std::{
 
 use etcd_client::{Client, ConnectOptions};
 
-use super::{CONNECT_TIMEOUT, KEEP_ALIVE, KIND, REQUEST_TIMEOUT};
+use super::{CONNECT_TIMEOUT, KEEP_ALIVE, KIND, LEADER_POLL, LEADER_WAIT, REQUEST_TIMEOUT};
 use crate::{Error, Result};
 
 /// One client per endpoint, and the endpoint in use: requests go to one member at a time
@@ -83,24 +83,44 @@ impl Conn {
     }
 
     /// Runs `request` with a deadline on the endpoint in use; on a failure moves to the next
-    /// endpoint and tries again, once per endpoint (at least twice). Returns the endpoint
-    /// that answered, too.
+    /// endpoint and tries again, once per endpoint (at least twice). While the members that
+    /// answer say the cluster has no leader (an election after the leader died), it goes on
+    /// trying, with backoff, for up to [`LEADER_WAIT`]: a new leader keeps every lease alive,
+    /// so a heartbeat that waits for it loses nothing. Returns the endpoint that answered, too.
     pub(super) async fn call_on<T, F, Fut>(&self, what: &str, request: F) -> Result<(usize, T)>
     where
         F: Fn(Client) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
-        let mut last = None;
-        for _ in 0..self.endpoints.len().max(2) {
+        let started = tokio::time::Instant::now();
+        let mut backoff = crate::registry::Backoff::new(LEADER_POLL.0, LEADER_POLL.1);
+        let mut attempts = 0;
+        loop {
             let (index, client) = self.current();
-            match tokio::time::timeout(REQUEST_TIMEOUT, request(client)).await {
+            let (no_leader, last) = match tokio::time::timeout(REQUEST_TIMEOUT, request(client)).await {
                 Ok(Ok(value)) => return Ok((index, value)),
-                Ok(Err(err)) => last = Some(self.error(what, err)),
-                Err(_) => last = Some(self.timeout(what)),
+                Ok(Err(err)) => (is_no_leader(&err), self.error(what, err)),
+                Err(_) => (false, self.timeout(what)),
+            };
+            attempts += 1;
+            if no_leader {
+                // The member answered; only the cluster is between leaders.
+                let _ = self.current.compare_exchange(
+                    index,
+                    (index + 1) % self.endpoints.len(),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
+            } else {
+                self.failed(index).await;
             }
-            self.failed(index).await;
+            if attempts >= self.endpoints.len().max(2) {
+                if !no_leader || started.elapsed() >= LEADER_WAIT {
+                    return Err(last);
+                }
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
         }
-        Err(last.expect("tried at least once"))
     }
 
     /// [`Conn::call_on`] without the endpoint.
@@ -142,4 +162,10 @@ impl Conn {
             tracing::warn!(%key, revision, reason, "etcd: skipped a value that is not a go-micro registry.Service with a node");
         }
     }
+}
+
+/// Whether a member answered that the cluster has no leader (it is electing one).
+fn is_no_leader(err: &etcd_client::Error) -> bool {
+    matches!(err, etcd_client::Error::GRpcStatus(status)
+        if status.code() == tonic::Code::Unavailable && status.message().contains("no leader"))
 }

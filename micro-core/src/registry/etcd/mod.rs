@@ -76,6 +76,11 @@ pub const DEFAULT_ETCD_LOOKUP_TIMEOUT: Duration = Duration::from_secs(3);
 pub const ETCD_PREFIX: &str = "/micro/registry/";
 /// Bound on one request (a read, a write, a lease grant or keep-alive).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a request goes on while the members say there is no leader: several election
+/// timeouts (etcd's default is 1 s).
+const LEADER_WAIT: Duration = Duration::from_secs(8);
+/// The backoff between rounds of asking for a leader.
+const LEADER_POLL: (Duration, Duration) = (Duration::from_millis(100), Duration::from_millis(800));
 /// How long opening a connection to one endpoint may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// HTTP/2 keep-alive while a stream (a watch) is open: etcd refuses pings more often than
