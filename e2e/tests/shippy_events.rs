@@ -396,6 +396,40 @@ fn assert_each_handled_once(backend: &str, counts: &BTreeMap<String, usize>, ids
     assert_eq!(&handled, ids, "{backend}: the events handled are not the consignments created");
 }
 
+/// For a durable group, which delivers at least once: every one of `ids` was booked exactly
+/// once across `instances` and nothing else was; a second delivery (a member slow to
+/// acknowledge under load) finds it booked and books nothing, and such redeliveries are rare
+/// (a group that did not share would deliver every event to both members).
+fn assert_group_shared_and_booked_once(
+    backend: &str,
+    instances: &[&Process],
+    counts: &BTreeMap<String, usize>,
+    ids: &BTreeSet<String>,
+) {
+    let mut bookings: BTreeMap<String, usize> = BTreeMap::new();
+    for instance in instances {
+        for id in message_ids_after(&instance.log(), &[HANDLED_LINES[0]]) {
+            *bookings.entry(id).or_insert(0) += 1;
+        }
+    }
+    let twice: Vec<_> = bookings.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "{backend}: consignments booked more than once: {twice:?}");
+    let booked: BTreeSet<String> = bookings.keys().cloned().collect();
+    assert_eq!(&booked, ids, "{backend}: the consignments booked are not the ones created");
+    let handled: BTreeSet<String> = counts.keys().cloned().collect();
+    assert_eq!(&handled, ids, "{backend}: the events handled are not the consignments created");
+    let redelivered: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(
+        redelivered.len() <= ids.len() / 20,
+        "{backend}: the group delivered {} of {} events more than once: {redelivered:?}",
+        redelivered.len(),
+        ids.len()
+    );
+    if !redelivered.is_empty() {
+        eprintln!("{backend}: delivered again (and found booked): {redelivered:?}");
+    }
+}
+
 // ---- default: the registry broker over mDNS, on a host of the test's own ----
 
 /// `micro subscribe` on `host`, on the registry broker: a plain subscriber (no queue
@@ -594,8 +628,8 @@ async fn one_cli_creation_gives_one_event_outside(broker: DurableBroker) {
 }
 
 /// Two vessel-service instances share their group's durable consumer or queue on `broker`:
-/// each of 100 events is handled by exactly one of them.
-async fn durable_queue_group_of_two_handles_each_of_100_events_exactly_once(broker: DurableBroker) {
+/// each of 100 events is booked by exactly one of them, and seldom delivered twice.
+async fn durable_queue_group_of_two_shares_100_events_and_books_each_once(broker: DurableBroker) {
     init_logs();
     let registry = mdns();
     let shippy = Shippy::new(broker.env());
@@ -609,7 +643,7 @@ async fn durable_queue_group_of_two_handles_each_of_100_events_exactly_once(brok
     let ids = create_many(&shippy.shipping(&client, "1"), "queue", CREATIONS).await;
     assert_eq!(ids.len(), CREATIONS);
     let (counts, shares) = wait_handled(&[&first, &second], &ids).await;
-    assert_each_handled_once(broker.kind(), &counts, &ids);
+    assert_group_shared_and_booked_once(broker.kind(), &[&first, &second], &counts, &ids);
     eprintln!("{}: shares of the two instances {shares:?}", broker.kind());
 }
 
@@ -648,13 +682,13 @@ async fn rabbitmq_one_cli_creation_gives_one_event_to_a_plain_lapin_subscriber()
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn nats_durable_queue_group_of_two_handles_each_of_100_events_exactly_once() {
-    durable_queue_group_of_two_handles_each_of_100_events_exactly_once(DurableBroker::nats()).await;
+async fn nats_durable_queue_group_of_two_shares_100_events_and_books_each_once() {
+    durable_queue_group_of_two_shares_100_events_and_books_each_once(DurableBroker::nats()).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn rabbitmq_durable_queue_group_of_two_handles_each_of_100_events_exactly_once() {
-    durable_queue_group_of_two_handles_each_of_100_events_exactly_once(DurableBroker::rabbitmq()).await;
+async fn rabbitmq_durable_queue_group_of_two_shares_100_events_and_books_each_once() {
+    durable_queue_group_of_two_shares_100_events_and_books_each_once(DurableBroker::rabbitmq()).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
