@@ -55,7 +55,7 @@ pub use etcd::{
     etcd_key,
 };
 #[cfg(feature = "mdns")]
-pub use mdns::{MdnsRegistry, SERVICE_TYPE};
+pub use mdns::{MAX_MDNS_INSTANCES, MAX_WANTED_NAMES, MdnsRegistry, SERVICE_TYPE};
 pub use memory::MemoryRegistry;
 /// A change to the set of instances of a name: tower's shape, so it feeds a balancer directly.
 pub use tower::discover::Change;

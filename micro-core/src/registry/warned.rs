@@ -43,6 +43,11 @@ impl<T: Hash + Eq + Clone> WarnedOnce<T> {
         self.order.push_back(item);
         true
     }
+
+    /// Whether `item` is remembered.
+    pub(crate) fn contains(&self, item: &T) -> bool {
+        self.seen.contains(item)
+    }
 }
 
 #[cfg(test)]

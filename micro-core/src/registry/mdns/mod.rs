@@ -6,9 +6,12 @@
 //! One long-lived browse per registry feeds a cache, so look-ups answer from memory.
 //!
 //! The cache holds at most [`MAX_MDNS_INSTANCES`] instances of other processes, whatever
-//! the segment announces: past it a new instance is refused (counted as the registry event
-//! `refused`, service `*`) until some leave; instances already known stay and are updated,
-//! and this process's own are always kept. (`mdns-sd`'s own record cache is not bounded by
+//! the segment announces. Past it, a new instance of a name this process looked up or
+//! watches (the latest [`MAX_WANTED_NAMES`] such names) takes the place of one of a name
+//! nobody here asked for (counted as the registry event `evicted`, service `*`); any other
+//! new instance is refused (event `refused`) until some leave. Instances already known stay
+//! and are updated, and this process's own are always kept, so a flood of made-up names
+//! never hides a peer the process calls. (`mdns-sd`'s own record cache is not bounded by
 //! this; its records expire with their TTL.)
 
 use std::{
@@ -24,7 +27,7 @@ use mdns_sd::{IfKind, ResolvedService, ServiceDaemon, ServiceEvent, ServiceInfo,
 use tokio::{sync::broadcast, time::Instant};
 
 use super::{Change, Node, NodeId, Published, Registry, watch_published};
-use crate::{Error, Result, config::RegistryKind, labels};
+use crate::{Error, Result, config::RegistryKind, labels, registry::warned::WarnedOnce};
 
 mod unicast;
 
@@ -43,7 +46,10 @@ const UNICAST_WINDOW: Duration = Duration::from_millis(250);
 const SECOND_QUERY_AFTER: Duration = Duration::from_secs(1);
 /// The most instances of other processes the cache keeps (about 1 kB each).
 pub const MAX_MDNS_INSTANCES: usize = 4096;
-/// The service label of the `refused` registry event: not the name announced, which the
+/// The most names remembered as looked up or watched by this process (see the module
+/// documentation); past it the oldest is forgotten.
+pub const MAX_WANTED_NAMES: usize = 1024;
+/// The service label of the `refused` and `evicted` registry events: not the name announced, which the
 /// network chooses.
 const ANY_SERVICE: &str = "*";
 /// How long a goodbye may take to go out on deregistration.
@@ -67,6 +73,8 @@ struct Shared {
     changes: broadcast::Sender<Published>,
     /// What this process announced, so a heartbeat re-announces only on change.
     announced: Mutex<HashMap<NodeId, Node>>,
+    /// Names this process looked up or watches: their instances are kept before others.
+    wanted: Mutex<WarnedOnce<String>>,
 }
 
 impl MdnsRegistry {
@@ -80,7 +88,7 @@ impl MdnsRegistry {
             .map_err(mdns_error("could not enable loopback"))?;
         let events = daemon.browse(SERVICE_TYPE).map_err(mdns_error("could not browse"))?;
         let (changes, _) = broadcast::channel(1024);
-        let shared = Arc::new(Shared { nodes: Mutex::default(), changes, announced: Mutex::default() });
+        let shared = Arc::new(Shared::new(changes));
         let browse = tokio::spawn(follow_browse(events, Arc::downgrade(&shared)));
         let (answered, first_answers) = tokio::sync::watch::channel(false);
         let asking = shared.clone();
@@ -152,21 +160,56 @@ impl Shared {
         }
     }
 
-    /// Adds or updates one instance and tells the watchers; a new instance of another
-    /// process is refused once [`MAX_MDNS_INSTANCES`] are known.
+    fn new(changes: broadcast::Sender<Published>) -> Self {
+        Shared {
+            nodes: Mutex::default(),
+            changes,
+            announced: Mutex::default(),
+            wanted: Mutex::new(WarnedOnce::with_limit(MAX_WANTED_NAMES)),
+        }
+    }
+
+    /// Remembers that this process asked for `name`.
+    fn want(&self, name: &str) {
+        self.wanted.lock().expect("mdns wanted lock").first_time(name.to_owned());
+    }
+
+    /// Adds or updates one instance and tells the watchers. Once [`MAX_MDNS_INSTANCES`] are
+    /// known, a new instance of another process takes the place of one nobody here asked
+    /// for if its own name was asked for, and is refused otherwise.
     fn learn(&self, key: String, node: Node) {
         let own = self.announced.lock().expect("mdns lock").contains_key(&node.id);
+        let wanted = own || self.wanted.lock().expect("mdns wanted lock").contains(&node.name);
         let mut nodes = self.nodes.lock().expect("mdns cache lock");
         if !own && !nodes.contains_key(&key) && nodes.len() >= MAX_MDNS_INSTANCES {
-            crate::metrics::metrics().registry_event(KIND.as_str(), ANY_SERVICE, "refused");
-            tracing::debug!(service = %node.name, node = %node.id, limit = MAX_MDNS_INSTANCES, "mdns: instance refused, the cache is full");
-            return;
+            let unwanted = if wanted { self.unwanted_key(&nodes) } else { None };
+            let Some(unwanted) = unwanted else {
+                crate::metrics::metrics().registry_event(KIND.as_str(), ANY_SERVICE, "refused");
+                tracing::debug!(service = %node.name, node = %node.id, limit = MAX_MDNS_INSTANCES, "mdns: instance refused, the cache is full");
+                return;
+            };
+            if let Some(evicted) = nodes.remove(&unwanted) {
+                crate::metrics::metrics().registry_event(KIND.as_str(), ANY_SERVICE, "evicted");
+                tracing::debug!(service = %evicted.name, node = %evicted.id, for_service = %node.name, "mdns: instance evicted for one asked for");
+                let _ = self.changes.send((evicted.name.clone(), Change::Remove(evicted.id)));
+            }
         }
         if nodes.get(&key) != Some(&node) {
             tracing::debug!(service = %node.name, node = %node.id, address = %node.address, "mdns: instance up");
             nodes.insert(key, node.clone());
             let _ = self.changes.send((node.name.clone(), Change::Insert(node.id.clone(), node)));
         }
+    }
+
+    /// The key of an instance in `nodes` that is not this process's and whose name nobody
+    /// here asked for.
+    fn unwanted_key(&self, nodes: &HashMap<String, Node>) -> Option<String> {
+        let announced = self.announced.lock().expect("mdns lock");
+        let wanted = self.wanted.lock().expect("mdns wanted lock");
+        nodes
+            .iter()
+            .find(|(_, node)| !announced.contains_key(&node.id) && !wanted.contains(&node.name))
+            .map(|(key, _)| key.clone())
     }
 }
 
@@ -290,6 +333,7 @@ impl Registry for MdnsRegistry {
     }
 
     async fn lookup(&self, name: &str) -> Result<Vec<Node>> {
+        self.shared.want(name);
         let mut changes = self.shared.changes.subscribe();
         let deadline = Instant::now() + self.lookup_timeout;
         // A fresh registry first hears every responder's unicast answer.
@@ -331,6 +375,7 @@ impl Registry for MdnsRegistry {
     }
 
     fn watch(&self, name: &str) -> BoxStream<'static, Result<Change<NodeId, Node>>> {
+        self.shared.want(name);
         // Subscribe before taking the snapshot, so no change falls between the two.
         let changes = self.shared.changes.subscribe();
         watch_published(self.known(name), changes, name, self.kind().as_str(), self.address())
@@ -357,7 +402,7 @@ mod tests {
     #[tokio::test]
     async fn past_the_limit_new_instances_are_refused_and_counted_but_own_ones_kept() {
         let (changes, _) = broadcast::channel(16);
-        let shared = Shared { nodes: Mutex::default(), changes, announced: Mutex::default() };
+        let shared = Shared::new(changes);
         let own = Node::new("own-service", "127.0.0.1:2".parse().unwrap());
         shared.announced.lock().unwrap().insert(own.id.clone(), own.clone());
         let peer = Node::new("peer-service", "127.0.0.1:3".parse().unwrap());
@@ -384,6 +429,30 @@ mod tests {
         let nodes = shared.nodes.lock().unwrap();
         assert_eq!(nodes.get(&full_name(&own.id)), Some(&own), "this process's own instance is kept");
         assert_eq!(nodes.get(&full_name(&peer.id)), Some(&moved), "a known peer stays and is updated");
+    }
+
+    #[tokio::test]
+    async fn past_the_limit_an_instance_of_a_name_asked_for_takes_the_place_of_a_made_up_one() {
+        let (changes, _) = broadcast::channel(16);
+        let shared = Shared::new(changes);
+        for i in 0..MAX_MDNS_INSTANCES {
+            let flood = Node::new(format!("made-up-{i}"), "127.0.0.1:4".parse().unwrap());
+            shared.learn(full_name(&flood.id), flood);
+        }
+        let peers: Vec<Node> =
+            (0..3).map(|i| Node::new("vessel-service", format!("127.0.0.1:{}", 10 + i).parse().unwrap())).collect();
+        shared.learn(full_name(&peers[0].id), peers[0].clone());
+        let known = |node: &Node| shared.nodes.lock().unwrap().contains_key(&full_name(&node.id));
+        assert!(!known(&peers[0]), "a name nobody asked for is refused when full");
+
+        shared.want("vessel-service");
+        for peer in &peers {
+            shared.learn(full_name(&peer.id), peer.clone());
+        }
+        assert!(peers.iter().all(known), "each instance of a name asked for finds a place");
+        let nodes = shared.nodes.lock().unwrap();
+        assert_eq!(nodes.len(), MAX_MDNS_INSTANCES);
+        assert_eq!(nodes.values().filter(|n| n.name.starts_with("made-up-")).count(), MAX_MDNS_INSTANCES - 3);
     }
 
     #[test]

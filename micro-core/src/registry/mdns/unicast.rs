@@ -62,7 +62,18 @@ pub(super) async fn query(window: Duration) -> std::io::Result<HashMap<String, N
     Ok(answers.nodes())
 }
 
-/// Records gathered from the answers, by owner name.
+/// The most records of each kind one query keeps, whatever the responders send in its
+/// window: twice the instances the cache keeps.
+const MAX_ANSWERED: usize = 2 * super::MAX_MDNS_INSTANCES;
+
+/// Inserts unless `map` is full and `key` new.
+fn insert_bounded<V>(map: &mut HashMap<String, V>, key: String, value: V) {
+    if map.len() < MAX_ANSWERED || map.contains_key(&key) {
+        map.insert(key, value);
+    }
+}
+
+/// Records gathered from the answers, by owner name, at most [`MAX_ANSWERED`] of each kind.
 #[derive(Default)]
 struct Answers {
     instances: Vec<String>,
@@ -76,18 +87,19 @@ impl Answers {
         for record in reply.answers.iter().chain(&reply.additional_records) {
             let owner = record.name.to_string().to_lowercase();
             match &record.rdata {
-                RData::PTR(instance) => self.instances.push(instance.0.to_string().to_lowercase()),
+                RData::PTR(instance) if self.instances.len() < MAX_ANSWERED => {
+                    self.instances.push(instance.0.to_string().to_lowercase())
+                }
                 RData::SRV(srv) => {
-                    self.services.insert(owner, (srv.target.to_string().to_lowercase(), srv.port));
+                    let target = (srv.target.to_string().to_lowercase(), srv.port);
+                    insert_bounded(&mut self.services, owner, target);
                 }
                 RData::TXT(txt) => {
                     let entries =
                         txt.attributes().into_iter().map(|(k, v)| (k, v.unwrap_or_default())).collect();
-                    self.texts.insert(owner, entries);
+                    insert_bounded(&mut self.texts, owner, entries);
                 }
-                RData::A(a) => {
-                    self.hosts.insert(owner, Ipv4Addr::from(a.address));
-                }
+                RData::A(a) => insert_bounded(&mut self.hosts, owner, Ipv4Addr::from(a.address)),
                 _ => {}
             }
         }
