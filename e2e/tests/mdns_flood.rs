@@ -61,7 +61,6 @@ fn a_flood_past_the_cache_limit_hides_no_peer_and_memory_stays_bounded() {
         wait_for(&registry, &consignment_name, 1).await;
         create(&consignment_name, "before the flood").await;
         let rss_before = resident_kb(&consignment);
-
         let refused = poll_until("consignment-service refusing made-up instances", FLOOD_SEEN, async || {
             announce_flood(host);
             let refused = registry_events(&metrics_address, "refused").await;
@@ -118,13 +117,16 @@ fn announcement(i: usize, address: u32) -> Vec<u8> {
     }
     let mut packet = Packet::new_reply(0);
     packet.set_flags(PacketFlag::AUTHORITATIVE_ANSWER);
-    let record = |owner: &str, data| ResourceRecord::new(Name::new_unchecked(owner), CLASS::IN, 120, data);
     packet.answers.push(record(service, RData::PTR(PTR(Name::new_unchecked(instance)))));
     let srv = SRV { priority: 0, weight: 0, port: 9, target: Name::new_unchecked(&target) };
     packet.answers.push(record(instance, RData::SRV(srv)));
     packet.answers.push(record(instance, RData::TXT(txt)));
     packet.answers.push(record(&target, RData::A(A { address })));
     packet.build_bytes_vec_compressed().expect("announcement packet")
+}
+
+fn record<'a>(owner: &'a str, data: RData<'a>) -> ResourceRecord<'a> {
+    ResourceRecord::new(Name::new_unchecked(owner), CLASS::IN, 120, data)
 }
 
 /// The process's resident memory, in kB (`VmRSS` of `/proc/PID/status`).

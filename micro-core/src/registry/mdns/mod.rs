@@ -386,6 +386,9 @@ impl Registry for MdnsRegistry {
 mod tests {
     use super::*;
 
+    /// Held by the tests that flood a cache: the counts they check are process-wide.
+    static FLOODING: Mutex<()> = Mutex::new(());
+
     #[test]
     fn txt_entries_round_trip() {
         let mut node = Node::new("vessel-service", "127.0.0.1:50051".parse().unwrap());
@@ -401,6 +404,7 @@ mod tests {
 
     #[tokio::test]
     async fn past_the_limit_new_instances_are_refused_and_counted_but_own_ones_kept() {
+        let _counting = FLOODING.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let (changes, _) = broadcast::channel(16);
         let shared = Shared::new(changes);
         let own = Node::new("own-service", "127.0.0.1:2".parse().unwrap());
@@ -433,14 +437,16 @@ mod tests {
 
     #[tokio::test]
     async fn past_the_limit_an_instance_of_a_name_asked_for_takes_the_place_of_a_made_up_one() {
+        let _counting = FLOODING.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let (changes, _) = broadcast::channel(16);
         let shared = Shared::new(changes);
         for i in 0..MAX_MDNS_INSTANCES {
             let flood = Node::new(format!("made-up-{i}"), "127.0.0.1:4".parse().unwrap());
             shared.learn(full_name(&flood.id), flood);
         }
-        let peers: Vec<Node> =
-            (0..3).map(|i| Node::new("vessel-service", format!("127.0.0.1:{}", 10 + i).parse().unwrap())).collect();
+        let peers: Vec<Node> = (0..3)
+            .map(|i| Node::new("vessel-service", format!("127.0.0.1:{}", 10 + i).parse().unwrap()))
+            .collect();
         shared.learn(full_name(&peers[0].id), peers[0].clone());
         let known = |node: &Node| shared.nodes.lock().unwrap().contains_key(&full_name(&node.id));
         assert!(!known(&peers[0]), "a name nobody asked for is refused when full");
