@@ -199,9 +199,55 @@ pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
+/// What a failure to reach a peer comes down to, when `err`'s chain holds one: `connection
+/// refused`, `connection reset`, `no answer in time`, `unreachable`; `None` otherwise. Read
+/// from the I/O error's kind, so messages can say `connection refused at 127.0.0.1:2379`
+/// instead of the whole chain of wrappers.
+pub fn unreachable_reason(err: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
+    use std::io::ErrorKind;
+    let mut next = Some(err);
+    while let Some(cause) = next {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            return match io.kind() {
+                ErrorKind::ConnectionRefused => Some("connection refused"),
+                ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe => {
+                    Some("connection reset")
+                }
+                ErrorKind::TimedOut => Some("no answer in time"),
+                ErrorKind::HostUnreachable | ErrorKind::NetworkUnreachable | ErrorKind::AddrNotAvailable => {
+                    Some("unreachable")
+                }
+                _ => None,
+            };
+        }
+        next = cause.source();
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refused_connection_under_wrappers_is_summarised_by_its_kind() {
+        #[derive(Debug)]
+        struct Wrapper(std::io::Error);
+        impl std::fmt::Display for Wrapper {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "tcp connect error: {:?}", self.0)
+            }
+        }
+        impl std::error::Error for Wrapper {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let refused = Wrapper(std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused"));
+        assert_eq!(unreachable_reason(&refused), Some("connection refused"));
+        let other = Wrapper(std::io::Error::new(std::io::ErrorKind::InvalidData, "bad frame"));
+        assert_eq!(unreachable_reason(&other), None);
+    }
 
     #[test]
     fn debug_is_the_message_and_its_sources_in_one_line() {

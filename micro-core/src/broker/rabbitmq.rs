@@ -135,13 +135,7 @@ impl RabbitMqBroker {
     pub async fn connect(address: &str) -> Result<Self> {
         let uri = amqp_uri(address);
         let shown = shown_address(address);
-        let live = Live::open(&uri, 1).await.map_err(|err| {
-            broker_error(
-                &shown,
-                "cannot connect; is rabbitmq-server running there, and are the vhost and credentials right?",
-                err,
-            )
-        })?;
+        let live = Live::open(&uri, 1).await.map_err(|err| connect_error(&shown, err))?;
         tracing::info!(broker = "rabbitmq", address = %shown, "connected");
         let live = Arc::new(live);
         let (subscribers, subscribers_rx) = watch::channel(Some(live.clone()));
@@ -189,12 +183,24 @@ fn shown_address(address: &str) -> String {
 }
 
 fn broker_error(address: &str, message: impl Into<String>, source: impl Into<BoxError>) -> Error {
-    Error::Broker {
-        broker: "rabbitmq".into(),
-        address: address.into(),
-        message: message.into(),
-        source: Some(source.into()),
-    }
+    let (message, source) = (message.into(), source.into());
+    let (message, source) = match crate::error::unreachable_reason(&*source) {
+        Some(reason) => (format!("{message}: {reason}"), None),
+        None => (message, Some(source)),
+    };
+    Error::Broker { broker: "rabbitmq".into(), address: address.into(), message, source }
+}
+
+/// The error of a first connection that failed: what it came down to, when it is a
+/// connection refused or the like, and what to check.
+fn connect_error(address: &str, source: impl Into<BoxError>) -> Error {
+    const CHECK: &str = "is rabbitmq-server running there, and are the vhost and credentials right?";
+    let source = source.into();
+    let (message, source) = match crate::error::unreachable_reason(&*source) {
+        Some(reason) => (format!("{reason}; {CHECK}"), None),
+        None => (format!("cannot connect; {CHECK}"), Some(source)),
+    };
+    Error::Broker { broker: "rabbitmq".into(), address: address.into(), message, source }
 }
 
 /// An AMQP short string (at most 255 bytes), or an error naming `what`.

@@ -14,11 +14,17 @@
 //! Cli::parse().log.init("my_service=info,micro_core=info");
 //! ```
 
-use std::io::IsTerminal;
+use std::{fmt, io::IsTerminal};
 
 use clap::{Args, ValueEnum};
+use tracing::field::{Field, Visit};
 use tracing_subscriber::{
-    EnvFilter, Layer, filter::LevelFilter, fmt::MakeWriter, layer::SubscriberExt, util::SubscriberInitExt,
+    EnvFilter, Layer,
+    field::RecordFields,
+    filter::LevelFilter,
+    fmt::{FormatFields, MakeWriter, format::Writer},
+    layer::SubscriberExt,
+    util::SubscriberInitExt,
 };
 
 use super::telemetry::{self, TelemetryArgs};
@@ -87,9 +93,43 @@ impl LogArgs {
     {
         let layer = tracing_subscriber::fmt::layer().with_ansi(ansi).with_writer(writer);
         match self.log_format {
-            LogFormat::Text => layer.with_filter(filter).boxed(),
+            LogFormat::Text => layer.fmt_fields(PlainFields).with_filter(filter).boxed(),
             LogFormat::Json => layer.json().with_filter(filter).boxed(),
         }
+    }
+}
+
+/// Text-line fields: the message, then `name=value` pairs, leaving out OpenTelemetry
+/// attributes (dotted names such as `rpc.method` or `server.address`), which the spans
+/// carry to the exporter and JSON lines keep. A line inside a call shows the plain fields
+/// of its spans (`request_id`, `trace_id`, `topic`, `message_id`) and its own.
+struct PlainFields;
+
+impl<'writer> FormatFields<'writer> for PlainFields {
+    fn format_fields<R: RecordFields>(&self, writer: Writer<'writer>, fields: R) -> fmt::Result {
+        let mut visitor = PlainVisitor { writer, first: true, result: Ok(()) };
+        fields.record(&mut visitor);
+        visitor.result
+    }
+}
+
+struct PlainVisitor<'writer> {
+    writer: Writer<'writer>,
+    first: bool,
+    result: fmt::Result,
+}
+
+impl Visit for PlainVisitor<'_> {
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        let name = field.name();
+        if name.contains('.') || self.result.is_err() {
+            return;
+        }
+        let separator = if std::mem::take(&mut self.first) { "" } else { " " };
+        self.result = match name {
+            "message" => write!(self.writer, "{separator}{value:?}"),
+            _ => write!(self.writer, "{separator}{name}={value:?}"),
+        };
     }
 }
 
@@ -131,6 +171,30 @@ mod tests {
                 .with(args.layer(EnvFilter::new("info"), ansi, move || sink.clone()));
         tracing::subscriber::with_default(subscriber, || tracing::warn!(service = "svc", "heartbeat failed"));
         String::from_utf8(captured.0.lock().unwrap().clone()).unwrap()
+    }
+
+    #[test]
+    fn a_line_in_a_call_leaves_the_spans_opentelemetry_attributes_out() {
+        let captured = Captured::default();
+        let sink = captured.clone();
+        let args = LogArgs { log_format: LogFormat::Text, telemetry: TelemetryArgs::default() };
+        let subscriber =
+            tracing_subscriber::registry()
+                .with(args.layer(EnvFilter::new("info"), false, move || sink.clone()));
+        tracing::subscriber::with_default(subscriber, || {
+            let call = tracing::info_span!(
+                "grpc.client",
+                otel.kind = "client",
+                rpc.method = "a.B/C",
+                request_id = 7
+            );
+            let _entered = call.enter();
+            tracing::warn!(service = "vessel", code = "Unavailable", "call failed");
+        });
+        let line = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        assert!(line.contains("grpc.client{request_id=7}:"), "{line}");
+        assert!(line.contains(r#"call failed service="vessel" code="Unavailable""#), "{line}");
+        assert!(!line.contains("otel.kind") && !line.contains("rpc.method"), "{line}");
     }
 
     #[test]

@@ -86,15 +86,16 @@ impl Agent {
     pub(super) fn error(&self, what: &str, failure: Failure) -> Error {
         let (message, source): (String, Option<crate::BoxError>) = match failure {
             Failure::Unreachable(err) => {
-                let cause = root_cause(&err);
-                let what_happened = if err.is_timeout() { "no answer in time" } else { "could not connect" };
-                (
-                    format!(
-                        "{what}: {what_happened} ({cause}); is a Consul agent running there? \
-                         Set MICRO_REGISTRY_ADDRESS (--registry-address) to its HTTP address"
-                    ),
-                    Some(Box::new(err)),
-                )
+                const CHECK: &str = "is a Consul agent running there? \
+                                     Set MICRO_REGISTRY_ADDRESS (--registry-address) to its HTTP address";
+                match crate::error::unreachable_reason(&err) {
+                    Some(reason) => (format!("{what}: {reason}; {CHECK}"), None),
+                    None if err.is_timeout() => (format!("{what}: no answer in time; {CHECK}"), None),
+                    None => {
+                        let cause = root_cause(&err);
+                        (format!("{what}: could not connect ({cause}); {CHECK}"), Some(Box::new(err)))
+                    }
+                }
             }
             Failure::Status(status, body) => {
                 let hint = match status {

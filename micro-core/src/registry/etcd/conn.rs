@@ -133,15 +133,14 @@ impl Conn {
     }
 
     pub(super) fn error(&self, what: &str, err: etcd_client::Error) -> Error {
-        Error::Registry {
-            registry: KIND.to_string(),
-            address: self.address.clone(),
-            message: format!(
-                "{what}: {err}; is an etcd member running there? Set MICRO_REGISTRY_ADDRESS \
-                 (--registry-address) to the cluster's client endpoints"
-            ),
-            source: Some(Box::new(err)),
-        }
+        const CHECK: &str = "is an etcd member running there? Set MICRO_REGISTRY_ADDRESS \
+                             (--registry-address) to the cluster's client endpoints";
+        let (message, source): (String, Option<crate::BoxError>) =
+            match wrapped(&err).and_then(crate::error::unreachable_reason) {
+                Some(reason) => (format!("{what}: {reason}; {CHECK}"), None),
+                None => (format!("{what}: {err}; {CHECK}"), Some(Box::new(err))),
+            };
+        Error::Registry { registry: KIND.to_string(), address: self.address.clone(), message, source }
     }
 
     pub(super) fn timeout(&self, what: &str) -> Error {
@@ -161,6 +160,16 @@ impl Conn {
         if self.warned.lock().expect("etcd warned lock").first_time((key.to_owned(), revision)) {
             tracing::warn!(%key, revision, reason, "etcd: skipped a value that is not a go-micro registry.Service with a node");
         }
+    }
+}
+
+/// The error `err` wraps (the client's error type does not expose it as a source).
+fn wrapped(err: &etcd_client::Error) -> Option<&(dyn std::error::Error + 'static)> {
+    match err {
+        etcd_client::Error::GRpcStatus(status) => Some(status),
+        etcd_client::Error::IoError(io) => Some(io),
+        etcd_client::Error::TransportError(transport) => Some(transport),
+        _ => None,
     }
 }
 
