@@ -12,6 +12,13 @@ use crate::{
 /// `json` as the request; returns the reply as JSON. Fails with the gRPC code of a failed
 /// call or reflection request, [`Failure::Other`] for bad input.
 pub async fn call(channel: NamedChannel, method: &str, json: &str) -> Result<String, Failure> {
+    let resolved;
+    let method = if method.contains(['/', '.']) {
+        method
+    } else {
+        resolved = bare_method(channel.clone(), method).await?;
+        &resolved
+    };
     let (service, method_name) = method
         .rsplit_once(['/', '.'])
         .filter(|(service, name)| !service.is_empty() && !name.is_empty())
@@ -50,22 +57,45 @@ pub async fn call(channel: NamedChannel, method: &str, json: &str) -> Result<Str
     Ok(dynamic::to_json(reply.get_ref()))
 }
 
+/// Every method reflection lists (`package.Service/Method`); `None` when it lists no service.
+async fn listed_methods(channel: NamedChannel) -> Option<Vec<String>> {
+    let listed = dynamic::list_services(channel.clone()).await.ok().filter(|l| !l.is_empty())?;
+    let pool = dynamic::descriptors(channel, &listed).await.ok()?;
+    Some(
+        pool.services()
+            .filter(|s| listed.iter().any(|l| l == s.full_name()))
+            .flat_map(|s| s.methods().map(|m| format!("{}/{}", s.full_name(), m.name())).collect::<Vec<_>>())
+            .collect(),
+    )
+}
+
+/// The full path of a method given by its name alone (`Hello`), when exactly one of the
+/// listed services has it; otherwise what to write instead.
+async fn bare_method(channel: NamedChannel, name: &str) -> Result<String, Failure> {
+    let expected = || format!("method {name:?}: expected package.Service/Method");
+    let Some(methods) = listed_methods(channel.clone()).await else {
+        return Err(Failure::Other(format!("{}; {REFLECTION_HINT}", expected())));
+    };
+    let matching: Vec<&String> =
+        methods.iter().filter(|path| path.rsplit_once('/').is_some_and(|(_, m)| m == name)).collect();
+    match matching.as_slice() {
+        [only] => Ok((*only).clone()),
+        [] => Err(Failure::Other(format!("{}; {} has: {}", expected(), channel.name(), methods.join(", ")))),
+        several => Err(Failure::Other(format!(
+            "{}; several services of {} have it: {}",
+            expected(),
+            channel.name(),
+            several.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+        ))),
+    }
+}
+
 /// When reflection does not know `service` but lists others: NOT_FOUND naming the methods it
 /// does know (`counter.Counter/Add, …`), with the one meant when only the package was left
 /// out, as the gateway answers. `None` when it lists nothing (no reflection for any), so the
 /// caller's own failure, with its hint, stands.
 async fn unknown_service(channel: NamedChannel, service: &str, method: &str) -> Option<Failure> {
-    let listed = dynamic::list_services(channel.clone()).await.ok().filter(|l| !l.is_empty())?;
-    let pool = dynamic::descriptors(channel.clone(), &listed).await.ok()?;
-    let methods: Vec<String> = pool
-        .services()
-        .filter(|s| listed.iter().any(|l| l == s.full_name()))
-        .flat_map(|s| {
-            s.methods()
-                .map(|m| format!("{}/{}", m.parent_service().full_name(), m.name()))
-                .collect::<Vec<_>>()
-        })
-        .collect();
+    let methods = listed_methods(channel.clone()).await?;
     let meant = methods.iter().find(|path| {
         path.rsplit_once('/').is_some_and(|(full, name)| {
             name == method && full.rsplit('.').next() == Some(service.rsplit('.').next().unwrap_or(service))

@@ -106,6 +106,17 @@ async fn a_new_service_builds_tests_runs_and_answers_micro_call_and_its_client()
     assert!(stderr.contains("did you mean newcomer.Newcomer/Hello?"), "{stderr}");
     assert_eq!(stderr.matches("call newcomer").count(), 1, "said once: {stderr}");
 
+    // The method's name alone is enough when one service has it; a name none has is answered
+    // with the methods there are.
+    let bare = micro(&["call", NAME, "Hello", r#"{"name": "you"}"#]);
+    assert!(bare.status.success(), "{}", text(&bare.stderr));
+    let reply: serde_json::Value = serde_json::from_slice(&bare.stdout).expect("JSON");
+    assert_eq!(reply["message"], "Hello, you!");
+    let unknown = micro(&["call", NAME, "Add", "{}"]);
+    let stderr = text(&unknown.stderr);
+    assert!(!unknown.status.success(), "{stderr}");
+    assert!(stderr.contains("newcomer.Newcomer/Hello"), "the methods there are: {stderr}");
+
     let client_bin = target_dir().join("debug").join(format!("{NAME}-client"));
     let client = Command::new(client_bin)
         .arg("you")

@@ -36,7 +36,7 @@ mod etcd;
 #[cfg(feature = "mdns")]
 mod mdns;
 mod memory;
-#[cfg(any(feature = "dns", feature = "etcd"))]
+#[cfg(any(feature = "dns", feature = "etcd", feature = "mdns"))]
 mod warned;
 
 pub use backoff::Backoff;
