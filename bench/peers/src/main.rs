@@ -15,7 +15,10 @@ use std::{
 
 use micro_core::{Client, NamedChannel, Node, Registry, registry::MemoryRegistry};
 use proto::vessel::vessel_service_client::VesselServiceClient;
-use vessel_service::Fleet;
+use vessel_service::{
+    Fleet,
+    store::{ReservationStore, SqliteStore},
+};
 
 mod volo_gen {
     include!(concat!(env!("OUT_DIR"), "/volo_gen.rs"));
@@ -32,8 +35,12 @@ fn spec() -> proto::vessel::Specification {
     proto::vessel::Specification { capacity: 3, max_weight: 55_000 }
 }
 
-/// The volo-grpc side of the handler: the same fleet and fit rule as vessel-service.
-struct VoloVessels(Fleet);
+/// The volo-grpc side of the handler: the same fleet, fit rule and booked loads (read from a
+/// reservation store on every call) as vessel-service.
+struct VoloVessels {
+    fleet: Fleet,
+    store: Arc<dyn ReservationStore>,
+}
 
 impl vg::VesselService for VoloVessels {
     async fn find_available(
@@ -45,7 +52,8 @@ impl vg::VesselService for VoloVessels {
         if spec.capacity <= 0 || spec.max_weight <= 0 {
             return Err(volo_grpc::Status::invalid_argument("capacity and max_weight must both be positive"));
         }
-        match self.0.find_available(&spec) {
+        let loads = self.store.loads().await.map_err(|err| volo_grpc::Status::unavailable(err.to_string()))?;
+        match self.fleet.find_available(&spec, &loads) {
             Some(v) => Ok(volo_grpc::Response::new(vg::Response {
                 vessel: Some(vg::Vessel {
                     id: v.id.clone().into(),
@@ -60,6 +68,28 @@ impl vg::VesselService for VoloVessels {
             None => Err(volo_grpc::Status::failed_precondition("no available vessel fits")),
         }
     }
+
+    // The benchmark calls FindAvailable only.
+    async fn reserve(
+        &self,
+        _request: volo_grpc::Request<vg::ReserveRequest>,
+    ) -> Result<volo_grpc::Response<vg::Reservation>, volo_grpc::Status> {
+        Err(volo_grpc::Status::unimplemented("reservations are not benchmarked"))
+    }
+
+    async fn confirm(
+        &self,
+        _request: volo_grpc::Request<vg::ReservationRef>,
+    ) -> Result<volo_grpc::Response<vg::Reservation>, volo_grpc::Status> {
+        Err(volo_grpc::Status::unimplemented("reservations are not benchmarked"))
+    }
+
+    async fn release(
+        &self,
+        _request: volo_grpc::Request<vg::ReservationRef>,
+    ) -> Result<volo_grpc::Response<vg::Reservation>, volo_grpc::Status> {
+        Err(volo_grpc::Status::unimplemented("reservations are not benchmarked"))
+    }
 }
 
 async fn serve_volo() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
@@ -67,9 +97,10 @@ async fn serve_volo() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     eprintln!("listening {}", listener.local_addr()?);
     volo_grpc::server::Server::new()
         .add_service(
-            volo_grpc::server::ServiceBuilder::new(vg::VesselServiceServer::new(VoloVessels(
-                Fleet::default(),
-            )))
+            volo_grpc::server::ServiceBuilder::new(vg::VesselServiceServer::new(VoloVessels {
+                fleet: Fleet::default(),
+                store: Arc::new(SqliteStore::in_memory()?),
+            }))
             .build(),
         )
         .run(volo::net::incoming::DefaultIncoming::from(listener))
