@@ -97,7 +97,9 @@ impl Answer {
 }
 
 fn shippy(vessel_name: &str, consignment_name: &str) -> (Process, Process) {
-    let vessel = Process::start("vessel-service", &[], &[("MICRO_SERVER_NAME", vessel_name)]);
+    // A metrics page on a port of its own, announced, for the dashboard's per-method figures.
+    let metrics = ("MICRO_METRICS_ADDRESS", "127.0.0.1:0");
+    let vessel = Process::start("vessel-service", &[], &[("MICRO_SERVER_NAME", vessel_name), metrics]);
     let consignment = Process::start(
         "consignment-service",
         &[],
@@ -309,6 +311,13 @@ async fn the_dashboard_in_a_real_browser() {
     let registry = mdns();
     let (vessel_name, consignment_name) = (unique_name("vessel"), unique_name("consignment"));
     let (_vessel, _consignment) = shippy(&vessel_name, &consignment_name);
+    // A subscriber on the registry broker, in a queue group, for the page's topics.
+    let (topic, queue) = (unique_name("dashboard.topic"), unique_name("listeners"));
+    let _subscriber = Process::start(
+        "micro",
+        &["subscribe", &topic, "--queue", &queue, "--timeout", "300s"],
+        &[("MICRO_BROKER", "registry")],
+    );
     let vessel_node = wait_for(&registry, &vessel_name, 1).await.remove(0);
     let consignment_node = wait_for(&registry, &consignment_name, 1).await.remove(0);
     let gateway = Gateway::start(&[]).await;
@@ -333,6 +342,49 @@ async fn the_dashboard_in_a_real_browser() {
     assert!(reply.starts_with(r#" data-status="200""#), "the form's call succeeded:\n{dom}");
     assert!(reply.contains("vessel001"), "the reply is shown:\n{dom}");
 
+    // Calls through the gateway show as the method's rate, error ratio and latency, read
+    // from vessel-service's own metrics; the registry broker's topic shows its subscriber.
+    let http = reqwest::Client::new();
+    let find = format!("{}/{vessel_name}/vessel.VesselService/FindAvailable", gateway.url);
+    let figures = poll_until(
+        "the dashboard showing FindAvailable's calls per second and the topic",
+        STARTUP,
+        async || {
+            let called = http.post(&find).body(body).send().await.ok()?;
+            assert_eq!(called.status(), 200, "a call through the gateway");
+            let state: Value =
+                http.get(format!("{}/ui/state", gateway.url)).send().await.ok()?.json().await.ok()?;
+            let vessel =
+                state["services"].as_array()?.iter().find(|s| s["name"] == vessel_name.as_str())?.clone();
+            let method = vessel["methods"]
+                .as_array()?
+                .iter()
+                .find(|m| m["method"] == "vessel.VesselService/FindAvailable")?
+                .clone();
+            let topic_listed = state["topics"].as_array()?.iter().any(|t| t["topic"] == topic.as_str());
+            (topic_listed && method["calls_per_s"].as_f64()? > 0.0 && method["p99_ms"].as_f64().is_some())
+                .then_some(method)
+        },
+    )
+    .await;
+    assert_eq!(figures["error_ratio"].as_f64(), Some(0.0), "{figures}");
+    let dom = chromium_run(&["--dump-dom"], &format!("{}/ui", gateway.url)).await;
+    let stats = dom
+        .split(r#"data-method-stats="vessel.VesselService/FindAvailable""#)
+        .nth(1)
+        .unwrap_or_else(|| panic!("the method's figures are shown:\n{dom}"));
+    let row = stats.split("</tr>").next().unwrap_or_default();
+    assert!(
+        row.contains("/s") && row.contains(" ms") && row.contains("0.0 %"),
+        "rate, errors, latency: {row}"
+    );
+    let shown = dom
+        .split(&format!(r#"data-topic="{topic}""#))
+        .nth(1)
+        .unwrap_or_else(|| panic!("the topic is shown:\n{dom}"));
+    let row = shown.split("</tr>").next().unwrap_or_default();
+    assert!(row.contains(&format!("(queue {queue})")), "its subscriber, in its queue group: {row}");
+
     // A screenshot for people, kept with the test logs, out of the repository.
     let screenshot = e2e::process::workspace_root().join("target").join("e2e-logs").join("dashboard.png");
     let _ = std::fs::remove_file(&screenshot);
@@ -343,7 +395,6 @@ async fn the_dashboard_in_a_real_browser() {
 
     // The state the page polls follows instances as they come.
     let _second = Process::start("vessel-service", &[], &[("MICRO_SERVER_NAME", &vessel_name)]);
-    let http = reqwest::Client::new();
     poll_until("the dashboard state showing a second vessel instance", STARTUP, async || {
         let state: Value =
             http.get(format!("{}/ui/state", gateway.url)).send().await.ok()?.json().await.ok()?;

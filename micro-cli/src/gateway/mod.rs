@@ -14,6 +14,7 @@
 //! | Prometheus metrics | `gateway/metrics.rs` |
 //! | rate limits per client address and per route, `429` with `Retry-After` | `gateway/ratelimit.rs` |
 //! | the dashboard at `/ui` and its page | `gateway/dashboard.rs`, `gateway/page.html` |
+//! | per-method figures from the instances' metrics | `gateway/method_stats.rs` |
 //!
 //! # Examples
 //! ```sh
@@ -23,6 +24,7 @@
 //! ```
 
 mod dashboard;
+mod method_stats;
 mod metrics;
 mod ratelimit;
 mod reflection;
@@ -83,6 +85,8 @@ pub struct Gateway {
     /// Rate limits of calls.
     limits: Arc<ratelimit::RateLimits>,
     health: dashboard::HealthCache,
+    /// The instances' last scrapes, for the dashboard's per-method figures.
+    methods: method_stats::MethodStats,
 }
 
 /// Serves until SIGINT or SIGTERM, then finishes the requests in flight.
@@ -113,6 +117,7 @@ pub async fn run(args: GatewayArgs, client: Client, tls: Option<TlsConfig>) -> R
         cors_origin,
         tls,
         health: dashboard::HealthCache::default(),
+        methods: method_stats::MethodStats::default(),
         limits: Arc::new(ratelimit::RateLimits::new(client_rate, &route_rates)),
     });
     let listener = tokio::net::TcpListener::bind(args.address).await.map_err(|err| {

@@ -56,7 +56,9 @@ pub use memory::MemoryBroker;
 pub use nats::{DEFAULT_NATS_ADDRESS, NatsBroker};
 #[cfg(feature = "rabbitmq")]
 pub use rabbitmq::{DEFAULT_RABBITMQ_ADDRESS, RabbitMqBroker};
-pub use registry::{DELIVER_PATH, MAX_ROUTED_TOPICS, ROUTE_IDLE, RegistryBroker, topic_service_name};
+pub use registry::{
+    DELIVER_PATH, MAX_ROUTED_TOPICS, QUEUE_LABEL, ROUTE_IDLE, RegistryBroker, TOPIC_LABEL, topic_service_name,
+};
 pub use trace::current_trace_headers;
 
 /// Header names every backend carries, and the content types the typed helpers write.
