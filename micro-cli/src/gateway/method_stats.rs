@@ -182,7 +182,7 @@ async fn read_page(address: SocketAddr) -> std::io::Result<String> {
     stream.take(MAX_PAGE_BYTES).read_to_end(&mut response).await?;
     let response = String::from_utf8_lossy(&response);
     let (head, body) = response.split_once("\r\n\r\n").unwrap_or_default();
-    if !head.starts_with("HTTP/1.") || !head.split_whitespace().nth(1).is_some_and(|code| code == "200") {
+    if !head.starts_with("HTTP/1.") || head.split_whitespace().nth(1).is_none_or(|code| code != "200") {
         return Err(std::io::Error::other("the metrics page was not answered 200"));
     }
     Ok(body.to_owned())
