@@ -14,6 +14,7 @@
 //! | Prometheus metrics | `gateway/metrics.rs` |
 //! | rate limits per client address and per route, `429` with `Retry-After` | `gateway/ratelimit.rs` |
 //! | the dashboard at `/ui` and its page | `gateway/dashboard.rs`, `gateway/page.html` |
+//! | bearer JWTs, API keys, the policy on subjects, `401`/`403` | `gateway/auth/` |
 //!
 //! # Examples
 //! ```sh
@@ -22,6 +23,7 @@
 //!      -d '{"capacity": 3, "maxWeight": 55000}'
 //! ```
 
+mod auth;
 mod dashboard;
 mod metrics;
 mod ratelimit;
@@ -66,6 +68,9 @@ pub struct GatewayArgs {
     /// `service/package.Service/Method=N`, comma-separated or repeated.
     #[arg(long, env = "MICRO_GATEWAY_ROUTE_RATE_LIMITS", value_delimiter = ',', value_parser = ratelimit::parse_route_limit)]
     pub route_rate_limits: Vec<(String, f64)>,
+    /// Authentication and authorization.
+    #[command(flatten)]
+    pub auth: auth::AuthArgs,
 }
 
 /// Calls per second per client address unless `--rate-limit` says otherwise: off.
@@ -83,6 +88,8 @@ pub struct Gateway {
     /// Rate limits of calls.
     limits: Arc<ratelimit::RateLimits>,
     health: dashboard::HealthCache,
+    /// Who may call, and what.
+    auth: Arc<auth::Authenticator>,
 }
 
 /// Serves until SIGINT or SIGTERM, then finishes the requests in flight.
@@ -107,6 +114,8 @@ pub async fn run(args: GatewayArgs, client: Client, tls: Option<TlsConfig>) -> R
         .iter()
         .map(|(route, rate)| (route.clone(), ratelimit::Rate::new(*rate, args.rate_burst)))
         .collect();
+    let authenticator = auth::Authenticator::new(&args.auth)?;
+    authenticator.check_address(args.address, args.auth.insecure)?;
     let gateway = Arc::new(Gateway {
         cache: ReflectionCache::new(client),
         max_body: args.max_body,
@@ -114,13 +123,15 @@ pub async fn run(args: GatewayArgs, client: Client, tls: Option<TlsConfig>) -> R
         tls,
         health: dashboard::HealthCache::default(),
         limits: Arc::new(ratelimit::RateLimits::new(client_rate, &route_rates)),
+        auth: Arc::new(authenticator),
     });
     let listener = tokio::net::TcpListener::bind(args.address).await.map_err(|err| {
         Failure::Other(format!("gateway address {} (MICRO_GATEWAY_ADDRESS): {err}", args.address))
     })?;
     let address = listener.local_addr().map_err(|err| Failure::Other(err.to_string()))?;
     tracing::info!(%address, cors = gateway.cors_origin.is_some(), max_body = args.max_body,
-        rate_limit = args.rate_limit, route_limits = route_rates.len(), "gateway listening");
+        rate_limit = args.rate_limit, route_limits = route_rates.len(),
+        authenticates = gateway.auth.authenticates(), "gateway listening");
     crate::out::line(format!("micro gateway on http://{address}/ (dashboard: http://{address}/ui)"));
     // The client's address keys its rate limit.
     axum::serve(listener, routes::router(gateway).into_make_service_with_connect_info::<SocketAddr>())
