@@ -271,15 +271,11 @@ async fn jwts_and_api_keys_are_checked_and_the_subject_reaches_the_service() {
     let too_large = send(call(bearer(large.clone()))).await;
     too_large.assert_unauthorized(Some("invalid_request"), "too large");
     assert!(too_large.text.len() < 1024 && !too_large.text.contains(&large[..100]), "nothing echoed");
-    // A megabyte of header is past what the HTTP server reads at all: refused as such.
-    let huge =
-        send(call(bearer(format!("{}.{}.x", b64(br#"{"alg":"HS256"}"#), "A".repeat(1024 * 1024))))).await;
-    assert!(
-        [StatusCode::UNAUTHORIZED, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE].contains(&huge.status),
-        "a 1 MB token is refused: {} {}",
-        huge.status,
-        huge.text
-    );
+    // A megabyte of header is past what the HTTP server reads at all (about 400 KB): it
+    // answers 431 itself, and the gateway serves on.
+    let megabyte = format!("{}.{}.x", b64(br#"{"alg":"HS256"}"#), "A".repeat(1024 * 1024));
+    let huge = send(call(bearer(megabyte))).await;
+    assert_eq!(huge.status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "{}", huge.text);
     send(call(Some(("x-api-key", "guessed-key".into()))))
         .await
         .assert_unauthorized(Some("invalid_token"), "unknown API key");
