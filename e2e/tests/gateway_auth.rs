@@ -195,6 +195,8 @@ async fn jwts_and_api_keys_are_checked_and_the_subject_reaches_the_service() {
         &keys_file,
         "--authz-policy",
         &policy,
+        "--route-rate-limits",
+        &format!("{name}/vessel.VesselService/Confirm=0.01"),
     ])
     .await;
     let http = reqwest::Client::new();
@@ -282,6 +284,13 @@ async fn jwts_and_api_keys_are_checked_and_the_subject_reaches_the_service() {
     let both = call(Some(("x-api-key", API_KEY.into())))
         .header("authorization", format!("Bearer {}", hs256(SECRET, &claims("alice"))));
     send(both).await.assert_unauthorized(Some("invalid_request"), "malformed");
+
+    // The rate limit comes before authentication: refused credentials use up calls too
+    // (one call per 100 s on this route).
+    let confirm = format!("{}/{name}/vessel.VesselService/Confirm", gateway.url);
+    send(http.post(&confirm).body("{}")).await.assert_unauthorized(None, "no credentials");
+    let limited = send(http.post(&confirm).body("{}")).await;
+    assert_eq!(limited.status, StatusCode::TOO_MANY_REQUESTS, "{}", limited.text);
 
     // Valid but not allowed by the policy: 403 naming the subject and the method.
     let bob = send(call(bearer(hs256(SECRET, &claims("bob"))))).await;

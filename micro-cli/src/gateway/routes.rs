@@ -29,21 +29,24 @@ use crate::dynamic;
 
 /// The routes of `gateway`.
 pub fn router(gateway: Arc<Gateway>) -> Router {
-    let authenticated = Router::new()
+    let authenticate = middleware::from_fn_with_state(gateway.auth.clone(), super::auth::authenticate);
+    let browse = Router::new()
         .route("/", get(list))
         .route("/{service}", get(describe))
-        .route(
-            "/{service}/{grpc_service}/{method}",
-            post(call)
-                .fallback(use_post)
-                .layer(middleware::from_fn_with_state(gateway.limits.clone(), super::ratelimit::limit)),
-        )
         .merge(super::dashboard::routes())
-        .route_layer(middleware::from_fn_with_state(gateway.auth.clone(), super::auth::authenticate));
+        .route_layer(authenticate.clone());
     let router = Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics_page))
-        .merge(authenticated)
+        .merge(browse)
+        .route(
+            "/{service}/{grpc_service}/{method}",
+            // The rate limit first, so refused credentials count against a client's rate too.
+            post(call)
+                .fallback(use_post)
+                .layer(authenticate)
+                .layer(middleware::from_fn_with_state(gateway.limits.clone(), super::ratelimit::limit)),
+        )
         .fallback(not_found)
         .with_state(gateway.clone());
     match gateway.cors_origin.clone() {

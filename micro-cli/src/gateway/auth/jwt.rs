@@ -132,7 +132,8 @@ impl JwtVerifier {
             .keys
             .iter()
             .filter(|key| key.algorithm() == algorithm)
-            .filter(|key| header.kid.is_none() || key.kid == header.kid)
+            // A key without a kid in the file serves any token of its type.
+            .filter(|key| header.kid.is_none() || key.kid.is_none() || key.kid == header.kid)
             .peekable();
         if candidates.peek().is_none() {
             return Err(if self.keys.iter().any(|key| key.algorithm() == algorithm) {

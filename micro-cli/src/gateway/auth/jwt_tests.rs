@@ -138,6 +138,11 @@ fn es256_tokens_verify_against_the_jwks_key_with_their_kid() {
     assert_eq!(verifier.verify(&no_kid, NOW).unwrap(), "jwt:alice", "without kid, every key of the type");
     let other_kid = token(json!({"alg": "ES256", "kid": "k2"}), claims(), es256_with(&pair));
     assert_eq!(verifier.verify(&other_kid, NOW), Err(Rejection::UnknownKey));
+    let mut kidless: Value = serde_json::from_str(&document).unwrap();
+    kidless["keys"][0].as_object_mut().unwrap().remove("kid");
+    let any_kid =
+        JwtVerifier::new(None, jwks::parse(&kidless.to_string()).unwrap(), None, None, LEEWAY).unwrap();
+    assert_eq!(any_kid.verify(&other_kid, NOW).unwrap(), "jwt:alice", "a key without kid serves any");
     let (stranger, _) = p256("k1");
     let forged = token(json!({"alg": "ES256", "kid": "k1"}), claims(), es256_with(&stranger));
     assert_eq!(verifier.verify(&forged, NOW), Err(Rejection::Signature));
