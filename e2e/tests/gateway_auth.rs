@@ -306,6 +306,20 @@ async fn jwts_and_api_keys_are_checked_and_the_subject_reaches_the_service() {
     let not_listed = send(http.post(&reserve).body("{}").header(key.0, key.1)).await;
     assert_eq!(not_listed.status, StatusCode::FORBIDDEN, "{}", not_listed.text);
 
+    // `micro authz check` explains the gateway's decisions on subjects.
+    let check = |subject: &str| {
+        let args =
+            ["authz", "check", "--policy", &policy, subject, "gateway", "vessel.VesselService/FindAvailable"];
+        std::process::Command::new(e2e::process::binary("micro")).args(args).output().expect("micro runs")
+    };
+    let ci = check("apikey:ci");
+    assert!(String::from_utf8_lossy(&ci.stdout).contains("allowed by rule 1"), "{ci:?}");
+    let bob = check("jwt:bob");
+    assert!(
+        !bob.status.success() && String::from_utf8_lossy(&bob.stderr).contains("jwt:bob may not call"),
+        "{bob:?}"
+    );
+
     // Listing and describing need credentials; health and metrics do not.
     let list = send(http.get(format!("{}/", gateway.url))).await;
     list.assert_unauthorized(None, "no credentials");
