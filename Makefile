@@ -25,7 +25,7 @@ run:
 	@if [ "$(MICRO_BROKER)" = rabbitmq ] && [ ! -x /usr/lib/rabbitmq/bin/rabbitmq-server ]; then scripts/install-test-deps; fi
 	scripts/netns-run scripts/demo
 
-## test-deps: install what the tests need (iproute2, util-linux, curl, etcd, dnsmasq, nats-server, rabbitmq-server, postgresql, python3-grpcio, golang-go and golang-google-grpc-dev, a Consul agent).
+## test-deps: install what the tests need (iproute2, util-linux, curl, etcd, dnsmasq, nats-server, rabbitmq-server, postgresql, python3-grpcio, golang-go and golang-google-grpc-dev, openssl, a Consul agent).
 test-deps:
 	scripts/install-test-deps
 

@@ -19,8 +19,8 @@ pub enum AuthzCommand {
     /// Explains the policy's decision for one caller, service and method; exits 0 when
     /// allowed, 1 when denied.
     Check {
-        /// The caller: a SPIFFE id, `anonymous`, or a service name (made an id with
-        /// `--trust-domain`).
+        /// The caller: a SPIFFE id, `anonymous`, a gateway subject (`jwt:<sub>`,
+        /// `apikey:<name>`), or a service name (made an id with `--trust-domain`).
         caller: String,
         /// The service called (its registered name), for the explanation.
         service: String,
@@ -41,7 +41,7 @@ pub fn authz(command: AuthzCommand) -> Result<(), Failure> {
     let policy = Policy::from_file(&policy)?;
     let caller = match caller.as_str() {
         micro_core::auth::policy::ANONYMOUS => None,
-        id if id.starts_with("spiffe://") => Some(id.to_owned()),
+        id if id.starts_with("spiffe://") || micro_core::auth::subject::is_subject(id) => Some(id.to_owned()),
         name => Some(spiffe_id(&trust_domain, name)),
     };
     let path = format!("/{}", method.trim_start_matches('/'));

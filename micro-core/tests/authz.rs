@@ -2,7 +2,8 @@
 //! `micro_core::auth::certs` (what `micro certs` writes), a server given a policy file.
 //! A caller without a certificate is refused at the handshake, a caller with another
 //! service's valid certificate gets `PERMISSION_DENIED` naming the method and itself, the
-//! allowed caller is served, and a policy edited on disk applies without a restart.
+//! allowed caller is served, and a policy edited on disk applies without a restart. A rule
+//! with `subjects` takes the `x-micro-subject` only from the caller it names (the gateway).
 
 use std::{path::Path, sync::Arc, time::Duration};
 
@@ -165,4 +166,44 @@ async fn a_policy_without_client_certificates_to_check_is_refused_at_start() {
         .expect("refused");
     let err = micro_core::error::error_chain(&err);
     assert!(err.contains("MICRO_AUTHZ_POLICY") && err.contains("MICRO_TLS_CA"), "{err}");
+}
+
+/// `say("hello")` carrying `subject` in `x-micro-subject`, as the gateway sends it.
+async fn say_as(client: &Client, subject: Option<&str>) -> Result<String, Status> {
+    let mut request = tonic::Request::new(say("hello"));
+    if let Some(subject) = subject {
+        request.metadata_mut().insert(micro_core::auth::SUBJECT_HEADER, subject.parse().unwrap());
+    }
+    Ok(EchoClient::new(client.channel(SERVER)).say(request).await?.into_inner().instance)
+}
+
+#[tokio::test]
+async fn a_subject_counts_only_when_a_caller_the_rule_names_vouches_for_it() {
+    let authority = Authority::new(TRUST_DOMAIN, DAY).unwrap();
+    let registry = MemoryRegistry::new();
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.yaml");
+    let gateway_id = spiffe_id(TRUST_DOMAIN, "gateway");
+    std::fs::write(
+        &policy,
+        format!(
+            "rules:\n  - callers: [{gateway_id:?}]\n    subjects: [\"jwt:alice\", \"apikey:*\"]\n    \
+             methods: [\"echo.Echo/Say\"]\n    effect: allow\n"
+        ),
+    )
+    .unwrap();
+    let server = start(&registry, &authority, &policy).await;
+
+    let gateway = client(&registry, &authority, Some("gateway"));
+    assert_eq!(say_as(&gateway, Some("jwt:alice")).await.unwrap(), "authz-echo");
+    assert_eq!(say_as(&gateway, Some("apikey:ci")).await.unwrap(), "authz-echo");
+    for subject in [Some("jwt:bob"), None] {
+        let denied = say_as(&gateway, subject).await.unwrap_err();
+        assert_eq!(denied.code(), Code::PermissionDenied, "{subject:?}: {denied:?}");
+    }
+    // Another service setting the header itself vouches for nobody.
+    let other = client(&registry, &authority, Some("cli"));
+    let spoofed = say_as(&other, Some("jwt:alice")).await.unwrap_err();
+    assert_eq!(spoofed.code(), Code::PermissionDenied, "{spoofed:?}");
+    server.stop().await.unwrap();
 }

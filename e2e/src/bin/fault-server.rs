@@ -22,6 +22,8 @@
 //! delay, hang or exit, so a slow or hung instance counts them too. It answers with one
 //! consignment per `CreateConsignment` that arrived, and its response metadata
 //! `fault-arrivals` lists the arrivals per method, e.g. `CreateConsignment=3,FindAvailable=12`.
+//! `FindAvailable`'s response metadata `fault-subjects` lists the `x-micro-subject` values
+//! its call carried (the subject the gateway authenticated), comma-separated, or `none`.
 
 use std::{
     net::SocketAddr,
@@ -41,6 +43,8 @@ use tonic::{Request, Status, metadata::MetadataValue};
 
 /// The `GetConsignments` response metadata listing the calls that arrived per method.
 const ARRIVALS_HEADER: &str = "fault-arrivals";
+/// The `FindAvailable` response metadata listing the subjects its call carried.
+const SUBJECTS_HEADER: &str = "fault-subjects";
 /// Listening address when `MICRO_SERVER_ADDRESS` is unset: loopback, a port the system picks.
 const DEFAULT_ADDRESS: &str = "127.0.0.1:0";
 /// How long a call holds its slot when `FAULT_HOLD_MS` is unset.
@@ -113,7 +117,10 @@ impl Faults {
 
 #[tonic::async_trait]
 impl proto::vessel::vessel_service_server::VesselService for Faults {
-    async fn find_available(&self, _: Request<Specification>) -> Result<tonic::Response<Response>, Status> {
+    async fn find_available(
+        &self,
+        request: Request<Specification>,
+    ) -> Result<tonic::Response<Response>, Status> {
         self.arrive(Method::FindAvailable).await;
         let vessel = Vessel {
             id: self.label.clone(),
@@ -122,7 +129,17 @@ impl proto::vessel::vessel_service_server::VesselService for Faults {
             available: true,
             ..Default::default()
         };
-        Ok(tonic::Response::new(Response { vessel: Some(vessel), vessels: vec![] }))
+        let subjects: Vec<&str> = request
+            .metadata()
+            .get_all(micro_core::auth::SUBJECT_HEADER)
+            .iter()
+            .map(|value| value.to_str().unwrap_or("(not ASCII)"))
+            .collect();
+        let subjects = if subjects.is_empty() { "none".to_owned() } else { subjects.join(",") };
+        let mut response = tonic::Response::new(Response { vessel: Some(vessel), vessels: vec![] });
+        let value = MetadataValue::try_from(subjects).map_err(|_| Status::internal("subjects"))?;
+        response.metadata_mut().insert(SUBJECTS_HEADER, value);
+        Ok(response)
     }
 
     /// Holds nothing: answers as FindAvailable does (and counts as one), with a reservation

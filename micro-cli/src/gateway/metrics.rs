@@ -5,9 +5,12 @@
 //! | --- | --- |
 //! | `micro_gateway_requests_total` | `service`, `method`, `status` |
 //! | `micro_gateway_request_duration_seconds` (histogram) | `service`, `method` |
+//! | `micro_gateway_auth_failures_total` | `reason` |
 //!
 //! Labels are bounded: `service` and `method` are only names the registry listed and
-//! reflection described, at most [`MAX_SERIES`] pairs; anything else is [`OTHER`].
+//! reflection described, at most [`MAX_SERIES`] pairs; anything else is [`OTHER`]. An
+//! authentication failure's `reason` is one of a fixed set (`missing`, `expired`, ...,
+//! `denied` for a call the policy refused).
 
 use std::{
     collections::HashSet,
@@ -44,8 +47,15 @@ struct MethodLabels {
     method: String,
 }
 
+/// Labels of a refused request.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AuthLabels {
+    reason: &'static str,
+}
+
 struct GatewayMetrics {
     requests: Family<RequestLabels, Counter>,
+    auth_failures: Family<AuthLabels, Counter>,
     duration: Family<MethodLabels, Histogram, fn() -> Histogram>,
     named: Mutex<HashSet<(String, String)>>,
     registry: Registry,
@@ -63,7 +73,13 @@ fn metrics() -> &'static GatewayMetrics {
         let mut registry = Registry::with_prefix("micro_gateway");
         registry.register("requests", "HTTP requests answered by the gateway", requests.clone());
         registry.register("request_duration_seconds", "Time to answer an HTTP request", duration.clone());
-        GatewayMetrics { requests, duration, named: Mutex::default(), registry }
+        let auth_failures = Family::default();
+        registry.register(
+            "auth_failures",
+            "Requests refused for their credentials (401) or by the policy (403)",
+            auth_failures.clone(),
+        );
+        GatewayMetrics { requests, auth_failures, duration, named: Mutex::default(), registry }
     })
 }
 
@@ -85,6 +101,11 @@ pub fn record(service: &str, method: &str, status: u16, seconds: f64) {
         .get_or_create(&RequestLabels { service: service.clone(), method: method.clone(), status })
         .inc();
     metrics.duration.get_or_create(&MethodLabels { service, method }).observe(seconds);
+}
+
+/// Counts a request refused for `reason`, one of a fixed set.
+pub fn auth_failure(reason: &'static str) {
+    metrics().auth_failures.get_or_create(&AuthLabels { reason }).inc();
 }
 
 /// The SDK's metrics and the gateway's, as one OpenMetrics page.

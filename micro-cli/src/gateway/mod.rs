@@ -15,6 +15,7 @@
 //! | rate limits per client address and per route, `429` with `Retry-After` | `gateway/ratelimit.rs` |
 //! | the dashboard at `/ui` and its page | `gateway/dashboard.rs`, `gateway/page.html` |
 //! | per-method figures from the instances' metrics | `gateway/method_stats.rs` |
+//! | bearer JWTs, API keys, the policy on subjects, `401`/`403` | `gateway/auth/` |
 //!
 //! # Examples
 //! ```sh
@@ -23,6 +24,7 @@
 //!      -d '{"capacity": 3, "maxWeight": 55000}'
 //! ```
 
+mod auth;
 mod dashboard;
 mod method_stats;
 mod metrics;
@@ -68,6 +70,9 @@ pub struct GatewayArgs {
     /// `service/package.Service/Method=N`, comma-separated or repeated.
     #[arg(long, env = "MICRO_GATEWAY_ROUTE_RATE_LIMITS", value_delimiter = ',', value_parser = ratelimit::parse_route_limit)]
     pub route_rate_limits: Vec<(String, f64)>,
+    /// Authentication and authorization.
+    #[command(flatten)]
+    pub auth: auth::AuthArgs,
 }
 
 /// Calls per second per client address unless `--rate-limit` says otherwise: off.
@@ -87,6 +92,8 @@ pub struct Gateway {
     health: dashboard::HealthCache,
     /// The instances' last scrapes, for the dashboard's per-method figures.
     methods: method_stats::MethodStats,
+    /// Who may call, and what.
+    auth: Arc<auth::Authenticator>,
 }
 
 /// Serves until SIGINT or SIGTERM, then finishes the requests in flight.
@@ -111,6 +118,8 @@ pub async fn run(args: GatewayArgs, client: Client, tls: Option<TlsConfig>) -> R
         .iter()
         .map(|(route, rate)| (route.clone(), ratelimit::Rate::new(*rate, args.rate_burst)))
         .collect();
+    let authenticator = auth::Authenticator::new(&args.auth)?;
+    authenticator.check_address(args.address, args.auth.insecure)?;
     let gateway = Arc::new(Gateway {
         cache: ReflectionCache::new(client),
         max_body: args.max_body,
@@ -119,13 +128,15 @@ pub async fn run(args: GatewayArgs, client: Client, tls: Option<TlsConfig>) -> R
         health: dashboard::HealthCache::default(),
         methods: method_stats::MethodStats::default(),
         limits: Arc::new(ratelimit::RateLimits::new(client_rate, &route_rates)),
+        auth: Arc::new(authenticator),
     });
     let listener = tokio::net::TcpListener::bind(args.address).await.map_err(|err| {
         Failure::Other(format!("gateway address {} (MICRO_GATEWAY_ADDRESS): {err}", args.address))
     })?;
     let address = listener.local_addr().map_err(|err| Failure::Other(err.to_string()))?;
     tracing::info!(%address, cors = gateway.cors_origin.is_some(), max_body = args.max_body,
-        rate_limit = args.rate_limit, route_limits = route_rates.len(), "gateway listening");
+        rate_limit = args.rate_limit, route_limits = route_rates.len(),
+        authenticates = gateway.auth.authenticates(), "gateway listening");
     crate::out::line(format!("micro gateway on http://{address}/ (dashboard: http://{address}/ui)"));
     // The client's address keys its rate limit.
     axum::serve(listener, routes::router(gateway).into_make_service_with_connect_info::<SocketAddr>())

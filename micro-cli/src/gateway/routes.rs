@@ -1,11 +1,12 @@
 //! The HTTP routes: `GET /` (services), `GET /healthz`, `GET /metrics`, `GET /{service}`
 //! (methods and schemas), `POST /{service}/{package.Service}/{Method}` (a call), and the
-//! optional CORS layer.
+//! optional CORS layer. Every route but `/healthz` and `/metrics` goes through
+//! authentication (see `auth`).
 
 use std::{sync::Arc, time::Instant};
 
 use axum::{
-    Router,
+    Extension, Router,
     body::Body,
     extract::{Path, Request, State},
     middleware::{self, Next},
@@ -17,7 +18,9 @@ use serde_json::json;
 use tonic::Code;
 
 use super::{
-    Gateway, metrics,
+    Gateway,
+    auth::Subject,
+    metrics,
     reflection::unknown_method,
     status::GatewayError,
     transcode::{self, FORWARDED_HEADERS, TIMEOUT_HEADER},
@@ -26,18 +29,24 @@ use crate::dynamic;
 
 /// The routes of `gateway`.
 pub fn router(gateway: Arc<Gateway>) -> Router {
-    let router = Router::new()
+    let authenticate = middleware::from_fn_with_state(gateway.auth.clone(), super::auth::authenticate);
+    let browse = Router::new()
         .route("/", get(list))
+        .route("/{service}", get(describe))
+        .merge(super::dashboard::routes())
+        .route_layer(authenticate.clone());
+    let router = Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics_page))
-        .route("/{service}", get(describe))
+        .merge(browse)
         .route(
             "/{service}/{grpc_service}/{method}",
+            // The rate limit first, so refused credentials count against a client's rate too.
             post(call)
                 .fallback(use_post)
+                .layer(authenticate)
                 .layer(middleware::from_fn_with_state(gateway.limits.clone(), super::ratelimit::limit)),
         )
-        .merge(super::dashboard::routes())
         .fallback(not_found)
         .with_state(gateway.clone());
     match gateway.cors_origin.clone() {
@@ -101,12 +110,15 @@ async fn use_post(
 async fn call(
     State(gateway): State<Arc<Gateway>>,
     Path((service, grpc_service, method)): Path<(String, String, String)>,
+    subject: Option<Extension<Subject>>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
     let started = Instant::now();
     let mut labels = (metrics::OTHER.to_owned(), metrics::OTHER.to_owned());
-    let result = forward(&gateway, (&service, &grpc_service, &method), &headers, body, &mut labels).await;
+    let subject = subject.map(|Extension(subject)| subject);
+    let call = (service.as_str(), grpc_service.as_str(), method.as_str());
+    let result = forward(&gateway, call, subject.as_ref(), &headers, body, &mut labels).await;
     let mut response = match result {
         Ok(response) => response,
         Err(err) => {
@@ -124,14 +136,17 @@ async fn call(
 async fn forward(
     gateway: &Gateway,
     (service, grpc_service, method): (&str, &str, &str),
+    subject: Option<&Subject>,
     headers: &HeaderMap,
     body: Body,
     labels: &mut (String, String),
 ) -> Result<Response, GatewayError> {
+    let path = format!("{grpc_service}/{method}");
+    // Before anything is looked up, so a denied subject learns nothing of what exists.
+    gateway.auth.authorize(subject, &path)?;
     let body = transcode::read_body(headers, body, gateway.max_body).await?;
     let entry = gateway.cache.entry(service).await?;
     let api = entry.api().await?;
-    let path = format!("{grpc_service}/{method}");
     let descriptor = api.method(grpc_service, method).ok_or_else(|| unknown_method(service, &path, &api))?;
     *labels = (service.to_owned(), path.clone());
     if descriptor.is_client_streaming() || descriptor.is_server_streaming() {
@@ -141,7 +156,7 @@ async fn forward(
         ));
     }
     let message = transcode::request(&descriptor, &body)?;
-    let request = transcode::call_request(headers, message)?;
+    let request = transcode::call_request(headers, subject.map(|s| s.0.as_str()), message)?;
     let deadline = transcode::timeout(headers)?;
     let call = dynamic::unary(entry.channel.clone(), &descriptor, request);
     let outcome = match deadline {

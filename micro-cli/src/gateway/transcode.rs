@@ -96,9 +96,16 @@ pub fn request(method: &MethodDescriptor, body: &[u8]) -> Result<DynamicMessage,
 /// [`TIMEOUT_HEADER`].
 pub fn call_request(
     headers: &HeaderMap,
+    subject: Option<&str>,
     message: DynamicMessage,
 ) -> Result<tonic::Request<DynamicMessage>, GatewayError> {
     let mut request = tonic::Request::new(message);
+    // Only the subject the gateway authenticated: a client's header of that name never passes.
+    if let Some(subject) = subject
+        && let Ok(value) = tonic::metadata::MetadataValue::try_from(subject)
+    {
+        request.metadata_mut().insert(micro_core::auth::SUBJECT_HEADER, value);
+    }
     for name in FORWARDED_HEADERS {
         if let Some(value) = headers.get(name)
             && let Ok(value) = tonic::metadata::MetadataValue::try_from(value.as_bytes())

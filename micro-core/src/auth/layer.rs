@@ -3,7 +3,8 @@
 //! Health (`grpc.health.v1.Health`) and reflection (`grpc.reflection.*`) are always
 //! allowed: probes and tooling carry no service certificate, and they reveal no data. Every
 //! other call is decided by the policy on the caller's certificate (see
-//! [`crate::auth::caller_of`]); a denied call is answered `PERMISSION_DENIED` naming the
+//! [`crate::auth::caller_of`]) and the subject it vouches for in `x-micro-subject`, which
+//! only rules with `subjects` read (see [`crate::auth::subject`]); a denied call is answered `PERMISSION_DENIED` naming the
 //! method and the caller, logged once per caller and method per minute, and counted in
 //! `micro_authz_denied_total` (labels: the server's name and the gRPC service, which is one
 //! this server serves or `unknown`). The policy file is read again within about a second of
@@ -148,7 +149,8 @@ impl tower::Service<http::Request<Body>> for Authorized {
         }
         let caller = caller_of(&request);
         let caller = caller.as_ref().map(|identity| identity.0.as_str());
-        let decision = self.shared.policy.read().expect("policy lock").decide(caller, path);
+        let subject = super::subject_of(&request);
+        let decision = self.shared.policy.read().expect("policy lock").decide_vouched(caller, subject, path);
         if decision.allowed {
             return self.inner.call(request);
         }

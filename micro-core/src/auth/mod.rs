@@ -9,6 +9,8 @@
 //!   client certificates and answers a denied call `PERMISSION_DENIED` naming the method and
 //!   the caller; health and reflection are always allowed (probes and tooling carry no
 //!   certificate of a service, and they reveal no data).
+//! - [`subject`]: the end user the gateway authenticated (`jwt:<sub>`, `apikey:<name>`),
+//!   sent in the call metadata `x-micro-subject`; a rule may require it of a caller it trusts.
 //! - [`certs`]: a development CA and short-lived certificates that name their service, what
 //!   `micro certs` writes.
 //!
@@ -32,7 +34,9 @@ pub mod certs;
 pub mod identity;
 pub mod layer;
 pub mod policy;
+pub mod subject;
 
 pub use identity::{Identity, caller, caller_of, spiffe_id};
 pub use layer::AuthzLayer;
 pub use policy::{Decision, Effect, Policy, Rule};
+pub use subject::{SUBJECT_HEADER, subject, subject_of};

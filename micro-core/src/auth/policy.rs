@@ -12,6 +12,18 @@
 //! `anonymous` matches a caller without a certificate (possible only where client
 //! certificates are optional); `*` matches every caller with one.
 //!
+//! The gateway decides with the subject it authenticated as the caller: `jwt:<sub>`,
+//! `apikey:<name>`, or every subject of a kind with `jwt:*`, `apikey:*` (`*` matches
+//! every authenticated subject there). A service behind the gateway can require the
+//! subject the gateway vouches for (the `x-micro-subject` metadata) with `subjects`; such a
+//! rule matches only calls from its `callers` that carry one of those subjects:
+//! ```yaml
+//!   - callers: ["spiffe://shippy/svc/gateway"]
+//!     subjects: ["jwt:alice", "apikey:*"]
+//!     methods: ["vessel.VesselService/FindAvailable"]
+//!     effect: allow
+//! ```
+//!
 //! # Examples
 //! ```
 //! use micro_core::auth::Policy;
@@ -23,6 +35,7 @@
 
 use serde::Deserialize;
 
+use super::subject::is_subject;
 use crate::{Error, Result};
 
 /// The caller pattern for callers without a certificate.
@@ -43,8 +56,14 @@ pub enum Effect {
 #[serde(deny_unknown_fields)]
 pub struct Rule {
     /// Caller patterns: a SPIFFE id, one ending in `/*` (every id under it), `*` (every
-    /// caller with a certificate) or `anonymous`.
+    /// caller with a certificate) or `anonymous`; at the gateway, a subject (`jwt:<sub>`,
+    /// `apikey:<name>`, `jwt:*`, `apikey:*`).
     pub callers: Vec<String>,
+    /// Subject patterns (`jwt:<sub>`, `apikey:<name>`, `jwt:*`, `apikey:*`, `*`): when
+    /// given, the rule matches only calls carrying such a subject in `x-micro-subject`,
+    /// which its callers vouch for. Default: none, any call of its callers matches.
+    #[serde(default)]
+    pub subjects: Vec<String>,
     /// Method patterns: `package.Service/Method`, `package.Service/*` or `*`.
     pub methods: Vec<String>,
     /// Allow or deny.
@@ -95,9 +114,21 @@ impl Policy {
                 return Err(bad("needs at least one caller and one method".into()));
             }
             for caller in &rule.callers {
-                if !(caller == "*" || caller == ANONYMOUS || caller.starts_with("spiffe://")) {
+                if !(caller == "*"
+                    || caller == ANONYMOUS
+                    || caller.starts_with("spiffe://")
+                    || is_subject(caller))
+                {
                     return Err(bad(format!(
-                        "caller {caller:?}: expected a spiffe:// id, one ending in /*, * or anonymous"
+                        "caller {caller:?}: expected a spiffe:// id, one ending in /*, * or anonymous, \
+                         or a subject at the gateway (jwt:<sub>, apikey:<name>, jwt:*, apikey:*)"
+                    )));
+                }
+            }
+            for subject in &rule.subjects {
+                if !(subject == "*" || is_subject(subject)) {
+                    return Err(bad(format!(
+                        "subject {subject:?}: expected jwt:<sub>, apikey:<name>, jwt:*, apikey:* or *"
                     )));
                 }
             }
@@ -119,14 +150,25 @@ impl Policy {
         Ok(())
     }
 
-    /// Whether `caller` (a SPIFFE id, `None` without a certificate) may call `path`
-    /// (`/package.Service/Method`).
+    /// Whether `caller` (a SPIFFE id, or at the gateway a subject; `None` without either)
+    /// may call `path` (`/package.Service/Method`). Rules with `subjects` never match.
     pub fn decide(&self, caller: Option<&str>, path: &str) -> Decision {
+        self.decide_vouched(caller, None, path)
+    }
+
+    /// Whether `caller` may call `path` carrying `subject`, the end user it vouches for
+    /// (`x-micro-subject`, set by the gateway).
+    pub fn decide_vouched(&self, caller: Option<&str>, subject: Option<&str>, path: &str) -> Decision {
         let method = path.strip_prefix('/').unwrap_or(path);
         let matching = |effect: Effect| {
             self.rules.iter().position(|rule| {
                 rule.effect == effect
                     && rule.callers.iter().any(|pattern| caller_matches(pattern, caller))
+                    && (rule.subjects.is_empty()
+                        || rule
+                            .subjects
+                            .iter()
+                            .any(|pattern| subject.is_some_and(|s| subject_matches(pattern, s))))
                     && rule.methods.iter().any(|pattern| method_matches(pattern, method))
             })
         };
@@ -145,10 +187,20 @@ fn caller_matches(pattern: &str, caller: Option<&str>) -> bool {
         (ANONYMOUS, None) => true,
         (_, None) => false,
         ("*", Some(_)) => true,
+        (pattern, Some(caller)) if is_subject(pattern) => subject_matches(pattern, caller),
         (pattern, Some(caller)) => match pattern.strip_suffix("/*") {
             Some(prefix) => caller.strip_prefix(prefix).is_some_and(|rest| rest.starts_with('/')),
             None => pattern == caller,
         },
+    }
+}
+
+/// `jwt:*` and `apikey:*` match every subject of their kind; `*` every subject.
+fn subject_matches(pattern: &str, subject: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        _ if pattern == "*" => true,
+        Some(kind) if kind.ends_with(':') => subject.strip_prefix(kind).is_some_and(|name| !name.is_empty()),
+        _ => pattern == subject,
     }
 }
 
@@ -200,6 +252,38 @@ mod tests {
     }
 
     #[test]
+    fn subjects_at_the_gateway_and_vouched_for_behind_it() {
+        let policy = policy(
+            "rules:
+               - {callers: ['jwt:*'], methods: ['vessel.VesselService/*'], effect: allow}
+               - {callers: ['jwt:mallory'], methods: ['*'], effect: deny}
+               - {callers: ['apikey:ci'], methods: ['vessel.VesselService/FindAvailable'], effect: allow}
+               - {callers: ['spiffe://td/svc/gateway'], subjects: ['jwt:alice', 'apikey:*'],
+                  methods: ['echo.Echo/*'], effect: allow}",
+        );
+        let allowed = |caller: &str, path: &str| policy.decide(Some(caller), path).allowed;
+        assert!(allowed("jwt:alice", "/vessel.VesselService/Reserve"));
+        assert!(!allowed("jwt:mallory", "/vessel.VesselService/Reserve"), "deny wins");
+        assert!(!allowed("jwt:", "/vessel.VesselService/Reserve"), "a kind needs a name");
+        assert!(allowed("apikey:ci", "/vessel.VesselService/FindAvailable"));
+        assert!(!allowed("apikey:ci", "/vessel.VesselService/Reserve"));
+        assert!(!allowed("apikey:jwt:alice", "/vessel.VesselService/Reserve"), "kinds do not mix");
+        assert!(!allowed("spiffe://td/svc/gateway", "/echo.Echo/Say"), "a subject rule needs a subject");
+        let vouched = |subject: &str| {
+            policy.decide_vouched(Some("spiffe://td/svc/gateway"), Some(subject), "/echo.Echo/Say")
+        };
+        assert!(vouched("jwt:alice").allowed);
+        assert!(vouched("apikey:ops").allowed);
+        assert!(!vouched("jwt:bob").allowed);
+        assert!(
+            !policy
+                .decide_vouched(Some("spiffe://td/svc/other"), Some("jwt:alice"), "/echo.Echo/Say")
+                .allowed,
+            "only the callers named vouch"
+        );
+    }
+
+    #[test]
     fn bad_rules_are_named() {
         for (text, expected) in [
             ("rules: [{callers: [bob], methods: ['*'], effect: allow}]", "rule 1"),
@@ -207,6 +291,11 @@ mod tests {
             ("rules: [{callers: ['*'], methods: ['*'], effect: maybe}]", "maybe"),
             ("rules: [{callers: ['*'], methods: ['*'], effect: allow, extra: 1}]", "extra"),
             ("rules: [{callers: [], methods: ['*'], effect: allow}]", "at least one caller"),
+            (
+                "rules: [{callers: ['*'], subjects: [alice], methods: ['*'], effect: allow}]",
+                "subject \"alice\"",
+            ),
+            ("rules: [{callers: ['jwt:'], methods: ['*'], effect: allow}]", "jwt:<sub>"),
         ] {
             let err = crate::error::error_chain(&Policy::from_yaml(text).unwrap_err());
             assert!(err.contains(expected), "{text}: {err}");
