@@ -167,7 +167,9 @@ impl EtcdCluster {
             let members: Vec<serde_json::Value> = serde_json::from_str(&status).expect("etcdctl status JSON");
             let leader = members.iter().position(|member| {
                 let status = &member["Status"];
-                status["leader"].as_u64().is_some_and(|leader| Some(leader) == status["header"]["member_id"].as_u64())
+                status["leader"]
+                    .as_u64()
+                    .is_some_and(|leader| Some(leader) == status["header"]["member_id"].as_u64())
             });
             match leader {
                 Some(index) => return index,
