@@ -9,6 +9,10 @@
 //!   client certificates and answers a denied call `PERMISSION_DENIED` naming the method and
 //!   the caller; health and reflection are always allowed (probes and tooling carry no
 //!   certificate of a service, and they reveal no data).
+//! - [`authorize`]: authorization asked of an authority outside the process per caller
+//!   (Consul Connect's intentions, see
+//!   [`crate::registry::ConsulRegistry::connect_tls`]), answers kept a few
+//!   seconds.
 //! - [`certs`]: a development CA and short-lived certificates that name their service, what
 //!   `micro certs` writes.
 //!
@@ -28,11 +32,13 @@
 //! assert!(!policy.decide(None, "/vessel.VesselService/FindAvailable").allowed, "default deny");
 //! ```
 
+pub mod authorize;
 pub mod certs;
 pub mod identity;
 pub mod layer;
 pub mod policy;
 
+pub use authorize::{Authorize, AuthorizeLayer};
 pub use identity::{Identity, caller, caller_of, spiffe_id};
 pub use layer::AuthzLayer;
 pub use policy::{Decision, Effect, Policy, Rule};

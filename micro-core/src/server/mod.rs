@@ -223,6 +223,10 @@ impl Server {
             Some(tls) if serves_tls => Some(tls.source()?),
             _ => None,
         };
+        // Consul Connect: each caller is authorized by the agent, so every caller must
+        // present a certificate.
+        let authorizer = tls_source.as_ref().and_then(|source| source.authorizer());
+        let requires_client_certificates = authorizes || authorizer.is_some();
         let builder = tonic::transport::Server::builder();
         let (health, health_service) = tonic_health::server::health_reporter();
         let mut reflection = tonic_reflection::server::Builder::configure()
@@ -280,6 +284,10 @@ impl Server {
             let layer = crate::auth::AuthzLayer::watch(&node.name, path, &self.grpc_services)?;
             layers.insert(0, Arc::new(move |inner| BoxCloneSyncService::new(layer.layer(inner))));
         }
+        if let Some(authorizer) = authorizer {
+            let layer = crate::auth::AuthorizeLayer::new(&node.name, &self.grpc_services, authorizer);
+            layers.insert(0, Arc::new(move |inner| BoxCloneSyncService::new(layer.layer(inner))));
+        }
         // Metric labels only for what this server serves: a made-up path counts as `unknown`.
         let served = self.grpc_services.iter().copied().chain([
             <tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService> as NamedService>::NAME,
@@ -299,17 +307,17 @@ impl Server {
         let stopped = async {
             let _ = serving_stopped.await;
         };
-        let serve = match tls_source {
-            Some(source) => tokio::spawn(
-                router.serve_with_incoming_shutdown(TlsIncoming::new(listener, source, authorizes), stopped),
-            ),
-            None => {
-                tokio::spawn(router.serve_with_incoming_shutdown(
+        let serve =
+            match tls_source {
+                Some(source) => tokio::spawn(router.serve_with_incoming_shutdown(
+                    TlsIncoming::new(listener, source, requires_client_certificates),
+                    stopped,
+                )),
+                None => tokio::spawn(router.serve_with_incoming_shutdown(
                     TcpIncoming::from(listener).with_nodelay(Some(true)),
                     stopped,
-                ))
-            }
-        };
+                )),
+            };
 
         if let Err(err) = registry.register(&node, self.config.register_ttl).await {
             // Nothing may keep serving unregistered, nor stay half-registered (Consul may

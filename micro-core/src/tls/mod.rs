@@ -91,6 +91,7 @@ pub struct TlsSource {
     current: watch::Receiver<Arc<Built>>,
     trust: Trust,
     owner: Option<Arc<Owner>>,
+    authorize: Option<Arc<dyn crate::auth::Authorize>>,
 }
 
 impl std::fmt::Debug for TlsSource {
@@ -99,6 +100,7 @@ impl std::fmt::Debug for TlsSource {
             .field("material", &self.current.borrow().material)
             .field("trust", &self.trust)
             .field("renewed", &self.owner.is_some())
+            .field("authorizes", &self.authorize.is_some())
             .finish()
     }
 }
@@ -108,7 +110,7 @@ impl TlsSource {
     pub fn fixed(material: Material, trust: Trust) -> Result<TlsSource> {
         let built = build::build(material, &trust)?;
         let (_, current) = watch::channel(Arc::new(built));
-        Ok(TlsSource { current, trust, owner: None })
+        Ok(TlsSource { current, trust, owner: None, authorize: None })
     }
 
     /// Material that `renew` keeps current: it is given a [`Renewer`] and runs as a task
@@ -121,7 +123,19 @@ impl TlsSource {
         let built = build::build(material, &trust)?;
         let (sender, current) = watch::channel(Arc::new(built));
         let task = tokio::spawn(renew(Renewer { sender, trust: trust.clone() }));
-        Ok(TlsSource { current, trust, owner: Some(Arc::new(Owner(task))) })
+        Ok(TlsSource { current, trust, owner: Some(Arc::new(Owner(task))), authorize: None })
+    }
+
+    /// Servers with this material ask `authorize` about each caller (see
+    /// [`crate::auth::authorize`]) and require client certificates. Default: none.
+    pub fn authorize(mut self, authorize: Arc<dyn crate::auth::Authorize>) -> TlsSource {
+        self.authorize = Some(authorize);
+        self
+    }
+
+    /// What servers with this material ask about each caller, if anything.
+    pub fn authorizer(&self) -> Option<Arc<dyn crate::auth::Authorize>> {
+        self.authorize.clone()
     }
 
     /// The material in force.
