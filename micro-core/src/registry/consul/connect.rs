@@ -17,7 +17,10 @@
 //! # Ok(()) }
 //! ```
 
-use std::sync::{Arc, Mutex};
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use async_trait::async_trait;
 use reqwest::Method;
@@ -31,6 +34,11 @@ use crate::{
     registry::Backoff,
     tls::{Material, Renewer, TlsSource, Trust},
 };
+
+/// How long a process waits at start for the Connect CA to have a root.
+const CA_READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often it asks meanwhile.
+const CA_READY_POLL: Duration = Duration::from_millis(100);
 
 /// `GET /v1/agent/connect/ca/leaf/<name>`; fields not read are skipped.
 #[derive(Deserialize)]
@@ -127,6 +135,27 @@ impl Agent {
         self.blocking("Connect CA roots", &["v1", "agent", "connect", "ca", "roots"], index).await
     }
 
+    /// The roots, once there are any: a Connect CA comes up shortly after its leader, and
+    /// until then no leaf is signed (`CA root is nil`).
+    async fn first_roots(&self) -> Result<(Roots, u64)> {
+        let deadline = tokio::time::Instant::now() + CA_READY_TIMEOUT;
+        loop {
+            let (roots, index) = self.roots(None).await?;
+            if !roots.roots.is_empty() {
+                return Ok((roots, index));
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(self.error(
+                    "Connect CA roots",
+                    super::agent::Failure::Refused(format!(
+                        "none after {CA_READY_TIMEOUT:?}: is Connect enabled on the servers (connect {{ enabled = true }})?"
+                    )),
+                ));
+            }
+            tokio::time::sleep(CA_READY_POLL).await;
+        }
+    }
+
     async fn own_datacenter(&self) -> Result<String> {
         let request = self.request(Method::GET, &["v1", "agent", "self"], false);
         let answer: AgentSelf = self.json("agent self", request).await?;
@@ -157,8 +186,8 @@ impl super::ConsulRegistry {
             Some(datacenter) => datacenter.clone(),
             None => agent.own_datacenter().await?,
         };
+        let (roots, roots_index) = agent.first_roots().await?;
         let (leaf, leaf_index) = agent.leaf(name, None).await?;
-        let (roots, roots_index) = agent.roots(None).await?;
         let trust = Trust::ConsulConnect { trust_domain: roots.trust_domain.clone(), datacenter };
         tracing::info!(service = %name, valid_before = %leaf.valid_before, trust = ?trust, "Consul Connect certificate");
         let initial = material(&leaf, &roots);
