@@ -102,6 +102,9 @@ fn read_consignment(path: &PathBuf) -> anyhow::Result<Consignment> {
     })
 }
 
+/// The name the CLI presents under Consul Connect, unless `MICRO_CONSUL_CONNECT_NAME` says.
+const CONNECT_NAME: &str = "consignment-cli";
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let consignment = read_consignment(&cli.file)?;
     let request_id = cli.request_id.unwrap_or_else(new_request_id);
@@ -109,7 +112,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let registry = registry_config.connect().await.context("cannot open the registry")?;
     let client = Client::new(registry)
         .config(ClientConfig::from_args(cli.client, registry_config.lookup_timeout)?)
-        .tls(cli.tls.load()?)
+        .tls(cli.tls.load_for(&registry_config, CONNECT_NAME).await?)
         .idempotent_methods(proto::IDEMPOTENT_METHODS);
     let mut shipping = ShippingServiceClient::new(client.channel(&cli.consignment_service));
 

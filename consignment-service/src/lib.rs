@@ -281,6 +281,12 @@ fn remap_vessel_status(service: &str, status: Status) -> Status {
         | Code::Cancelled
         | Code::ResourceExhausted
         | Code::Aborted => Status::unavailable(format!("{service} unavailable: {}", status.message())),
+        // A policy between the services (Consul intentions, MICRO_AUTHZ_POLICY): the caller
+        // of this service is not at fault, but the denial is named so it can be fixed.
+        Code::PermissionDenied => Status::failed_precondition(format!(
+            "{service} refused this service's call; it was not stored ({service}: {})",
+            status.message()
+        )),
         _ => internal(format!("{service} failed: {status}")),
     }
 }
@@ -559,6 +565,9 @@ mod tests {
         let none_fits = remap_vessel_status("vessel-service", Status::failed_precondition("no fit"));
         assert_eq!(none_fits.code(), Code::FailedPrecondition);
         assert!(none_fits.message().contains("not stored"));
+        let refused = remap_vessel_status("vessel-service", Status::permission_denied("x may not call"));
+        assert_eq!(refused.code(), Code::FailedPrecondition);
+        assert!(refused.message().contains("x may not call"), "{}", refused.message());
         let down = remap_vessel_status("vessel-service", Status::unavailable("no instance"));
         assert_eq!(down.code(), Code::Unavailable);
         let timed_out = remap_vessel_status("vessel-service", Status::cancelled("Timeout expired"));

@@ -74,7 +74,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     tracing::info!(db = %repository.database(), schema = repository.schema_version().await?, "consignment database ready");
     let registry_config = RegistryConfig::from(cli.registry);
     let registry = registry_config.connect().await.context("cannot open the registry")?;
-    let tls = cli.tls.load()?;
+    let name = cli.server.server_name.clone().unwrap_or_else(|| SERVICE_NAME.to_owned());
+    let tls = cli.tls.load_for(&registry_config, &name).await?;
     let client = Client::new(registry.clone())
         .config(ClientConfig::from_args(cli.client, registry_config.lookup_timeout)?)
         .tls(tls.clone())
@@ -82,7 +83,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     // consignment.created goes out through the outbox: written with each consignment,
     // published by the relay (at least once, message id = consignment id).
     let broker = BrokerConfig::from(cli.broker).connect(&client).await.context("cannot open the broker")?;
-    let name = cli.server.server_name.clone().unwrap_or_else(|| SERVICE_NAME.to_owned());
     let relay = Relay::start(repository.clone(), broker, this_instance());
     let handler = ShippingHandler::new(
         repository,

@@ -167,6 +167,8 @@ impl ConsulAgent {
                 &port(self.ports.serf_wan),
             ])
             .args(["-server-port", &port(self.ports.server)])
+            // Connect's built-in CA, for MICRO_CONSUL_CONNECT (dev agents have it on anyway).
+            .args(["-hcl", "connect { enabled = true }"])
             .args(self.acl_master_token.iter().flat_map(|token| {
                 // Consul 1.8 names the management token `master`.
                 let acl = format!(

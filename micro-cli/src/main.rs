@@ -186,9 +186,12 @@ async fn main() -> ExitCode {
     }
 }
 
+/// The name `micro` presents under Consul Connect, unless `MICRO_CONSUL_CONNECT_NAME` says.
+const CONNECT_NAME: &str = "micro";
+
 async fn run(cli: Cli) -> Result<(), Failure> {
     let config = RegistryConfig::from(cli.registry);
-    let tls = cli.tls.load()?;
+    let tls = cli.tls.load_for(&config, CONNECT_NAME).await?;
     let client_config = ClientConfig::from_args(cli.client, config.lookup_timeout)?;
     let registry = config.connect().await?;
     let broker_config = BrokerConfig::from(cli.broker);

@@ -12,6 +12,7 @@
 //! | which instance gets a call | [`selector`] |
 //! | calling a name | [`client`] |
 //! | serving under a name | [`server`] |
+//! | TLS material that is renewed while servers and clients run | [`tls`] |
 //! | well-known labels (`health`, `tls`, `metrics`, `draining`, …), reserved for the SDK | [`labels`] |
 //! | settings as plain values; they never read the environment | [`config`] |
 //! | flags and environment, log set-up for binaries (feature `cli`) | `cli` |
@@ -66,6 +67,7 @@ pub mod selector;
 pub mod server;
 #[cfg(feature = "cli")]
 pub mod service;
+pub mod tls;
 
 pub use client::{Client, NamedChannel};
 pub use error::{BoxError, Error, Result};

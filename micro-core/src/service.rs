@@ -347,7 +347,12 @@ impl Service {
         let registry = self.registry().await?;
         let lookup_timeout = RegistryConfig::from(self.args.registry.clone()).lookup_timeout;
         let config = ClientConfig::from_args(self.args.client.clone(), lookup_timeout)?;
-        Ok(Client::new(registry).config(config).tls(self.args.tls.load()?))
+        let tls = self
+            .args
+            .tls
+            .load_for(&RegistryConfig::from(self.args.registry.clone()), &self.name_presented())
+            .await?;
+        Ok(Client::new(registry).config(config).tls(tls))
     }
 
     /// The broker `MICRO_BROKER` names (default: the registry broker, on this service's
@@ -459,9 +464,18 @@ impl Service {
         text
     }
 
+    /// The name this service serves under, which it presents under Consul Connect.
+    fn name_presented(&self) -> String {
+        self.args.server.server_name.clone().unwrap_or_else(|| self.name.clone())
+    }
+
     async fn into_server(mut self) -> Result<Server> {
         let registry = self.registry().await?;
-        let tls = self.args.tls.load()?;
+        let tls = self
+            .args
+            .tls
+            .load_for(&RegistryConfig::from(self.args.registry.clone()), &self.name_presented())
+            .await?;
         let config = ServerConfig::try_from(self.args.server.clone())?;
         warn_unreflected(&self.served, &self.descriptor_sets);
         let mut subscriptions = Vec::new();

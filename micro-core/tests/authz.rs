@@ -33,6 +33,7 @@ fn client(registry: &MemoryRegistry, authority: &Authority, name: Option<&str>) 
     let tls = TlsConfig {
         identity: name.map(|name| identity(authority, name)),
         ca: Some(authority.certificate_pem().as_bytes().to_vec()),
+        source: None,
     };
     let config = ClientConfig {
         tls: Some(tls),
@@ -51,6 +52,7 @@ async fn start(registry: &MemoryRegistry, authority: &Authority, policy: &Path) 
     let tls = TlsConfig {
         identity: Some(identity(authority, SERVER)),
         ca: Some(authority.certificate_pem().as_bytes().to_vec()),
+        source: None,
     };
     let config = ServerConfig {
         address: "127.0.0.1:0".parse().unwrap(),
@@ -115,6 +117,7 @@ async fn only_what_the_policy_allows_is_served_and_an_edit_applies_without_a_res
     let forged = TlsConfig {
         identity: Some(identity(&stranger, "consignment")),
         ca: Some(authority.certificate_pem().as_bytes().to_vec()),
+        source: None,
     };
     let forged = Client::new(Arc::new(registry.clone())).config(ClientConfig {
         tls: Some(forged),
@@ -152,7 +155,7 @@ async fn a_policy_without_client_certificates_to_check_is_refused_at_start() {
     std::fs::write(&policy, allow(&["consignment"])).unwrap();
     let config = ServerConfig {
         address: "127.0.0.1:0".parse().unwrap(),
-        tls: Some(TlsConfig { identity: Some(identity(&authority, SERVER)), ca: None }),
+        tls: Some(TlsConfig { identity: Some(identity(&authority, SERVER)), ca: None, source: None }),
         authz_policy: Some(policy),
         ..ServerConfig::default()
     };

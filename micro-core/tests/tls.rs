@@ -68,24 +68,36 @@ async fn start_tls_server(registry: &MemoryRegistry, tls: TlsConfig) -> RunningS
 async fn plaintext_is_refused_and_a_client_trusting_the_ca_is_served() {
     let authority = Authority::new();
     let registry = MemoryRegistry::new();
-    let tls = TlsConfig { identity: Some(authority.identity("vessel-tls")), ca: Some(authority.ca_pem()) };
+    let tls = TlsConfig {
+        identity: Some(authority.identity("vessel-tls")),
+        ca: Some(authority.ca_pem()),
+        source: None,
+    };
     let server = start_tls_server(&registry, tls).await;
 
     let plaintext = client_with(&registry, None);
     let refused = call(&plaintext, "vessel-tls").await.unwrap_err();
     assert_ne!(refused.code(), tonic::Code::Ok);
 
-    let trusting = client_with(&registry, Some(TlsConfig { identity: None, ca: Some(authority.ca_pem()) }));
+    let trusting = client_with(
+        &registry,
+        Some(TlsConfig { identity: None, ca: Some(authority.ca_pem()), source: None }),
+    );
     assert_eq!(call(&trusting, "vessel-tls").await.unwrap(), "tls-echo");
 
     let mutual = client_with(
         &registry,
-        Some(TlsConfig { identity: Some(authority.identity("cli")), ca: Some(authority.ca_pem()) }),
+        Some(TlsConfig {
+            identity: Some(authority.identity("cli")),
+            ca: Some(authority.ca_pem()),
+            source: None,
+        }),
     );
     assert_eq!(call(&mutual, "vessel-tls").await.unwrap(), "tls-echo");
 
     let stranger = Authority::new();
-    let distrusting = client_with(&registry, Some(TlsConfig { identity: None, ca: Some(stranger.ca_pem()) }));
+    let distrusting =
+        client_with(&registry, Some(TlsConfig { identity: None, ca: Some(stranger.ca_pem()), source: None }));
     let refused = call(&distrusting, "vessel-tls").await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
 
@@ -97,9 +109,12 @@ async fn a_certificate_for_another_service_is_refused() {
     let authority = Authority::new();
     let registry = MemoryRegistry::new();
     // The server presents a certificate for a different service name than it registers.
-    let tls = TlsConfig { identity: Some(authority.identity("impostor")), ca: None };
+    let tls = TlsConfig { identity: Some(authority.identity("impostor")), ca: None, source: None };
     let server = start_tls_server(&registry, tls).await;
-    let client = client_with(&registry, Some(TlsConfig { identity: None, ca: Some(authority.ca_pem()) }));
+    let client = client_with(
+        &registry,
+        Some(TlsConfig { identity: None, ca: Some(authority.ca_pem()), source: None }),
+    );
     let refused = call(&client, "vessel-tls").await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
     server.stop().await.unwrap();

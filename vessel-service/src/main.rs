@@ -79,13 +79,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     tracing::info!(db = %store.database(), schema = store.schema_version().await?, "reservations database ready");
     let registry_config = RegistryConfig::from(cli.registry);
     let registry = registry_config.connect().await.context("cannot open the registry")?;
-    let tls = cli.tls.load()?;
+    let name = cli.server.server_name.clone().unwrap_or_else(|| SERVICE_NAME.to_owned());
+    let tls = cli.tls.load_for(&registry_config, &name).await?;
     let client = Client::new(registry.clone()).tls(tls.clone()).idempotent_methods(proto::IDEMPOTENT_METHODS);
     let broker_config = BrokerConfig::from(cli.broker);
     let broker = broker_config.connect(&client).await.context("cannot open the broker")?;
     // Durable where the broker keeps messages, so a booking that failed is delivered again.
     let durable = !matches!(broker_config.kind, BrokerKind::Registry | BrokerKind::Memory);
-    let name = cli.server.server_name.clone().unwrap_or_else(|| SERVICE_NAME.to_owned());
     let booker = Booker::new(fleet.clone(), store.clone());
     let subscription = subscribe_created(&*broker, &name, durable, booker)
         .await

@@ -11,6 +11,10 @@
 //!   certificate of a service, and they reveal no data).
 //! - [`subject`]: the end user the gateway authenticated (`jwt:<sub>`, `apikey:<name>`),
 //!   sent in the call metadata `x-micro-subject`; a rule may require it of a caller it trusts.
+//! - [`authorize`]: authorization asked of an authority outside the process per caller
+//!   (Consul Connect's intentions, see
+//!   [`crate::registry::ConsulRegistry::connect_tls`]), answers kept a few
+//!   seconds.
 //! - [`certs`]: a development CA and short-lived certificates that name their service, what
 //!   `micro certs` writes.
 //!
@@ -30,12 +34,14 @@
 //! assert!(!policy.decide(None, "/vessel.VesselService/FindAvailable").allowed, "default deny");
 //! ```
 
+pub mod authorize;
 pub mod certs;
 pub mod identity;
 pub mod layer;
 pub mod policy;
 pub mod subject;
 
+pub use authorize::{Authorize, AuthorizeLayer};
 pub use identity::{Identity, caller, caller_of, spiffe_id};
 pub use layer::AuthzLayer;
 pub use policy::{Decision, Effect, Policy, Rule};

@@ -5,8 +5,9 @@ use clap::Args;
 use super::{Millis, Seconds};
 
 use crate::config::{
-    DEFAULT_DNS_MAX_TTL_SECS, DEFAULT_DNS_MIN_TTL_SECS, DEFAULT_DNS_PORT, DEFAULT_DNS_TEMPLATE,
-    DEFAULT_LOOKUP_TIMEOUT_MS, DEFAULT_REGISTRY_RETRY, RegistryConfig, RegistryKind, Secret,
+    DEFAULT_CONSUL_CONNECT, DEFAULT_DNS_MAX_TTL_SECS, DEFAULT_DNS_MIN_TTL_SECS, DEFAULT_DNS_PORT,
+    DEFAULT_DNS_TEMPLATE, DEFAULT_LOOKUP_TIMEOUT_MS, DEFAULT_REGISTRY_RETRY, RegistryConfig, RegistryKind,
+    Secret,
 };
 
 /// Registry flags shared by every binary.
@@ -33,6 +34,16 @@ pub struct RegistryArgs {
     /// Consul datacenter whose services are looked up; unset: the agent's own.
     #[arg(long, global = true, env = "MICRO_CONSUL_DATACENTER")]
     pub consul_datacenter: Option<String>,
+    /// Consul Connect, native (with `--registry consul`): services register as
+    /// Connect-native and serve only mutual TLS with their leaf certificate from the agent,
+    /// authorizing each caller by the agent's intentions; clients present their own leaf
+    /// and check the callee's SPIFFE id. Replaces `--tls-*`.
+    #[arg(long, global = true, env = "MICRO_CONSUL_CONNECT", default_value_t = DEFAULT_CONSUL_CONNECT)]
+    pub consul_connect: bool,
+    /// The name this process presents under Consul Connect; unset: a server's name,
+    /// `consignment-cli` for the CLI, `micro` for the micro command.
+    #[arg(long, global = true, env = "MICRO_CONSUL_CONNECT_NAME")]
+    pub consul_connect_name: Option<String>,
     /// DNS registry: the SRV query for a name, `{name}` standing for it.
     #[arg(long, global = true, env = "MICRO_DNS_TEMPLATE", default_value = DEFAULT_DNS_TEMPLATE)]
     pub dns_template: String,
@@ -65,6 +76,8 @@ impl From<RegistryArgs> for RegistryConfig {
             retry: args.registry_retry,
             consul_token: args.consul_token,
             consul_datacenter: args.consul_datacenter,
+            consul_connect: args.consul_connect,
+            consul_connect_name: args.consul_connect_name,
             dns_template: args.dns_template,
             dns_domain: args.dns_domain,
             dns_nameserver: args.dns_nameserver,

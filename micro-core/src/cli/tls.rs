@@ -2,7 +2,10 @@
 
 use clap::Args;
 
-use crate::{Result, config::TlsConfig};
+use crate::{
+    Result,
+    config::{RegistryConfig, TlsConfig},
+};
 
 /// TLS flags: this process's certificate and key, and the CA it trusts. Unset: plaintext.
 #[derive(Debug, Clone, Default, Args)]
@@ -25,5 +28,20 @@ impl TlsArgs {
     pub fn load(&self) -> Result<Option<TlsConfig>> {
         let identity = self.tls_cert.as_deref().zip(self.tls_key.as_deref());
         TlsConfig::from_files(identity, self.tls_ca.as_deref())
+    }
+
+    /// Consul Connect's TLS when `registry` turns it on (`MICRO_CONSUL_CONNECT`), presenting
+    /// `name` unless `MICRO_CONSUL_CONNECT_NAME` gives another; else the files, as
+    /// [`TlsArgs::load`]. Inside a tokio runtime.
+    pub async fn load_for(&self, registry: &RegistryConfig, name: &str) -> Result<Option<TlsConfig>> {
+        match registry.connect_tls(name).await? {
+            Some(tls) => {
+                if self.tls_cert.is_some() || self.tls_ca.is_some() {
+                    tracing::warn!("MICRO_CONSUL_CONNECT is on: MICRO_TLS_* files are not used");
+                }
+                Ok(Some(tls))
+            }
+            None => self.load(),
+        }
     }
 }

@@ -7,17 +7,17 @@
 //! by hedging (idempotent calls), the deadline, and the connect timeout of the connection
 //! that replaces it.
 
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::{Channel, Endpoint};
 
-use crate::{BoxError, config::ClientConfig, registry::Node};
+use crate::{BoxError, config::ClientConfig, registry::Node, tls::TlsConnector};
 
 /// A lazily connected channel to `node` with `config`'s connect timeout, keepalive and TLS:
 /// over TLS when the config has a CA, checking that the server's certificate names the
-/// service (not its address).
+/// service (not its address). Each new connection uses the TLS material in force then, so
+/// certificates renewed on disk (or by Consul Connect) apply without a new channel.
 pub fn connect_lazily(node: &Node, config: &ClientConfig) -> Result<Channel, BoxError> {
-    let tls = config.tls.as_ref().and_then(|tls| Some((tls, tls.ca.as_ref()?)));
-    let scheme = if tls.is_some() { "https" } else { "http" };
-    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{}", node.address))?
+    // The scheme stays `http`: TLS is the connector's, with the material of the moment.
+    let mut endpoint = Endpoint::from_shared(format!("http://{}", node.address))?
         .connect_timeout(config.connect_timeout)
         .tcp_nodelay(true);
     if !config.keepalive_interval.is_zero() {
@@ -26,13 +26,12 @@ pub fn connect_lazily(node: &Node, config: &ClientConfig) -> Result<Channel, Box
             .keep_alive_timeout(config.keepalive_timeout)
             .keep_alive_while_idle(false);
     }
-    if let Some((tls, ca)) = tls {
-        let mut tls_config =
-            ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)).domain_name(node.name.clone());
-        if let Some((cert, key)) = &tls.identity {
-            tls_config = tls_config.identity(Identity::from_pem(cert, key));
-        }
-        endpoint = endpoint.tls_config(tls_config)?;
-    }
-    Ok(endpoint.connect_lazy())
+    let tls = match &config.tls {
+        Some(tls) if tls.material().ca.is_some() => Some(tls.source()?),
+        _ => None,
+    };
+    Ok(match tls {
+        Some(source) => endpoint.connect_with_connector_lazy(TlsConnector::new(source, &node.name)?),
+        None => endpoint.connect_lazy(),
+    })
 }

@@ -20,6 +20,9 @@ const REGISTRY_RETRY_FIRST_DELAY: Duration = Duration::from_millis(500);
 #[cfg(any(feature = "consul", feature = "etcd"))]
 const REGISTRY_RETRY_MAX_DELAY: Duration = Duration::from_secs(30);
 
+/// Default for Consul Connect: off.
+pub const DEFAULT_CONSUL_CONNECT: bool = false;
+
 /// Default SRV query of the DNS registry; `{name}` stands for the service name.
 pub const DEFAULT_DNS_TEMPLATE: &str = "_grpc._tcp.{name}";
 /// Default port of instances the DNS registry finds through A/AAAA records.
@@ -109,6 +112,12 @@ pub struct RegistryConfig {
     pub consul_token: Option<Secret>,
     /// Consul datacenter for look-ups; `None`: the agent's own.
     pub consul_datacenter: Option<String>,
+    /// Consul Connect, native: services register as Connect-native, and
+    /// [`RegistryConfig::connect_tls`] gives each process its leaf certificate.
+    pub consul_connect: bool,
+    /// The name a process presents under Consul Connect; `None`: its own default (a
+    /// server's name, `consignment-cli`, `micro`).
+    pub consul_connect_name: Option<String>,
     /// DNS: the SRV query, `{name}` standing for the service name.
     pub dns_template: String,
     /// DNS: the domain appended to queries; `None`: the system's search list.
@@ -132,6 +141,8 @@ impl Default for RegistryConfig {
             retry: DEFAULT_REGISTRY_RETRY,
             consul_token: None,
             consul_datacenter: None,
+            consul_connect: DEFAULT_CONSUL_CONNECT,
+            consul_connect_name: None,
             dns_template: DEFAULT_DNS_TEMPLATE.into(),
             dns_domain: None,
             dns_nameserver: None,
@@ -162,6 +173,46 @@ impl RegistryConfig {
         }
     }
 
+    #[cfg(feature = "consul")]
+    fn consul(&self) -> Result<crate::registry::ConsulRegistry> {
+        use crate::registry::{ConsulRegistry, DEFAULT_CONSUL_ADDRESS};
+        ConsulRegistry::builder()
+            .address(self.address.as_deref().unwrap_or(DEFAULT_CONSUL_ADDRESS))
+            .token(self.consul_token.as_ref().map(|t| t.expose().to_owned()))
+            .datacenter(self.consul_datacenter.clone())
+            .lookup_timeout(self.lookup_timeout)
+            .connect_native(self.consul_connect)
+            .build()
+    }
+
+    /// With the Consul registry and `consul_connect` on, this process's TLS under Consul
+    /// Connect as `consul_connect_name`, else `default_name` (see
+    /// [`crate::registry::ConsulRegistry::connect_tls`]); otherwise `None`. Inside a tokio
+    /// runtime.
+    pub async fn connect_tls(&self, default_name: &str) -> Result<Option<super::TlsConfig>> {
+        if !self.consul_connect {
+            return Ok(None);
+        }
+        if self.kind != RegistryKind::Consul {
+            return Err(crate::Error::invalid(
+                "MICRO_CONSUL_CONNECT",
+                format!("needs MICRO_REGISTRY=consul, not {}", self.kind),
+            ));
+        }
+        #[cfg(feature = "consul")]
+        {
+            let name = self.consul_connect_name.as_deref().unwrap_or(default_name);
+            let consul = self.consul()?;
+            self.until_ready(|| consul.ping()).await?;
+            Ok(Some(consul.connect_tls(name).await?))
+        }
+        #[cfg(not(feature = "consul"))]
+        Err(crate::Error::invalid(
+            "MICRO_CONSUL_CONNECT",
+            "micro-core was built without its `consul` feature",
+        ))
+    }
+
     /// Opens the configured registry. Inside a tokio runtime.
     ///
     /// Consul: the agent at `address` (default [`crate::registry::DEFAULT_CONSUL_ADDRESS`])
@@ -179,13 +230,7 @@ impl RegistryConfig {
             }
             #[cfg(feature = "consul")]
             RegistryKind::Consul => {
-                use crate::registry::{ConsulRegistry, DEFAULT_CONSUL_ADDRESS};
-                let consul = ConsulRegistry::builder()
-                    .address(self.address.as_deref().unwrap_or(DEFAULT_CONSUL_ADDRESS))
-                    .token(self.consul_token.as_ref().map(|t| t.expose().to_owned()))
-                    .datacenter(self.consul_datacenter.clone())
-                    .lookup_timeout(self.lookup_timeout)
-                    .build()?;
+                let consul = self.consul()?;
                 let leader = self.until_ready(|| consul.ping()).await?;
                 tracing::debug!(address = %consul.address(), %leader, "consul agent answers");
                 Ok(Arc::new(consul))

@@ -38,6 +38,7 @@ use crate::{
     labels,
     middleware::{ServedMethods, ServerTraceLayer},
     registry::{MemoryRegistry, Node, Registry, validate_metadata, validate_service_name},
+    tls::TlsIncoming,
 };
 
 mod advertise;
@@ -205,28 +206,28 @@ impl Server {
         validate_metadata(&self.version, &self.metadata)?;
         // What can fail without touching the network comes first.
         let tls = self.tls.take().or_else(|| self.config.tls.clone());
-        let serves_tls = tls.as_ref().is_some_and(|t| t.identity.is_some());
+        let material = tls.as_ref().map(|tls| tls.material()).unwrap_or_default();
+        let serves_tls = material.identity.is_some();
         let authorizes = self.config.authz_policy.is_some();
-        if authorizes && !tls.as_ref().is_some_and(|t| t.identity.is_some() && t.ca.is_some()) {
+        if authorizes && !(serves_tls && material.ca.is_some()) {
             return Err(Error::invalid(
                 "MICRO_AUTHZ_POLICY",
                 "needs MICRO_TLS_CERT, MICRO_TLS_KEY and MICRO_TLS_CA: callers are known by their certificates \
                  (`micro certs` makes a development set)",
             ));
         }
-        let mut builder = tonic::transport::Server::builder();
-        if let Some((tls, (cert, key))) = tls.as_ref().and_then(|t| Some((t, t.identity.as_ref()?))) {
-            use tonic::transport::{Certificate, Identity, ServerTlsConfig};
-            let mut config = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
-            if let Some(ca) = &tls.ca {
-                // With a policy, a caller without a certificate of the CA is refused at the
-                // handshake; without one, a certificate is checked when presented.
-                config = config.client_ca_root(Certificate::from_pem(ca)).client_auth_optional(!authorizes);
-            }
-            builder = builder.tls_config(config).map_err(|err| {
-                Error::invalid("MICRO_TLS_CERT/MICRO_TLS_KEY", crate::error::error_chain(&err))
-            })?;
-        }
+        // With a policy, a caller without a certificate of the CA is refused at the
+        // handshake; without one, a certificate is checked when presented. Each connection
+        // is accepted with the material in force then (renewed files apply without a restart).
+        let tls_source = match &tls {
+            Some(tls) if serves_tls => Some(tls.source()?),
+            _ => None,
+        };
+        // Consul Connect: each caller is authorized by the agent, so every caller must
+        // present a certificate.
+        let authorizer = tls_source.as_ref().and_then(|source| source.authorizer());
+        let requires_client_certificates = authorizes || authorizer.is_some();
+        let builder = tonic::transport::Server::builder();
         let (health, health_service) = tonic_health::server::health_reporter();
         let mut reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
@@ -278,10 +279,13 @@ impl Server {
         };
 
         let (stop_serving, serving_stopped) = oneshot::channel::<()>();
-        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         let mut layers = self.layers;
         if let Some(path) = &self.config.authz_policy {
             let layer = crate::auth::AuthzLayer::watch(&node.name, path, &self.grpc_services)?;
+            layers.insert(0, Arc::new(move |inner| BoxCloneSyncService::new(layer.layer(inner))));
+        }
+        if let Some(authorizer) = authorizer {
+            let layer = crate::auth::AuthorizeLayer::new(&node.name, &self.grpc_services, authorizer);
             layers.insert(0, Arc::new(move |inner| BoxCloneSyncService::new(layer.layer(inner))));
         }
         // Metric labels only for what this server serves: a made-up path counts as `unknown`.
@@ -299,13 +303,21 @@ impl Server {
             let inner = layers.iter().rev().fold(HttpService::new(routes), |inner, layer| layer(inner));
             trace.layer(limits.layer(inner))
         });
+        let router = builder.layer(stack).add_routes(self.routes.routes());
+        let stopped = async {
+            let _ = serving_stopped.await;
+        };
         let serve =
-            tokio::spawn(builder.layer(stack).add_routes(self.routes.routes()).serve_with_incoming_shutdown(
-                incoming,
-                async {
-                    let _ = serving_stopped.await;
-                },
-            ));
+            match tls_source {
+                Some(source) => tokio::spawn(router.serve_with_incoming_shutdown(
+                    TlsIncoming::new(listener, source, requires_client_certificates),
+                    stopped,
+                )),
+                None => tokio::spawn(router.serve_with_incoming_shutdown(
+                    TcpIncoming::from(listener).with_nodelay(Some(true)),
+                    stopped,
+                )),
+            };
 
         if let Err(err) = registry.register(&node, self.config.register_ttl).await {
             // Nothing may keep serving unregistered, nor stay half-registered (Consul may

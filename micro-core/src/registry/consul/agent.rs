@@ -7,7 +7,7 @@ use serde::de::DeserializeOwned;
 
 use super::{
     KIND, REQUEST_TIMEOUT,
-    wire::{ServiceEntry, ServiceRegistration, check_id, checks, go_duration},
+    wire::{ConnectRegistration, ServiceEntry, ServiceRegistration, check_id, checks, go_duration},
 };
 use crate::{Error, Result, labels, registry::Node};
 
@@ -19,6 +19,8 @@ pub(super) struct Agent {
     pub(super) address: String,
     pub(super) token: Option<String>,
     pub(super) datacenter: Option<String>,
+    /// Registers services as Connect-native (`Connect: {Native: true}`).
+    pub(super) connect_native: bool,
 }
 
 /// Why a request did not give what was asked.
@@ -128,7 +130,8 @@ impl Agent {
             address: node.address.ip().to_string(),
             port: node.address.port(),
             meta,
-            checks: checks(node, ttl),
+            checks: checks(node, ttl, self.connect_native),
+            connect: self.connect_native.then_some(ConnectRegistration { native: true }),
         };
         let request = self.request(Method::PUT, &["v1", "agent", "service", "register"], false);
         self.send(request.json(&registration)).await.map(drop)

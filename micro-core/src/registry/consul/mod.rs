@@ -90,6 +90,7 @@ pub struct ConsulRegistryBuilder {
     token: Option<String>,
     datacenter: Option<String>,
     lookup_timeout: Duration,
+    connect_native: bool,
 }
 
 impl ConsulRegistry {
@@ -101,6 +102,7 @@ impl ConsulRegistry {
             token: None,
             datacenter: None,
             lookup_timeout: DEFAULT_CONSUL_LOOKUP_TIMEOUT,
+            connect_native: false,
         }
     }
 
@@ -148,6 +150,13 @@ impl ConsulRegistryBuilder {
         self
     }
 
+    /// Registers services as Connect-native (`Connect: {Native: true}`), without Consul's
+    /// gRPC check, which presents no Connect certificate; see [`connect`]. Default: off.
+    pub fn connect_native(mut self, native: bool) -> Self {
+        self.connect_native = native;
+        self
+    }
+
     /// Checks the address and makes the HTTP client; does not contact the agent (see
     /// [`ConsulRegistry::ping`]).
     pub fn build(self) -> Result<ConsulRegistry> {
@@ -173,7 +182,14 @@ impl ConsulRegistryBuilder {
             Some(port) => format!("{host}:{port}"),
             None => host.to_owned(),
         };
-        let agent = Agent { http, base, address, token: self.token, datacenter: self.datacenter };
+        let agent = Agent {
+            http,
+            base,
+            address,
+            token: self.token,
+            datacenter: self.datacenter,
+            connect_native: self.connect_native,
+        };
         Ok(ConsulRegistry {
             agent: Arc::new(agent),
             lookup_timeout: self.lookup_timeout,
@@ -299,6 +315,7 @@ impl Registry for ConsulRegistry {
 }
 
 mod agent;
+mod connect;
 mod watch;
 mod wire;
 
@@ -370,16 +387,16 @@ mod tests {
     #[test]
     fn registration_has_a_ttl_and_a_grpc_check_over_tls_when_the_instance_serves_tls() {
         let mut node = Node::new("svc", "10.0.0.5:50051".parse().unwrap());
-        let bare = serde_json::to_value(checks(&node, Duration::from_secs(30))).unwrap();
+        let bare = serde_json::to_value(checks(&node, Duration::from_secs(30), false)).unwrap();
         assert_eq!(bare.as_array().unwrap().len(), 1, "no health service announced, no gRPC check: {bare}");
         node.metadata.insert(labels::HEALTH.into(), labels::HEALTH_GRPC.into());
-        let plain = serde_json::to_value(checks(&node, Duration::from_secs(30))).unwrap();
+        let plain = serde_json::to_value(checks(&node, Duration::from_secs(30), false)).unwrap();
         assert_eq!(plain[0]["TTL"], "30000ms");
         assert_eq!(plain[1]["GRPC"], "10.0.0.5:50051");
         assert_eq!(plain[1]["Status"], "passing");
         assert!(plain[1].get("GRPCUseTLS").is_none(), "{plain}");
         node.metadata.insert(labels::TLS.into(), labels::FLAG_ON.into());
-        let tls = serde_json::to_value(checks(&node, Duration::from_secs(30))).unwrap();
+        let tls = serde_json::to_value(checks(&node, Duration::from_secs(30), false)).unwrap();
         assert_eq!(tls[1]["GRPCUseTLS"], true);
         assert_eq!(tls[1]["TLSSkipVerify"], true);
     }

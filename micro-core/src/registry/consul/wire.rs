@@ -32,6 +32,15 @@ pub(super) struct ServiceRegistration<'a> {
     pub(super) port: u16,
     pub(super) meta: BTreeMap<&'a str, &'a str>,
     pub(super) checks: Vec<Check>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) connect: Option<ConnectRegistration>,
+}
+
+/// `Connect: {Native: true}`: the service speaks Connect's mTLS itself.
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub(super) struct ConnectRegistration {
+    pub(super) native: bool,
 }
 
 /// A check definition: the TTL check the heartbeat passes, or Consul's native gRPC check of
@@ -67,8 +76,9 @@ pub(super) const GRPC_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 /// instance whose reserved [`labels::HEALTH`] label says it serves `grpc.health.v1` (every
 /// SDK server sets it; users cannot), Consul's native gRPC check of it (over TLS, not
 /// verifying the certificate, when its [`labels::TLS`] label says it serves TLS). Both
-/// start passing.
-pub(super) fn checks(node: &Node, ttl: Duration) -> Vec<Check> {
+/// start passing. A Connect-native instance gets no gRPC check: it serves only callers
+/// with a Connect certificate, which Consul's check does not present.
+pub(super) fn checks(node: &Node, ttl: Duration, connect_native: bool) -> Vec<Check> {
     let deregister_after = go_duration(ttl.saturating_mul(3).max(MIN_DEREGISTER_AFTER));
     let tls = node.metadata.get(labels::TLS).is_some_and(|v| v == labels::FLAG_ON);
     let mut checks = vec![Check {
@@ -79,7 +89,7 @@ pub(super) fn checks(node: &Node, ttl: Duration) -> Vec<Check> {
         deregister_critical_service_after: deregister_after.clone(),
         ..Check::default()
     }];
-    if node.metadata.get(labels::HEALTH).is_some_and(|v| v == labels::HEALTH_GRPC) {
+    if !connect_native && node.metadata.get(labels::HEALTH).is_some_and(|v| v == labels::HEALTH_GRPC) {
         checks.push(Check {
             check_id: format!("{}:grpc", check_id(&node.id)),
             name: "grpc.health.v1".into(),
