@@ -13,6 +13,7 @@ pub mod overload;
 pub mod procs;
 pub mod report;
 pub mod resolve;
+pub mod security;
 pub mod silent;
 pub mod unary;
 
