@@ -43,15 +43,19 @@ pub const HEALTH_GRPC: &str = "grpc";
 pub const TLS: &str = "tls";
 /// The address (`ip:port`) of the node's Prometheus endpoint, when it serves one.
 pub const METRICS: &str = "metrics";
+/// The service its TLS certificate names, set by a server that registers under another
+/// name (a registry broker subscriber serves with its process's certificate): what a client
+/// checks the certificate against instead of the registered name.
+pub const TLS_NAME: &str = "tls-name";
 /// The value of a flag label that is on ([`DRAINING`], [`TLS`]).
 pub const FLAG_ON: &str = "1";
 
 /// The node's own fields, as registries write them beside the metadata.
 pub const REGISTRY_FIELDS: [&str; 5] = [TXTVERS, NAME, VERSION, ID, DRAINING];
 /// Labels the SDK server sets on itself.
-pub const SDK_LABELS: [&str; 3] = [HEALTH, TLS, METRICS];
+pub const SDK_LABELS: [&str; 4] = [HEALTH, TLS, METRICS, TLS_NAME];
 /// Every label a user may not set: [`REGISTRY_FIELDS`] and [`SDK_LABELS`].
-pub const RESERVED: [&str; 8] = [TXTVERS, NAME, VERSION, ID, DRAINING, HEALTH, TLS, METRICS];
+pub const RESERVED: [&str; 9] = [TXTVERS, NAME, VERSION, ID, DRAINING, HEALTH, TLS, METRICS, TLS_NAME];
 
 /// Whether `key` is one of the [`RESERVED`] labels.
 pub fn is_reserved(key: &str) -> bool {

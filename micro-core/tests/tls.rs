@@ -119,3 +119,64 @@ async fn a_certificate_for_another_service_is_refused() {
     assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
     server.stop().await.unwrap();
 }
+
+/// Over the registry broker, a publisher that calls over mutual TLS reaches the subscriber
+/// of a process with a certificate of its own: the subscriber serves TLS with it and
+/// registers the name it carries (`tls-name`), which the publisher checks in place of
+/// `broker.<topic>`.
+#[tokio::test(flavor = "multi_thread")]
+async fn registry_broker_deliveries_go_over_mutual_tls() {
+    use micro_core::{
+        Registry,
+        auth::certs::Authority as Certs,
+        broker::{Broker, Message, RegistryBroker, SubscribeOptions, handler, topic_service_name},
+        labels,
+    };
+    let certs = Certs::new("test", Duration::from_secs(3600)).unwrap();
+    let tls_of = |name: &str| {
+        let (cert, key) = certs.issue(name, Duration::from_secs(3600)).unwrap();
+        TlsConfig {
+            identity: Some((cert.into_bytes(), key.into_bytes())),
+            ca: Some(certs.certificate_pem().as_bytes().to_vec()),
+            source: None,
+        }
+    };
+    let registry = MemoryRegistry::new();
+    let topic = format!("orders.{:08x}", rand::random::<u32>());
+    let subscriber = RegistryBroker::new(client_with(&registry, Some(tls_of("vessel-service"))));
+    let (delivered, mut deliveries) = tokio::sync::mpsc::unbounded_channel();
+    let _subscription = subscriber
+        .subscribe(
+            &topic,
+            SubscribeOptions::default(),
+            handler(move |message: Message| {
+                let delivered = delivered.clone();
+                async move {
+                    let _ = delivered.send(message.body);
+                    Ok(())
+                }
+            }),
+        )
+        .await
+        .expect("subscribe");
+    let nodes = registry.lookup(&topic_service_name(&topic)).await.expect("the subscriber registered");
+    assert_eq!(nodes[0].metadata.get(labels::TLS).map(String::as_str), Some(labels::FLAG_ON));
+    assert_eq!(nodes[0].metadata.get(labels::TLS_NAME).map(String::as_str), Some("vessel-service"));
+
+    let publisher = RegistryBroker::new(client_with(&registry, Some(tls_of("consignment-service"))));
+    publisher.publish(Message::new(topic.clone(), "booked")).await.expect("delivered over mutual TLS");
+    let body = tokio::time::timeout(Duration::from_secs(5), deliveries.recv()).await.expect("in time");
+    assert_eq!(body.as_deref(), Some(&b"booked"[..]));
+
+    // A publisher of another CA is refused at the handshake, so nothing reaches the handler.
+    let stranger = Certs::new("test", Duration::from_secs(3600)).unwrap();
+    let (cert, key) = stranger.issue("consignment-service", Duration::from_secs(3600)).unwrap();
+    let foreign = TlsConfig {
+        identity: Some((cert.into_bytes(), key.into_bytes())),
+        ca: Some(stranger.certificate_pem().as_bytes().to_vec()),
+        source: None,
+    };
+    let outsider = RegistryBroker::new(client_with(&registry, Some(foreign)));
+    assert!(outsider.publish(Message::new(topic.clone(), "forged")).await.is_err());
+    assert!(deliveries.try_recv().is_err(), "nothing forged was delivered");
+}

@@ -180,15 +180,23 @@ struct Routes {
 
 impl RegistryBroker {
     /// A broker over `client`'s registry; subscribers serve on [`ServerConfig::default`]
-    /// (every interface, a free port, announced as the server's advertise rule says).
+    /// (every interface, a free port, announced as the server's advertise rule says), over
+    /// TLS with the client's certificate when it has one.
     pub fn new(client: Client) -> Self {
-        let server = ServerConfig { drain_delay: Duration::ZERO, ..ServerConfig::default() };
+        // A client with a certificate of its own: subscribers serve TLS with it, so
+        // publishers that call over TLS reach them, and they register its name as theirs
+        // to check (the `tls-name` label).
+        let tls = client.tls_config().filter(|tls| tls.material().identity.is_some()).cloned();
+        let server = ServerConfig { drain_delay: Duration::ZERO, tls, ..ServerConfig::default() };
         RegistryBroker { client, server, routes: Mutex::new(HashMap::new()) }
     }
 
     /// Where subscribers listen and how they register. Default: [`ServerConfig::default`]
-    /// without a drain delay.
-    pub fn server_config(mut self, config: ServerConfig) -> Self {
+    /// without a drain delay; without TLS of its own, `config` keeps the client's.
+    pub fn server_config(mut self, mut config: ServerConfig) -> Self {
+        if config.tls.is_none() {
+            config.tls = self.server.tls.take();
+        }
         self.server = config;
         self
     }

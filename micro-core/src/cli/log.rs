@@ -22,7 +22,7 @@ use tracing_subscriber::{
     EnvFilter, Layer,
     field::RecordFields,
     filter::LevelFilter,
-    fmt::{FormatFields, MakeWriter, format::Writer},
+    fmt::{FormatFields, FormattedFields, MakeWriter, format::Writer},
     layer::SubscriberExt,
     util::SubscriberInitExt,
 };
@@ -110,6 +110,24 @@ impl<'writer> FormatFields<'writer> for PlainFields {
         let mut visitor = PlainVisitor { writer, first: true, result: Ok(()) };
         fields.record(&mut visitor);
         visitor.result
+    }
+
+    /// Fields recorded on a span later (a request id, a status): appended after a space,
+    /// unless all of them are left out.
+    fn add_fields(
+        &self,
+        current: &'writer mut FormattedFields<Self>,
+        fields: &tracing::span::Record<'_>,
+    ) -> fmt::Result {
+        let mut added = String::new();
+        self.format_fields(Writer::new(&mut added), fields)?;
+        if !added.is_empty() {
+            if !current.fields.is_empty() {
+                current.fields.push(' ');
+            }
+            current.fields.push_str(&added);
+        }
+        Ok(())
     }
 }
 

@@ -13,7 +13,7 @@ use crate::{BoxError, config::ClientConfig, registry::Node, tls::TlsConnector};
 
 /// A lazily connected channel to `node` with `config`'s connect timeout, keepalive and TLS:
 /// over TLS when the config has a CA, checking that the server's certificate names the
-/// service (not its address). Each new connection uses the TLS material in force then, so
+/// service (not its address), or the name its `tls-name` label gives. Each new connection uses the TLS material in force then, so
 /// certificates renewed on disk (or by Consul Connect) apply without a new channel.
 pub fn connect_lazily(node: &Node, config: &ClientConfig) -> Result<Channel, BoxError> {
     // The scheme stays `http`: TLS is the connector's, with the material of the moment.
@@ -31,7 +31,12 @@ pub fn connect_lazily(node: &Node, config: &ClientConfig) -> Result<Channel, Box
         _ => None,
     };
     Ok(match tls {
-        Some(source) => endpoint.connect_with_connector_lazy(TlsConnector::new(source, &node.name)?),
+        Some(source) => {
+            // The name its certificate carries: the registered one, unless the node says
+            // otherwise (a broker subscriber serving with its process's certificate).
+            let certified = node.metadata.get(crate::labels::TLS_NAME).unwrap_or(&node.name);
+            endpoint.connect_with_connector_lazy(TlsConnector::new(source, certified)?)
+        }
         None => endpoint.connect_lazy(),
     })
 }

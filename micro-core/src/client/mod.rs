@@ -176,6 +176,12 @@ impl Client {
         self.reconfigured()
     }
 
+    /// The TLS this client calls with, if any: the one given to [`Client::tls`], else its
+    /// config's.
+    pub fn tls_config(&self) -> Option<&TlsConfig> {
+        self.tls.as_ref().or(self.config.tls.as_ref())
+    }
+
     /// The registry this client resolves names in.
     pub fn registry(&self) -> &Arc<dyn Registry> {
         &self.registry

@@ -260,6 +260,9 @@ impl Server {
         if serves_tls {
             // Lets peers and Consul's gRPC health check know to speak TLS.
             node.metadata.insert(labels::TLS.into(), labels::FLAG_ON.into());
+            if let Some(certified) = certified_name(&material).filter(|certified| *certified != node.name) {
+                node.metadata.insert(labels::TLS_NAME.into(), certified);
+            }
         }
         let metrics = match self.config.metrics_address {
             Some(address) => {
@@ -386,4 +389,12 @@ pub async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+/// The service the certificate of `material` names (its SPIFFE id's `/svc/` part).
+fn certified_name(material: &crate::tls::Material) -> Option<String> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    let (certificate, _) = material.identity.as_ref()?;
+    let der = CertificateDer::pem_slice_iter(certificate).next()?.ok()?;
+    crate::auth::identity::spiffe_id_of(der.as_ref())?.service().map(str::to_owned)
 }
