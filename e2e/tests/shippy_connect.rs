@@ -102,7 +102,10 @@ async fn shippy_under_connect_serves_what_the_intentions_allow() {
     let env = connect_env(&address);
     let mut vessel_env = env.clone();
     vessel_env.push(("MICRO_SERVER_NAME", vessel.clone()));
-    let _vessel = Process::start("vessel-service", &[], &env_refs(&vessel_env));
+    // Roomy, so the creations made while the changed intention takes effect never fill it.
+    let dir = tempfile::tempdir().expect("a temporary folder");
+    let fleet = shippy::fleet_file(dir.path(), "connect").display().to_string();
+    let _vessel = Process::start("vessel-service", &["--fleet", &fleet], &env_refs(&vessel_env));
     let mut consignment_env = env.clone();
     consignment_env.push(("MICRO_SERVER_NAME", consignment.clone()));
     consignment_env.push(("VESSEL_SERVICE", vessel.clone()));
