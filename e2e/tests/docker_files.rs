@@ -523,3 +523,51 @@ fn docker_compose_config_accepts_the_file_when_the_client_is_here() {
     }
     println!("docker compose config -q accepted {COMPOSE_FILE}");
 }
+
+#[test]
+fn the_connect_overlay_turns_connect_on_for_every_shippy_service_after_its_intentions() {
+    let base = compose();
+    let base_services = services(&base);
+    let path = workspace_root().join("docker/compose.connect.yaml");
+    let overlay: Value =
+        serde_norway::from_str(&std::fs::read_to_string(&path).expect("docker/compose.connect.yaml"))
+            .expect("docker/compose.connect.yaml is YAML");
+    let overlay_services = services(&overlay);
+
+    // The intentions are written once, by the pinned Consul image, before the services start.
+    let intentions = overlay_services.get("intentions").expect("an `intentions` one-shot");
+    assert!(text(intentions.get("image").expect("an image")).starts_with("hashicorp/consul:"));
+    let command = serde_norway::to_string(intentions.get("command").expect("a command")).unwrap();
+    for intention in [
+        "-deny '*' vessel-service",
+        "-allow consignment-service vessel-service",
+        "-deny '*' consignment-service",
+        "-allow consignment-cli consignment-service",
+        "-allow vessel-service consignment-service",
+    ] {
+        assert!(command.contains(intention), "intentions: {intention} missing from {command}");
+    }
+
+    // Every shippy service of compose.yaml turns Connect on, with variables its binary reads.
+    for (name, service) in base_services {
+        let Some(dockerfile) = dockerfile_of(service) else { continue };
+        let name = text(name);
+        let program = entrypoint_binary(stages(&dockerfile).last().unwrap());
+        let over =
+            overlay_services.get(name.as_str()).unwrap_or_else(|| panic!("{name}: not in the overlay"));
+        let env = environment(over);
+        assert_eq!(env.get("MICRO_CONSUL_CONNECT").map(String::as_str), Some("true"), "{name}");
+        let read = env_names_read_by(&program);
+        for key in env.keys() {
+            assert!(read.contains(key), "{name}: {key} is not read by {program}");
+        }
+        if program != "consignment-cli" {
+            let waits =
+                over.get("depends_on").and_then(|d| d.get("intentions")).and_then(|i| i.get("condition"));
+            assert_eq!(waits.map(text).as_deref(), Some("service_completed_successfully"), "{name}");
+        }
+    }
+    for name in overlay_services.keys().map(text).filter(|name| name != "intentions") {
+        assert!(base_services.contains_key(name.as_str()), "{name}: extends no service of compose.yaml");
+    }
+}

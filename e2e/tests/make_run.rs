@@ -36,3 +36,35 @@ fn an_unknown_registry_or_broker_stops_make_run_before_the_build() {
         assert!(!stderr.contains("build"), "{var}: stopped before the build: {stderr}");
     }
 }
+
+/// The demo with zero trust (`make run MICRO_DEMO_SECURE=true` runs `scripts/demo` so), on a
+/// host of its own so its fixed names meet no other test's: both consignments (CLI, gateway)
+/// are stored and their events booked over mutual TLS, and `micro`, under its own
+/// certificate, is refused by vessel-service's policy.
+#[test]
+fn the_secure_demo_books_both_consignments_and_vessel_service_refuses_micro() {
+    e2e::require_private_netns();
+    let bins =
+        ["vessel-service", "consignment-service", "consignment-cli", "micro"].map(e2e::process::binary);
+    let bin_dir = bins[0].parent().expect("the binaries' folder").to_path_buf();
+    let network = e2e::hosts::Network::new(1);
+    let output = network
+        .host(0)
+        .command("bash")
+        .arg(workspace_root().join("scripts").join("demo"))
+        .current_dir(workspace_root())
+        .env("MICRO_DEMO_SECURE", "true")
+        .env("MICRO_BIN_DIR", &bin_dir)
+        .env("MICRO_GATEWAY_ADDRESS", "127.0.0.1:18080")
+        .env_remove("MICRO_REGISTRY")
+        .env_remove("MICRO_BROKER")
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap_or_else(|err| panic!("bash could not run scripts/demo: {err}"));
+    let (stdout, stderr) = (String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert!(output.status.success(), "the demo failed:\n{stdout}\n{stderr}");
+    assert_eq!(stdout.matches("consignment booked").count(), 2, "both events booked:\n{stdout}\n{stderr}");
+    let refusal =
+        "PERMISSION_DENIED: spiffe://shippy/svc/micro may not call vessel.VesselService/FindAvailable";
+    assert!(stderr.contains(refusal) || stdout.contains(refusal), "micro refused:\n{stdout}\n{stderr}");
+}
