@@ -41,6 +41,8 @@ use futures::future::BoxFuture;
 
 use crate::{BoxError, Error, Result};
 
+#[cfg(any(feature = "nats", feature = "rabbitmq"))]
+mod backend_error;
 mod memory;
 #[cfg(feature = "nats")]
 mod nats;

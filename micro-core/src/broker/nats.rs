@@ -178,24 +178,11 @@ impl NatsBroker {
 }
 
 fn broker_error(address: &str, message: impl Into<String>, source: impl Into<BoxError>) -> Error {
-    let (message, source) = (message.into(), source.into());
-    let (message, source) = match crate::error::unreachable_reason(&*source) {
-        Some(reason) => (format!("{message}: {reason}"), None),
-        None => (message, Some(source)),
-    };
-    Error::Broker { broker: "nats".into(), address: address.into(), message, source }
+    super::backend_error::backend_error("nats", address, message, source)
 }
 
-/// The error of a first connection that failed: what it came down to, when it is a
-/// connection refused or the like, and what to check.
 fn connect_error(address: &str, source: impl Into<BoxError>) -> Error {
-    const CHECK: &str = "is nats-server running there?";
-    let source = source.into();
-    let (message, source) = match crate::error::unreachable_reason(&*source) {
-        Some(reason) => (format!("{reason}; {CHECK}"), None),
-        None => (format!("cannot connect; {CHECK}"), Some(source)),
-    };
-    Error::Broker { broker: "nats".into(), address: address.into(), message, source }
+    super::backend_error::first_connect_error("nats", address, "is nats-server running there?", source)
 }
 
 /// Publishes `message` to its topic's stream and waits up to `timeout` for the stream to

@@ -183,24 +183,16 @@ fn shown_address(address: &str) -> String {
 }
 
 fn broker_error(address: &str, message: impl Into<String>, source: impl Into<BoxError>) -> Error {
-    let (message, source) = (message.into(), source.into());
-    let (message, source) = match crate::error::unreachable_reason(&*source) {
-        Some(reason) => (format!("{message}: {reason}"), None),
-        None => (message, Some(source)),
-    };
-    Error::Broker { broker: "rabbitmq".into(), address: address.into(), message, source }
+    super::backend_error::backend_error("rabbitmq", address, message, source)
 }
 
-/// The error of a first connection that failed: what it came down to, when it is a
-/// connection refused or the like, and what to check.
 fn connect_error(address: &str, source: impl Into<BoxError>) -> Error {
-    const CHECK: &str = "is rabbitmq-server running there, and are the vhost and credentials right?";
-    let source = source.into();
-    let (message, source) = match crate::error::unreachable_reason(&*source) {
-        Some(reason) => (format!("{reason}; {CHECK}"), None),
-        None => (format!("cannot connect; {CHECK}"), Some(source)),
-    };
-    Error::Broker { broker: "rabbitmq".into(), address: address.into(), message, source }
+    super::backend_error::first_connect_error(
+        "rabbitmq",
+        address,
+        "is rabbitmq-server running there, and are the vhost and credentials right?",
+        source,
+    )
 }
 
 /// An AMQP short string (at most 255 bytes), or an error naming `what`.

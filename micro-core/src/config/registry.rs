@@ -209,7 +209,9 @@ impl RegistryConfig {
         #[cfg(not(feature = "consul"))]
         Err(crate::Error::invalid(
             "MICRO_CONSUL_CONNECT",
-            "micro-core was built without its `consul` feature",
+            format!(
+                "micro-core was built without its `consul` feature, so {default_name} cannot take a Connect certificate"
+            ),
         ))
     }
 
