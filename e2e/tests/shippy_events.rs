@@ -636,7 +636,11 @@ async fn durable_queue_group_of_two_shares_100_events_and_books_each_once(broker
     let first = shippy.vessel_service(Place::Here);
     let second = shippy.vessel_service(Place::Here);
     let _consignment = shippy.consignment_service(Place::Here, "1");
-    wait_for(&registry, &shippy.vessel_name, 2).await;
+    // Generous: two processes subscribing on the shared broker node first, on a busy machine.
+    poll_until("both vessel-service instances registering", ARRIVAL, async || {
+        registry.lookup(&shippy.vessel_name).await.ok().filter(|nodes| nodes.len() >= 2)
+    })
+    .await;
     shippy.wait_for_boot(&registry, "1").await;
 
     let client = Client::new(registry.clone()).idempotent_methods(proto::IDEMPOTENT_METHODS);
