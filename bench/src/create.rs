@@ -82,6 +82,22 @@ struct Unreserved {
 
 #[tonic::async_trait]
 impl ShippingService for Unreserved {
+    type WatchConsignmentsStream = consignment_service::ConsignmentStream;
+
+    async fn watch_consignments(
+        &self,
+        _request: Request<proto::consignment::WatchRequest>,
+    ) -> Result<tonic::Response<consignment_service::ConsignmentStream>, Status> {
+        Err(Status::unimplemented("WatchConsignments"))
+    }
+
+    async fn create_consignments(
+        &self,
+        _request: Request<tonic::Streaming<Consignment>>,
+    ) -> Result<tonic::Response<proto::consignment::CreateSummary>, Status> {
+        Err(Status::unimplemented("CreateConsignments"))
+    }
+
     async fn create_consignment(
         &self,
         request: Request<Consignment>,

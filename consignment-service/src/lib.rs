@@ -28,7 +28,7 @@ use std::{sync::Arc, time::Duration};
 use micro_core::NamedChannel;
 use proto::{
     consignment::{
-        Consignment, GetRequest, Response, SettleRequest, Settlement,
+        Consignment, CreateSummary, GetRequest, Response, SettleRequest, Settlement, WatchRequest,
         shipping_service_server::{ShippingService, ShippingServiceServer},
     },
     vessel::{
@@ -42,6 +42,10 @@ pub use self::repository::{
     CONSIGNMENT_CREATED, ConsignmentRepository, Created, IN_MEMORY, OutboxEvent, PostgresRepository,
     RepositoryError, Settled, SqliteRepository,
 };
+
+/// The stream [`ShippingHandler`] answers `WatchConsignments` with.
+pub type ConsignmentStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<Consignment, Status>> + Send + 'static>>;
 
 /// Default time the vessel look-up may take, in milliseconds.
 pub const DEFAULT_VESSEL_TIMEOUT_MS: u64 = 5000;
@@ -396,6 +400,22 @@ impl ShippingService for ShippingHandler {
             Settled::Stored(consignment_id) => Settlement { stored: true, consignment_id },
             Settled::Abandoned => Settlement { stored: false, consignment_id: String::new() },
         }))
+    }
+
+    type WatchConsignmentsStream = ConsignmentStream;
+
+    async fn watch_consignments(
+        &self,
+        _request: Request<WatchRequest>,
+    ) -> Result<tonic::Response<ConsignmentStream>, Status> {
+        Err(Status::unimplemented("WatchConsignments"))
+    }
+
+    async fn create_consignments(
+        &self,
+        _request: Request<tonic::Streaming<Consignment>>,
+    ) -> Result<tonic::Response<CreateSummary>, Status> {
+        Err(Status::unimplemented("CreateConsignments"))
     }
 
     async fn get_consignments(

@@ -2,22 +2,28 @@
 //!
 //! `Echo.Say` is idempotent (`NO_SIDE_EFFECTS`), `Echo.Record` is not; both answer with the
 //! text and the label of the instance that answered, after `delay_ms`, or
-//! `FAILED_PRECONDITION` when `fail` is set.
+//! `FAILED_PRECONDITION` when `fail` is set. `Echo.Count` streams replies (idempotent),
+//! `Echo.Collect` takes a stream and `Echo.Chat` answers each message of a stream.
 //!
 //! # Examples
 //! ```
 //! use test_proto::{Labelled, echo::echo_server::EchoServer};
 //! let service = EchoServer::new(Labelled::new("a"));
 //! # drop(service);
-//! assert_eq!(test_proto::IDEMPOTENT_METHODS, ["/echo.Echo/Say"]);
+//! assert_eq!(test_proto::IDEMPOTENT_METHODS, ["/echo.Echo/Say", "/echo.Echo/Count"]);
 //! ```
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicUsize, Ordering},
+use std::{
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
 };
 
-use tonic::{Request, Response, Status};
+use futures::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
 
 /// `echo.proto`: generated messages, client and server.
 #[allow(missing_docs)]
@@ -25,13 +31,13 @@ pub mod echo {
     tonic::include_proto!("echo");
 }
 
-use echo::{Message, Reply, echo_server::Echo};
+use echo::{CountRequest, Message, Reply, echo_server::Echo};
 
 /// The encoded `FileDescriptorSet` of `echo.proto`, for gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptors.bin"));
 
 /// The methods `echo.proto` marks safe to retry.
-pub const IDEMPOTENT_METHODS: &[&str] = &["/echo.Echo/Say"];
+pub const IDEMPOTENT_METHODS: &[&str] = &["/echo.Echo/Say", "/echo.Echo/Count"];
 
 /// The service name `echo.proto` declares, as health checks name it.
 pub const SERVICE_NAME: &str = "echo.Echo";
@@ -67,8 +73,56 @@ impl Labelled {
     }
 }
 
+/// A stream of replies, as the streaming methods answer.
+pub type ReplyStream = Pin<Box<dyn Stream<Item = Result<Reply, Status>> + Send + 'static>>;
+
 #[tonic::async_trait]
 impl Echo for Labelled {
+    async fn count(&self, request: Request<CountRequest>) -> Result<Response<ReplyStream>, Status> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let CountRequest { count, interval_ms } = request.into_inner();
+        let instance = self.label.clone();
+        let interval = Duration::from_millis(interval_ms.into());
+        let numbers = futures::stream::iter(1u64..)
+            .take_while(move |n| std::future::ready(count == 0 || *n <= u64::from(count)));
+        let replies = numbers.then(move |n: u64| {
+            let instance = instance.clone();
+            async move {
+                if n > 1 && !interval.is_zero() {
+                    tokio::time::sleep(interval).await;
+                }
+                Ok(Reply { text: n.to_string(), instance })
+            }
+        });
+        Ok(Response::new(Box::pin(replies)))
+    }
+
+    async fn collect(&self, request: Request<Streaming<Message>>) -> Result<Response<Reply>, Status> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let mut messages = request.into_inner();
+        let mut texts = Vec::new();
+        while let Some(message) = messages.message().await? {
+            if message.fail {
+                return Err(Status::failed_precondition(format!("{} was asked to fail", self.label)));
+            }
+            texts.push(message.text);
+        }
+        Ok(Response::new(Reply { text: texts.join(" "), instance: self.label.clone() }))
+    }
+
+    async fn chat(&self, request: Request<Streaming<Message>>) -> Result<Response<ReplyStream>, Status> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let instance = self.label.clone();
+        let replies = request.into_inner().map(move |message| {
+            let message = message?;
+            match message.fail {
+                true => Err(Status::failed_precondition(format!("{instance} was asked to fail"))),
+                false => Ok(Reply { text: message.text, instance: instance.clone() }),
+            }
+        });
+        Ok(Response::new(Box::pin(replies)))
+    }
+
     async fn say(&self, request: Request<Message>) -> Result<Response<Reply>, Status> {
         self.answer(request).await
     }

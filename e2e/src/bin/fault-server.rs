@@ -193,6 +193,31 @@ impl proto::vessel::vessel_service_server::VesselService for Faults {
 
 #[tonic::async_trait]
 impl proto::consignment::shipping_service_server::ShippingService for Faults {
+    type WatchConsignmentsStream = std::pin::Pin<
+        Box<dyn tonic::codegen::tokio_stream::Stream<Item = Result<Consignment, Status>> + Send>,
+    >;
+
+    async fn watch_consignments(
+        &self,
+        _request: Request<proto::consignment::WatchRequest>,
+    ) -> Result<
+        tonic::Response<
+            std::pin::Pin<
+                Box<dyn tonic::codegen::tokio_stream::Stream<Item = Result<Consignment, Status>> + Send>,
+            >,
+        >,
+        Status,
+    > {
+        Err(Status::unimplemented("WatchConsignments"))
+    }
+
+    async fn create_consignments(
+        &self,
+        _request: Request<tonic::Streaming<Consignment>>,
+    ) -> Result<tonic::Response<proto::consignment::CreateSummary>, Status> {
+        Err(Status::unimplemented("CreateConsignments"))
+    }
+
     async fn create_consignment(
         &self,
         request: Request<Consignment>,
