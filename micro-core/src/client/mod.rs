@@ -41,6 +41,7 @@
 //! | connections, keepalive | `client/connect.rs` |
 //! | request replay | `client/replay.rs` |
 //! | adaptive throttling when instances refuse as overloaded | `client/throttle.rs` |
+//! | streams after their headers: whole-stream and idle deadlines | `client/stream.rs` |
 //!
 //! # Examples
 //! ```no_run
@@ -66,6 +67,7 @@ mod follow;
 mod latency;
 mod outlier;
 mod replay;
+mod stream;
 mod throttle;
 
 use std::{
@@ -169,8 +171,9 @@ impl Client {
         self.reconfigured()
     }
 
-    /// Deadline of each call, retries included, unless the caller sets a shorter one.
-    /// Default: 5 s.
+    /// Deadline of each call, retries included, unless the caller sets its own
+    /// (`tonic::Request::set_timeout`). It covers a call until its response headers: a
+    /// server stream then runs on (see `client/stream.rs`). Default: 5 s.
     pub fn request_timeout(mut self, timeout: Duration) -> Self {
         self.config.request_timeout = timeout;
         self.reconfigured()

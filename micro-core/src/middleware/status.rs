@@ -14,6 +14,9 @@ use tonic::body::Body;
 /// trailers-only answer, or from the trailers; empty headers when the body ended without
 /// any. Dropping it unfinished means the call was cut off.
 pub(crate) trait OnStatus: Send + 'static {
+    /// Sees each chunk of the body's data as it passes.
+    fn on_data(&mut self, _data: &[u8]) {}
+
     /// Records the call with the status in `headers`.
     fn complete(self, headers: &HeaderMap);
 }
@@ -41,6 +44,11 @@ impl<T: OnStatus + Unpin> http_body::Body for StatusBody<T> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref()
+                    && let Some(on_status) = self.on_status.as_mut()
+                {
+                    on_status.on_data(data);
+                }
                 if let Some(trailers) = frame.trailers_ref()
                     && let Some(on_status) = self.on_status.take()
                 {
@@ -50,6 +58,14 @@ impl<T: OnStatus + Unpin> http_body::Body for StatusBody<T> {
             Poll::Ready(None) => {
                 if let Some(on_status) = self.on_status.take() {
                     on_status.complete(&HeaderMap::new());
+                }
+            }
+            Poll::Ready(Some(Err(status))) => {
+                // The body failed (a broken connection, a stream deadline): the call ends so.
+                if let Some(on_status) = self.on_status.take() {
+                    let mut headers = HeaderMap::new();
+                    let _ = status.add_header(&mut headers);
+                    on_status.complete(&headers);
                 }
             }
             _ => {}
