@@ -416,7 +416,7 @@ impl ShippingService for ShippingHandler {
     ) -> Result<tonic::Response<ConsignmentStream>, Status> {
         let after_id = request.into_inner().after_id;
         let stream = self.feed.watch(&after_id).await?;
-        tracing::debug!(after = %after_id, "watcher opened");
+        tracing::info!(after = %after_id, "watcher opened");
         Ok(tonic::Response::new(stream))
     }
 

@@ -21,11 +21,11 @@ use crate::{ConsignmentRepository, ConsignmentStream, RepositoryError};
 /// How often the newest position is read, for creations on other replicas.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
 /// Consignments read at once by a watcher that is behind.
-pub const PAGE: usize = 64;
+pub const PAGE: usize = 16;
 /// Consignments a watcher holds for a reader that has not taken them yet.
-pub const BUFFER: usize = 16;
+pub const BUFFER: usize = 8;
 /// The most watchers one process serves at once; the next is `RESOURCE_EXHAUSTED`.
-pub const MAX_WATCHERS: usize = 1024;
+pub const MAX_WATCHERS: usize = 256;
 
 /// The watchers of one process and what wakes them.
 pub(crate) struct Feed {

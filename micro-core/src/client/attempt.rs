@@ -495,6 +495,24 @@ impl CallFinish {
 }
 
 impl OnStatus for CallFinish {
+    /// A connection that broke under a response (the instance died, vanished behind a
+    /// partition and missed its keepalive pings, or reset the stream) is `UNAVAILABLE`: the
+    /// caller may open the call again, and the channel picks another instance.
+    fn on_error(&self, status: Status) -> Status {
+        let broken = chain_has::<h2::Error>(&status)
+            || chain_has::<hyper::Error>(&status)
+            || chain_has::<std::io::Error>(&status);
+        if !broken || !matches!(status.code(), Code::Unknown | Code::Internal | Code::Cancelled) {
+            return status;
+        }
+        Status::unavailable(format!(
+            "the connection to {} broke under the response ({}); open the call again (another instance \
+             will take it)",
+            self.core.name,
+            status.message()
+        ))
+    }
+
     fn complete(mut self, headers: &HeaderMap) {
         let code = Status::from_header_map(headers).map_or(Code::Ok, |status| status.code());
         self.record(code);
