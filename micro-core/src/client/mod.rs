@@ -27,6 +27,11 @@
 //! instance; and the default strategy weighs each instance's latency, so a slow one gets
 //! few calls. See [`crate::config::ClientConfig`] for every setting.
 //!
+//! Streams go the same way: an instance is picked when a stream opens, and it is retried
+//! or hedged only before its response headers; the call's deadline covers it up to them,
+//! and a server stream then runs on unless its whole-stream or idle deadline ends it
+//! (`client/stream.rs`). A connection that breaks under a response ends it `UNAVAILABLE`.
+//!
 //! | concern | file |
 //! | --- | --- |
 //! | the builder and its channel cache | `client/mod.rs` |
