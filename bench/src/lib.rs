@@ -15,6 +15,7 @@ pub mod report;
 pub mod resolve;
 pub mod security;
 pub mod silent;
+pub mod stream;
 pub mod unary;
 
 use anyhow::bail;

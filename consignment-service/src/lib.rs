@@ -415,9 +415,7 @@ impl ShippingService for ShippingHandler {
         request: Request<WatchRequest>,
     ) -> Result<tonic::Response<ConsignmentStream>, Status> {
         let after_id = request.into_inner().after_id;
-        let stream = self.feed.watch(&after_id).await?;
-        tracing::info!(after = %after_id, "watcher opened");
-        Ok(tonic::Response::new(stream))
+        Ok(tonic::Response::new(self.feed.watch(&after_id).await?))
     }
 
     async fn create_consignments(

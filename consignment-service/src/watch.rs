@@ -77,6 +77,7 @@ impl Feed {
                 ))
             })?,
         };
+        tracing::info!(after = %after_id, position, "watcher opened");
         let latest = self.latest().clone();
         let (sender, receiver) = mpsc::channel(BUFFER);
         tokio::spawn(serve_watcher(self.repository.clone(), latest, position, sender, permit));
