@@ -223,7 +223,7 @@ async fn a_watcher_opened_before_five_creations_receives_exactly_those_five_in_o
     let shippy = Shippy::on_sqlite();
     let registry = mdns();
     let _vessel = shippy.vessel_service(Place::Here);
-    let _service = shippy.consignment_service(Place::Here, "a", &[]);
+    let service = shippy.consignment_service(Place::Here, "a", &[]);
     wait_for(&registry, &shippy.vessel_name, 1).await;
     shippy.wait_for_boots(&registry, &["a"]).await;
     let shipping = shippy.shipping(&registry);
@@ -232,6 +232,16 @@ async fn a_watcher_opened_before_five_creations_receives_exactly_those_five_in_o
     let watched = Arc::new(Mutex::new(Watched::default()));
     let watcher = follow(shipping.clone(), watched.clone());
     opened(&watched, 1).await;
+    // consignment-cli --watch beside it, printing a JSON object per line.
+    let cli = Process::start(
+        "consignment-cli",
+        &["--watch", "--output", "json"],
+        &[("CONSIGNMENT_SERVICE", shippy.consignment_name.as_str()), ("RUST_LOG", "warn")],
+    );
+    poll_until("consignment-cli's watch opening", CATCH_UP, async || {
+        (service.log().matches("watcher opened").count() >= 2).then_some(())
+    })
+    .await;
     let mut created = Vec::new();
     for i in 0..5 {
         created.push(create(&shipping, &format!("five-{i}")).await);
@@ -242,6 +252,17 @@ async fn a_watcher_opened_before_five_creations_receives_exactly_those_five_in_o
     saw_exactly(&watched, &created).await;
     watcher.abort();
     assert!(!created.contains(&before));
+    let printed = poll_until("consignment-cli printing the six", CATCH_UP, async || {
+        let ids: Vec<String> = cli
+            .log()
+            .lines()
+            .filter_map(|line| serde_json::from_str::<Consignment>(line).ok())
+            .map(|consignment| consignment.id)
+            .collect();
+        (ids.len() >= created.len()).then_some(ids)
+    })
+    .await;
+    assert_eq!(printed, created, "consignment-cli --watch prints each consignment once, in order");
 
     // A watcher resuming after the third sees the rest, and a cursor naming nothing is refused.
     let mut resumed = shipping
@@ -377,6 +398,39 @@ async fn a_bulk_stream_of_a_thousand_sent_twice_stores_each_once() {
         "SELECT count(*), count(DISTINCT id), count(DISTINCT idempotency_key) FROM consignments",
     );
     assert_eq!(counted.trim(), "1000|1000|1000", "each consignment stored once");
+    // consignment-cli --bulk: a file of one consignment per line, sent twice.
+    let lines: Vec<String> =
+        (0..3).map(|i| serde_json::to_string(&consignment(&format!("cli-bulk-{i}"), 1)).unwrap()).collect();
+    let file = shippy.dir.path().join("bulk.jsonl");
+    std::fs::write(&file, lines.join("\n")).unwrap();
+    let run = || {
+        e2e::shippy::run_cli(&shippy.consignment_name, &file, &["--bulk", "--request-id", "cli-bulk"], &[])
+    };
+    let first_run = run().await;
+    assert!(first_run.success, "{}{}", first_run.stdout, first_run.stderr);
+    assert!(
+        first_run.stdout.contains("bulk load of 3: 3 created, 0 stored by an earlier run"),
+        "{}",
+        first_run.stdout
+    );
+    let second_run = run().await;
+    assert!(
+        second_run.stdout.contains("bulk load of 3: 0 created, 3 stored by an earlier run"),
+        "{}",
+        second_run.stdout
+    );
+    let counted =
+        server.query(database, "SELECT count(*) FROM consignments WHERE description LIKE 'cli-bulk-%'");
+    assert_eq!(counted.trim(), "3");
+    std::fs::write(&file, format!("{}\n{{\"weight\": \"heavy\"}}\n", lines[0])).unwrap();
+    let bad = run().await;
+    assert!(!bad.success);
+    assert!(
+        bad.stderr.contains("bulk.jsonl:2:") && bad.stderr.contains("nothing was sent"),
+        "{}",
+        bad.stderr
+    );
+
     // A bad consignment in a stream is listed, and the others are stored.
     let mut mixed = vec![consignment("mixed-0", 1), consignment("mixed-1", 0), consignment("mixed-2", 1)];
     mixed[1].weight = 10;
