@@ -340,29 +340,7 @@ async fn the_dashboard_live_feed_in_a_real_browser() {
         percent_encoded(&format!("{name}/echo.Echo/Count")),
         percent_encoded(r#"{"count": 150}"#)
     );
-    let profile = tempfile::tempdir().expect("a profile folder");
-    let run = tokio::process::Command::new(chromium())
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--no-first-run",
-            "--virtual-time-budget=5000",
-            "--dump-dom",
-        ])
-        .arg(format!("--user-data-dir={}", profile.path().display()))
-        .arg(&url)
-        .kill_on_drop(true)
-        .output();
-    let output = tokio::time::timeout(Duration::from_secs(60), run)
-        .await
-        .expect("chromium must finish within 60 s")
-        .expect("chromium runs");
-    assert!(output.status.success(), "chromium failed: {}", String::from_utf8_lossy(&output.stderr));
-    let dom = String::from_utf8_lossy(&output.stdout).into_owned();
+    let dom = chromium_run(&["--dump-dom"], &url).await;
 
     assert!(dom.contains(&format!(r#"data-feed="{name}/echo.Echo/Count""#)), "Count is listed:\n{dom}");
     assert!(!dom.contains(&format!(r#"data-feed="{name}/echo.Echo/Say""#)), "unary methods are not:\n{dom}");
@@ -374,14 +352,49 @@ async fn the_dashboard_live_feed_in_a_real_browser() {
         .split("<li ")
         .skip(1)
         .map(|item| {
-            let data = item.split_once('>').map(|(_, rest)| rest).unwrap_or_default();
-            let data = data.split("</li>").next().unwrap_or_default().replace("&quot;", "\"");
+            let data = item.split_once("<code>").map(|(_, rest)| rest).unwrap_or_default();
+            let data = data.split("</code>").next().unwrap_or_default().replace("&quot;", "\"");
             json(&data)["text"].as_str().unwrap_or_default().to_owned()
         })
         .collect();
     assert_eq!(texts.len(), 100, "the last 100 are kept:\n{feed}");
     assert_eq!(texts.first().map(String::as_str), Some("150"), "newest first:\n{feed}");
     assert_eq!(texts.last().map(String::as_str), Some("51"), "{feed}");
+
+    // A screenshot for people, kept with the test logs, out of the repository.
+    let screenshot = e2e::process::workspace_root().join("target").join("e2e-logs").join("live-feed.png");
+    let _ = std::fs::remove_file(&screenshot);
+    chromium_run(&[&format!("--screenshot={}", screenshot.display()), "--window-size=1200,1000"], &url).await;
+    let size = std::fs::metadata(&screenshot).map(|m| m.len()).unwrap_or(0);
+    assert!(size > 1000, "chromium wrote a screenshot to {}", screenshot.display());
+}
+
+/// What headless Chromium, with a fresh profile, prints for `url` once its scripts ran,
+/// with `mode`: `--dump-dom`, or `--screenshot=FILE` and a window size.
+async fn chromium_run(mode: &[&str], url: &str) -> String {
+    let profile = tempfile::tempdir().expect("a profile folder");
+    let run = tokio::process::Command::new(chromium())
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            "--virtual-time-budget=5000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .args(mode)
+        .arg(url)
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("chromium must finish within 60 s")
+        .expect("chromium runs");
+    assert!(output.status.success(), "chromium failed: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
 /// Echo's `Count` that counts the replies the stream has produced, i.e. those its caller
