@@ -150,9 +150,20 @@ async fn a_stream_outlives_the_request_timeout() {
     let name = unique_name("echo-forever");
     let _server = echo(&registry, &name, "b").await;
 
-    // A second apart from the first, 400 ms between messages: the 16th comes at least 6 s
-    // after the call began, past the 5 s request timeout (a deadline that cut the stream
-    // would end it with DEADLINE_EXCEEDED before then).
+    // A client stream whose input stays open while the server stream below runs: its
+    // reply comes after the 5 s request timeout, which does not apply to it.
+    let mut collect = micro(&["call", &name, "echo.Echo/Collect"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("micro runs");
+    let mut input = collect.stdin.take().expect("stdin");
+    input.write_all(b"{\"text\": \"before\"}\n").expect("writing stdin");
+
+    // 400 ms between messages: the 16th comes at least 6 s after the call began, past the
+    // 5 s request timeout (a deadline that cut the stream would end it with
+    // DEADLINE_EXCEEDED before then).
     let mut child = micro(&["call", &name, "echo.Echo/Count", r#"{"count": 0, "intervalMs": 400}"#])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -177,4 +188,11 @@ async fn a_stream_outlives_the_request_timeout() {
     assert_eq!(lines.len(), 16, "the stream ended early ({status:?}): {stderr:?}");
     let last: Value = serde_json::from_str(&lines[15]).expect("a JSON line");
     assert_eq!(last["text"], "16", "{lines:?}");
+
+    // Failing here (micro gone, stdin closed) shows in the exit status below.
+    let _ = input.write_all(b"{\"text\": \"after\"}\n");
+    drop(input);
+    let collected = tokio::task::block_in_place(|| collect.wait_with_output()).expect("micro exits");
+    assert!(collected.status.success(), "{}", text(&collected.stderr));
+    assert_eq!(json_lines(&collected)[0]["text"], "before after", "{}", text(&collected.stdout));
 }
