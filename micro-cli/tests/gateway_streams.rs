@@ -305,6 +305,31 @@ async fn a_stream_outlives_the_unary_timeout_and_ends_when_its_client_leaves() {
         (gateway.open_streams().await? == 0.0).then_some(())
     })
     .await;
+
+    // So does an idle one (a minute between replies), as NDJSON, which sends nothing while idle.
+    let mut curl = Command::new("curl")
+        .args([
+            "-sSN",
+            "-H",
+            "Accept: application/x-ndjson",
+            "-d",
+            r#"{"count": 0, "intervalMs": 60000}"#,
+            &count,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("curl runs");
+    let mut lines = BufReader::new(curl.stdout.take().expect("stdout")).lines();
+    let first = tokio::task::block_in_place(|| lines.next()).expect("a first reply").expect("a line");
+    assert_eq!(json(&first)["text"], "1", "{first}");
+    assert_eq!(gateway.open_streams().await, Some(1.0), "the idle stream is open");
+    curl.kill().expect("stopping curl");
+    curl.wait().expect("curl exits");
+    poll_until("the gateway closing the idle stream its client left", STARTUP, async || {
+        (gateway.open_streams().await? == 0.0).then_some(())
+    })
+    .await;
 }
 
 /// Chromium, from `PATH`; fails saying what to install when it is missing.

@@ -15,7 +15,7 @@
 //! dropped, and with it the gRPC stream, which is cancelled. A stream runs until the service
 //! ends it, the client leaves, `X-Timeout` (when given, for the whole stream) passes, or the
 //! gateway shuts down (`event: error`, `UNAVAILABLE`). Idle SSE streams get a comment line
-//! every [`SSE_KEEPALIVE`], so proxies keep them and a departed client is noticed.
+//! every [`SSE_KEEPALIVE`], so proxies do not close them as idle.
 //!
 //! # Examples
 //! ```sh
