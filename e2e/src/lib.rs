@@ -10,6 +10,7 @@
 //! assert!(name.starts_with("vessel-service-"));
 //! ```
 
+pub mod browser;
 pub mod calls;
 pub mod consul;
 pub mod discovery;

@@ -11,6 +11,7 @@ use std::{
 };
 
 use e2e::{
+    browser::{chromium_run, percent_encoded},
     calls::poll_until,
     discovery::{STARTUP, mdns, wait_for},
     hosts::Network,
@@ -109,6 +110,45 @@ impl Shippy {
     fn shipping(&self, registry: &Arc<dyn Registry>) -> ShippingServiceClient<NamedChannel> {
         let client = Client::new(registry.clone()).idempotent_methods(proto::IDEMPOTENT_METHODS);
         ShippingServiceClient::new(client.channel(&self.consignment_name))
+    }
+}
+
+/// `micro gateway` on a port the system picks.
+struct Gateway {
+    _process: Process,
+    url: String,
+}
+
+impl Gateway {
+    async fn start() -> Gateway {
+        let process = Process::start(
+            "micro",
+            &["gateway", "--address", "127.0.0.1:0"],
+            &[("MICRO_LOOKUP_TIMEOUT", "1500")],
+        );
+        let url = poll_until("the gateway's address line", STARTUP, async || {
+            let log = process.log();
+            let line = log.lines().find(|l| l.starts_with("micro gateway on "))?;
+            Some(
+                line.trim_start_matches("micro gateway on ")
+                    .split(' ')
+                    .next()?
+                    .trim_end_matches('/')
+                    .to_owned(),
+            )
+        })
+        .await;
+        Gateway { _process: process, url }
+    }
+}
+
+/// A child process killed when the test is done with it.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
@@ -216,7 +256,9 @@ fn serving(replicas: &[Process], before: &[usize]) -> usize {
     (0..replicas.len()).rfind(|&i| now[i] > before[i]).expect("a replica opened the stream")
 }
 
-/// Test 1: a watcher opened before five creations receives exactly those five, in order.
+/// Test 1: a watcher opened before five creations receives exactly those five, in order:
+/// over gRPC, through consignment-cli --watch, and through the gateway as server-sent
+/// events, read by curl and by the dashboard's live feed in headless Chromium.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_watcher_opened_before_five_creations_receives_exactly_those_five_in_order() {
     e2e::require_private_netns();
@@ -238,8 +280,20 @@ async fn a_watcher_opened_before_five_creations_receives_exactly_those_five_in_o
         &["--watch", "--output", "json"],
         &[("CONSIGNMENT_SERVICE", shippy.consignment_name.as_str()), ("RUST_LOG", "warn")],
     );
-    poll_until("consignment-cli's watch opening", CATCH_UP, async || {
-        (service.log().matches("watcher opened").count() >= 2).then_some(())
+    // And the gateway's server-sent events, read by curl.
+    let gateway = Gateway::start().await;
+    let watch_path =
+        format!("{}/{}/consignment.ShippingService/WatchConsignments", gateway.url, shippy.consignment_name);
+    let events = shippy.dir.path().join("events.txt");
+    let curl = std::process::Command::new("curl")
+        .args(["-sS", "-N", "-H", "Accept: text/event-stream", "-d", "{}", "-o"])
+        .arg(&events)
+        .arg(&watch_path)
+        .spawn()
+        .expect("curl runs (scripts/install-test-deps installs it)");
+    let _curl = KillOnDrop(curl);
+    poll_until("consignment-cli's and curl's watches opening", CATCH_UP, async || {
+        (service.log().matches("watcher opened").count() >= 3).then_some(())
     })
     .await;
     let mut created = Vec::new();
@@ -263,6 +317,37 @@ async fn a_watcher_opened_before_five_creations_receives_exactly_those_five_in_o
     })
     .await;
     assert_eq!(printed, created, "consignment-cli --watch prints each consignment once, in order");
+    let streamed = poll_until("curl receiving the six as server-sent events", CATCH_UP, async || {
+        let text = std::fs::read_to_string(&events).unwrap_or_default();
+        let ids: Vec<String> = text
+            .lines()
+            .filter_map(|line| line.strip_prefix("data: "))
+            .filter_map(|data| serde_json::from_str::<serde_json::Value>(data).ok())
+            .filter_map(|value| value["id"].as_str().map(str::to_owned))
+            .collect();
+        (ids.len() >= created.len()).then_some(ids)
+    })
+    .await;
+    assert_eq!(streamed, created, "the gateway's SSE carries each consignment once, in order");
+    // In a real browser: the dashboard's live feed resumes after the consignment stored
+    // before the watch, and shows the six, newest first.
+    let url = format!(
+        "{}/ui?feed={}&feed_body={}&feed_timeout=3s",
+        gateway.url,
+        percent_encoded(&format!(
+            "{}/consignment.ShippingService/WatchConsignments",
+            shippy.consignment_name
+        )),
+        percent_encoded(&format!(r#"{{"after_id": "{before}"}}"#))
+    );
+    // The watch never ends by itself: the feed's timeout ends it, and Chromium prints the page.
+    let dom = chromium_run(&["--dump-dom"], &url).await;
+    let feed = dom.split(r#"id="feed""#).nth(1).expect("the feed").split("</ol>").next().unwrap_or_default();
+    let shown: Vec<&str> =
+        created.iter().rev().filter(|id| feed.contains(id.as_str())).map(String::as_str).collect();
+    assert_eq!(shown.len(), created.len(), "the live feed shows the six:\n{feed}");
+    let positions: Vec<usize> = created.iter().rev().map(|id| feed.find(id.as_str()).unwrap()).collect();
+    assert!(positions.windows(2).all(|pair| pair[0] < pair[1]), "newest first:\n{feed}");
 
     // A watcher resuming after the third sees the rest, and a cursor naming nothing is refused.
     let mut resumed = shipping

@@ -23,6 +23,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Request;
 
 use e2e::{
+    browser::{chromium_run, percent_encoded},
     calls::poll_until,
     discovery::{STARTUP, mdns, wait_for},
     process::Process,
@@ -332,25 +333,6 @@ async fn a_stream_outlives_the_unary_timeout_and_ends_when_its_client_leaves() {
     .await;
 }
 
-/// Chromium, from `PATH`; fails saying what to install when it is missing.
-fn chromium() -> std::path::PathBuf {
-    let found = std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
-        .flat_map(|dir| ["chromium", "chromium-browser"].map(|name| dir.join(name)))
-        .find(|candidate| candidate.is_file());
-    found.unwrap_or_else(|| {
-        panic!("the live feed test needs a real browser: `apt-get install --no-install-recommends chromium`")
-    })
-}
-
-/// `text` with every byte outside `A-Za-z0-9` percent-encoded, for a query string.
-fn percent_encoded(text: &str) -> String {
-    text.bytes()
-        .map(|b| if b.is_ascii_alphanumeric() { (b as char).to_string() } else { format!("%{b:02X}") })
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_live_feed_in_a_real_browser() {
     let registry = mdns();
@@ -392,34 +374,6 @@ async fn the_dashboard_live_feed_in_a_real_browser() {
     chromium_run(&[&format!("--screenshot={}", screenshot.display()), "--window-size=1200,1000"], &url).await;
     let size = std::fs::metadata(&screenshot).map(|m| m.len()).unwrap_or(0);
     assert!(size > 1000, "chromium wrote a screenshot to {}", screenshot.display());
-}
-
-/// What headless Chromium, with a fresh profile, prints for `url` once its scripts ran,
-/// with `mode`: `--dump-dom`, or `--screenshot=FILE` and a window size.
-async fn chromium_run(mode: &[&str], url: &str) -> String {
-    let profile = tempfile::tempdir().expect("a profile folder");
-    let run = tokio::process::Command::new(chromium())
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--no-first-run",
-            "--virtual-time-budget=5000",
-        ])
-        .arg(format!("--user-data-dir={}", profile.path().display()))
-        .args(mode)
-        .arg(url)
-        .kill_on_drop(true)
-        .output();
-    let output = tokio::time::timeout(Duration::from_secs(60), run)
-        .await
-        .expect("chromium must finish within 60 s")
-        .expect("chromium runs");
-    assert!(output.status.success(), "chromium failed: {}", String::from_utf8_lossy(&output.stderr));
-    String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
 /// Echo's `Count` that counts the replies the stream has produced, i.e. those its caller

@@ -229,9 +229,12 @@ async fn forward_stream(
     let message = transcode::request(descriptor, body)?;
     let request = transcode::call_request(headers, subject.map(|s| s.0.as_str()), message)?
         .map(|message| futures::stream::once(std::future::ready(message)));
-    // X-Timeout, when given, bounds the whole stream; the SDK's request timeout bounds the
-    // call only until its response headers.
-    let limit = transcode::timeout(headers)?;
+    // X-Timeout (or a GET's `timeout` parameter), when given, bounds the whole stream; the
+    // SDK's request timeout bounds the call only until its response headers.
+    let limit = match transcode::timeout(headers)? {
+        Some(limit) => Some(limit),
+        None => stream::query_timeout(asked.query)?,
+    };
     let call = dynamic::streaming(channel, descriptor, request);
     let outcome = match limit {
         Some(limit) => tokio::time::timeout(limit + limit / 10, call).await.unwrap_or_else(|_| {

@@ -44,6 +44,8 @@ pub const NDJSON: &str = "application/x-ndjson";
 pub const SSE_KEEPALIVE: Duration = Duration::from_secs(15);
 /// The query parameter that carries a `GET` stream's request message (EventSource cannot POST).
 pub const BODY_PARAM: &str = "body";
+/// The query parameter of a `GET` stream's whole-stream deadline, as `X-Timeout` gives it.
+pub const TIMEOUT_PARAM: &str = "timeout";
 
 /// How a stream's replies are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,6 +101,27 @@ pub fn query_body(query: Option<&str>, limit: usize) -> Result<Vec<u8>, GatewayE
         return Err(GatewayError::too_large(limit));
     }
     Ok(decoded)
+}
+
+/// The whole-stream deadline a `GET` stream asks for in its `timeout` query parameter (what
+/// `X-Timeout` says for a `POST`: an `EventSource` cannot set headers), if any.
+pub fn query_timeout(query: Option<&str>) -> Result<Option<std::time::Duration>, GatewayError> {
+    let Some(text) = query
+        .into_iter()
+        .flat_map(|query| query.split('&'))
+        .find_map(|pair| pair.strip_prefix(TIMEOUT_PARAM).and_then(|rest| rest.strip_prefix('=')))
+    else {
+        return Ok(None);
+    };
+    let invalid = |why: String| {
+        GatewayError::new(Code::InvalidArgument, format!("query parameter {TIMEOUT_PARAM}: {why}"))
+    };
+    let parsed: micro_core::cli::Seconds = text.parse().map_err(invalid)?;
+    let timeout = std::time::Duration::from(parsed);
+    if timeout.is_zero() {
+        return Err(invalid("must be above zero".into()));
+    }
+    Ok(Some(timeout))
 }
 
 /// `text` with `%XX` escapes decoded and `+` as a space; `None` for a broken escape.
@@ -316,5 +339,11 @@ mod tests {
             StatusCode::PAYLOAD_TOO_LARGE
         );
         assert_eq!(query_body(Some("body=%7"), 100).unwrap_err().code, Code::InvalidArgument);
+        assert_eq!(
+            query_timeout(Some("body=%7B%7D&timeout=2.5")).unwrap(),
+            Some(std::time::Duration::from_millis(2500))
+        );
+        assert_eq!(query_timeout(Some("body=%7B%7D")).unwrap(), None);
+        assert_eq!(query_timeout(Some("timeout=0")).unwrap_err().code, Code::InvalidArgument);
     }
 }
