@@ -340,7 +340,7 @@ mod tests {
         );
         assert_eq!(query_body(Some("body=%7"), 100).unwrap_err().code, Code::InvalidArgument);
         assert_eq!(
-            query_timeout(Some("body=%7B%7D&timeout=2.5")).unwrap(),
+            query_timeout(Some("body=%7B%7D&timeout=2500ms")).unwrap(),
             Some(std::time::Duration::from_millis(2500))
         );
         assert_eq!(query_timeout(Some("body=%7B%7D")).unwrap(), None);
