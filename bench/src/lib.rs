@@ -1,6 +1,7 @@
 //! The pieces of `make bench`: each figure's module, the processes it starts, and the report.
 //! The binaries are `micro-bench` (every figure) and `unary-mimalloc` (figure 1 again, in a
-//! process that allocates with mimalloc).
+//! process that allocates with mimalloc). [`peers`] is the SDK side of `make bench-peers`,
+//! which bench/peers (outside the workspace) uses through a path dependency.
 
 pub mod broker;
 pub mod create;
@@ -10,6 +11,7 @@ pub mod gateway;
 pub mod load;
 pub mod memory;
 pub mod overload;
+pub mod peers;
 pub mod procs;
 pub mod report;
 pub mod resolve;
