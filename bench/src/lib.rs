@@ -1,8 +1,10 @@
 //! The pieces of `make bench`: each figure's module, the processes it starts, and the report.
-//! The binaries are `micro-bench` (every figure) and `unary-mimalloc` (figure 1 again, in a
-//! process that allocates with mimalloc). [`peers`] is the SDK side of `make bench-peers`,
+//! The binaries are `micro-bench` (every figure), `unary-mimalloc` (figure 1 again, in a
+//! process that allocates with mimalloc) and `alloc-per-call` (figure 13, in a process whose
+//! allocator counts). [`peers`] is the SDK side of `make bench-peers`,
 //! which bench/peers (outside the workspace) uses through a path dependency.
 
+pub mod alloc;
 pub mod broker;
 pub mod create;
 pub mod discovery;

@@ -4,7 +4,7 @@
 //!
 //! Run it with `make bench`: it needs the release binaries next to it and a private network
 //! namespace (`scripts/netns-run`) for mDNS. The whole run stops by itself within
-//! [`TIME_LIMIT`]. `--only FIGURE` (unary, resolve, discovery, failover, memory, silent,
+//! [`TIME_LIMIT`]. `--only FIGURE` (unary, alloc, resolve, discovery, failover, memory, silent,
 //! gateway, overload, broker, create, security) measures one figure, e.g. while working on it; `--brokers LIST`
 //! (comma-separated, default every one of [`broker::BACKENDS`]) narrows the broker figure
 //! to some backends.
@@ -13,7 +13,7 @@ use std::{sync::Arc, time::Duration};
 
 use anyhow::Context;
 use bench::{
-    broker, create, discovery, failover, gateway, memory, overload, procs, report, require_private_netns,
+    alloc, broker, create, discovery, failover, gateway, memory, overload, procs, report, require_private_netns,
     resolve, security, silent, unary,
 };
 use micro_core::{Registry, registry::MdnsRegistry};
@@ -73,8 +73,9 @@ async fn main() -> anyhow::Result<()> {
 }
 
 /// The figures `--only` takes, in the order they run.
-const FIGURES: [&str; 11] = [
+const FIGURES: [&str; 12] = [
     "unary",
+    "alloc",
     "resolve",
     "discovery",
     "failover",
@@ -95,6 +96,9 @@ async fn run(only: Option<&str>, brokers: &[String]) -> anyhow::Result<()> {
     if wanted("unary") {
         unary::run(registry.clone()).await.context("figure 1 (unary)")?;
         unary::run_under_mimalloc().await.context("figure 1 again, under mimalloc")?;
+    }
+    if wanted("alloc") {
+        alloc::run_in_child().await.context("figure 13 (allocations per call)")?;
     }
     if wanted("resolve") {
         resolve::run().await.context("figure 2 (resolution)")?;

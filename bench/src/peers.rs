@@ -4,8 +4,8 @@
 //! what is volo's; this module is compiled by `make test` with the rest of `bench`, so an
 //! SDK change that would break bench/peers breaks the workspace's build instead.
 //!
-//! - the handler both servers share ([`VesselHandler`]: vessel-service's fleet, fit rule and
-//!   booked loads), which the volo-grpc server wraps;
+//! - the handler both servers share ([`VesselHandler`]: vessel-service's own), which the
+//!   volo-grpc server wraps;
 //! - the vessel-service process and micro's named client to it ([`start_vessel_service`],
 //!   [`micro_client`]);
 //! - a round of calls through any [`Caller`] and the printed figures ([`round`], [`print`]).
@@ -23,10 +23,8 @@ use anyhow::{Context, bail};
 use micro_core::{Client, NamedChannel, Node, Registry, registry::MemoryRegistry};
 use proto::vessel::{Specification, Vessel, vessel_service_client::VesselServiceClient};
 use tonic::Status;
-use vessel_service::{
-    Fleet,
-    store::{ReservationStore, SqliteStore},
-};
+use proto::vessel::vessel_service_server::VesselService;
+use vessel_service::{Fleet, store::SqliteStore};
 
 use crate::{
     load::{Caller, concurrent, sequential},
@@ -46,31 +44,21 @@ pub const LOAD: Duration = Duration::from_millis(1_000);
 /// Name vessel-service registers under in the peers' memory registry.
 const VESSEL_SERVICE: &str = "vessel-service";
 
-/// FindAvailable as vessel-service answers it: the same fleet, fit rule and booked loads
-/// (read from a reservation store on every call), for a server other than the SDK's.
-pub struct VesselHandler {
-    fleet: Fleet,
-    store: Arc<dyn ReservationStore>,
-}
+/// vessel-service's own handler (its fleet, fit rule and booked loads, read from a
+/// reservation store on every call), for a server other than the SDK's to wrap.
+pub struct VesselHandler(vessel_service::VesselHandler);
 
 impl VesselHandler {
-    /// The default fleet with an empty in-memory SQLite store, as a fresh vessel-service has.
+    /// The default fleet with an empty in-memory SQLite store, as the bench runs vessel-service.
     pub fn in_memory() -> anyhow::Result<Self> {
         let store = SqliteStore::in_memory().context("an in-memory reservation store")?;
-        Ok(VesselHandler { fleet: Fleet::default(), store: Arc::new(store) })
+        Ok(VesselHandler(vessel_service::VesselHandler::new(Fleet::default(), Arc::new(store))))
     }
 
-    /// The vessel that fits `spec`, or the status vessel-service would answer:
-    /// `InvalidArgument`, `Unavailable` (the store failed) or `FailedPrecondition` (none fits).
-    pub async fn find_available(&self, spec: &Specification) -> Result<Vessel, Status> {
-        if spec.capacity <= 0 || spec.max_weight <= 0 {
-            return Err(Status::invalid_argument("capacity and max_weight must both be positive"));
-        }
-        let loads = self.store.loads().await.map_err(|err| Status::unavailable(err.to_string()))?;
-        self.fleet
-            .find_available(spec, &loads)
-            .cloned()
-            .ok_or_else(|| Status::failed_precondition("no available vessel fits"))
+    /// The vessel that fits `spec`, or the status vessel-service answers.
+    pub async fn find_available(&self, spec: Specification) -> Result<Vessel, Status> {
+        let answer = self.0.find_available(tonic::Request::new(spec)).await?.into_inner();
+        answer.vessel.ok_or_else(|| Status::internal("vessel-service answered without a vessel"))
     }
 }
 
@@ -207,11 +195,9 @@ mod tests {
     #[tokio::test]
     async fn the_shared_handler_answers_as_vessel_service_does() {
         let handler = VesselHandler::in_memory().expect("a store");
-        let vessel = handler.find_available(&crate::load::spec()).await.expect("the default fleet fits");
+        let vessel = handler.find_available(crate::load::spec()).await.expect("the default fleet fits");
         assert!(vessel.capacity >= 3 && vessel.max_weight >= 55_000, "{vessel:?}");
         let bad = Specification { capacity: 0, max_weight: 1 };
-        assert_eq!(handler.find_available(&bad).await.unwrap_err().code(), tonic::Code::InvalidArgument);
-        let huge = Specification { capacity: 1, max_weight: i32::MAX };
-        assert_eq!(handler.find_available(&huge).await.unwrap_err().code(), tonic::Code::FailedPrecondition);
+        assert_eq!(handler.find_available(bad).await.unwrap_err().code(), tonic::Code::InvalidArgument);
     }
 }

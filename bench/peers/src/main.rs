@@ -36,7 +36,7 @@ impl vg::VesselService for VoloVessels {
     ) -> Result<volo_grpc::Response<vg::Response>, volo_grpc::Status> {
         let asked = request.into_inner();
         let spec = proto::vessel::Specification { capacity: asked.capacity, max_weight: asked.max_weight };
-        let v = self.0.find_available(&spec).await.map_err(volo_status)?;
+        let v = self.0.find_available(spec).await.map_err(volo_status)?;
         Ok(volo_grpc::Response::new(vg::Response {
             vessel: Some(vg::Vessel {
                 id: v.id.into(),
