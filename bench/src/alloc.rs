@@ -68,12 +68,14 @@ pub async fn run() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let address = listener.local_addr()?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let raw_server = tokio::spawn(tonic::transport::Server::builder().add_service(handler()?).serve_with_incoming_shutdown(
-        TcpIncoming::from(listener).with_nodelay(Some(true)),
-        async {
-            let _ = stopped.await;
-        },
-    ));
+    let raw_server = tokio::spawn(
+        tonic::transport::Server::builder().add_service(handler()?).serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            async {
+                let _ = stopped.await;
+            },
+        ),
+    );
     let mut raw = VesselServiceClient::new(raw_channel(address).await?);
 
     sequential(&mut sdk, WARM_UP_CALLS).await?;

@@ -13,8 +13,8 @@ use std::{sync::Arc, time::Duration};
 
 use anyhow::Context;
 use bench::{
-    alloc, broker, create, discovery, failover, gateway, memory, overload, procs, report, require_private_netns,
-    resolve, security, silent, unary,
+    alloc, broker, create, discovery, failover, gateway, memory, overload, procs, report,
+    require_private_netns, resolve, security, silent, unary,
 };
 use micro_core::{Registry, registry::MdnsRegistry};
 use tokio::time::Instant;

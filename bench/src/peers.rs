@@ -21,9 +21,9 @@ use std::{
 
 use anyhow::{Context, bail};
 use micro_core::{Client, NamedChannel, Node, Registry, registry::MemoryRegistry};
+use proto::vessel::vessel_service_server::VesselService;
 use proto::vessel::{Specification, Vessel, vessel_service_client::VesselServiceClient};
 use tonic::Status;
-use proto::vessel::vessel_service_server::VesselService;
 use vessel_service::{Fleet, store::SqliteStore};
 
 use crate::{
