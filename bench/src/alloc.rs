@@ -124,12 +124,16 @@ pub async fn run_in_child() -> anyhow::Result<()> {
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()?;
-    if let Some(pid) = child.id() {
+    let pid = child.id();
+    if let Some(pid) = pid {
         procs::track(pid);
     }
     let output = tokio::time::timeout(Duration::from_secs(120), child.wait_with_output())
         .await
         .context("alloc-per-call did not end within 120 s")??;
+    if let Some(pid) = pid {
+        procs::untrack(pid);
+    }
     anyhow::ensure!(output.status.success(), "alloc-per-call failed: {}", output.status);
     let baseline_is = "raw tonic client and server, same handler, same process";
     let mut found = 0;

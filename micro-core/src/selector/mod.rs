@@ -51,25 +51,12 @@ pub(crate) trait Instance: Sync {
     fn load(&self, now: Instant) -> Load;
 }
 
-/// Instances read by index: a slice or a `Vec` of them, behind one `dyn`.
+/// Instances read by index (a client's `Vec` of endpoints), behind one `dyn`, so
+/// [`Candidates`] stays one type whatever holds them.
 pub(crate) trait Instances: Sync {
     fn count(&self) -> usize;
     fn node_at(&self, slot: usize) -> &Node;
     fn load_at(&self, slot: usize, now: Instant) -> Load;
-}
-
-impl<T: Instance> Instances for [T] {
-    fn count(&self) -> usize {
-        self.len()
-    }
-
-    fn node_at(&self, slot: usize) -> &Node {
-        self[slot].node()
-    }
-
-    fn load_at(&self, slot: usize, now: Instant) -> Load {
-        self[slot].load(now)
-    }
 }
 
 impl<T: Instance> Instances for Vec<T> {
