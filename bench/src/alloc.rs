@@ -1,4 +1,4 @@
-//! Figure 13, `alloc_per_call`: heap allocations (and bytes) per unary FindAvailable call,
+//! Figure 14, `alloc_per_call`: heap allocations (and bytes) per unary FindAvailable call,
 //! the SDK's client and server against raw tonic's client and server, in one process.
 //!
 //! It runs in `alloc-per-call`, a child process whose global allocator counts
@@ -115,7 +115,7 @@ pub async fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Figure 13 from `alloc-per-call`, a child process with the counting allocator; its lines
+/// Figure 14 from `alloc-per-call`, a child process with the counting allocator; its lines
 /// come back here as figures.
 pub async fn run_in_child() -> anyhow::Result<()> {
     eprintln!("[alloc] allocations per call, in alloc-per-call");

@@ -1,6 +1,6 @@
 //! The pieces of `make bench`: each figure's module, the processes it starts, and the report.
 //! The binaries are `micro-bench` (every figure), `unary-mimalloc` (figure 1 again, in a
-//! process that allocates with mimalloc) and `alloc-per-call` (figure 13, in a process whose
+//! process that allocates with mimalloc) and `alloc-per-call` (figure 14, in a process whose
 //! allocator counts). [`peers`] is the SDK side of `make bench-peers`,
 //! which bench/peers (outside the workspace) uses through a path dependency.
 
@@ -19,6 +19,7 @@ pub mod report;
 pub mod resolve;
 pub mod security;
 pub mod silent;
+pub mod stream;
 pub mod unary;
 
 use anyhow::bail;

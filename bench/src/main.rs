@@ -5,7 +5,7 @@
 //! Run it with `make bench`: it needs the release binaries next to it and a private network
 //! namespace (`scripts/netns-run`) for mDNS. The whole run stops by itself within
 //! [`TIME_LIMIT`]. `--only FIGURE` (unary, alloc, resolve, discovery, failover, memory, silent,
-//! gateway, overload, broker, create, security) measures one figure, e.g. while working on it; `--brokers LIST`
+//! gateway, overload, broker, create, security, stream) measures one figure, e.g. while working on it; `--brokers LIST`
 //! (comma-separated, default every one of [`broker::BACKENDS`]) narrows the broker figure
 //! to some backends.
 
@@ -14,7 +14,7 @@ use std::{sync::Arc, time::Duration};
 use anyhow::Context;
 use bench::{
     alloc, broker, create, discovery, failover, gateway, memory, overload, procs, report,
-    require_private_netns, resolve, security, silent, unary,
+    require_private_netns, resolve, security, silent, stream, unary,
 };
 use micro_core::{Registry, registry::MdnsRegistry};
 use tokio::time::Instant;
@@ -73,7 +73,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 /// The figures `--only` takes, in the order they run.
-const FIGURES: [&str; 12] = [
+const FIGURES: [&str; 13] = [
     "unary",
     "alloc",
     "resolve",
@@ -86,6 +86,7 @@ const FIGURES: [&str; 12] = [
     "broker",
     "create",
     "security",
+    "stream",
 ];
 
 /// Every figure, or only the one named; the broker figure for the backends in `brokers`.
@@ -98,7 +99,7 @@ async fn run(only: Option<&str>, brokers: &[String]) -> anyhow::Result<()> {
         unary::run_under_mimalloc().await.context("figure 1 again, under mimalloc")?;
     }
     if wanted("alloc") {
-        alloc::run_in_child().await.context("figure 13 (allocations per call)")?;
+        alloc::run_in_child().await.context("figure 14 (allocations per call)")?;
     }
     if wanted("resolve") {
         resolve::run().await.context("figure 2 (resolution)")?;
@@ -131,6 +132,10 @@ async fn run(only: Option<&str>, brokers: &[String]) -> anyhow::Result<()> {
     if wanted("security") {
         security::run_authz().context("figure 12 (policy decisions)")?;
         security::run_mtls(registry.clone()).await.context("figure 12 (mutual TLS)")?;
+    }
+    if wanted("stream") {
+        stream::run_throughput().await.context("figure 13 (stream throughput)")?;
+        stream::run_resume(registry.clone()).await.context("figure 13 (stream resume)")?;
     }
     Ok(())
 }

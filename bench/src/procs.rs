@@ -189,6 +189,16 @@ impl Service {
         }
     }
 
+    /// How many kept log lines (the first 200) contain `text`.
+    pub fn log_count(&self, text: &str) -> usize {
+        self.log.lock().expect("log lock").iter().filter(|line| line.contains(text)).count()
+    }
+
+    /// Whether the child has not exited.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// SIGKILL, then reap.
     pub async fn kill(mut self) {
         let _ = self.child.kill().await;

@@ -1,5 +1,10 @@
 //! consignment-cli: reads a consignment from a JSON file, asks `consignment-service` (found
 //! by name through the registry) to store it, prints the result and every stored consignment.
+//! `--bulk` stores a file of one consignment per line in one stream; `--watch` prints
+//! consignments as they are stored.
+
+mod bulk;
+mod watch;
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -24,9 +29,22 @@ const IDEMPOTENT_REPLAYED_HEADER: &str = "idempotent-replayed";
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Cli {
-    /// JSON file with the consignment: description, weight, containers.
+    /// JSON file with the consignment: description, weight, containers (with --bulk, one
+    /// consignment per line).
     #[arg(default_value = "consignment.json")]
     file: PathBuf,
+    /// Store every consignment of FILE, one JSON object per line, in one stream; a run
+    /// again with the same --request-id stores nothing twice.
+    #[arg(long, conflicts_with = "watch")]
+    bulk: bool,
+    /// Print consignments as they are stored (a JSON object per line with --output json),
+    /// until interrupted; FILE is not read. The stream is reopened after the last one
+    /// printed when its instance goes away, so none is missed or printed twice.
+    #[arg(long)]
+    watch: bool,
+    /// With --watch: start after this consignment instead of from now.
+    #[arg(long, requires = "watch")]
+    after: Option<String>,
     /// Name under which consignment-service is registered.
     #[arg(long, env = "CONSIGNMENT_SERVICE", default_value = "consignment-service")]
     consignment_service: String,
@@ -106,7 +124,12 @@ fn read_consignment(path: &PathBuf) -> anyhow::Result<Consignment> {
 const CONNECT_NAME: &str = "consignment-cli";
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let consignment = read_consignment(&cli.file)?;
+    // Bad input fails before anything is sent.
+    let (consignment, bulk) = match (cli.watch, cli.bulk) {
+        (true, _) => (None, None),
+        (false, true) => (None, Some(bulk::read_lines(&cli.file)?)),
+        (false, false) => (Some(read_consignment(&cli.file)?), None),
+    };
     let request_id = cli.request_id.unwrap_or_else(new_request_id);
     let registry_config = RegistryConfig::from(cli.registry);
     let registry = registry_config.connect().await.context("cannot open the registry")?;
@@ -115,6 +138,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .tls(cli.tls.load_for(&registry_config, CONNECT_NAME).await?)
         .idempotent_methods(proto::IDEMPOTENT_METHODS);
     let mut shipping = ShippingServiceClient::new(client.channel(&cli.consignment_service));
+    if let Some(consignments) = bulk {
+        return bulk::load(shipping, consignments, &request_id, cli.output).await;
+    }
+    let Some(consignment) = consignment else {
+        return watch::watch(shipping, cli.after, cli.output).await;
+    };
 
     // The SDK client resends a call that carries the key when an instance fails; the
     // service stores it once.

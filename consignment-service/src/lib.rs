@@ -22,13 +22,14 @@
 
 pub mod outbox;
 pub mod repository;
+pub mod watch;
 
 use std::{sync::Arc, time::Duration};
 
 use micro_core::NamedChannel;
 use proto::{
     consignment::{
-        Consignment, CreateSummary, GetRequest, Response, SettleRequest, Settlement, WatchRequest,
+        Consignment, CreateSummary, GetRequest, Rejection, Response, SettleRequest, Settlement, WatchRequest,
         shipping_service_server::{ShippingService, ShippingServiceServer},
     },
     vessel::{
@@ -65,6 +66,12 @@ pub const MAX_DESCRIPTION_BYTES: usize = 1024;
 pub const MAX_CONTAINERS: usize = 10_000;
 /// The largest request message, in bytes; beyond it a call fails `RESOURCE_EXHAUSTED`.
 pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+/// The most consignments one `CreateConsignments` stream may carry.
+pub const MAX_BULK_CONSIGNMENTS: usize = 10_000;
+/// At most this many rejections are listed in a `CreateSummary`.
+pub const MAX_LISTED_REJECTIONS: usize = 100;
+/// The bytes a bulk load's per-consignment key adds to the stream's key: `/` and the index.
+const MAX_BULK_INDEX_BYTES: usize = 6;
 /// At most this many container problems are listed in one error message.
 const MAX_LISTED_CONTAINER_PROBLEMS: usize = 10;
 
@@ -93,6 +100,7 @@ pub struct ShippingHandler {
     holder: String,
     stored: Option<Arc<tokio::sync::Notify>>,
     fault: Option<FaultPoint>,
+    feed: watch::Feed,
 }
 
 impl ShippingHandler {
@@ -105,6 +113,7 @@ impl ShippingHandler {
     ) -> Self {
         let vessel_service = vessels.name().to_owned();
         ShippingHandler {
+            feed: watch::Feed::new(repository.clone()),
             repository,
             vessels: VesselServiceClient::new(vessels),
             vessel_service,
@@ -191,6 +200,67 @@ impl ShippingHandler {
             tracing::warn!(reservation = %reservation_id, service = %self.vessel_service, error = %status.message(), "reservation not released; vessel-service releases it when it expires");
         }
     }
+
+    /// Creates one consignment under `key` (when given): the stored consignment, and whether
+    /// it was stored by an earlier call with the same key.
+    async fn create(&self, requested: Consignment, key: Option<&str>) -> Result<(Consignment, bool), Status> {
+        let key = key.map(str::to_owned);
+        validate(&requested)?;
+        // A call seen before is answered from the store, without asking for a vessel again.
+        if let Some(key) = &key
+            && let Some(stored) = self.repository.find_by_key(key).await.map_err(storage_status)?
+        {
+            return replay(key, stored, &requested).map(|stored| (stored, true));
+        }
+        let capacity = i32::try_from(requested.containers.len())
+            .map_err(|_| Status::invalid_argument("containers: too many"))?;
+        let spec = Specification { capacity, max_weight: requested.weight };
+        let mut consignment = requested.clone();
+        if consignment.id.is_empty() {
+            consignment.id = new_consignment_id();
+        }
+        let reservation = self.reserve(spec, &consignment.id, key.as_deref()).await?;
+        if requested.id.is_empty() && !reservation.consignment_id.is_empty() {
+            // An earlier attempt with the same key made the hold: store under its id.
+            consignment.id = reservation.consignment_id.clone();
+        }
+        consignment.vessel_id =
+            reservation.vessel.as_ref().map(|vessel| vessel.id.clone()).unwrap_or_default();
+        consignment.reservation_id = reservation.id.clone();
+        if self.fault == Some(FaultPoint::PauseAfterReserve) {
+            tracing::warn!(reservation = %reservation.id, consignment = %consignment.id, "fault point reached: pausing after the reservation");
+            std::future::pending::<()>().await;
+        }
+        let created = match self.repository.create(consignment, key.as_deref()).await {
+            Ok(created) => created,
+            Err(RepositoryError::ReservationAbandoned(id)) => {
+                return Err(Status::unavailable(format!(
+                    "the room {} held for this consignment lapsed before it was stored (reservation {id}); \
+                     nothing was stored: try again",
+                    self.vessel_service
+                )));
+            }
+            Err(err) => {
+                self.abandon(&reservation.id).await;
+                return Err(storage_status(err));
+            }
+        };
+        if created.replayed {
+            // A concurrent call with the same key stored first; a hold of our own goes back.
+            if created.consignment.reservation_id != reservation.id {
+                self.abandon(&reservation.id).await;
+            }
+            return replay(key.as_deref().unwrap_or_default(), created.consignment, &requested)
+                .map(|stored| (stored, true));
+        }
+        let stored = created.consignment;
+        if let Some(notify) = &self.stored {
+            notify.notify_one();
+        }
+        self.feed.stored();
+        tracing::info!(consignment = %stored.id, vessel = %stored.vessel_id, reservation = %stored.reservation_id, weight = stored.weight, containers = stored.containers.len(), key = key.as_deref().unwrap_or(""), "consignment stored");
+        Ok((stored, false))
+    }
 }
 
 /// Checks what a consignment must have before any vessel is asked for; the message names
@@ -254,11 +324,7 @@ fn same_consignment(stored: &Consignment, requested: &Consignment) -> bool {
 
 /// The answer to a call whose key was used before: the first result, or `ALREADY_EXISTS`
 /// when the key was used for another consignment.
-fn replay(
-    key: &str,
-    stored: Consignment,
-    requested: &Consignment,
-) -> Result<tonic::Response<Response>, Status> {
+fn replay(key: &str, stored: Consignment, requested: &Consignment) -> Result<Consignment, Status> {
     if !same_consignment(&stored, requested) {
         return Err(Status::already_exists(format!(
             "{IDEMPOTENCY_KEY_HEADER} {key:?} was already used for consignment {} with different contents; \
@@ -267,10 +333,7 @@ fn replay(
         )));
     }
     tracing::info!(consignment = %stored.id, %key, "replayed: already stored under this idempotency key");
-    let mut response =
-        tonic::Response::new(Response { created: true, consignment: Some(stored), consignments: vec![] });
-    response.metadata_mut().insert(IDEMPOTENT_REPLAYED_HEADER, "true".parse().expect("ASCII"));
-    Ok(response)
+    Ok(stored)
 }
 
 /// Maps a status from `vessel-service` onto this service's meaning of it.
@@ -293,6 +356,12 @@ fn remap_vessel_status(service: &str, status: Status) -> Status {
         )),
         _ => internal(format!("{service} failed: {status}")),
     }
+}
+
+/// Whether a creation failing with `code` is refused for what it is (a bulk load lists it and
+/// goes on), rather than failing for the moment (the bulk load stops).
+fn is_rejection(code: Code) -> bool {
+    matches!(code, Code::InvalidArgument | Code::FailedPrecondition | Code::AlreadyExists)
 }
 
 fn storage_status(err: RepositoryError) -> Status {
@@ -330,60 +399,101 @@ impl ShippingService for ShippingHandler {
         request: Request<Consignment>,
     ) -> Result<tonic::Response<Response>, Status> {
         let key = idempotency_key(request.metadata())?;
-        let requested = request.into_inner();
-        validate(&requested)?;
-        // A call seen before is answered from the store, without asking for a vessel again.
+        let (stored, replayed) = self.create(request.into_inner(), key.as_deref()).await?;
+        let mut response =
+            tonic::Response::new(Response { created: true, consignment: Some(stored), consignments: vec![] });
+        if replayed {
+            response.metadata_mut().insert(IDEMPOTENT_REPLAYED_HEADER, "true".parse().expect("ASCII"));
+        }
+        Ok(response)
+    }
+
+    type WatchConsignmentsStream = ConsignmentStream;
+
+    async fn watch_consignments(
+        &self,
+        request: Request<WatchRequest>,
+    ) -> Result<tonic::Response<ConsignmentStream>, Status> {
+        let after_id = request.into_inner().after_id;
+        Ok(tonic::Response::new(self.feed.watch(&after_id).await?))
+    }
+
+    async fn create_consignments(
+        &self,
+        request: Request<tonic::Streaming<Consignment>>,
+    ) -> Result<tonic::Response<CreateSummary>, Status> {
+        let key = idempotency_key(request.metadata())?;
         if let Some(key) = &key
-            && let Some(stored) = self.repository.find_by_key(key).await.map_err(storage_status)?
+            && key.len() > MAX_IDEMPOTENCY_KEY_BYTES - MAX_BULK_INDEX_BYTES
         {
-            return replay(key, stored, &requested);
+            return Err(Status::invalid_argument(format!(
+                "{IDEMPOTENCY_KEY_HEADER}: at most {} bytes on a stream (each consignment's key adds its \
+                 index), got {}",
+                MAX_IDEMPOTENCY_KEY_BYTES - MAX_BULK_INDEX_BYTES,
+                key.len()
+            )));
         }
-        let capacity = i32::try_from(requested.containers.len())
-            .map_err(|_| Status::invalid_argument("containers: too many"))?;
-        let spec = Specification { capacity, max_weight: requested.weight };
-        let mut consignment = requested.clone();
-        if consignment.id.is_empty() {
-            consignment.id = new_consignment_id();
-        }
-        let reservation = self.reserve(spec, &consignment.id, key.as_deref()).await?;
-        if requested.id.is_empty() && !reservation.consignment_id.is_empty() {
-            // An earlier attempt with the same key made the hold: store under its id.
-            consignment.id = reservation.consignment_id.clone();
-        }
-        consignment.vessel_id =
-            reservation.vessel.as_ref().map(|vessel| vessel.id.clone()).unwrap_or_default();
-        consignment.reservation_id = reservation.id.clone();
-        if self.fault == Some(FaultPoint::PauseAfterReserve) {
-            tracing::warn!(reservation = %reservation.id, consignment = %consignment.id, "fault point reached: pausing after the reservation");
-            std::future::pending::<()>().await;
-        }
-        let created = match self.repository.create(consignment, key.as_deref()).await {
-            Ok(created) => created,
-            Err(RepositoryError::ReservationAbandoned(id)) => {
-                return Err(Status::unavailable(format!(
-                    "the room {} held for this consignment lapsed before it was stored (reservation {id}); \
-                     nothing was stored: try again",
-                    self.vessel_service
+        let mut messages = request.into_inner();
+        let mut summary = CreateSummary::default();
+        let mut index: u32 = 0;
+        while let Some(requested) = messages.message().await? {
+            if index as usize >= MAX_BULK_CONSIGNMENTS {
+                return Err(Status::resource_exhausted(format!(
+                    "at most {MAX_BULK_CONSIGNMENTS} consignments per stream; the first {MAX_BULK_CONSIGNMENTS} \
+                     were handled: send the rest in another stream"
                 )));
             }
-            Err(err) => {
-                self.abandon(&reservation.id).await;
-                return Err(storage_status(err));
+            let item_key = key.as_ref().map(|key| format!("{key}/{index}"));
+            match self.create(requested, item_key.as_deref()).await {
+                Ok((stored, replayed)) => {
+                    match replayed {
+                        true => summary.replayed += 1,
+                        false => summary.created += 1,
+                    }
+                    summary.consignment_ids.push(stored.id);
+                }
+                Err(status) if is_rejection(status.code()) => {
+                    summary.rejected += 1;
+                    if summary.rejections.len() < MAX_LISTED_REJECTIONS {
+                        summary.rejections.push(Rejection {
+                            index,
+                            code: micro_core::metrics::code_name(status.code()).to_owned(),
+                            message: status.message().to_owned(),
+                        });
+                    }
+                }
+                Err(status) => {
+                    let resend = match &key {
+                        Some(_) => {
+                            format!("send the stream again with the same {IDEMPOTENCY_KEY_HEADER} to go on")
+                        }
+                        None => format!(
+                            "with an {IDEMPOTENCY_KEY_HEADER} on the stream, sending it again would store nothing twice"
+                        ),
+                    };
+                    return Err(Status::new(
+                        status.code(),
+                        format!(
+                            "consignment {index} of the stream failed: {}; the {index} before it were handled \
+                             ({} stored, {} replayed, {} rejected): {resend}",
+                            status.message(),
+                            summary.created,
+                            summary.replayed,
+                            summary.rejected
+                        ),
+                    ));
+                }
             }
-        };
-        if created.replayed {
-            // A concurrent call with the same key stored first; a hold of our own goes back.
-            if created.consignment.reservation_id != reservation.id {
-                self.abandon(&reservation.id).await;
-            }
-            return replay(key.as_deref().unwrap_or_default(), created.consignment, &requested);
+            index += 1;
         }
-        let stored = created.consignment;
-        if let Some(notify) = &self.stored {
-            notify.notify_one();
-        }
-        tracing::info!(consignment = %stored.id, vessel = %stored.vessel_id, reservation = %stored.reservation_id, weight = stored.weight, containers = stored.containers.len(), key = key.as_deref().unwrap_or(""), "consignment stored");
-        Ok(tonic::Response::new(Response { created: true, consignment: Some(stored), consignments: vec![] }))
+        tracing::info!(
+            created = summary.created,
+            replayed = summary.replayed,
+            rejected = summary.rejected,
+            key = key.as_deref().unwrap_or(""),
+            "bulk load handled"
+        );
+        Ok(tonic::Response::new(summary))
     }
 
     async fn settle_reservation(
@@ -400,22 +510,6 @@ impl ShippingService for ShippingHandler {
             Settled::Stored(consignment_id) => Settlement { stored: true, consignment_id },
             Settled::Abandoned => Settlement { stored: false, consignment_id: String::new() },
         }))
-    }
-
-    type WatchConsignmentsStream = ConsignmentStream;
-
-    async fn watch_consignments(
-        &self,
-        _request: Request<WatchRequest>,
-    ) -> Result<tonic::Response<ConsignmentStream>, Status> {
-        Err(Status::unimplemented("WatchConsignments"))
-    }
-
-    async fn create_consignments(
-        &self,
-        _request: Request<tonic::Streaming<Consignment>>,
-    ) -> Result<tonic::Response<CreateSummary>, Status> {
-        Err(Status::unimplemented("CreateConsignments"))
     }
 
     async fn get_consignments(

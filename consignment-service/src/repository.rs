@@ -226,6 +226,17 @@ pub trait ConsignmentRepository: Send + Sync + 'static {
     async fn find_by_key(&self, key: &str) -> Result<Option<Consignment>, RepositoryError>;
     /// Every stored consignment, oldest first.
     async fn list(&self) -> Result<Vec<Consignment>, RepositoryError>;
+    /// Where consignment `id` stands in the order consignments were stored, if it is stored.
+    /// Positions grow in the order creations commit, for every replica of the database.
+    async fn position_of(&self, id: &str) -> Result<Option<i64>, RepositoryError>;
+    /// The position of the newest stored consignment; 0 when none is.
+    async fn latest_position(&self) -> Result<i64, RepositoryError>;
+    /// Up to `limit` consignments stored after `position`, oldest first, each with its own.
+    async fn stored_after(
+        &self,
+        position: i64,
+        limit: usize,
+    ) -> Result<Vec<(i64, Consignment)>, RepositoryError>;
 }
 
 /// Consignments in an SQLite database: a file in WAL mode with `synchronous=FULL` (each
@@ -551,45 +562,85 @@ impl ConsignmentRepository for SqliteRepository {
     }
 
     async fn list(&self) -> Result<Vec<Consignment>, RepositoryError> {
+        let listed = self.stored_after(0, usize::MAX).await?;
+        Ok(listed.into_iter().map(|(_, consignment)| consignment).collect())
+    }
+
+    async fn position_of(&self, id: &str) -> Result<Option<i64>, RepositoryError> {
+        let id = id.to_owned();
         let path = self.path.clone();
+        self.with_connection(move |connection| {
+            connection
+                .query_row("SELECT seq FROM consignments WHERE id = ?1", [id], |row| row.get(0))
+                .optional()
+                .map_err(|source| RepositoryError::Database { path, source })
+        })
+        .await
+    }
+
+    async fn latest_position(&self) -> Result<i64, RepositoryError> {
+        let path = self.path.clone();
+        self.with_connection(move |connection| {
+            connection
+                .query_row("SELECT COALESCE(MAX(seq), 0) FROM consignments", [], |row| row.get(0))
+                .map_err(|source| RepositoryError::Database { path, source })
+        })
+        .await
+    }
+
+    async fn stored_after(
+        &self,
+        position: i64,
+        limit: usize,
+    ) -> Result<Vec<(i64, Consignment)>, RepositoryError> {
+        let path = self.path.clone();
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.with_connection(move |connection| {
             let db = |source| RepositoryError::Database { path: path.clone(), source };
             // One read transaction, so consignments and containers come from the same snapshot.
             let transaction = connection.transaction().map_err(db)?;
-            let mut consignments: Vec<(i64, Consignment)> = {
-                let mut statement =
-                    transaction.prepare_cached(&format!("{SELECT_CONSIGNMENT} ORDER BY seq")).map_err(db)?;
-                statement.query_map([], consignment_row).map_err(db)?.collect::<rusqlite::Result<_>>().map_err(db)?
-            };
-            {
-                let mut statement = transaction
-                    .prepare_cached(
-                        "SELECT consignment_seq, id, customer_id, origin, user_id FROM containers ORDER BY consignment_seq, position",
-                    )
-                    .map_err(db)?;
-                let mut rows = statement.query([]).map_err(db)?;
-                let mut at = 0;
-                while let Some(row) = rows.next().map_err(db)? {
-                    let seq: i64 = row.get(0).map_err(db)?;
-                    while at < consignments.len() && consignments[at].0 < seq {
-                        at += 1;
-                    }
-                    let container = Container {
-                        id: row.get(1).map_err(db)?,
-                        customer_id: row.get(2).map_err(db)?,
-                        origin: row.get(3).map_err(db)?,
-                        user_id: row.get(4).map_err(db)?,
-                    };
-                    if let Some((_, consignment)) = consignments.get_mut(at).filter(|(s, _)| *s == seq) {
-                        consignment.containers.push(container);
-                    }
-                }
-            }
+            let read = read_after(&transaction, position, limit).map_err(db)?;
             transaction.commit().map_err(db)?;
-            Ok(consignments.into_iter().map(|(_, consignment)| consignment).collect())
+            Ok(read)
         })
         .await
     }
+}
+
+/// Up to `limit` consignments after `position`, oldest first, with their containers.
+fn read_after(
+    connection: &Connection,
+    position: i64,
+    limit: i64,
+) -> rusqlite::Result<Vec<(i64, Consignment)>> {
+    let mut consignments: Vec<(i64, Consignment)> = {
+        let mut statement = connection
+            .prepare_cached(&format!("{SELECT_CONSIGNMENT} WHERE seq > ?1 ORDER BY seq LIMIT ?2"))?;
+        statement.query_map(params![position, limit], consignment_row)?.collect::<rusqlite::Result<_>>()?
+    };
+    let Some(last) = consignments.last().map(|(seq, _)| *seq) else { return Ok(consignments) };
+    let mut statement = connection.prepare_cached(
+        "SELECT consignment_seq, id, customer_id, origin, user_id FROM containers
+         WHERE consignment_seq > ?1 AND consignment_seq <= ?2 ORDER BY consignment_seq, position",
+    )?;
+    let mut rows = statement.query(params![position, last])?;
+    let mut at = 0;
+    while let Some(row) = rows.next()? {
+        let seq: i64 = row.get(0)?;
+        while at < consignments.len() && consignments[at].0 < seq {
+            at += 1;
+        }
+        let container = Container {
+            id: row.get(1)?,
+            customer_id: row.get(2)?,
+            origin: row.get(3)?,
+            user_id: row.get(4)?,
+        };
+        if let Some((_, consignment)) = consignments.get_mut(at).filter(|(s, _)| *s == seq) {
+            consignment.containers.push(container);
+        }
+    }
+    Ok(consignments)
 }
 
 #[cfg(test)]
@@ -616,6 +667,26 @@ mod tests {
                 .collect(),
             reservation_id: String::new(),
         }
+    }
+
+    #[tokio::test]
+    async fn positions_follow_the_order_of_storing_and_a_page_resumes_after_one() {
+        let repository = SqliteRepository::in_memory().unwrap();
+        assert_eq!(repository.latest_position().await.unwrap(), 0);
+        for id in ["a", "b", "c"] {
+            repository.create(sample(id, 2), None).await.unwrap();
+        }
+        let first = repository.stored_after(0, 2).await.unwrap();
+        let ids: Vec<&str> = first.iter().map(|(_, c)| c.id.as_str()).collect();
+        assert_eq!(ids, ["a", "b"]);
+        assert!(first.iter().all(|(_, c)| c.containers.len() == 2), "{first:?}");
+        let rest = repository.stored_after(first[1].0, 10).await.unwrap();
+        assert_eq!(rest.iter().map(|(_, c)| c.id.as_str()).collect::<Vec<_>>(), ["c"]);
+        assert_eq!(rest[0].1.containers.len(), 2);
+        assert_eq!(repository.position_of("b").await.unwrap(), Some(first[1].0));
+        assert_eq!(repository.position_of("nowhere").await.unwrap(), None);
+        assert_eq!(repository.latest_position().await.unwrap(), rest[0].0);
+        assert!(repository.stored_after(rest[0].0, 10).await.unwrap().is_empty());
     }
 
     #[tokio::test]

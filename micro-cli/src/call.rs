@@ -1,17 +1,19 @@
-//! `micro call NAME METHOD JSON`: a unary call through the registry, with the request and
-//! reply types learned from the server's gRPC reflection (see [`crate::dynamic`]).
+//! `micro call NAME METHOD [JSON]`: a call through the registry, with the request and reply
+//! types learned from the server's gRPC reflection (see [`crate::dynamic`]). This file
+//! resolves the method and makes unary calls; streaming methods are `call_stream.rs`'s.
 
 use micro_core::NamedChannel;
+use prost_reflect::MethodDescriptor;
 
 use crate::{
     dynamic::{self, REFLECTION_HINT},
     exit::Failure,
 };
 
-/// Calls `method` (`package.Service/Method` or `package.Service.Method`) on `channel` with
-/// `json` as the request; returns the reply as JSON. Fails with the gRPC code of a failed
-/// call or reflection request, [`Failure::Other`] for bad input.
-pub async fn call(channel: NamedChannel, method: &str, json: &str) -> Result<String, Failure> {
+/// The descriptor of `method` (`package.Service/Method`, `package.Service.Method`, or a bare
+/// `Method` that one listed service has) from `channel`'s server reflection. Fails with the
+/// gRPC code of a failed reflection request, [`Failure::Other`] for a bad method name.
+pub async fn resolve(channel: NamedChannel, method: &str) -> Result<MethodDescriptor, Failure> {
     let resolved;
     let method = if method.contains(['/', '.']) {
         method
@@ -35,20 +37,19 @@ pub async fn call(channel: NamedChannel, method: &str, json: &str) -> Result<Str
         code: tonic::Code::NotFound,
         message: format!("{} does not describe {service}; {REFLECTION_HINT}", channel.name()),
     })?;
-    let method = descriptor.methods().find(|m| m.name() == method_name).ok_or_else(|| {
+    descriptor.methods().find(|m| m.name() == method_name).ok_or_else(|| {
         let known: Vec<String> = descriptor.methods().map(|m| m.name().to_owned()).collect();
         Failure::Other(format!("{service} has no method {method_name}; it has {}", known.join(", ")))
-    })?;
-    if method.is_client_streaming() || method.is_server_streaming() {
-        return Err(Failure::Other(format!(
-            "{} is a streaming method; micro call makes unary calls",
-            method.full_name()
-        )));
-    }
-    let request = dynamic::request_from_json(&method, json.as_bytes())
+    })
+}
+
+/// Calls unary `method` on `channel` with `json` as the request; returns the reply as JSON.
+/// Fails with the gRPC code of a failed call, [`Failure::Other`] for bad input.
+pub async fn call(channel: NamedChannel, method: &MethodDescriptor, json: &str) -> Result<String, Failure> {
+    let request = dynamic::request_from_json(method, json.as_bytes())
         .map_err(|err| Failure::Other(format!("request JSON for {}: {err}", method.input().full_name())))?;
     // The caller names the call ("call NAME METHOD: …"); the status says how it failed.
-    let reply = dynamic::unary(channel, &method, tonic::Request::new(request)).await.map_err(|status| {
+    let reply = dynamic::unary(channel, method, tonic::Request::new(request)).await.map_err(|status| {
         Failure::CallFailed {
             code: status.code(),
             message: format!("{}: {}", micro_core::metrics::code_name(status.code()), status.message()),

@@ -6,6 +6,8 @@
 //! it, as `grpc.reflection.v1alpha` (what most servers deployed before 2023 serve, grpc-go
 //! and Python's grpcio among them); the two have the same messages.
 //!
+//! Streaming methods go through [`streaming`], whichever side streams.
+//!
 //! # Examples
 //! ```ignore
 //! let pool = dynamic::descriptors(channel.clone(), &["vessel.VesselService".into()]).await?;
@@ -232,6 +234,31 @@ pub async fn unary(
     let path =
         http::uri::PathAndQuery::try_from(path).map_err(|err| tonic::Status::internal(err.to_string()))?;
     grpc.unary(request, path, DynamicCodec { output: method.output() }).await
+}
+
+/// Calls streaming `method` (client, server or both) through `channel`: the request's
+/// messages are sent as its stream yields them, and the replies come as a stream. The
+/// SDK's deadline covers the call until the server's response headers only, so a stream
+/// may run for as long as both ends keep it open; dropping the reply stream cancels it.
+pub async fn streaming<S>(
+    channel: NamedChannel,
+    method: &MethodDescriptor,
+    request: tonic::Request<S>,
+) -> Result<tonic::Response<tonic::Streaming<DynamicMessage>>, tonic::Status>
+where
+    S: futures::Stream<Item = DynamicMessage> + Send + 'static,
+{
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.map_err(|err| tonic::Status::unavailable(err.to_string()))?;
+    let path = format!("/{}/{}", method.parent_service().full_name(), method.name());
+    let path =
+        http::uri::PathAndQuery::try_from(path).map_err(|err| tonic::Status::internal(err.to_string()))?;
+    grpc.streaming(request, path, DynamicCodec { output: method.output() }).await
+}
+
+/// `message` in the proto3 JSON mapping on one line, as streams print it.
+pub fn to_json_line(message: &DynamicMessage) -> String {
+    serde_json::to_string(message).expect("a dynamic message serializes")
 }
 
 /// Encodes any dynamic message; decodes replies of one message type.

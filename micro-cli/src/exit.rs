@@ -3,14 +3,14 @@
 //! | code | meaning |
 //! | --- | --- |
 //! | 0 | success |
-//! | 1 | any other failure: bad input (request JSON, method name, settings), unreadable TLS files |
+//! | 1 | any other failure: bad input (request JSON, a client stream's stdin line, method name, settings), unreadable TLS files |
 //! | 2 | usage: an unknown command, flag or value (clap's own code) |
 //! | 3 | not found: no instance of the name is registered |
 //! | 4 | found but not serving: instances are registered, none is `SERVING` or pickable |
 //! | 5 | registry unreachable: the registry could not be asked |
 //! | 6 | broker unreachable: the message broker could not be reached, or refused or failed a publish or subscribe |
 //! | 7 | timed out: `micro subscribe --timeout` passed before `--count` messages arrived |
-//! | 64 + N | `micro call`: the call failed with gRPC status code N (grpcurl's convention), e.g. 73 `FAILED_PRECONDITION`, 78 `UNAVAILABLE` |
+//! | 64 + N | `micro call`: the call (a stream too, after the replies it printed) failed with gRPC status code N (grpcurl's convention), e.g. 73 `FAILED_PRECONDITION`, 78 `UNAVAILABLE` |
 
 use std::process::ExitCode;
 

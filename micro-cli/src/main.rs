@@ -6,6 +6,7 @@
 
 mod authz;
 mod call;
+mod call_stream;
 mod certs;
 mod dynamic;
 mod exit;
@@ -25,7 +26,7 @@ mod why;
 
 use std::{net::SocketAddr, process::ExitCode, time::Duration};
 
-use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum, parser::ValueSource};
 use micro_core::{
     Error,
     cli::{BrokerArgs, ClientArgs, LogArgs, RegistryArgs, TlsArgs},
@@ -84,16 +85,18 @@ enum Command {
         /// Service names.
         names: Vec<String>,
     },
-    /// Make a unary call through the registry, learning the types from server reflection,
-    /// and print the reply as JSON.
+    /// Make a call through the registry, learning the types from server reflection, and
+    /// print the reply as JSON. A streaming method's replies are printed one JSON line each
+    /// as they come; a client-streaming method reads its requests from stdin, one JSON
+    /// message per line.
     Call {
         /// The service name.
         name: String,
         /// `package.Service/Method`, e.g. `vessel.VesselService/FindAvailable`.
         method: String,
-        /// The request as JSON, e.g. `{"capacity": 3, "max_weight": 55000}`.
-        #[arg(default_value = "{}")]
-        json: String,
+        /// The request as JSON, e.g. `{"capacity": 3, "max_weight": 55000}`; `{}` when left
+        /// out. Not for a client-streaming method, whose requests come from stdin.
+        json: Option<String>,
     },
     /// Explain discovery for a name: what the registry holds, which instances a client
     /// could call and why not the others, and which would be picked next; fails (exit 3, 4
@@ -178,7 +181,15 @@ async fn main() -> ExitCode {
         Command::Certs(args) => certs::certs(args),
         Command::Authz(command) => authz::authz(command),
         Command::New(args) => new::new(args, cli.registry.registry).map(out::line),
-        command => run(Cli { command, ..cli }).await,
+        command => {
+            // A client-streaming call waits for its reply headers until the input ends, so it
+            // gets the request timeout only when one is set.
+            let timeout_set = matches!(
+                matches.value_source("client_request_timeout"),
+                Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+            );
+            run(Cli { command, ..cli }, timeout_set).await
+        }
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
@@ -189,7 +200,7 @@ async fn main() -> ExitCode {
 /// The name `micro` presents under Consul Connect, unless `MICRO_CONSUL_CONNECT_NAME` says.
 const CONNECT_NAME: &str = "micro";
 
-async fn run(cli: Cli) -> Result<(), Failure> {
+async fn run(cli: Cli, request_timeout_set: bool) -> Result<(), Failure> {
     let config = RegistryConfig::from(cli.registry);
     let tls = cli.tls.load_for(&config, CONNECT_NAME).await?;
     let client_config = ClientConfig::from_args(cli.client, config.lookup_timeout)?;
@@ -216,14 +227,32 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Call { name, method, json } => {
             lookup::find(&registry, &name).await?;
             let client = micro_core::Client::new(registry.clone()).config(client_config).tls(tls);
-            let reply =
-                call::call(client.channel(&name), &method, &json).await.map_err(|failure| match failure {
-                    Failure::CallFailed { code, message } => {
-                        Failure::CallFailed { code, message: format!("call {name} {method}: {message}") }
-                    }
-                    other => other,
-                })?;
-            out::line(reply);
+            let named = |failure| match failure {
+                Failure::CallFailed { code, message } => {
+                    Failure::CallFailed { code, message: format!("call {name} {method}: {message}") }
+                }
+                other => other,
+            };
+            let descriptor = call::resolve(client.channel(&name), &method).await.map_err(named)?;
+            if descriptor.is_client_streaming() {
+                let client = match request_timeout_set {
+                    true => client,
+                    false => client.request_timeout(call_stream::CLIENT_STREAM_TIMEOUT),
+                };
+                let stdin = std::io::BufReader::new(std::io::stdin());
+                call_stream::call(client.channel(&name), &descriptor, json.as_deref(), stdin)
+                    .await
+                    .map_err(named)?;
+            } else if descriptor.is_server_streaming() {
+                let stdin = std::io::BufReader::new(std::io::empty());
+                call_stream::call(client.channel(&name), &descriptor, json.as_deref(), stdin)
+                    .await
+                    .map_err(named)?;
+            } else {
+                let json = json.as_deref().unwrap_or("{}");
+                let reply = call::call(client.channel(&name), &descriptor, json).await.map_err(named)?;
+                out::line(reply);
+            }
         }
         Command::Why { name, version, metadata } => {
             let explanation = why::explain(registry, &name, (version, metadata), client_config, tls).await;

@@ -7,6 +7,7 @@
 //! | `micro_server_requests_total` | `method`, `code` |
 //! | `micro_server_request_duration_seconds` (histogram) | `method` |
 //! | `micro_server_requests_in_flight` | `method` |
+//! | `micro_server_stream_messages_total` (streaming methods) | `method`, `direction` (`received`, `sent`) |
 //! | `micro_server_concurrency_limit` (the current limit) | `service`, `scope` |
 //! | `micro_server_concurrency_in_flight` (calls held by the limit) | `service`, `scope` |
 //! | `micro_server_refused_total` (calls refused over the limit) | `service`, `scope` |
@@ -58,6 +59,15 @@ use prometheus_client::{
 pub struct MethodLabels {
     /// `/package.Service/Method`.
     pub method: String,
+}
+
+/// Labels of a streaming method's messages.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StreamLabels {
+    /// `/package.Service/Method`.
+    pub method: String,
+    /// `received` or `sent`.
+    pub direction: String,
 }
 
 /// Labels of a served call's outcome.
@@ -214,6 +224,8 @@ pub struct Metrics {
     pub server_duration: Family<MethodLabels, Histogram, fn() -> Histogram>,
     /// Calls being served, by method.
     pub server_in_flight: Family<MethodLabels, Gauge>,
+    /// Messages of streaming methods, by method and direction.
+    pub server_stream_messages: Family<StreamLabels, Counter>,
     /// Each concurrency limit's current value.
     pub limit: Family<LimitLabels, Gauge>,
     /// Calls each concurrency limit holds.
@@ -281,6 +293,7 @@ pub fn metrics() -> &'static Metrics {
             server_requests: Family::default(),
             server_duration: Family::new_with_constructor(latency_histogram),
             server_in_flight: Family::default(),
+            server_stream_messages: Family::default(),
             limit: Family::default(),
             limit_in_flight: Family::default(),
             limit_refused: Family::default(),
@@ -308,6 +321,11 @@ pub fn metrics() -> &'static Metrics {
                 "server_requests_in_flight",
                 "gRPC calls being served",
                 metrics.server_in_flight.clone(),
+            );
+            registry.register(
+                "server_stream_messages",
+                "Messages of streaming calls served, received and sent",
+                metrics.server_stream_messages.clone(),
             );
             registry.register(
                 "server_concurrency_limit",

@@ -508,7 +508,7 @@ fn warn_unreflected(served: &[&str], sets: &[&[u8]]) {
 /// The full names (`package.Service`) of the services in encoded `FileDescriptorSet`s.
 fn described_services(sets: &[&[u8]]) -> Vec<String> {
     let mut names: Vec<String> =
-        crate::middleware::described_methods(sets).into_iter().map(|(service, _)| service).collect();
+        crate::middleware::described_methods(sets).into_iter().map(|described| described.service).collect();
     names.dedup();
     names
 }

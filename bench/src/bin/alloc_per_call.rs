@@ -1,4 +1,4 @@
-//! alloc-per-call: figure 13 of micro-bench, heap allocations and bytes per unary call, the
+//! alloc-per-call: figure 14 of micro-bench, heap allocations and bytes per unary call, the
 //! SDK's client and server against raw tonic's, in a process whose global allocator counts
 //! (the system allocator, counted by `stats_alloc`). micro-bench starts it and reports its
 //! figures; run alone (inside `scripts/netns-run`), it prints them.

@@ -31,6 +31,9 @@ use super::{CONSIGNMENT_CREATED, ConsignmentRepository, Created, OutboxEvent, Re
 /// The advisory lock migrations take, so replicas starting together migrate once.
 const MIGRATION_LOCK: i64 = 0x636f_6e73_6967; // "consig"
 
+/// The advisory lock each creation holds from its insert to its commit (see `try_create`).
+const STORE_ORDER_LOCK: i64 = 0x636f_6e73_6f72; // "consor"
+
 /// The schema, one step per version, recorded in `schema_migrations`; a step is never
 /// edited once released, only new steps are appended.
 const MIGRATIONS: &[&str] = &[
@@ -168,6 +171,10 @@ impl PostgresRepository {
                 )));
             }
         }
+        // Consignments are stored one at a time across replicas, so positions (`seq`) become
+        // visible in order and a watcher that has read up to one position never finds an
+        // older one committed later.
+        transaction.execute("SELECT pg_advisory_xact_lock($1)", &[&STORE_ORDER_LOCK]).await?;
         let insert = transaction
             .prepare_cached(
                 "INSERT INTO consignments (id, description, weight, vessel_id, idempotency_key, reservation_id)
@@ -379,8 +386,36 @@ impl ConsignmentRepository for PostgresRepository {
     }
 
     async fn list(&self) -> Result<Vec<Consignment>, RepositoryError> {
+        let listed = self.stored_after(0, usize::MAX).await?;
+        Ok(listed.into_iter().map(|(_, consignment)| consignment).collect())
+    }
+
+    async fn position_of(&self, id: &str) -> Result<Option<i64>, RepositoryError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt("SELECT seq FROM consignments WHERE id = $1", &[&id])
+            .await
+            .map_err(|err| self.error(err))?;
+        Ok(row.map(|row| row.get(0)))
+    }
+
+    async fn latest_position(&self) -> Result<i64, RepositoryError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one("SELECT COALESCE(MAX(seq), 0)::bigint FROM consignments", &[])
+            .await
+            .map_err(|err| self.error(err))?;
+        Ok(row.get(0))
+    }
+
+    async fn stored_after(
+        &self,
+        position: i64,
+        limit: usize,
+    ) -> Result<Vec<(i64, Consignment)>, RepositoryError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let mut client = self.client().await?;
-        let listed = async {
+        let read = async {
             // One snapshot for consignments and containers alike.
             let transaction = client
                 .build_transaction()
@@ -388,29 +423,37 @@ impl ConsignmentRepository for PostgresRepository {
                 .read_only(true)
                 .start()
                 .await?;
-            let rows = transaction.query(&format!("{SELECT_CONSIGNMENT} ORDER BY seq"), &[]).await?;
-            let mut consignments: Vec<(i64, Consignment)> = rows.iter().map(consignment_row).collect();
             let rows = transaction
                 .query(
-                    "SELECT consignment_seq, id, customer_id, origin, user_id FROM containers
-                     ORDER BY consignment_seq, position",
-                    &[],
+                    &format!("{SELECT_CONSIGNMENT} WHERE seq > $1 ORDER BY seq LIMIT $2"),
+                    &[&position, &limit],
                 )
                 .await?;
-            let mut at = 0;
-            for row in &rows {
-                let seq: i64 = row.get(0);
-                while at < consignments.len() && consignments[at].0 < seq {
-                    at += 1;
-                }
-                if let Some((_, consignment)) = consignments.get_mut(at).filter(|(s, _)| *s == seq) {
-                    consignment.containers.push(container_row(row, 1));
+            let mut consignments: Vec<(i64, Consignment)> = rows.iter().map(consignment_row).collect();
+            if let Some(last) = consignments.last().map(|(seq, _)| *seq) {
+                let rows = transaction
+                    .query(
+                        "SELECT consignment_seq, id, customer_id, origin, user_id FROM containers
+                         WHERE consignment_seq > $1 AND consignment_seq <= $2
+                         ORDER BY consignment_seq, position",
+                        &[&position, &last],
+                    )
+                    .await?;
+                let mut at = 0;
+                for row in &rows {
+                    let seq: i64 = row.get(0);
+                    while at < consignments.len() && consignments[at].0 < seq {
+                        at += 1;
+                    }
+                    if let Some((_, consignment)) = consignments.get_mut(at).filter(|(s, _)| *s == seq) {
+                        consignment.containers.push(container_row(row, 1));
+                    }
                 }
             }
             transaction.commit().await?;
-            Ok::<_, tokio_postgres::Error>(consignments.into_iter().map(|(_, c)| c).collect())
+            Ok::<_, tokio_postgres::Error>(consignments)
         }
         .await;
-        listed.map_err(|err| self.error(err))
+        read.map_err(|err| self.error(err))
     }
 }

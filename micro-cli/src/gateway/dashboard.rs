@@ -4,7 +4,10 @@
 //! and its methods' calls per second, error ratio, p50 and p99 (read from the instances'
 //! metrics, see `method_stats.rs`); and the registry broker's topics with their
 //! subscribers. The page loads methods and schemas from `GET /{service}` and calls them
-//! with `POST`.
+//! with `POST`. Its live feed follows a server-streaming method with `EventSource` on the
+//! gateway's server-sent events (`GET /{service}/{package.Service}/{Method}?body=JSON`, see
+//! `stream.rs`), newest reply first, the last 100 kept; `/ui?feed=SERVICE/package.Service/Method`
+//! (and `&feed_body=JSON`) starts it once the page has loaded.
 
 use std::{
     collections::HashMap,

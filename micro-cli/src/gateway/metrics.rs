@@ -6,6 +6,7 @@
 //! | `micro_gateway_requests_total` | `service`, `method`, `status` |
 //! | `micro_gateway_request_duration_seconds` (histogram) | `service`, `method` |
 //! | `micro_gateway_auth_failures_total` | `reason` |
+//! | `micro_gateway_open_streams` (gauge) | none: server-streaming responses being sent now |
 //!
 //! Labels are bounded: `service` and `method` are only names the registry listed and
 //! reflection described, at most [`MAX_SERIES`] pairs; anything else is [`OTHER`]. An
@@ -22,6 +23,7 @@ use prometheus_client::{
     metrics::{
         counter::Counter,
         family::Family,
+        gauge::Gauge,
         histogram::{Histogram, exponential_buckets},
     },
     registry::Registry,
@@ -57,6 +59,7 @@ struct GatewayMetrics {
     requests: Family<RequestLabels, Counter>,
     auth_failures: Family<AuthLabels, Counter>,
     duration: Family<MethodLabels, Histogram, fn() -> Histogram>,
+    open_streams: Gauge,
     named: Mutex<HashSet<(String, String)>>,
     registry: Registry,
 }
@@ -79,7 +82,13 @@ fn metrics() -> &'static GatewayMetrics {
             "Requests refused for their credentials (401) or by the policy (403)",
             auth_failures.clone(),
         );
-        GatewayMetrics { requests, auth_failures, duration, named: Mutex::default(), registry }
+        let open_streams = Gauge::default();
+        registry.register(
+            "open_streams",
+            "Server-streaming responses being sent now (SSE or NDJSON)",
+            open_streams.clone(),
+        );
+        GatewayMetrics { requests, auth_failures, duration, open_streams, named: Mutex::default(), registry }
     })
 }
 
@@ -101,6 +110,24 @@ pub fn record(service: &str, method: &str, status: u16, seconds: f64) {
         .get_or_create(&RequestLabels { service: service.clone(), method: method.clone(), status })
         .inc();
     metrics.duration.get_or_create(&MethodLabels { service, method }).observe(seconds);
+}
+
+/// One streaming response being sent: counted in `micro_gateway_open_streams` from
+/// [`OpenStream::new`] until dropped.
+pub struct OpenStream(());
+
+impl OpenStream {
+    /// Counts a stream as open.
+    pub fn new() -> Self {
+        metrics().open_streams.inc();
+        OpenStream(())
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        metrics().open_streams.dec();
+    }
 }
 
 /// Counts a request refused for `reason`, one of a fixed set.

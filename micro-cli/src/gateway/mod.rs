@@ -11,6 +11,7 @@
 //! | reflection cache per service, refreshed on registry changes | `gateway/reflection.rs` |
 //! | JSON and headers to a call and back, schemas | `gateway/transcode.rs` |
 //! | gRPC code to HTTP status, the error body | `gateway/status.rs` |
+//! | server-streaming methods as server-sent events or NDJSON | `gateway/stream.rs` |
 //! | Prometheus metrics | `gateway/metrics.rs` |
 //! | rate limits per client address and per route, `429` with `Retry-After` | `gateway/ratelimit.rs` |
 //! | the dashboard at `/ui` and its page | `gateway/dashboard.rs`, `gateway/page.html` |
@@ -32,6 +33,7 @@ mod ratelimit;
 mod reflection;
 mod routes;
 mod status;
+mod stream;
 mod transcode;
 
 use std::{net::SocketAddr, sync::Arc};
@@ -94,6 +96,9 @@ pub struct Gateway {
     methods: method_stats::MethodStats,
     /// Who may call, and what.
     auth: Arc<auth::Authenticator>,
+    /// Turns true when the gateway shuts down, so open streams end (`UNAVAILABLE`) and the
+    /// graceful shutdown does not wait on them for ever.
+    stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Serves until SIGINT or SIGTERM, then finishes the requests in flight.
@@ -120,6 +125,7 @@ pub async fn run(args: GatewayArgs, client: Client, tls: Option<TlsConfig>) -> R
         .collect();
     let authenticator = auth::Authenticator::new(&args.auth)?;
     authenticator.check_address(args.address, args.auth.insecure)?;
+    let (stop_streams, stopping) = tokio::sync::watch::channel(false);
     let gateway = Arc::new(Gateway {
         cache: ReflectionCache::new(client),
         max_body: args.max_body,
@@ -129,6 +135,7 @@ pub async fn run(args: GatewayArgs, client: Client, tls: Option<TlsConfig>) -> R
         methods: method_stats::MethodStats::default(),
         limits: Arc::new(ratelimit::RateLimits::new(client_rate, &route_rates)),
         auth: Arc::new(authenticator),
+        stopping,
     });
     let listener = tokio::net::TcpListener::bind(args.address).await.map_err(|err| {
         Failure::Other(format!("gateway address {} (MICRO_GATEWAY_ADDRESS): {err}", args.address))
@@ -140,18 +147,20 @@ pub async fn run(args: GatewayArgs, client: Client, tls: Option<TlsConfig>) -> R
     crate::out::line(format!("micro gateway on http://{address}/ (dashboard: http://{address}/ui)"));
     // The client's address keys its rate limit.
     axum::serve(listener, routes::router(gateway).into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(shutdown())
+        .with_graceful_shutdown(shutdown(stop_streams))
         .await
         .map_err(|err| Failure::Other(format!("gateway: {err}")))?;
     tracing::info!("gateway stopped");
     Ok(())
 }
 
-async fn shutdown() {
+/// Waits for SIGINT or SIGTERM, then ends the open streams.
+async fn shutdown(stop_streams: tokio::sync::watch::Sender<bool>) {
     let mut term =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
+    stop_streams.send_replace(true);
 }

@@ -1,7 +1,8 @@
 //! The HTTP routes: `GET /` (services), `GET /healthz`, `GET /metrics`, `GET /{service}`
-//! (methods and schemas), `POST /{service}/{package.Service}/{Method}` (a call), and the
-//! optional CORS layer. Every route but `/healthz` and `/metrics` goes through
-//! authentication (see `auth`).
+//! (methods and schemas), `POST /{service}/{package.Service}/{Method}` (a call; a
+//! server-streaming method's replies stream, see `stream.rs`, and may also be asked with
+//! `GET`, as `EventSource` does), and the optional CORS layer. Every route but `/healthz`
+//! and `/metrics` goes through authentication (see `auth`).
 
 use std::{sync::Arc, time::Instant};
 
@@ -23,6 +24,7 @@ use super::{
     metrics,
     reflection::unknown_method,
     status::GatewayError,
+    stream,
     transcode::{self, FORWARDED_HEADERS, TIMEOUT_HEADER},
 };
 use crate::dynamic;
@@ -43,6 +45,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
             "/{service}/{grpc_service}/{method}",
             // The rate limit first, so refused credentials count against a client's rate too.
             post(call)
+                .get(call)
                 .fallback(use_post)
                 .layer(authenticate)
                 .layer(middleware::from_fn_with_state(gateway.limits.clone(), super::ratelimit::limit)),
@@ -96,6 +99,10 @@ async fn use_post(
     method: Method,
     Path((service, grpc_service, name)): Path<(String, String, String)>,
 ) -> Response {
+    use_post_response(&method, &service, &grpc_service, &name)
+}
+
+fn use_post_response(method: &Method, service: &str, grpc_service: &str, name: &str) -> Response {
     let message = format!(
         "{method} /{service}/{grpc_service}/{name}: a method is called with POST and its request as a JSON \
          body (curl -d '{{...}}'); GET /{service} lists its methods with their request schemas"
@@ -111,6 +118,7 @@ async fn call(
     State(gateway): State<Arc<Gateway>>,
     Path((service, grpc_service, method)): Path<(String, String, String)>,
     subject: Option<Extension<Subject>>,
+    (http_method, uri): (Method, http::Uri),
     headers: HeaderMap,
     body: Body,
 ) -> Response {
@@ -118,7 +126,8 @@ async fn call(
     let mut labels = (metrics::OTHER.to_owned(), metrics::OTHER.to_owned());
     let subject = subject.map(|Extension(subject)| subject);
     let call = (service.as_str(), grpc_service.as_str(), method.as_str());
-    let result = forward(&gateway, call, subject.as_ref(), &headers, body, &mut labels).await;
+    let request = Asked { method: http_method, query: uri.query(), headers: &headers, started };
+    let result = forward(&gateway, call, subject.as_ref(), request, body, &mut labels).await;
     let mut response = match result {
         Ok(response) => response,
         Err(err) => {
@@ -129,31 +138,57 @@ async fn call(
     if let Some((name, value)) = transcode::request_id(&headers) {
         response.headers_mut().insert(name, value);
     }
-    metrics::record(&labels.0, &labels.1, response.status().as_u16(), started.elapsed().as_secs_f64());
+    // A stream records itself when it ends.
+    if response.extensions().get::<stream::Recorded>().is_none() {
+        metrics::record(&labels.0, &labels.1, response.status().as_u16(), started.elapsed().as_secs_f64());
+    }
     response
+}
+
+/// What the HTTP request asked, besides its path and body.
+struct Asked<'a> {
+    method: Method,
+    query: Option<&'a str>,
+    headers: &'a HeaderMap,
+    started: Instant,
 }
 
 async fn forward(
     gateway: &Gateway,
     (service, grpc_service, method): (&str, &str, &str),
     subject: Option<&Subject>,
-    headers: &HeaderMap,
+    asked: Asked<'_>,
     body: Body,
     labels: &mut (String, String),
 ) -> Result<Response, GatewayError> {
+    let headers = asked.headers;
     let path = format!("{grpc_service}/{method}");
     // Before anything is looked up, so a denied subject learns nothing of what exists.
     gateway.auth.authorize(subject, &path)?;
-    let body = transcode::read_body(headers, body, gateway.max_body).await?;
+    let body = match asked.method {
+        Method::GET => stream::query_body(asked.query, gateway.max_body)?.into(),
+        _ => transcode::read_body(headers, body, gateway.max_body).await?,
+    };
     let entry = gateway.cache.entry(service).await?;
     let api = entry.api().await?;
     let descriptor = api.method(grpc_service, method).ok_or_else(|| unknown_method(service, &path, &api))?;
     *labels = (service.to_owned(), path.clone());
-    if descriptor.is_client_streaming() || descriptor.is_server_streaming() {
+    if descriptor.is_client_streaming() {
         return Err(GatewayError::new(
             Code::Unimplemented,
-            format!("{path} is a streaming method; the gateway makes unary calls"),
+            format!(
+                "{path} is a client-streaming method: the gateway sends one request message per HTTP \
+                 request; call it with `micro call {service} {path}` (requests as JSON lines on stdin) \
+                 or a gRPC client"
+            ),
         ));
+    }
+    if descriptor.is_server_streaming() {
+        let call = (entry.channel.clone(), &descriptor);
+        return forward_stream(gateway, (service, &path), subject, &asked, &body, labels, call).await;
+    }
+    if asked.method == Method::GET {
+        return Ok(use_post_response(&asked.method, service, grpc_service, method));
     }
     let message = transcode::request(&descriptor, &body)?;
     let request = transcode::call_request(headers, subject.map(|s| s.0.as_str()), message)?;
@@ -177,6 +212,48 @@ async fn forward(
             ..GatewayError::new(status.code(), format!("{service} {path}: {}", status.message()))
         }),
     }
+}
+
+/// A server-streaming call: the reply stream as SSE or NDJSON, after the call's headers came.
+async fn forward_stream(
+    gateway: &Gateway,
+    (service, path): (&str, &str),
+    subject: Option<&Subject>,
+    asked: &Asked<'_>,
+    body: &[u8],
+    labels: &(String, String),
+    (channel, descriptor): (micro_core::NamedChannel, &prost_reflect::MethodDescriptor),
+) -> Result<Response, GatewayError> {
+    let headers = asked.headers;
+    let format = stream::negotiate(headers, path)?;
+    let message = transcode::request(descriptor, body)?;
+    let request = transcode::call_request(headers, subject.map(|s| s.0.as_str()), message)?
+        .map(|message| futures::stream::once(std::future::ready(message)));
+    // X-Timeout, when given, bounds the whole stream; the SDK's request timeout bounds the
+    // call only until its response headers.
+    let limit = transcode::timeout(headers)?;
+    let call = dynamic::streaming(channel, descriptor, request);
+    let outcome = match limit {
+        Some(limit) => tokio::time::timeout(limit + limit / 10, call).await.unwrap_or_else(|_| {
+            Err(tonic::Status::deadline_exceeded(format!("no reply within X-Timeout {limit:?}")))
+        }),
+        None => call.await,
+    };
+    let response = outcome.map_err(|status| GatewayError {
+        headers: Box::new(transcode::headers_of(status.metadata())),
+        ..GatewayError::new(status.code(), format!("{service} {path}: {}", status.message()))
+    })?;
+    let metadata = transcode::headers_of(response.metadata());
+    let remaining = limit.map(|limit| limit.saturating_sub(asked.started.elapsed()));
+    tracing::debug!(%service, %path, ?format, "stream opened");
+    Ok(stream::response(
+        response.into_inner(),
+        format,
+        (metadata, remaining),
+        gateway.stopping.clone(),
+        format!("{service} {path}"),
+        stream::Recording { labels: labels.clone(), started: asked.started },
+    ))
 }
 
 async fn not_found(method: Method, uri: http::Uri) -> GatewayError {

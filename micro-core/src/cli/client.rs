@@ -24,10 +24,19 @@ pub struct ClientArgs {
     /// How a channel picks an instance per call.
     #[arg(long, env = "MICRO_CLIENT_SELECTOR", value_enum, default_value_t = StrategyKind::default())]
     pub client_selector: StrategyKind,
-    /// Milliseconds a call may take, retries included, unless the caller sets a shorter
-    /// deadline; carried to the server as `grpc-timeout`.
+    /// Milliseconds a call may take until its response headers, retries included, unless
+    /// the caller sets its own deadline; carried to the server as `grpc-timeout`. A server
+    /// stream runs on after its headers (see the stream settings).
     #[arg(long, env = "MICRO_CLIENT_REQUEST_TIMEOUT", default_value_t = Millis::from_units(DEFAULT_REQUEST_TIMEOUT_MS))]
     pub client_request_timeout: Millis,
+    /// Milliseconds a server or bidirectional stream may run after its headers before it
+    /// ends with DEADLINE_EXCEEDED; 0: as long as it lasts.
+    #[arg(long, env = "MICRO_CLIENT_STREAM_TIMEOUT", default_value_t = Millis::from_units(0))]
+    pub client_stream_timeout: Millis,
+    /// Milliseconds a stream may go without a message before it ends with
+    /// DEADLINE_EXCEEDED; 0: no limit.
+    #[arg(long, env = "MICRO_CLIENT_STREAM_IDLE_TIMEOUT", default_value_t = Millis::from_units(0))]
+    pub client_stream_idle_timeout: Millis,
     /// Retries after a failed attempt, each on another instance when there is one.
     #[arg(long, env = "MICRO_CLIENT_RETRIES", default_value_t = DEFAULT_RETRIES)]
     pub client_retries: u32,
@@ -97,6 +106,8 @@ impl ClientConfig {
             strategy: args.client_selector,
             lookup_timeout,
             request_timeout: args.client_request_timeout.into(),
+            stream_timeout: args.client_stream_timeout.into(),
+            stream_idle_timeout: args.client_stream_idle_timeout.into(),
             retries: args.client_retries,
             retry_budget_percent: args.client_retry_budget,
             refresh_interval: args.client_refresh_interval.into(),

@@ -37,6 +37,7 @@ use super::{
     failure::{CallSite, Failure, chain_has, go_away_reason, is_unprocessed, retried},
     outlier::Verdict,
     replay::Replay,
+    stream::StreamDeadlineBody,
 };
 use crate::{
     BoxError,
@@ -119,7 +120,12 @@ impl ChannelCore {
                 finish.complete(response.headers());
                 Ok(response)
             }
-            Ok(response) => Ok(response.map(|body| Body::new(StatusBody::new(body, finish)))),
+            Ok(response) => Ok(response.map(|body| {
+                let config = &finish.core.config;
+                let (whole, idle) = (config.stream_timeout, config.stream_idle_timeout);
+                let body = StreamDeadlineBody::wrap(body, &finish.core.name, whole, idle);
+                Body::new(StatusBody::new(body, finish))
+            })),
             Err(err) => {
                 let code = err.downcast_ref::<Status>().map_or(Code::Unknown, Status::code);
                 finish.finish(code);
@@ -135,8 +141,8 @@ impl ChannelCore {
         request: http::Request<Body>,
         refused_last: &mut bool,
     ) -> Result<http::Response<Body>, BoxError> {
-        let timeout = requested_timeout(&request)
-            .map_or(self.config.request_timeout, |t| t.min(self.config.request_timeout));
+        // The caller's own deadline, else the configured one.
+        let timeout = requested_timeout(&request).unwrap_or(self.config.request_timeout);
         let deadline = Instant::now() + timeout;
         let (mut parts, body) = request.into_parts();
         // Inside a handler the current request id travels on; otherwise the server assigns one.
@@ -489,6 +495,24 @@ impl CallFinish {
 }
 
 impl OnStatus for CallFinish {
+    /// A connection that broke under a response (the instance died, vanished behind a
+    /// partition and missed its keepalive pings, or reset the stream) is `UNAVAILABLE`: the
+    /// caller may open the call again, and the channel picks another instance.
+    fn on_error(&self, status: Status) -> Status {
+        let broken = chain_has::<h2::Error>(&status)
+            || chain_has::<hyper::Error>(&status)
+            || chain_has::<std::io::Error>(&status);
+        if !broken || !matches!(status.code(), Code::Unknown | Code::Internal | Code::Cancelled) {
+            return status;
+        }
+        Status::unavailable(format!(
+            "the connection to {} broke under the response ({}); open the call again (another instance \
+             will take it)",
+            self.core.name,
+            status.message()
+        ))
+    }
+
     fn complete(mut self, headers: &HeaderMap) {
         let code = Status::from_header_map(headers).map_or(Code::Ok, |status| status.code());
         self.record(code);

@@ -27,6 +27,11 @@
 //! instance; and the default strategy weighs each instance's latency, so a slow one gets
 //! few calls. See [`crate::config::ClientConfig`] for every setting.
 //!
+//! Streams go the same way: an instance is picked when a stream opens, and it is retried
+//! or hedged only before its response headers; the call's deadline covers it up to them,
+//! and a server stream then runs on unless its whole-stream or idle deadline ends it
+//! (`client/stream.rs`). A connection that breaks under a response ends it `UNAVAILABLE`.
+//!
 //! | concern | file |
 //! | --- | --- |
 //! | the builder and its channel cache | `client/mod.rs` |
@@ -41,6 +46,7 @@
 //! | connections, keepalive | `client/connect.rs` |
 //! | request replay | `client/replay.rs` |
 //! | adaptive throttling when instances refuse as overloaded | `client/throttle.rs` |
+//! | streams after their headers: whole-stream and idle deadlines | `client/stream.rs` |
 //!
 //! # Examples
 //! ```no_run
@@ -66,6 +72,7 @@ mod follow;
 mod latency;
 mod outlier;
 mod replay;
+mod stream;
 mod throttle;
 
 use std::{
@@ -168,8 +175,9 @@ impl Client {
         self.reconfigured()
     }
 
-    /// Deadline of each call, retries included, unless the caller sets a shorter one.
-    /// Default: 5 s.
+    /// Deadline of each call, retries included, unless the caller sets its own
+    /// (`tonic::Request::set_timeout`). It covers a call until its response headers: a
+    /// server stream then runs on (see `client/stream.rs`). Default: 5 s.
     pub fn request_timeout(mut self, timeout: Duration) -> Self {
         self.config.request_timeout = timeout;
         self.reconfigured()

@@ -100,8 +100,14 @@ pub struct ClientConfig {
     pub keepalive_timeout: Duration,
     /// When idempotent calls are hedged.
     pub hedge: Hedge,
-    /// Deadline of a call, retries included, unless the caller sets a shorter one.
+    /// Deadline of a call, retries included, unless the caller sets its own; it covers a
+    /// call until its response headers arrive.
     pub request_timeout: Duration,
+    /// The longest a server or bidirectional stream may run after its headers; zero: as
+    /// long as it lasts.
+    pub stream_timeout: Duration,
+    /// The longest a stream may go without a message after its headers; zero: no limit.
+    pub stream_idle_timeout: Duration,
     /// Retries after the first attempt.
     pub retries: u32,
     /// Retry budget in percent of calls.
@@ -132,6 +138,8 @@ impl Default for ClientConfig {
             keepalive_timeout: Duration::from_millis(DEFAULT_KEEPALIVE_TIMEOUT_MS),
             hedge: Hedge::default(),
             request_timeout: Duration::from_millis(DEFAULT_REQUEST_TIMEOUT_MS),
+            stream_timeout: Duration::ZERO,
+            stream_idle_timeout: Duration::ZERO,
             retries: DEFAULT_RETRIES,
             retry_budget_percent: DEFAULT_RETRY_BUDGET_PERCENT,
             min_retries_per_sec: DEFAULT_MIN_RETRIES_PER_SEC,

@@ -48,10 +48,10 @@ impl ServedMethods {
         let services: HashSet<String> = services.into_iter().map(str::to_owned).collect();
         let mut known = HashMap::new();
         let mut described = HashSet::new();
-        for (service, method) in described_methods(descriptor_sets) {
+        for Described { service, method, streaming } in described_methods(descriptor_sets) {
             if services.contains(&service) {
                 let path = format!("/{service}/{method}");
-                known.insert(path.clone(), MethodMetrics::new(&path));
+                known.insert(path.clone(), MethodMetrics::new(&path, streaming));
                 described.insert(service);
             }
         }
@@ -59,7 +59,7 @@ impl ServedMethods {
             services,
             described,
             known: RwLock::new(known),
-            unknown: MethodMetrics::new(UNKNOWN_METHOD),
+            unknown: MethodMetrics::new(UNKNOWN_METHOD, false),
             learn_any: false,
         }
     }
@@ -91,14 +91,24 @@ impl ServedMethods {
         if known.len() >= MAX_LEARNED_METHODS {
             return None;
         }
-        let entry = MethodMetrics::new(path);
+        let entry = MethodMetrics::new(path, false);
         known.insert(path.to_owned(), entry.clone());
         Some(entry)
     }
 }
 
-/// `(package.Service, Method)` of every method in encoded `FileDescriptorSet`s.
-pub(crate) fn described_methods(sets: &[&[u8]]) -> Vec<(String, String)> {
+/// A method an encoded `FileDescriptorSet` describes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Described {
+    /// `package.Service`.
+    pub(crate) service: String,
+    pub(crate) method: String,
+    /// Whether either side streams.
+    pub(crate) streaming: bool,
+}
+
+/// Every method in encoded `FileDescriptorSet`s.
+pub(crate) fn described_methods(sets: &[&[u8]]) -> Vec<Described> {
     use prost::Message;
     // The few fields of descriptor.proto needed here; prost skips the others.
     #[derive(Clone, PartialEq, prost::Message)]
@@ -124,6 +134,10 @@ pub(crate) fn described_methods(sets: &[&[u8]]) -> Vec<(String, String)> {
     struct Method {
         #[prost(string, optional, tag = "1")]
         name: Option<String>,
+        #[prost(bool, optional, tag = "5")]
+        client_streaming: Option<bool>,
+        #[prost(bool, optional, tag = "6")]
+        server_streaming: Option<bool>,
     }
     let mut methods = Vec::new();
     for set in sets {
@@ -134,7 +148,13 @@ pub(crate) fn described_methods(sets: &[&[u8]]) -> Vec<(String, String)> {
                 let name = service.name.unwrap_or_default();
                 let full = if package.is_empty() { name } else { format!("{package}.{name}") };
                 for method in service.method {
-                    methods.push((full.clone(), method.name.unwrap_or_default()));
+                    let streaming = method.client_streaming.unwrap_or_default()
+                        || method.server_streaming.unwrap_or_default();
+                    methods.push(Described {
+                        service: full.clone(),
+                        method: method.name.unwrap_or_default(),
+                        streaming,
+                    });
                 }
             }
         }

@@ -50,7 +50,7 @@ use tonic::body::Body;
 use tracing::{Instrument, field::Empty};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use crate::metrics::{MethodLabels, RequestLabels, UNKNOWN_METHOD, code_name, metrics};
+use crate::metrics::{MethodLabels, RequestLabels, StreamLabels, UNKNOWN_METHOD, code_name, metrics};
 
 /// The header that carries the request id across hops.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
@@ -124,6 +124,7 @@ where
     tokio::spawn(in_current_call(future))
 }
 
+mod frames;
 mod methods;
 mod propagation;
 mod status;
@@ -181,18 +182,25 @@ struct MethodMetrics {
     in_flight: Gauge,
     duration: Histogram,
     ok: Counter,
+    /// Messages received and sent, for a streaming method.
+    messages: Option<(Counter, Counter)>,
 }
 
 impl MethodMetrics {
-    fn new(method: &str) -> Arc<Self> {
+    fn new(method: &str, streaming: bool) -> Arc<Self> {
         let m = metrics();
         let labels = MethodLabels { method: method.to_owned() };
         let ok = RequestLabels { method: method.to_owned(), code: "OK".into() };
+        let direction = |direction: &str| {
+            let labels = StreamLabels { method: method.to_owned(), direction: direction.to_owned() };
+            m.server_stream_messages.get_or_create(&labels).clone()
+        };
         Arc::new(MethodMetrics {
             method: method.to_owned(),
             in_flight: m.server_in_flight.get_or_create(&labels).clone(),
             duration: m.server_duration.get_or_create(&labels).clone(),
             ok: m.server_requests.get_or_create(&ok).clone(),
+            messages: streaming.then(|| (direction("received"), direction("sent"))),
         })
     }
 }
@@ -272,8 +280,17 @@ where
             span.record("request_id", request_id.to_str().unwrap_or("?"));
         }
         let unknown_path = (!known).then(|| path.to_owned());
-        let finish =
+        let sent = match &metrics.messages {
+            Some((received, sent)) => {
+                let counted = frames::CountedBody::new(std::mem::take(request.body_mut()), received.clone());
+                *request.body_mut() = Body::new(counted);
+                Some((frames::MessageFrames::default(), sent.clone()))
+            }
+            None => None,
+        };
+        let mut finish =
             Finish::start(metrics, self.methods.clone(), unknown_path, request_id.clone(), span.clone());
+        finish.sent = sent;
         let call = self.inner.call(request);
         let context = CallContext { request_id, remote };
         Box::pin(
@@ -303,6 +320,8 @@ struct Finish {
     span: tracing::Span,
     started: Instant,
     done: bool,
+    /// Counts the messages sent, for a streaming method.
+    sent: Option<(frames::MessageFrames, Counter)>,
 }
 
 impl Finish {
@@ -314,7 +333,16 @@ impl Finish {
         span: tracing::Span,
     ) -> Self {
         metrics.in_flight.inc();
-        Finish { metrics, methods, unknown_path, request_id, span, started: Instant::now(), done: false }
+        Finish {
+            metrics,
+            methods,
+            unknown_path,
+            request_id,
+            span,
+            started: Instant::now(),
+            done: false,
+            sent: None,
+        }
     }
 
     fn record(&mut self, code: tonic::Code) {
@@ -342,6 +370,15 @@ impl Finish {
 }
 
 impl OnStatus for Finish {
+    fn on_data(&mut self, data: &[u8]) {
+        if let Some((frames, sent)) = &mut self.sent {
+            let complete = frames.feed(data);
+            if complete > 0 {
+                sent.inc_by(complete);
+            }
+        }
+    }
+
     fn complete(mut self, headers: &HeaderMap) {
         let status = tonic::Status::from_header_map(headers);
         let code = status.as_ref().map_or(tonic::Code::Ok, tonic::Status::code);
@@ -384,7 +421,11 @@ mod tests {
     #[test]
     fn descriptor_sets_name_their_methods() {
         let methods = described_methods(&[tonic_health::pb::FILE_DESCRIPTOR_SET]);
-        assert!(methods.contains(&("grpc.health.v1.Health".into(), "Check".into())), "{methods:?}");
+        let check = |method: &str| {
+            methods.iter().find(|d| d.service == "grpc.health.v1.Health" && d.method == method)
+        };
+        assert!(!check("Check").expect("Check described").streaming, "{methods:?}");
+        assert!(check("Watch").expect("Watch described").streaming, "{methods:?}");
     }
 
     #[test]

@@ -14,6 +14,14 @@ use tonic::body::Body;
 /// trailers-only answer, or from the trailers; empty headers when the body ended without
 /// any. Dropping it unfinished means the call was cut off.
 pub(crate) trait OnStatus: Send + 'static {
+    /// Sees each chunk of the body's data as it passes.
+    fn on_data(&mut self, _data: &[u8]) {}
+
+    /// What the body's error says to the caller: `status` unless this side knows better.
+    fn on_error(&self, status: tonic::Status) -> tonic::Status {
+        status
+    }
+
     /// Records the call with the status in `headers`.
     fn complete(self, headers: &HeaderMap);
 }
@@ -38,9 +46,14 @@ impl<T: OnStatus + Unpin> http_body::Body for StatusBody<T> {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        match &polled {
+        let mut polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &mut polled {
             Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref()
+                    && let Some(on_status) = self.on_status.as_mut()
+                {
+                    on_status.on_data(data);
+                }
                 if let Some(trailers) = frame.trailers_ref()
                     && let Some(on_status) = self.on_status.take()
                 {
@@ -52,7 +65,16 @@ impl<T: OnStatus + Unpin> http_body::Body for StatusBody<T> {
                     on_status.complete(&HeaderMap::new());
                 }
             }
-            _ => {}
+            Poll::Ready(Some(Err(status))) => {
+                // The body failed (a broken connection, a stream deadline): the call ends so.
+                if let Some(on_status) = self.on_status.take() {
+                    *status = on_status.on_error(std::mem::replace(status, tonic::Status::ok("")));
+                    let mut headers = HeaderMap::new();
+                    let _ = status.add_header(&mut headers);
+                    on_status.complete(&headers);
+                }
+            }
+            Poll::Pending => {}
         }
         polled
     }

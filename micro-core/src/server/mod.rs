@@ -1,6 +1,7 @@
 //! Serving by name: [`Server`] binds, registers once the listener is bound, keeps the
 //! registration alive, and on SIGINT/SIGTERM deregisters first, then drains in-flight
-//! calls, then returns. [`Server::start`] gives a [`RunningServer`]: `stop()` it to drain;
+//! calls, then returns. Streams still open after the shutdown grace end with
+//! `UNAVAILABLE` (`server/drain.rs`), so their clients open them again elsewhere. [`Server::start`] gives a [`RunningServer`]: `stop()` it to drain;
 //! dropping it deregisters and stops everything it started, without draining.
 //!
 //! # Examples
@@ -42,6 +43,7 @@ use crate::{
 };
 
 mod advertise;
+mod drain;
 pub mod limit;
 mod running;
 
@@ -302,9 +304,11 @@ impl Server {
         // Inside the trace layer, so a refusal is counted and logged like any failed call.
         let limits =
             limit::LimitLayer::new(&self.name, advertised, self.config.limit, &self.config.method_limits);
+        // Inside the trace layer too, so a stream ended at shutdown is counted as UNAVAILABLE.
+        let (drain, close_streams) = drain::StreamDrainLayer::new(&node.name);
         let stack = tower::layer::layer_fn(move |routes: Routes| {
             let inner = layers.iter().rev().fold(HttpService::new(routes), |inner, layer| layer(inner));
-            trace.layer(limits.layer(inner))
+            trace.layer(drain.layer(limits.layer(inner)))
         });
         let router = builder.layer(stack).add_routes(self.routes.routes());
         let stopped = async {
@@ -352,7 +356,7 @@ impl Server {
             config: self.config,
             health,
             health_names,
-            serving: Some(Serving { stop_serving, serve, heartbeat, visibility, metrics }),
+            serving: Some(Serving { stop_serving, close_streams, serve, heartbeat, visibility, metrics }),
             subscriptions: std::mem::take(&mut self.subscriptions),
         })
     }

@@ -27,6 +27,10 @@ use crate::{
     registry::Node, registry::Registry,
 };
 
+/// How long a stopping server waits for its connections to close once it ended the streams
+/// still open after the shutdown grace.
+const STREAMS_CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// A background task that is aborted when this handle is dropped.
 pub(super) struct Task(pub(super) JoinHandle<()>);
 
@@ -39,6 +43,8 @@ impl Drop for Task {
 /// What a running server has started and must stop.
 pub(super) struct Serving {
     pub(super) stop_serving: oneshot::Sender<()>,
+    /// Ends the streams still open once the shutdown grace is over.
+    pub(super) close_streams: tokio::sync::watch::Sender<bool>,
     pub(super) serve: JoinHandle<Result<(), tonic::transport::Error>>,
     pub(super) heartbeat: Task,
     pub(super) visibility: Task,
@@ -81,7 +87,7 @@ impl RunningServer {
     /// closes, stops the metrics endpoint, and unsubscribes the server's broker subscriptions.
     pub async fn stop(mut self) -> Result<()> {
         let Some(serving) = self.serving.take() else { return Ok(()) };
-        let Serving { stop_serving, serve, heartbeat, visibility, metrics } = serving;
+        let Serving { stop_serving, close_streams, serve, heartbeat, visibility, metrics } = serving;
         drop((heartbeat, visibility));
         let node = &self.node;
         for name in &self.health_names {
@@ -116,8 +122,18 @@ impl RunningServer {
             Ok(Ok(Err(err))) => Err(Error::Serve(Box::new(err))),
             Ok(Err(join)) => Err(Error::Serve(Box::new(join))),
             Err(_) => {
-                serve.abort();
-                tracing::warn!(service = %node.name, grace = ?self.config.shutdown_grace, "calls still in flight after the shutdown grace; closed anyway");
+                // Streams still open end with UNAVAILABLE, so their clients open them again
+                // elsewhere; unary calls still running are cut when the server closes.
+                let _ = close_streams.send(true);
+                match tokio::time::timeout(STREAMS_CLOSE_WAIT, &mut serve).await {
+                    Ok(_) => {
+                        tracing::info!(service = %node.name, grace = ?self.config.shutdown_grace, "streams still open after the shutdown grace were ended with UNAVAILABLE; stopped")
+                    }
+                    Err(_) => {
+                        serve.abort();
+                        tracing::warn!(service = %node.name, grace = ?self.config.shutdown_grace, "calls still in flight after the shutdown grace; closed anyway");
+                    }
+                }
                 Ok(())
             }
         };
@@ -135,7 +151,7 @@ impl RunningServer {
 
 impl Drop for RunningServer {
     fn drop(&mut self) {
-        let Some(Serving { stop_serving, serve, heartbeat, visibility, metrics }) = self.serving.take()
+        let Some(Serving { stop_serving, serve, heartbeat, visibility, metrics, .. }) = self.serving.take()
         else {
             return;
         };

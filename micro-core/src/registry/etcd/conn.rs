@@ -83,8 +83,8 @@ impl Conn {
     }
 
     /// Runs `request` with a deadline on the endpoint in use; on a failure moves to the next
-    /// endpoint and tries again, once per endpoint (at least twice). While the members that
-    /// answer say the cluster has no leader (an election after the leader died), it goes on
+    /// endpoint and tries again, once per endpoint (at least twice). Once a member that
+    /// answers says the cluster has no leader (an election after the leader died), it goes on
     /// trying, with backoff, for up to [`LEADER_WAIT`]: a new leader keeps every lease alive,
     /// so a heartbeat that waits for it loses nothing. Returns the endpoint that answered, too.
     pub(super) async fn call_on<T, F, Fut>(&self, what: &str, request: F) -> Result<(usize, T)>
@@ -95,6 +95,9 @@ impl Conn {
         let started = tokio::time::Instant::now();
         let mut backoff = crate::registry::Backoff::new(LEADER_POLL.0, LEADER_POLL.1);
         let mut attempts = 0;
+        // Whether any member said the cluster has no leader during this call: then a dead
+        // member refusing the next attempt does not end the wait for the new leader.
+        let mut electing = false;
         loop {
             let (index, client) = self.current();
             let (no_leader, last) = match tokio::time::timeout(REQUEST_TIMEOUT, request(client)).await {
@@ -103,6 +106,7 @@ impl Conn {
                 Err(_) => (false, self.timeout(what)),
             };
             attempts += 1;
+            electing |= no_leader;
             if no_leader {
                 // The member answered; only the cluster is between leaders.
                 let _ = self.current.compare_exchange(
@@ -115,7 +119,7 @@ impl Conn {
                 self.failed(index).await;
             }
             if attempts >= self.endpoints.len().max(2) {
-                if !no_leader || started.elapsed() >= LEADER_WAIT {
+                if !electing || started.elapsed() >= LEADER_WAIT {
                     return Err(last);
                 }
                 tokio::time::sleep(backoff.next_delay()).await;

@@ -1,0 +1,148 @@
+//! Ending open streams when a server stops. A stopping server finishes the calls in flight
+//! for up to the shutdown grace; a stream still open then (a watch never ends by itself)
+//! is ended with `UNAVAILABLE` and a message saying to open it again, which sends the
+//! client to another instance, rather than being cut off with a reset.
+
+use std::{
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use bytes::Bytes;
+use http::HeaderMap;
+use http_body::Frame;
+use tokio::sync::watch;
+use tonic::{Status, body::Body};
+
+/// Tells the responses of one server to end: `true` once the shutdown grace is over.
+#[derive(Clone)]
+pub(crate) struct StreamDrainLayer {
+    closing: watch::Receiver<bool>,
+    service: std::sync::Arc<str>,
+}
+
+impl StreamDrainLayer {
+    /// A layer for `service`'s responses, and the switch that ends them.
+    pub(crate) fn new(service: &str) -> (Self, watch::Sender<bool>) {
+        let (sender, closing) = watch::channel(false);
+        (StreamDrainLayer { closing, service: service.into() }, sender)
+    }
+}
+
+impl<S> tower::Layer<S> for StreamDrainLayer {
+    type Service = StreamDrain<S>;
+
+    fn layer(&self, inner: S) -> StreamDrain<S> {
+        StreamDrain { inner, layer: self.clone() }
+    }
+}
+
+/// The service [`StreamDrainLayer`] makes.
+#[derive(Clone)]
+pub(crate) struct StreamDrain<S> {
+    inner: S,
+    layer: StreamDrainLayer,
+}
+
+impl<S> tower::Service<http::Request<Body>> for StreamDrain<S>
+where
+    S: tower::Service<http::Request<Body>, Response = http::Response<Body>>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = DrainFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        DrainFuture { inner: self.inner.call(request), layer: Some(self.layer.clone()) }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The answer of a [`StreamDrain`]: the inner service's, its body made to end on time.
+    pub(crate) struct DrainFuture<F> {
+        #[pin]
+        inner: F,
+        layer: Option<StreamDrainLayer>,
+    }
+}
+
+impl<F, E> Future for DrainFuture<F>
+where
+    F: Future<Output = Result<http::Response<Body>, E>>,
+{
+    type Output = Result<http::Response<Body>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let response = std::task::ready!(this.inner.poll(cx))?;
+        let layer = this.layer.take().expect("polled after completion");
+        Poll::Ready(Ok(match response.headers().contains_key("grpc-status") {
+            // A trailers-only answer: nothing left to end.
+            true => response,
+            false => {
+                response.map(|body| Body::new(DrainBody { inner: body, layer, waiting: None, ended: false }))
+            }
+        }))
+    }
+}
+
+/// A response body that ends with `UNAVAILABLE` trailers once its server's grace is over.
+struct DrainBody {
+    inner: Body,
+    layer: StreamDrainLayer,
+    /// Made the first time the body has nothing ready: most unary answers never need it.
+    waiting: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    ended: bool,
+}
+
+impl http_body::Body for DrainBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if polled.is_ready() {
+            return polled;
+        }
+        let closing = self.layer.closing.clone();
+        let waiting = self.waiting.get_or_insert_with(|| {
+            let mut closing = closing;
+            Box::pin(async move {
+                let _ = closing.wait_for(|closing| *closing).await;
+            })
+        });
+        if waiting.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        self.ended = true;
+        let status = Status::unavailable(format!(
+            "{} is shutting down and ended this stream after its shutdown grace; open it again (another \
+             instance will serve it)",
+            self.layer.service
+        ));
+        let mut trailers = HeaderMap::new();
+        if status.add_header(&mut trailers).is_err() {
+            tracing::error!("could not write the trailers of a drained stream");
+        }
+        Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
