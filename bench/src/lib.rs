@@ -1,7 +1,10 @@
 //! The pieces of `make bench`: each figure's module, the processes it starts, and the report.
-//! The binaries are `micro-bench` (every figure) and `unary-mimalloc` (figure 1 again, in a
-//! process that allocates with mimalloc).
+//! The binaries are `micro-bench` (every figure), `unary-mimalloc` (figure 1 again, in a
+//! process that allocates with mimalloc) and `alloc-per-call` (figure 14, in a process whose
+//! allocator counts). [`peers`] is the SDK side of `make bench-peers`,
+//! which bench/peers (outside the workspace) uses through a path dependency.
 
+pub mod alloc;
 pub mod broker;
 pub mod create;
 pub mod discovery;
@@ -10,6 +13,7 @@ pub mod gateway;
 pub mod load;
 pub mod memory;
 pub mod overload;
+pub mod peers;
 pub mod procs;
 pub mod report;
 pub mod resolve;

@@ -4,7 +4,7 @@
 //!
 //! Run it with `make bench`: it needs the release binaries next to it and a private network
 //! namespace (`scripts/netns-run`) for mDNS. The whole run stops by itself within
-//! [`TIME_LIMIT`]. `--only FIGURE` (unary, resolve, discovery, failover, memory, silent,
+//! [`TIME_LIMIT`]. `--only FIGURE` (unary, alloc, resolve, discovery, failover, memory, silent,
 //! gateway, overload, broker, create, security, stream) measures one figure, e.g. while working on it; `--brokers LIST`
 //! (comma-separated, default every one of [`broker::BACKENDS`]) narrows the broker figure
 //! to some backends.
@@ -13,8 +13,8 @@ use std::{sync::Arc, time::Duration};
 
 use anyhow::Context;
 use bench::{
-    broker, create, discovery, failover, gateway, memory, overload, procs, report, require_private_netns,
-    resolve, security, silent, stream, unary,
+    alloc, broker, create, discovery, failover, gateway, memory, overload, procs, report,
+    require_private_netns, resolve, security, silent, stream, unary,
 };
 use micro_core::{Registry, registry::MdnsRegistry};
 use tokio::time::Instant;
@@ -73,8 +73,9 @@ async fn main() -> anyhow::Result<()> {
 }
 
 /// The figures `--only` takes, in the order they run.
-const FIGURES: [&str; 12] = [
+const FIGURES: [&str; 13] = [
     "unary",
+    "alloc",
     "resolve",
     "discovery",
     "failover",
@@ -96,6 +97,9 @@ async fn run(only: Option<&str>, brokers: &[String]) -> anyhow::Result<()> {
     if wanted("unary") {
         unary::run(registry.clone()).await.context("figure 1 (unary)")?;
         unary::run_under_mimalloc().await.context("figure 1 again, under mimalloc")?;
+    }
+    if wanted("alloc") {
+        alloc::run_in_child().await.context("figure 14 (allocations per call)")?;
     }
     if wanted("resolve") {
         resolve::run().await.context("figure 2 (resolution)")?;

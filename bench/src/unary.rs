@@ -130,7 +130,7 @@ pub async fn run_under_mimalloc() -> anyhow::Result<()> {
 }
 
 /// NAME, sdk, baseline and unit of a `figure NAME sdk=V baseline=V ratio=V unit=U` line.
-fn parse_figure(line: &str) -> Option<(&str, f64, f64, &'static str)> {
+pub(crate) fn parse_figure(line: &str) -> Option<(&str, f64, f64, &'static str)> {
     let mut words = line.strip_prefix("figure ")?.split(' ');
     let name = words.next()?;
     let mut value = |key: &str| words.next()?.strip_prefix(key);
@@ -140,6 +140,8 @@ fn parse_figure(line: &str) -> Option<(&str, f64, f64, &'static str)> {
     let unit = match value("unit=")? {
         "us" => "us",
         "calls/s" => "calls/s",
+        "allocs" => "allocs",
+        "bytes" => "bytes",
         _ => return None,
     };
     Some((name, sdk, baseline, unit))

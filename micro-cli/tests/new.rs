@@ -77,6 +77,7 @@ async fn a_new_service_builds_tests_runs_and_answers_micro_call_and_its_client()
     assert!(manifest.contains(&format!("path = {:?}", micro_core.display().to_string())), "{manifest}");
 
     cargo(&dir, &["build", "--bins"]);
+    backends_left_out_name_their_feature(&target_dir().join("debug").join(NAME));
     let tested = cargo(&dir, &["test"]);
     let summary = text(&tested.stdout);
     assert!(summary.contains("test answers_a_call_by_name ... ok"), "{summary}");
@@ -128,6 +129,51 @@ async fn a_new_service_builds_tests_runs_and_answers_micro_call_and_its_client()
     assert_eq!(text(&client.stdout), "Hello, you!\n", "{}", text(&client.stderr));
     assert!(client.status.success(), "{}", text(&client.stderr));
     drop(server);
+}
+
+/// The scaffolded crate builds micro-core with `cli` and `mdns` only, as a first service
+/// would: a backend asked for through the environment that this build leaves out stops the
+/// server at start with the micro-core feature to enable. (`make test` builds micro-core with
+/// every feature everywhere else, so this is where a build without them is checked.)
+fn backends_left_out_name_their_feature(server_bin: &Path) {
+    let cases: [(&[(&str, &str)], &str); 5] = [
+        (
+            &[("MICRO_REGISTRY", "etcd")],
+            r#"registry etcd is not compiled in: enable micro-core's "etcd" feature"#,
+        ),
+        (
+            &[("MICRO_REGISTRY", "dns")],
+            r#"registry dns is not compiled in: enable micro-core's "dns" feature"#,
+        ),
+        (
+            &[("MICRO_BROKER", "nats")],
+            r#"broker nats is not compiled in: enable micro-core's "nats" feature"#,
+        ),
+        (
+            &[("MICRO_BROKER", "rabbitmq")],
+            r#"broker rabbitmq is not compiled in: enable micro-core's "rabbitmq" feature"#,
+        ),
+        (
+            &[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318")],
+            r#"trace export over OTLP (OTEL_EXPORTER_OTLP_ENDPOINT) is not compiled in: enable micro-core's "otlp" feature"#,
+        ),
+    ];
+    for (env, expected) in cases {
+        let mut command = Command::new(server_bin);
+        command
+            .env("MICRO_REGISTRY", "memory")
+            .env("MICRO_BROKER", "registry")
+            .env("MICRO_SERVER_ADDRESS", "127.0.0.1:0")
+            .env("MICRO_METRICS_ADDRESS", "off")
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            .env_remove("RUST_LOG");
+        command.envs(env.iter().copied());
+        let output = command.output().expect("the scaffolded server runs");
+        let stderr = text(&output.stderr);
+        assert!(!output.status.success(), "{env:?} should stop it at start: {stderr}");
+        assert!(stderr.contains(expected), "{env:?}: {stderr}");
+    }
 }
 
 #[test]

@@ -139,6 +139,15 @@ pub enum Error {
     /// status's fields.
     #[error("call failed: {}: {}", crate::metrics::code_name(.0.code()), .0.message())]
     Call(tonic::Status),
+    /// A backend was asked for at run time (`MICRO_REGISTRY=etcd`, `MICRO_BROKER=nats`, …)
+    /// that this build of micro-core leaves out: the cargo feature that compiles it in is off.
+    #[error("{what} is not compiled in: enable micro-core's {feature:?} feature")]
+    NotCompiledIn {
+        /// What was asked for, e.g. `registry etcd`, `broker nats`.
+        what: String,
+        /// The micro-core feature that compiles it in, e.g. `etcd`.
+        feature: &'static str,
+    },
 }
 
 impl From<tonic::Status> for Error {
@@ -155,6 +164,12 @@ impl Error {
     pub fn invalid(what: impl Into<String>, reason: impl Into<String>) -> Self {
         Error::InvalidArgument { what: what.into(), reason: reason.into() }
     }
+
+    /// Builds an [`Error::NotCompiledIn`]: `what` (e.g. `registry etcd`) needs micro-core's
+    /// `feature`.
+    pub fn not_compiled_in(what: impl Into<String>, feature: &'static str) -> Self {
+        Error::NotCompiledIn { what: what.into(), feature }
+    }
 }
 
 impl From<Error> for tonic::Status {
@@ -168,6 +183,7 @@ impl From<Error> for tonic::Status {
             Error::InvalidArgument { .. } | Error::Decode { .. } => tonic::Status::invalid_argument(message),
             Error::Timeout { .. } => tonic::Status::deadline_exceeded(message),
             Error::Overloaded { .. } => tonic::Status::resource_exhausted(message),
+            Error::NotCompiledIn { .. } => tonic::Status::unimplemented(message),
             // A status passed on through `?` keeps its code and message.
             Error::Call(status) => status,
             Error::Bind { .. } | Error::MetricsBind { .. } | Error::Serve(_) => {
@@ -247,6 +263,16 @@ mod tests {
         assert_eq!(unreachable_reason(&refused), Some("connection refused"));
         let other = Wrapper(std::io::Error::new(std::io::ErrorKind::InvalidData, "bad frame"));
         assert_eq!(unreachable_reason(&other), None);
+    }
+
+    #[test]
+    fn a_backend_left_out_of_the_build_names_the_feature_to_enable() {
+        let err = Error::not_compiled_in("registry etcd", "etcd");
+        assert_eq!(
+            err.to_string(),
+            r#"registry etcd is not compiled in: enable micro-core's "etcd" feature"#
+        );
+        assert_eq!(tonic::Status::from(err).code(), tonic::Code::Unimplemented);
     }
 
     #[test]

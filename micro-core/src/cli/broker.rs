@@ -42,7 +42,6 @@ mod tests {
         assert_eq!((config.kind, config.address.as_deref()), (BrokerKind::Memory, Some("h:1")));
     }
 
-    #[cfg(feature = "rabbitmq")]
     #[test]
     fn rabbitmq_is_spelled_rabbitmq() {
         let cli = Cli::parse_from(["t", "--broker", "rabbitmq", "--broker-address", "amqp://h:5672/%2f"]);

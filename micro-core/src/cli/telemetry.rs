@@ -4,6 +4,11 @@
 //! `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set. Unset, nothing is exported and no
 //! OpenTelemetry layer is installed.
 //!
+//! The exporter is micro-core's `otlp` feature (off by default). Without it the flags are
+//! still read, and an endpoint that is set stops the program at start, as a bad flag does:
+//! `trace export over OTLP (OTEL_EXPORTER_OTLP_ENDPOINT) is not compiled in: enable
+//! micro-core's "otlp" feature`.
+//!
 //! Besides the flags below, the OpenTelemetry SDK reads its standard variables itself:
 //! `OTEL_TRACES_SAMPLER`/`OTEL_TRACES_SAMPLER_ARG` (default `parentbased_always_on`),
 //! `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_EXPORTER_OTLP_HEADERS`, `OTEL_EXPORTER_OTLP_TIMEOUT`,
@@ -28,8 +33,11 @@ use std::sync::{Mutex, OnceLock};
 
 use clap::{Args, ValueEnum};
 use opentelemetry::trace::TracerProvider as _;
+#[cfg(feature = "otlp")]
 use opentelemetry_otlp::{SpanExporter, WithExportConfig};
-use opentelemetry_sdk::{Resource, propagation::TraceContextPropagator, trace::SdkTracerProvider};
+#[cfg(feature = "otlp")]
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::{propagation::TraceContextPropagator, trace::SdkTracerProvider};
 
 /// How spans travel to the OTLP endpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -59,10 +67,14 @@ pub const DEFAULT_OTLP_PROTOCOL: OtlpProtocol = OtlpProtocol::HttpProtobuf;
 #[derive(Debug, Clone, Default, Args)]
 pub struct TelemetryArgs {
     /// OTLP endpoint spans are exported to (e.g. http://localhost:4318); unset: none are.
-    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_parser = endpoint("OTEL_EXPORTER_OTLP_ENDPOINT"))]
     pub otlp_endpoint: Option<String>,
     /// OTLP endpoint for spans only, used as given (with /v1/traces over HTTP); beats --otlp-endpoint.
-    #[arg(long, env = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")]
+    #[arg(
+        long,
+        env = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        value_parser = endpoint("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    )]
     pub otlp_traces_endpoint: Option<String>,
     /// OTLP transport [default: http/protobuf].
     #[arg(long, env = "OTEL_EXPORTER_OTLP_PROTOCOL", value_enum)]
@@ -76,6 +88,18 @@ pub struct TelemetryArgs {
     /// `none` turns trace export off whatever the endpoint [default: otlp].
     #[arg(long, env = "OTEL_TRACES_EXPORTER", value_enum)]
     pub traces_exporter: Option<TracesExporter>,
+}
+
+/// The parser of an endpoint flag: any text with the `otlp` feature; without it, an error
+/// naming the feature, unless the value is blank (which means unset).
+fn endpoint(variable: &'static str) -> impl Fn(&str) -> Result<String, crate::Error> + Clone {
+    move |value: &str| {
+        if cfg!(feature = "otlp") || value.trim().is_empty() {
+            Ok(value.to_owned())
+        } else {
+            Err(crate::Error::not_compiled_in(format!("trace export over OTLP ({variable})"), "otlp"))
+        }
+    }
 }
 
 impl TelemetryArgs {
@@ -101,7 +125,19 @@ impl TelemetryArgs {
     }
 
     /// A tracer provider exporting to the endpoint, when one is set; spans are named after
+    /// `service_name` unless `OTEL_SERVICE_NAME` says otherwise. Without the `otlp` feature,
+    /// an error naming it when an endpoint is set.
+    #[cfg(not(feature = "otlp"))]
+    pub(crate) fn provider(&self, _service_name: &str) -> Result<Option<SdkTracerProvider>, String> {
+        match self.traces_endpoint() {
+            None => Ok(None),
+            Some(_) => Err(crate::Error::not_compiled_in("trace export over OTLP", "otlp").to_string()),
+        }
+    }
+
+    /// A tracer provider exporting to the endpoint, when one is set; spans are named after
     /// `service_name` unless `OTEL_SERVICE_NAME` says otherwise.
+    #[cfg(feature = "otlp")]
     pub(crate) fn provider(&self, service_name: &str) -> Result<Option<SdkTracerProvider>, String> {
         let Some(endpoint) = self.traces_endpoint() else { return Ok(None) };
         let exporter = match self.protocol() {
@@ -164,5 +200,25 @@ mod tests {
         assert_eq!(traces.traces_endpoint().as_deref(), Some("http://other:4318/v1/traces"));
         let off = TelemetryArgs { traces_exporter: Some(TracesExporter::None), ..base };
         assert_eq!(off.traces_endpoint(), None);
+    }
+
+    /// Without the `otlp` feature an endpoint stops the parse with the feature's name; a
+    /// blank one means unset. (`make test` builds micro-core with every feature, so
+    /// micro-cli's tests/new.rs checks the same message from a scaffolded crate built
+    /// without it.)
+    #[cfg(not(feature = "otlp"))]
+    #[test]
+    fn an_endpoint_without_the_otlp_feature_names_the_feature() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            telemetry: TelemetryArgs,
+        }
+        let err =
+            Cli::try_parse_from(["t", "--otlp-endpoint", "http://collector:4318"]).err().expect("refused");
+        assert!(err.to_string().contains(r#"enable micro-core's "otlp" feature"#), "{err}");
+        let blank = Cli::try_parse_from(["t", "--otlp-endpoint", ""]).expect("blank is unset");
+        assert_eq!(blank.telemetry.traces_endpoint(), None);
     }
 }

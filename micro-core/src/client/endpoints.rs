@@ -14,7 +14,10 @@ use tokio::time::Instant;
 use tonic::transport::Channel;
 
 use super::{latency::PeakEwma, outlier::OutlierState};
-use crate::{registry::Node, selector::Load};
+use crate::{
+    registry::Node,
+    selector::{Instance, Load},
+};
 
 /// How many times its running time an unanswered attempt counts for: it would have taken
 /// longer still, by how much nobody knows.
@@ -26,6 +29,17 @@ pub(crate) struct Endpoint {
     pub(crate) node: Node,
     pub(crate) channel: Channel,
     pub(crate) stats: Arc<EndpointStats>,
+}
+
+/// What a strategy sees of an endpoint: its node and its load.
+impl Instance for Endpoint {
+    fn node(&self) -> &Node {
+        &self.node
+    }
+
+    fn load(&self, now: Instant) -> Load {
+        self.stats.load(now)
+    }
 }
 
 /// What a channel has seen of one instance; kept across snapshots while the instance stays.

@@ -81,7 +81,6 @@ use std::{
     time::Duration,
 };
 
-pub(crate) use self::endpoints::Endpoint;
 use self::{channel::ChannelCore, follow::follow_registry};
 pub use self::{
     channel::{InstanceView, NamedChannel},

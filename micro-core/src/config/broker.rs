@@ -17,12 +17,12 @@ pub enum BrokerKind {
     Registry,
     /// This process only.
     Memory,
-    /// A NATS server: core NATS, JetStream for durable subscribers (feature `nats`).
-    #[cfg(feature = "nats")]
+    /// A NATS server: core NATS, JetStream for durable subscribers (feature `nats`; without
+    /// it, [`BrokerConfig::connect`] fails with [`crate::Error::NotCompiledIn`]).
     Nats,
     /// A RabbitMQ server: a topic exchange, durable queues for durable subscribers
-    /// (feature `rabbitmq`).
-    #[cfg(feature = "rabbitmq")]
+    /// (feature `rabbitmq`; without it, [`BrokerConfig::connect`] fails with
+    /// [`crate::Error::NotCompiledIn`]).
     Rabbitmq,
 }
 
@@ -32,9 +32,7 @@ impl BrokerKind {
         match self {
             BrokerKind::Registry => "registry",
             BrokerKind::Memory => "memory",
-            #[cfg(feature = "nats")]
             BrokerKind::Nats => "nats",
-            #[cfg(feature = "rabbitmq")]
             BrokerKind::Rabbitmq => "rabbitmq",
         }
     }
@@ -59,7 +57,8 @@ pub struct BrokerConfig {
 
 impl BrokerConfig {
     /// Connects the broker. The registry broker uses `client` (its registry and call
-    /// settings); a memory broker is new and private to the caller.
+    /// settings); a memory broker is new and private to the caller. A backend whose feature
+    /// is off fails with [`crate::Error::NotCompiledIn`].
     pub async fn connect(&self, client: &Client) -> Result<Arc<dyn Broker>> {
         let _ = &self.address;
         Ok(match self.kind {
@@ -79,6 +78,10 @@ impl BrokerConfig {
                 )
                 .await?,
             ),
+            #[cfg(not(feature = "nats"))]
+            BrokerKind::Nats => return Err(crate::Error::not_compiled_in("broker nats", "nats")),
+            #[cfg(not(feature = "rabbitmq"))]
+            BrokerKind::Rabbitmq => return Err(crate::Error::not_compiled_in("broker rabbitmq", "rabbitmq")),
         })
     }
 }

@@ -207,12 +207,7 @@ impl RegistryConfig {
             Ok(Some(consul.connect_tls(name).await?))
         }
         #[cfg(not(feature = "consul"))]
-        Err(crate::Error::invalid(
-            "MICRO_CONSUL_CONNECT",
-            format!(
-                "micro-core was built without its `consul` feature, so {default_name} cannot take a Connect certificate"
-            ),
-        ))
+        Err(crate::Error::not_compiled_in(format!("Consul Connect (for {default_name})"), "consul"))
     }
 
     /// Opens the configured registry. Inside a tokio runtime.
@@ -227,9 +222,7 @@ impl RegistryConfig {
             #[cfg(feature = "mdns")]
             RegistryKind::Mdns => Ok(Arc::new(crate::registry::MdnsRegistry::new(self.lookup_timeout)?)),
             #[cfg(not(feature = "mdns"))]
-            RegistryKind::Mdns => {
-                Err(crate::Error::invalid("registry mdns", "micro-core was built without its `mdns` feature"))
-            }
+            RegistryKind::Mdns => Err(crate::Error::not_compiled_in("registry mdns", "mdns")),
             #[cfg(feature = "consul")]
             RegistryKind::Consul => {
                 let consul = self.consul()?;
@@ -238,10 +231,7 @@ impl RegistryConfig {
                 Ok(Arc::new(consul))
             }
             #[cfg(not(feature = "consul"))]
-            RegistryKind::Consul => Err(crate::Error::invalid(
-                "registry consul",
-                "micro-core was built without its `consul` feature",
-            )),
+            RegistryKind::Consul => Err(crate::Error::not_compiled_in("registry consul", "consul")),
             #[cfg(feature = "etcd")]
             RegistryKind::Etcd => {
                 use crate::registry::{DEFAULT_ETCD_ADDRESS, EtcdRegistry};
@@ -254,9 +244,7 @@ impl RegistryConfig {
                 Ok(Arc::new(etcd))
             }
             #[cfg(not(feature = "etcd"))]
-            RegistryKind::Etcd => {
-                Err(crate::Error::invalid("registry etcd", "micro-core was built without its `etcd` feature"))
-            }
+            RegistryKind::Etcd => Err(crate::Error::not_compiled_in("registry etcd", "etcd")),
             #[cfg(feature = "dns")]
             RegistryKind::Dns => {
                 let nameserver = match (self.dns_nameserver, &self.address) {
@@ -277,9 +265,7 @@ impl RegistryConfig {
                 Ok(Arc::new(dns))
             }
             #[cfg(not(feature = "dns"))]
-            RegistryKind::Dns => {
-                Err(crate::Error::invalid("registry dns", "micro-core was built without its `dns` feature"))
-            }
+            RegistryKind::Dns => Err(crate::Error::not_compiled_in("registry dns", "dns")),
         }
     }
 }

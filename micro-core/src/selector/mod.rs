@@ -14,7 +14,7 @@ use std::{collections::BTreeMap, fmt, time::Duration};
 
 use tokio::time::Instant;
 
-use crate::{client::Endpoint, registry::Node};
+use crate::registry::Node;
 
 mod least_loaded;
 mod peak_ewma;
@@ -41,6 +41,38 @@ pub struct Load {
     pub latency: Option<Duration>,
 }
 
+/// One instance as a strategy sees it: its registration and its load as of a moment. The
+/// client's endpoints implement it, so the selector, which sits below the client, needs
+/// nothing of it.
+pub(crate) trait Instance: Sync {
+    /// Its registration.
+    fn node(&self) -> &Node;
+    /// What a strategy may weigh of it as of `now`.
+    fn load(&self, now: Instant) -> Load;
+}
+
+/// Instances read by index (a client's `Vec` of endpoints), behind one `dyn`, so
+/// [`Candidates`] stays one type whatever holds them.
+pub(crate) trait Instances: Sync {
+    fn count(&self) -> usize;
+    fn node_at(&self, slot: usize) -> &Node;
+    fn load_at(&self, slot: usize, now: Instant) -> Load;
+}
+
+impl<T: Instance> Instances for Vec<T> {
+    fn count(&self) -> usize {
+        self.len()
+    }
+
+    fn node_at(&self, slot: usize) -> &Node {
+        self[slot].node()
+    }
+
+    fn load_at(&self, slot: usize, now: Instant) -> Load {
+        self[slot].load(now)
+    }
+}
+
 /// The instances a strategy may pick from, with their current load.
 pub struct Candidates<'a> {
     source: Source<'a>,
@@ -49,7 +81,7 @@ pub struct Candidates<'a> {
 
 enum Source<'a> {
     Nodes(&'a [Node], Option<&'a [Load]>),
-    Endpoints(&'a [Endpoint], Instant),
+    Instances(&'a dyn Instances, Instant),
 }
 
 impl<'a> Candidates<'a> {
@@ -64,9 +96,10 @@ impl<'a> Candidates<'a> {
         Candidates { source: Source::Nodes(nodes, Some(loads)), eligible: Some(eligible) }
     }
 
-    /// `endpoints[eligible[i]]` for each `i`, loads read as of `now`.
-    pub(crate) fn of_endpoints(endpoints: &'a [Endpoint], eligible: &'a [usize], now: Instant) -> Self {
-        Candidates { source: Source::Endpoints(endpoints, now), eligible: Some(eligible) }
+    /// `endpoints[eligible[i]]` for each `i` (a client's endpoints, or any [`Instance`]s),
+    /// loads read as of `now`.
+    pub(crate) fn of_endpoints(endpoints: &'a impl Instances, eligible: &'a [usize], now: Instant) -> Self {
+        Candidates { source: Source::Instances(endpoints, now), eligible: Some(eligible) }
     }
 
     /// How many instances there are to pick from.
@@ -74,7 +107,7 @@ impl<'a> Candidates<'a> {
         match (self.eligible, &self.source) {
             (Some(eligible), _) => eligible.len(),
             (None, Source::Nodes(nodes, _)) => nodes.len(),
-            (None, Source::Endpoints(endpoints, _)) => endpoints.len(),
+            (None, Source::Instances(instances, _)) => instances.count(),
         }
     }
 
@@ -91,7 +124,7 @@ impl<'a> Candidates<'a> {
     pub fn node(&self, index: usize) -> &Node {
         match &self.source {
             Source::Nodes(nodes, _) => &nodes[self.slot(index)],
-            Source::Endpoints(endpoints, _) => &endpoints[self.slot(index)].node,
+            Source::Instances(instances, _) => instances.node_at(self.slot(index)),
         }
     }
 
@@ -99,7 +132,7 @@ impl<'a> Candidates<'a> {
     pub fn load(&self, index: usize) -> Load {
         match &self.source {
             Source::Nodes(_, loads) => loads.map(|loads| loads[self.slot(index)]).unwrap_or_default(),
-            Source::Endpoints(endpoints, now) => endpoints[self.slot(index)].stats.load(*now),
+            Source::Instances(instances, now) => instances.load_at(self.slot(index), *now),
         }
     }
 
