@@ -16,6 +16,7 @@ pub mod consul;
 pub mod discovery;
 pub mod dnsmasq;
 pub mod etcd;
+pub mod gateway;
 pub mod hosts;
 pub mod interop;
 pub mod nats;

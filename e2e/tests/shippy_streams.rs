@@ -126,18 +126,7 @@ impl Gateway {
             &["gateway", "--address", "127.0.0.1:0"],
             &[("MICRO_LOOKUP_TIMEOUT", "1500")],
         );
-        let url = poll_until("the gateway's address line", STARTUP, async || {
-            let log = process.log();
-            let line = log.lines().find(|l| l.starts_with("micro gateway on "))?;
-            Some(
-                line.trim_start_matches("micro gateway on ")
-                    .split(' ')
-                    .next()?
-                    .trim_end_matches('/')
-                    .to_owned(),
-            )
-        })
-        .await;
+        let url = e2e::gateway::url_of(&process).await;
         Gateway { _process: process, url }
     }
 }

@@ -85,18 +85,7 @@ impl Gateway {
             &all,
             &[("MICRO_REGISTRY", "mdns"), ("MICRO_LOOKUP_TIMEOUT", "1500")],
         );
-        let url = poll_until("the gateway's address line", STARTUP, async || {
-            let log = process.log();
-            let line = log.lines().find(|l| l.starts_with("micro gateway on "))?;
-            Some(
-                line.trim_start_matches("micro gateway on ")
-                    .split(' ')
-                    .next()?
-                    .trim_end_matches('/')
-                    .to_owned(),
-            )
-        })
-        .await;
+        let url = e2e::gateway::url_of(&process).await;
         let http = reqwest::Client::new();
         poll_until(format!("the gateway listing {name}"), STARTUP, async || {
             let mut listing = http.get(format!("{url}/"));

@@ -6,13 +6,7 @@
 
 use std::{process::Command, sync::Arc, time::Duration};
 
-use e2e::{
-    calls::poll_until,
-    consul::ConsulAgent,
-    discovery::{STARTUP, wait_for},
-    process::Process,
-    unique_name,
-};
+use e2e::{consul::ConsulAgent, discovery::wait_for, process::Process, unique_name};
 use micro_core::{
     Node, Registry,
     config::{RegistryConfig, RegistryKind},
@@ -73,7 +67,8 @@ async fn micro_call_and_the_gateway_reach_a_server_with_only_reflection_v1alpha(
     let registry: Arc<dyn Registry> = config.connect().await.expect("the consul agent");
     let server = V1AlphaServer::start().await;
     let name = unique_name("alpha");
-    registry.register(&Node::new(&name, server.address), Duration::from_secs(60)).await.unwrap();
+    // Registered once, without heartbeats: a TTL that outlasts the test on a busy machine.
+    registry.register(&Node::new(&name, server.address), Duration::from_secs(900)).await.unwrap();
     wait_for(&registry, &name, 1).await;
 
     let called = tokio::task::block_in_place(|| {
@@ -85,12 +80,7 @@ async fn micro_call_and_the_gateway_reach_a_server_with_only_reflection_v1alpha(
 
     let env = [("MICRO_REGISTRY", "consul"), ("MICRO_REGISTRY_ADDRESS", address.as_str())];
     let gateway = Process::start("micro", &["gateway", "--address", "127.0.0.1:0"], &env);
-    let url = poll_until("the gateway's address line", STARTUP, async || {
-        let log = gateway.log();
-        let line = log.lines().find(|l| l.starts_with("micro gateway on "))?;
-        Some(line.trim_start_matches("micro gateway on ").split(' ').next()?.trim_end_matches('/').to_owned())
-    })
-    .await;
+    let url = e2e::gateway::url_of(&gateway).await;
     let http = reqwest::Client::new();
     // Generous: the service's registration, then the gateway's next listing, on a busy machine.
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
@@ -124,7 +114,8 @@ async fn micro_call_reaches_a_grpc_go_server_through_its_reflection_v1alpha() {
     let registry: Arc<dyn Registry> = config.connect().await.expect("the consul agent");
     let server = e2e::interop::GoServer::start().await;
     let name = unique_name("go-health");
-    registry.register(&Node::new(&name, server.address), Duration::from_secs(60)).await.unwrap();
+    // Registered once, without heartbeats: a TTL that outlasts the test on a busy machine.
+    registry.register(&Node::new(&name, server.address), Duration::from_secs(900)).await.unwrap();
     wait_for(&registry, &name, 1).await;
 
     let called = tokio::task::block_in_place(|| {
