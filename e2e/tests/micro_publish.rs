@@ -165,6 +165,26 @@ fn publish_reaches_subscribers(env: &[(&str, &str)]) {
     assert_eq!(fresh.len(), 32, "a fresh id is 32 hex digits: {fresh}");
 }
 
+/// Reads what `members` print until they have printed `total` lines between them, or
+/// [`PATIENCE`] has passed; the lines of each member, in order.
+fn read_lines_until(members: &[&Subscriber], total: usize) -> Vec<Vec<Value>> {
+    let mut printed: Vec<Vec<Value>> = members.iter().map(|_| Vec::new()).collect();
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while printed.iter().map(Vec::len).sum::<usize>() < total && std::time::Instant::now() < deadline {
+        let mut any = false;
+        for (member, lines) in members.iter().zip(&mut printed) {
+            while let Ok(line) = member.lines.try_recv() {
+                lines.push(serde_json::from_str(&line).expect("one JSON line"));
+                any = true;
+            }
+        }
+        if !any {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    printed
+}
+
 /// Two `micro subscribe --queue` processes share one group: each message reaches one of them.
 fn queue_members_get_each_message_once(env: &[(&str, &str)], in_registry: bool) {
     let topic = unique_name("work");
@@ -178,8 +198,13 @@ fn queue_members_get_each_message_once(env: &[(&str, &str)], in_registry: bool) 
     let sent: Vec<String> = (0..6)
         .map(|i| publish(&[&topic, &format!("{{\"job\": {i}}}"), "--id", &format!("job-{i}")], env))
         .collect();
-    let (status_a, lines_a) = a.terminate();
-    let (status_b, lines_b) = b.terminate();
+    // A message still on its way at SIGTERM is lost on an at-most-once broker, so the group
+    // is stopped only once it has printed as many lines as were sent.
+    let mut printed = read_lines_until(&[&a, &b], sent.len());
+    let (status_a, rest_a) = a.terminate();
+    let (status_b, rest_b) = b.terminate();
+    let lines_b: Vec<Value> = printed.pop().unwrap().into_iter().chain(rest_b).collect();
+    let lines_a: Vec<Value> = printed.pop().unwrap().into_iter().chain(rest_a).collect();
     assert!(status_a.success() && status_b.success(), "SIGTERM ends both cleanly: {status_a} {status_b}");
     let mut received: Vec<String> =
         lines_a.iter().chain(&lines_b).map(|l| l["message_id"].as_str().unwrap().to_owned()).collect();
