@@ -6,15 +6,21 @@
 //! and nothing else of `micro-bench` is slowed by the counting. Each side is an in-process
 //! server on `127.0.0.1:0` with vessel-service's handler (bookings in SQLite in memory, as
 //! figure 1 runs it), and a client to it: the SDK's `Server` on a memory registry and its
-//! named channel, against `tonic::transport::Server` and a `Channel` to the address. The
-//! sides alternate; each round counts [`CALLS`] sequential calls, and each figure is the
-//! median of the rounds. micro-bench starts the child ([`run_in_child`]) and reports its
+//! named channel, against `tonic::transport::Server` and a `Channel` to the address. Two
+//! mixed pairs (the SDK's client to the raw server, found by name; a raw channel to the SDK's
+//! server) split the SDK's cost between its ends: `alloc_per_call_client` and
+//! `alloc_per_call_server`, each against raw client and raw server. The pairs take turns;
+//! each round counts [`CALLS`] sequential calls, and each figure is the median of the rounds. micro-bench starts the child ([`run_in_child`]) and reports its
 //! figures.
 
 use std::{sync::Arc, time::Duration};
 
 use anyhow::Context;
-use micro_core::{Client, Server, config::ServerConfig, registry::MemoryRegistry};
+use micro_core::{
+    Client, Server,
+    config::ServerConfig,
+    registry::{MemoryRegistry, Node, Registry},
+};
 use proto::vessel::{vessel_service_client::VesselServiceClient, vessel_service_server::VesselServiceServer};
 use stats_alloc::{INSTRUMENTED_SYSTEM, Region};
 use tonic::transport::server::TcpIncoming;
@@ -60,7 +66,7 @@ pub async fn run() -> anyhow::Result<()> {
     let loopback = ServerConfig { address: "127.0.0.1:0".parse()?, ..ServerConfig::default() };
     let server = Server::builder(&name).config(loopback).registry(registry.clone()).add_service(handler()?);
     let server = server.start().await?;
-    let channel = Client::new(registry).idempotent_methods(proto::IDEMPOTENT_METHODS).channel(&name);
+    let channel = Client::new(registry.clone()).idempotent_methods(proto::IDEMPOTENT_METHODS).channel(&name);
     wait_pickable(&channel, 1).await?;
     let mut sdk = VesselServiceClient::new(channel);
 
@@ -77,41 +83,66 @@ pub async fn run() -> anyhow::Result<()> {
         ),
     );
     let mut raw = VesselServiceClient::new(raw_channel(address).await?);
+    // The two mixed pairs split the SDK's cost between its ends: its client against the raw
+    // server (found by name in the same registry), raw tonic's client against its server.
+    let raw_name = format!("vessel-alloc-raw-{}", std::process::id());
+    registry.register(&Node::new(&raw_name, address), Duration::from_secs(600)).await?;
+    let channel =
+        Client::new(registry.clone()).idempotent_methods(proto::IDEMPOTENT_METHODS).channel(&raw_name);
+    wait_pickable(&channel, 1).await?;
+    let mut sdk_client = VesselServiceClient::new(channel);
+    let mut sdk_server = VesselServiceClient::new(raw_channel(server.local_addr()).await?);
 
-    sequential(&mut sdk, WARM_UP_CALLS).await?;
-    sequential(&mut raw, WARM_UP_CALLS).await?;
+    // Pairings by index: the SDK at both ends, raw at both ends, the SDK's client alone, the
+    // SDK's server alone.
+    macro_rules! count {
+        ($index:expr, $calls:expr) => {
+            match $index {
+                0 => per_call(&mut sdk, $calls).await?,
+                1 => per_call(&mut raw, $calls).await?,
+                2 => per_call(&mut sdk_client, $calls).await?,
+                _ => per_call(&mut sdk_server, $calls).await?,
+            }
+        };
+    }
+    for index in 0..4 {
+        count!(index, WARM_UP_CALLS);
+    }
     anyhow::ensure!(
-        per_call(&mut raw, 10).await?.0 > 0.0,
+        count!(1, 10).0 > 0.0,
         "no allocation counted: run the alloc-per-call binary, whose global allocator counts"
     );
-    let (mut s, mut b) = ((Vec::new(), Vec::new()), (Vec::new(), Vec::new()));
+    let mut counts = [(); 4].map(|_| (Vec::new(), Vec::new()));
     for r in 0..ROUNDS {
         eprintln!("[alloc] round {}/{ROUNDS}", r + 1);
-        let (first, second) = if r % 2 == 0 { (true, false) } else { (false, true) };
-        for sdk_turn in [first, second] {
-            let (side, (allocations, bytes)) = match sdk_turn {
-                true => (&mut s, per_call(&mut sdk, CALLS).await?),
-                false => (&mut b, per_call(&mut raw, CALLS).await?),
-            };
-            side.0.push(allocations);
-            side.1.push(bytes);
+        // The pairings take turns, from a different one each round.
+        for index in (0..4).map(|i| (i + r) % 4) {
+            let (allocations, bytes) = count!(index, CALLS);
+            counts[index].0.push(allocations);
+            counts[index].1.push(bytes);
         }
     }
     let _ = stop.send(());
     let _ = raw_server.await;
     server.stop().await?;
-    println!(
-        "figure alloc_per_call sdk={:.1} baseline={:.1} ratio={:.3} unit=allocs",
-        median(&s.0),
-        median(&b.0),
-        median(&s.0) / median(&b.0)
-    );
-    println!(
-        "figure alloc_bytes_per_call sdk={:.0} baseline={:.0} ratio={:.3} unit=bytes",
-        median(&s.1),
-        median(&b.1),
-        median(&s.1) / median(&b.1)
-    );
+    let [both, baseline, client, server] = counts.map(|(a, b)| (median(&a), median(&b)));
+    for (name, sdk) in
+        [("alloc_per_call", both), ("alloc_per_call_client", client), ("alloc_per_call_server", server)]
+    {
+        println!(
+            "figure {name} sdk={:.1} baseline={:.1} ratio={:.3} unit=allocs",
+            sdk.0,
+            baseline.0,
+            sdk.0 / baseline.0
+        );
+        let name = name.replace("alloc_per_call", "alloc_bytes_per_call");
+        println!(
+            "figure {name} sdk={:.0} baseline={:.0} ratio={:.3} unit=bytes",
+            sdk.1,
+            baseline.1,
+            sdk.1 / baseline.1
+        );
+    }
     Ok(())
 }
 
@@ -142,6 +173,6 @@ pub async fn run_in_child() -> anyhow::Result<()> {
         emit(Figure::new(name, sdk, baseline, unit).baseline_is(baseline_is));
         found += 1;
     }
-    anyhow::ensure!(found == 2, "alloc-per-call printed {found} figures, not 2");
+    anyhow::ensure!(found == 6, "alloc-per-call printed {found} figures, not 6");
     Ok(())
 }

@@ -3,6 +3,8 @@
 
 use std::{future::Future, time::Duration};
 
+use anyhow::Context;
+
 use micro_core::NamedChannel;
 use proto::vessel::{Specification, vessel_service_client::VesselServiceClient};
 use tokio::time::Instant;
@@ -56,6 +58,43 @@ pub async fn raw_channel(address: std::net::SocketAddr) -> anyhow::Result<Channe
         .connect_timeout(Duration::from_secs(2))
         .connect()
         .await?)
+}
+
+/// Raw tonic clients over several connections to one address: each clone (each caller of
+/// [`concurrent`]) takes the next connection in turn and keeps it.
+pub struct RawConnections {
+    clients: std::sync::Arc<[VesselServiceClient<Channel>]>,
+    next: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    mine: VesselServiceClient<Channel>,
+}
+
+impl RawConnections {
+    /// `connections` connections to `address`.
+    pub async fn connect(address: std::net::SocketAddr, connections: usize) -> anyhow::Result<Self> {
+        let mut clients = Vec::with_capacity(connections);
+        for _ in 0..connections {
+            clients.push(VesselServiceClient::new(raw_channel(address).await?));
+        }
+        let mine = clients.first().context("at least one connection")?.clone();
+        Ok(RawConnections { clients: clients.into(), next: Default::default(), mine })
+    }
+}
+
+impl Clone for RawConnections {
+    fn clone(&self) -> Self {
+        let next = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.clients.len();
+        RawConnections {
+            clients: self.clients.clone(),
+            next: self.next.clone(),
+            mine: self.clients[next].clone(),
+        }
+    }
+}
+
+impl Caller for RawConnections {
+    async fn call(&mut self) -> Result<(), Status> {
+        self.mine.find_available(spec()).await.map(drop)
+    }
 }
 
 /// `n` calls one after the other; the latency of each, in microseconds, unsorted.

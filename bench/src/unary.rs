@@ -7,7 +7,7 @@ use micro_core::{Client, Registry};
 use proto::vessel::vessel_service_client::VesselServiceClient;
 
 use crate::{
-    load::{Caller, WithSdkHeaders, concurrent, raw_channel, sequential},
+    load::{Caller, RawConnections, WithSdkHeaders, concurrent, raw_channel, sequential},
     procs::{self, Service},
     report::{Figure, emit, median, quantile},
     wait_pickable,
@@ -18,6 +18,8 @@ const SEQUENTIAL_CALLS: usize = 2_000;
 const WARM_UP_CALLS: usize = 500;
 const CONCURRENT_CALLERS: usize = 64;
 const CONCURRENT_LENGTH: Duration = Duration::from_millis(1_000);
+/// Connections of the raw client that shows what a pool of connections buys.
+const RAW_CONNECTIONS: usize = 4;
 
 #[derive(Default)]
 struct Side {
@@ -52,19 +54,23 @@ pub async fn run(registry: Arc<dyn Registry>) -> anyhow::Result<()> {
     let mut raw = VesselServiceClient::new(raw_channel(address).await?);
     // Its own connection, so it shares nothing with `raw`.
     let mut headers = WithSdkHeaders(VesselServiceClient::new(raw_channel(address).await?));
+    // What several connections buy on this machine: raw tonic over RAW_CONNECTIONS of them.
+    let mut pooled = RawConnections::connect(address, RAW_CONNECTIONS).await?;
     sequential(&mut sdk, WARM_UP_CALLS).await?;
     sequential(&mut raw, WARM_UP_CALLS).await?;
     sequential(&mut headers, WARM_UP_CALLS).await?;
+    sequential(&mut pooled, WARM_UP_CALLS).await?;
 
-    let (mut s, mut b, mut h) = (Side::default(), Side::default(), Side::default());
+    let (mut s, mut b, mut h, mut p) = (Side::default(), Side::default(), Side::default(), Side::default());
     for r in 0..ROUNDS {
         eprintln!("[1/6 unary] round {}/{ROUNDS}", r + 1);
         // Rotate which goes first, so a drift of the machine hits all alike.
-        for turn in 0..3 {
-            match (r + turn) % 3 {
+        for turn in 0..4 {
+            match (r + turn) % 4 {
                 0 => round(&mut sdk, &mut s).await?,
                 1 => round(&mut raw, &mut b).await?,
-                _ => round(&mut headers, &mut h).await?,
+                2 => round(&mut headers, &mut h).await?,
+                _ => round(&mut pooled, &mut p).await?,
             }
         }
     }
@@ -97,6 +103,15 @@ pub async fn run(registry: Arc<dyn Registry>) -> anyhow::Result<()> {
             "calls/s",
         )
         .baseline_is(headers_is),
+    );
+    emit(
+        Figure::new(
+            format!("diag_raw_{RAW_CONNECTIONS}_connections_throughput_64_callers"),
+            median(&p.many),
+            median(&b.many),
+            "calls/s",
+        )
+        .baseline_is("raw tonic Channel (one connection)"),
     );
     Ok(())
 }

@@ -244,11 +244,14 @@ async fn four_times_the_capacity_is_refused_at_once_while_the_rest_is_served_as_
         settled_p99 <= unloaded_p99 * 3,
         "admitted p99 {settled_p99:?} under the spike, unloaded p99 {unloaded_p99:?}"
     );
-    // Refusals waited for no slot: faster than any call that holds one.
+    // Refusals waited for no slot: faster than the calls that held one (which a machine
+    // busy with other work slows alike).
     let mut refused = spike.refused.clone();
     refused.sort();
-    let hold = Duration::from_millis(20);
-    assert!(quantile(&refused, 0.5) < hold, "refusal p50 {:?}", quantile(&refused, 0.5));
+    let mut served = spike.served.clone();
+    served.sort();
+    let (refusal_p50, served_p50) = (quantile(&refused, 0.5), quantile(&served, 0.5));
+    assert!(refusal_p50 < served_p50, "refusal p50 {refusal_p50:?}, served p50 {served_p50:?}");
 
     // After the spike: served at once, as fast as before.
     let after = raw_phase(address, &name, 4, Duration::ZERO, 200).await;

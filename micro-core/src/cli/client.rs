@@ -9,10 +9,10 @@ use super::{Millis, Seconds};
 use crate::{
     Result,
     config::{
-        ClientConfig, DEFAULT_CONNECT_TIMEOUT_MS, DEFAULT_EJECT_AFTER, DEFAULT_EJECT_TIME_MS,
-        DEFAULT_KEEPALIVE_INTERVAL_MS, DEFAULT_KEEPALIVE_TIMEOUT_MS, DEFAULT_REFRESH_INTERVAL_SECS,
-        DEFAULT_REQUEST_TIMEOUT_MS, DEFAULT_RETRIES, DEFAULT_RETRY_BUDGET_PERCENT, DEFAULT_THROTTLE_RATIO,
-        Hedge,
+        ClientConfig, DEFAULT_CONNECT_TIMEOUT_MS, DEFAULT_CONNECTIONS, DEFAULT_EJECT_AFTER,
+        DEFAULT_EJECT_TIME_MS, DEFAULT_KEEPALIVE_INTERVAL_MS, DEFAULT_KEEPALIVE_TIMEOUT_MS,
+        DEFAULT_REFRESH_INTERVAL_SECS, DEFAULT_REQUEST_TIMEOUT_MS, DEFAULT_RETRIES,
+        DEFAULT_RETRY_BUDGET_PERCENT, DEFAULT_THROTTLE_RATIO, Hedge,
     },
     selector::StrategyKind,
 };
@@ -65,6 +65,10 @@ pub struct ClientArgs {
     /// dead and its instance ejected.
     #[arg(long, env = "MICRO_CLIENT_KEEPALIVE_TIMEOUT", default_value_t = Millis::from_units(DEFAULT_KEEPALIVE_TIMEOUT_MS))]
     pub client_keepalive_timeout: Millis,
+    /// HTTP/2 connections a channel may open to one instance: one at first, another
+    /// whenever every open one carries 8 calls; 1 keeps one connection per instance.
+    #[arg(long, env = "MICRO_CLIENT_CONNECTIONS", default_value_t = DEFAULT_CONNECTIONS)]
+    pub client_connections: usize,
     /// When an idempotent call not answered yet goes to a second instance: `auto` (after
     /// the name's recent p95 latency, between 20 ms and 500 ms), `off`, or a fixed number of
     /// milliseconds.
@@ -116,6 +120,7 @@ impl ClientConfig {
             connect_timeout: args.client_connect_timeout.into(),
             keepalive_interval: args.client_keepalive_interval.into(),
             keepalive_timeout: args.client_keepalive_timeout.into(),
+            connections: args.client_connections,
             hedge: args.client_hedge,
             throttle_ratio: args.client_throttle,
             ..ClientConfig::default()

@@ -24,6 +24,7 @@ use futures::{StreamExt, stream::FuturesUnordered};
 use http::HeaderMap;
 use prometheus_client::metrics::counter::Counter;
 use rand::Rng;
+use smallvec::SmallVec;
 use tokio::time::Instant;
 use tonic::{Code, Status, body::Body};
 use tower::{ServiceExt, retry::budget::Budget};
@@ -44,7 +45,8 @@ use crate::{
     config::Hedge,
     metrics::{AttemptLabels, ClientMethod, code_name, metrics},
     middleware::{
-        OnStatus, REQUEST_ID_HEADER, StatusBody, current_request_id, inject_trace_context, span_name,
+        OnStatus, REQUEST_ID, REQUEST_ID_HEADER, StatusBody, current_request_id, inject_trace_context,
+        span_name, status_code,
     },
     registry::NodeId,
 };
@@ -54,12 +56,16 @@ type AttemptFuture = Pin<Box<dyn Future<Output = (usize, Result<http::Response<B
 /// The attempts of one call so far.
 struct Attempts {
     /// Every attempt started, in order; an index is an attempt's number.
-    endpoints: Vec<Endpoint>,
-    /// Attempts not finished yet.
-    running: FuturesUnordered<AttemptFuture>,
+    endpoints: SmallVec<[Endpoint; INLINE_ATTEMPTS]>,
+    /// Retries and hedges not finished yet (the first attempt runs on its own, unboxed);
+    /// made with the first of them.
+    running: Option<FuturesUnordered<AttemptFuture>>,
     /// Indices of the attempts still running.
-    open: Vec<usize>,
+    open: SmallVec<[usize; INLINE_ATTEMPTS]>,
 }
+
+/// Attempts a call keeps without allocating: the first, a retry and a hedge.
+const INLINE_ATTEMPTS: usize = 3;
 
 impl Attempts {
     /// Instances already tried or being tried, which the next pick avoids.
@@ -149,21 +155,23 @@ impl ChannelCore {
         if !parts.headers.contains_key(REQUEST_ID_HEADER)
             && let Some(request_id) = current_request_id()
         {
-            parts.headers.insert(REQUEST_ID_HEADER, request_id);
+            parts.headers.insert(REQUEST_ID, request_id);
         }
-        let method = parts.uri.path().to_owned();
+        let uri = parts.uri.clone();
+        let method = uri.path();
         let idempotent =
-            self.idempotent.contains(&method) || parts.headers.contains_key(IDEMPOTENCY_KEY_HEADER);
+            self.idempotent.contains(method) || parts.headers.contains_key(IDEMPOTENCY_KEY_HEADER);
         let replay = Replay::new(body).await;
         self.budget.deposit();
-        let site = CallSite { method: &method, service: &self.name, registry: &self.registry_kind, timeout };
+        let site = CallSite { method, service: &self.name, registry: &self.registry_kind, timeout };
         let hedge_delay = if idempotent && replay.is_whole() { self.hedge_delay() } else { None };
 
-        let mut attempts =
-            Attempts { endpoints: Vec::new(), running: FuturesUnordered::new(), open: Vec::new() };
+        let mut attempts = Attempts { endpoints: SmallVec::new(), running: None, open: SmallVec::new() };
         let max_attempts = 1 + self.config.retries as usize;
         let first = self.pick(&[], deadline).await.map_err(|status| -> BoxError { Box::new(status) })?;
-        self.start(&mut attempts, first, &parts, &replay, deadline, AttemptKind::First);
+        let first = self.prepare(&mut attempts, first, &parts, &replay, deadline, AttemptKind::First);
+        let mut first = std::pin::pin!(first);
+        let mut first_running = true;
         let mut hedge_at = hedge_delay.map(|delay| Instant::now() + delay).filter(|at| *at < deadline);
         let mut retry_at: Option<Instant> = None;
         // What the last failed attempt ended with: when a retry then runs out of time or
@@ -177,7 +185,11 @@ impl ChannelCore {
                 return Err(Box::new(retried(failure, retries)));
             }
             let event = tokio::select! {
-                Some((index, outcome)) = attempts.running.next() => Event::Finished(index, outcome),
+                (index, outcome) = &mut first, if first_running => {
+                    first_running = false;
+                    Event::Finished(index, outcome)
+                }
+                Some((index, outcome)) = next_finished(&mut attempts.running) => Event::Finished(index, outcome),
                 _ = sleep_until(retry_at) => Event::Retry,
                 _ = sleep_until(hedge_at) => Event::Hedge,
             };
@@ -220,13 +232,13 @@ impl ChannelCore {
                     hedge_at = hedge_delay.map(|delay| Instant::now() + delay).filter(|at| *at < deadline);
                 }
                 Event::Finished(index, Ok(response)) => {
-                    attempts.open.retain(|&open| open != index);
+                    attempts.open.retain(|open| *open != index);
                     // Attempts started before this one were outrun by it.
                     self.give_up(&attempts, |open| open < index);
                     return Ok(response);
                 }
                 Event::Finished(index, Err(failure)) => {
-                    attempts.open.retain(|&open| open != index);
+                    attempts.open.retain(|open| *open != index);
                     let endpoint = &attempts.endpoints[index];
                     // A refused call goes only to an instance not tried yet, and at once.
                     let refused = failure.is_refusal();
@@ -253,7 +265,7 @@ impl ChannelCore {
                         retry_at = Some(Instant::now() + backoff);
                     }
                     last_failure = Some(match refused && !untried && attempts.open.is_empty() {
-                        true => self.refused_everywhere(&attempts, &method),
+                        true => self.refused_everywhere(&attempts, method),
                         false => status,
                     });
                 }
@@ -272,7 +284,8 @@ impl ChannelCore {
         let in_flight = InFlight::start(&endpoint.stats);
         // Every attempt carries `grpc-timeout`, and tonic's channel ends the call there
         // (`TimeoutExpired`), so no timer of our own is needed per call.
-        let result = endpoint.channel.clone().oneshot(request).await.map_err(BoxError::from);
+        let (channel, _busy) = endpoint.connections.pick(&endpoint.node, &self.config);
+        let result = channel.oneshot(request).await.map_err(BoxError::from);
         self.count_attempt(&endpoint, &result);
         let outcome = match result {
             Ok(response) => match Status::from_header_map(response.headers()) {
@@ -320,8 +333,7 @@ impl ChannelCore {
         (index, outcome)
     }
 
-    /// Starts an attempt on `endpoint`, in a `grpc.attempt` span of its own whose context
-    /// the request carries.
+    /// Starts a retry or a hedge on `endpoint` (see [`ChannelCore::prepare`]).
     fn start(
         self: &Arc<Self>,
         attempts: &mut Attempts,
@@ -331,6 +343,21 @@ impl ChannelCore {
         deadline: Instant,
         kind: AttemptKind,
     ) {
+        let attempt = self.prepare(attempts, endpoint, parts, replay, deadline, kind);
+        attempts.running.get_or_insert_with(FuturesUnordered::new).push(Box::pin(attempt));
+    }
+
+    /// An attempt on `endpoint`, counted in `attempts`, in a `grpc.attempt` span of its own
+    /// whose context the request carries.
+    fn prepare(
+        self: &Arc<Self>,
+        attempts: &mut Attempts,
+        endpoint: Endpoint,
+        parts: &http::request::Parts,
+        replay: &Replay,
+        deadline: Instant,
+        kind: AttemptKind,
+    ) -> impl Future<Output = (usize, Result<http::Response<Body>, Failure>)> + Send + use<> {
         let index = attempts.endpoints.len();
         let span = tracing::info_span!(
             "grpc.attempt",
@@ -345,11 +372,10 @@ impl ChannelCore {
         );
         let mut request = attempt_request(parts, replay, deadline);
         inject_trace_context(request.0.headers_mut(), &span);
-        attempts.running.push(Box::pin(
-            self.clone().attempt(index, endpoint.clone(), request, deadline).instrument(span),
-        ));
+        let attempt = self.clone().attempt(index, endpoint.clone(), request, deadline).instrument(span);
         attempts.endpoints.push(endpoint);
         attempts.open.push(index);
+        attempt
     }
 
     /// The attempts still running when the call ends are cancelled, and judged: one still
@@ -514,7 +540,7 @@ impl OnStatus for CallFinish {
     }
 
     fn complete(mut self, headers: &HeaderMap) {
-        let code = Status::from_header_map(headers).map_or(Code::Ok, |status| status.code());
+        let code = status_code(headers).unwrap_or(Code::Ok);
         self.record(code);
     }
 }
@@ -562,6 +588,16 @@ fn is_server_timeout(status: &Status, deadline: Instant) -> bool {
 const MIN_REFUSAL_PENALTY: Duration = Duration::from_millis(10);
 /// The most an overload refusal makes its instance look slow.
 const MAX_REFUSAL_PENALTY: Duration = Duration::from_secs(2);
+
+/// The next retry or hedge to finish; none while none was started.
+async fn next_finished(
+    running: &mut Option<FuturesUnordered<AttemptFuture>>,
+) -> Option<(usize, Result<http::Response<Body>, Failure>)> {
+    match running {
+        Some(running) => running.next().await,
+        None => None,
+    }
+}
 
 /// Sleeps until `at`, or forever when there is nothing to wait for.
 async fn sleep_until(at: Option<Instant>) {

@@ -193,14 +193,14 @@ impl NamedChannel {
 
     /// The instances currently known for the name, draining and filtered-out ones included.
     pub fn instances(&self) -> Vec<Node> {
-        self.core.endpoints.borrow().endpoints.iter().map(|e| e.node.clone()).collect()
+        self.core.endpoints.borrow().endpoints.iter().map(|e| Node::clone(&e.node)).collect()
     }
 
     /// The instances a call may be sent to now: accepted by the filter, not draining, not
     /// ejected.
     pub fn pickable(&self) -> Vec<Node> {
         let set = self.core.endpoints.borrow().clone();
-        set.pickable.iter().map(|&i| set.endpoints[i].node.clone()).collect()
+        set.pickable.iter().map(|&i| Node::clone(&set.endpoints[i].node)).collect()
     }
 
     /// Every known instance with what this channel has seen of it.
@@ -211,7 +211,7 @@ impl NamedChannel {
             .iter()
             .enumerate()
             .map(|(index, endpoint)| InstanceView {
-                node: endpoint.node.clone(),
+                node: Node::clone(&endpoint.node),
                 eligible: set.eligible.contains(&index),
                 ejected: endpoint
                     .stats
@@ -227,7 +227,10 @@ impl NamedChannel {
     /// them now (for a strategy that draws at random, one possible sequence).
     pub fn next_picks(&self, count: usize) -> Vec<Node> {
         let set = self.core.endpoints.borrow().clone();
-        (0..count).filter_map(|_| self.core.pick_from(&set, &[])).map(|endpoint| endpoint.node).collect()
+        (0..count)
+            .filter_map(|_| self.core.pick_from(&set, &[]))
+            .map(|endpoint| Node::clone(&endpoint.node))
+            .collect()
     }
 }
 

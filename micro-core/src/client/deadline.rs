@@ -15,6 +15,17 @@ pub(crate) const GRPC_TIMEOUT_HEADER: HeaderName = HeaderName::from_static("grpc
 /// other; with this one pending, a deadline longer than the period never is.
 pub(crate) const TIMER_ANCHOR_PERIOD: Duration = Duration::from_secs(1);
 
+/// Keeps a timer of the current runtime due within [`TIMER_ANCHOR_PERIOD`], for as long as
+/// it runs (see there): a server's runtime gets one per server, since tonic's server times
+/// every call that carries `grpc-timeout`.
+pub(crate) async fn anchor_timers() {
+    let mut anchor = tokio::time::interval(TIMER_ANCHOR_PERIOD);
+    anchor.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        anchor.tick().await;
+    }
+}
+
 /// The precision of `grpc-timeout` as [`grpc_timeout`] writes it: whole milliseconds,
 /// rounded down.
 pub(crate) const GRPC_TIMEOUT_RESOLUTION: Duration = Duration::from_millis(1);
@@ -37,13 +48,19 @@ pub(crate) fn requested_timeout(request: &http::Request<Body>) -> Option<Duratio
 
 /// `remaining` in gRPC's `grpc-timeout` form: at most 8 digits and a unit.
 pub(crate) fn grpc_timeout(remaining: Duration) -> HeaderValue {
+    use std::io::Write;
     let millis = remaining.as_millis();
-    let text = if millis < 100_000_000 {
-        format!("{}m", millis.max(1))
+    // Written on the stack: one copy into the header, no string per call.
+    let mut text = [0_u8; 24];
+    let mut free = &mut text[..];
+    let written = if millis < 100_000_000 {
+        write!(free, "{}m", millis.max(1))
     } else {
-        format!("{}S", remaining.as_secs())
+        write!(free, "{}S", remaining.as_secs())
     };
-    HeaderValue::from_str(&text).expect("digits and a unit")
+    written.expect("a u64 and a unit fit in 24 bytes");
+    let length = 24 - free.len();
+    HeaderValue::from_bytes(&text[..length]).expect("digits and a unit")
 }
 
 #[cfg(test)]

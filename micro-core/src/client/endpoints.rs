@@ -11,9 +11,8 @@ use std::{
 
 use prometheus_client::metrics::counter::Counter;
 use tokio::time::Instant;
-use tonic::transport::Channel;
 
-use super::{latency::PeakEwma, outlier::OutlierState};
+use super::{latency::PeakEwma, outlier::OutlierState, pool::Connections};
 use crate::{
     registry::Node,
     selector::{Instance, Load},
@@ -26,8 +25,10 @@ pub(crate) const UNANSWERED_PENALTY: u32 = 4;
 /// One instance: its registration, its connection and its health as this channel sees it.
 #[derive(Clone)]
 pub(crate) struct Endpoint {
-    pub(crate) node: Node,
-    pub(crate) channel: Channel,
+    /// Shared, so a pick clones no strings.
+    pub(crate) node: Arc<Node>,
+    /// Its connections; each attempt clones the one it sends on, and only that one.
+    pub(crate) connections: Arc<Connections>,
     pub(crate) stats: Arc<EndpointStats>,
 }
 

@@ -14,9 +14,9 @@ use tokio::time::Instant;
 
 use super::{
     channel::ChannelCore,
-    connect::connect_lazily,
     deadline::TIMER_ANCHOR_PERIOD,
     endpoints::{Endpoint, EndpointSet},
+    pool::Connections,
 };
 use crate::{
     Error,
@@ -114,10 +114,10 @@ impl ChannelCore {
         let mut set = EndpointSet::default();
         for node in nodes {
             let kept = previous.find(&node.id).filter(|old| old.node.address == node.address);
-            let (channel, stats) = match kept {
-                Some(old) => (old.channel.clone(), old.stats.clone()),
-                None => match connect_lazily(node, &self.config) {
-                    Ok(channel) => (channel, Arc::default()),
+            let (connections, stats) = match kept {
+                Some(old) => (old.connections.clone(), old.stats.clone()),
+                None => match Connections::new(node, &self.config) {
+                    Ok(connections) => (Arc::new(connections), Arc::default()),
                     Err(err) => {
                         tracing::warn!(service = %self.name, node = %node.id, error = %err, "unusable address");
                         continue;
@@ -127,7 +127,7 @@ impl ChannelCore {
             if self.filter.accepts(node) && !node.draining {
                 set.eligible.push(set.endpoints.len());
             }
-            set.endpoints.push(Endpoint { node: node.clone(), channel, stats });
+            set.endpoints.push(Endpoint { node: Arc::new(node.clone()), connections, stats });
         }
         for gone in previous.endpoints.iter().filter(|old| !known.contains_key(&old.node.id)) {
             forget_attempt_series(&self.name, &gone.node.id);

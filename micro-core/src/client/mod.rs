@@ -71,6 +71,7 @@ mod failure;
 mod follow;
 mod latency;
 mod outlier;
+mod pool;
 mod replay;
 mod stream;
 mod throttle;
@@ -81,6 +82,7 @@ use std::{
     time::Duration,
 };
 
+pub(crate) use self::deadline::anchor_timers;
 use self::{channel::ChannelCore, follow::follow_registry};
 pub use self::{
     channel::{InstanceView, NamedChannel},

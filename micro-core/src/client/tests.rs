@@ -630,3 +630,91 @@ async fn the_attempt_series_of_an_instance_that_left_are_dropped() {
         "the series outlived its instance"
     );
 }
+
+/// Holds every call until released; remembers the connections calls came on.
+#[derive(Default)]
+struct HoldCalls {
+    held: AtomicUsize,
+    peers: std::sync::Mutex<std::collections::HashSet<std::net::SocketAddr>>,
+    release: tokio::sync::Notify,
+    released: std::sync::atomic::AtomicBool,
+}
+
+#[tonic::async_trait]
+impl Answer for Arc<HoldCalls> {
+    async fn answer(&self, request: Request<Message>) -> Result<tonic::Response<Reply>, Status> {
+        self.peers.lock().unwrap().extend(request.remote_addr());
+        self.held.fetch_add(1, Ordering::SeqCst);
+        while !self.released.load(Ordering::SeqCst) {
+            let notified = self.release.notified();
+            if self.released.load(Ordering::SeqCst) {
+                break;
+            }
+            notified.await;
+        }
+        reply_from("held")
+    }
+}
+
+/// Opened connections to the only instance of `channel`.
+fn connections_opened(channel: &NamedChannel) -> usize {
+    channel.core.endpoints.borrow().endpoints[0].connections.opened()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_calls_in_flight_open_more_connections_up_to_the_limit_and_one_caller_keeps_one() {
+    let registry = MemoryRegistry::new();
+    let hold = Arc::new(HoldCalls::default());
+    let _server = start_with(&registry, "svc", hold.clone(), "1.0.0").await;
+    let client = Client::new(Arc::new(registry)).config(ClientConfig {
+        connections: 3,
+        hedge: Hedge::Off,
+        request_timeout: Duration::from_secs(60),
+        ..ClientConfig::default()
+    });
+
+    // One caller, one call at a time: one connection.
+    let sequential = client.channel("svc");
+    wait_for_instances(&sequential, 1).await;
+    hold.released.store(true, Ordering::SeqCst);
+    let mut one = EchoClient::new(sequential.clone());
+    for _ in 0..20 {
+        call(&mut one).await.unwrap();
+    }
+    assert_eq!(connections_opened(&sequential), 1);
+    assert_eq!(hold.peers.lock().unwrap().len(), 1, "one connection carried them all");
+
+    // 40 calls at once on a channel of their own: a connection per 8 in flight, at most 3.
+    hold.released.store(false, Ordering::SeqCst);
+    hold.held.store(0, Ordering::SeqCst);
+    hold.peers.lock().unwrap().clear();
+    let busy = client.channel("svc");
+    wait_for_instances(&busy, 1).await;
+    let calls: Vec<_> = (0..40)
+        .map(|_| {
+            let mut echo = EchoClient::new(busy.clone());
+            tokio::spawn(async move { call(&mut echo).await })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while hold.held.load(Ordering::SeqCst) < 40 {
+        assert!(Instant::now() < deadline, "only {} calls arrived", hold.held.load(Ordering::SeqCst));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(connections_opened(&busy), 3);
+    assert_eq!(hold.peers.lock().unwrap().len(), 3, "three connections carried the calls");
+    hold.released.store(true, Ordering::SeqCst);
+    hold.release.notify_waiters();
+    for call in calls {
+        call.await.unwrap().expect("every held call answered");
+    }
+}
+
+#[test]
+fn connections_per_instance_are_checked() {
+    for connections in [0, crate::config::MAX_CONNECTIONS + 1] {
+        let config = ClientConfig { connections, ..ClientConfig::default() };
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("MICRO_CLIENT_CONNECTIONS"), "{err}");
+    }
+}

@@ -36,6 +36,10 @@ const _: () = assert!(
 /// Default time a keepalive ping may go unanswered before the connection is closed as
 /// dead, in milliseconds: a vanished peer is known within interval + timeout.
 pub const DEFAULT_KEEPALIVE_TIMEOUT_MS: u64 = 1000;
+/// HTTP/2 connections a channel may open to one instance, as its calls in flight grow.
+pub const DEFAULT_CONNECTIONS: usize = 4;
+/// The most connections per instance a client may be set to.
+pub const MAX_CONNECTIONS: usize = 64;
 /// Default `K` of the client's adaptive throttling: a name's calls are refused locally
 /// with the probability `(requests - K * accepts) / (requests + 1)` once its instances
 /// refuse more than half of them as overloaded.
@@ -98,6 +102,9 @@ pub struct ClientConfig {
     pub keepalive_interval: Duration,
     /// How long a keepalive ping may go unanswered before the connection is dropped.
     pub keepalive_timeout: Duration,
+    /// HTTP/2 connections per instance at most: one at first, another whenever every open
+    /// one carries 8 attempts (see `client/pool.rs`).
+    pub connections: usize,
     /// When idempotent calls are hedged.
     pub hedge: Hedge,
     /// Deadline of a call, retries included, unless the caller sets its own; it covers a
@@ -136,6 +143,7 @@ impl Default for ClientConfig {
             connect_timeout: Duration::from_millis(DEFAULT_CONNECT_TIMEOUT_MS),
             keepalive_interval: Duration::from_millis(DEFAULT_KEEPALIVE_INTERVAL_MS),
             keepalive_timeout: Duration::from_millis(DEFAULT_KEEPALIVE_TIMEOUT_MS),
+            connections: DEFAULT_CONNECTIONS,
             hedge: Hedge::default(),
             request_timeout: Duration::from_millis(DEFAULT_REQUEST_TIMEOUT_MS),
             stream_timeout: Duration::ZERO,
@@ -174,6 +182,13 @@ impl ClientConfig {
                 "MICRO_CLIENT_KEEPALIVE_TIMEOUT",
                 "0".into(),
                 "must be above zero while keepalive is on",
+            );
+        }
+        if !(1..=MAX_CONNECTIONS).contains(&self.connections) {
+            return invalid(
+                "MICRO_CLIENT_CONNECTIONS",
+                self.connections.to_string(),
+                &format!("must be from 1 to {MAX_CONNECTIONS}"),
             );
         }
         if let Hedge::Adaptive { min, max } = self.hedge

@@ -5,7 +5,7 @@ use std::{
     sync::{Arc, RwLock},
 };
 
-use super::{MAX_LEARNED_METHODS, MethodMetrics};
+use super::{MAX_LEARNED_METHODS, MethodMetrics, Shape};
 use crate::metrics::UNKNOWN_METHOD;
 
 /// The methods a server serves, which alone get a `method` label of their own.
@@ -51,7 +51,8 @@ impl ServedMethods {
         for Described { service, method, streaming } in described_methods(descriptor_sets) {
             if services.contains(&service) {
                 let path = format!("/{service}/{method}");
-                known.insert(path.clone(), MethodMetrics::new(&path, streaming));
+                let shape = if streaming { Shape::Streaming } else { Shape::Unary };
+                known.insert(path.clone(), MethodMetrics::new(&path, shape));
                 described.insert(service);
             }
         }
@@ -59,9 +60,14 @@ impl ServedMethods {
             services,
             described,
             known: RwLock::new(known),
-            unknown: MethodMetrics::new(UNKNOWN_METHOD, false),
+            unknown: MethodMetrics::new(UNKNOWN_METHOD, Shape::Undescribed),
             learn_any: false,
         }
+    }
+
+    /// Whether a descriptor says `path` is a unary method: its answer is one message.
+    pub(crate) fn is_unary(&self, path: &str) -> bool {
+        self.lookup(path).shape == Shape::Unary
     }
 
     /// The handles for `path`: its own when known, else the unknown method's.
@@ -91,7 +97,7 @@ impl ServedMethods {
         if known.len() >= MAX_LEARNED_METHODS {
             return None;
         }
-        let entry = MethodMetrics::new(path, false);
+        let entry = MethodMetrics::new(path, Shape::Undescribed);
         known.insert(path.to_owned(), entry.clone());
         Some(entry)
     }

@@ -80,9 +80,16 @@ pub fn current_request_id() -> Option<HeaderValue> {
     CALL.try_with(|call| call.request_id.clone()).ok()
 }
 
+/// [`REQUEST_ID_HEADER`] as a name made once: a `&str` key is copied into a new name on
+/// every insert.
+pub(crate) const REQUEST_ID: http::HeaderName = http::HeaderName::from_static(REQUEST_ID_HEADER);
+
 /// A fresh request id: 16 hex digits.
 pub fn new_request_id() -> HeaderValue {
-    HeaderValue::from_str(&format!("{:016x}", rand::random::<u64>())).expect("hex is a valid header")
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let random = rand::random::<u64>();
+    let digits: [u8; 16] = std::array::from_fn(|i| HEX[((random >> (60 - 4 * i)) & 0xf) as usize]);
+    HeaderValue::from_bytes(&digits).expect("hex is a valid header")
 }
 
 /// Runs `future` with `request_id` current, as the server does for each handler.
@@ -137,7 +144,7 @@ pub use self::{
 };
 pub(crate) use self::{
     propagation::{inject_trace_context, outgoing_context},
-    status::{OnStatus, StatusBody},
+    status::{OnStatus, StatusBody, status_code},
 };
 
 /// Traces, counts and logs every incoming call: a `grpc.server` span continuing the
@@ -152,6 +159,13 @@ impl ServerTraceLayer {
     /// A layer labelling metrics with `methods`; [`Default`] learns any path that answers.
     pub fn new(methods: ServedMethods) -> Self {
         ServerTraceLayer { methods: Arc::new(methods) }
+    }
+}
+
+impl ServerTraceLayer {
+    /// The methods this layer labels metrics with.
+    pub(crate) fn methods(&self) -> Arc<ServedMethods> {
+        self.methods.clone()
     }
 }
 
@@ -176,9 +190,19 @@ impl<S> std::fmt::Debug for ServerTrace<S> {
     }
 }
 
+/// What the descriptors say of a method's messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    Unary,
+    Streaming,
+    /// No descriptor describes it.
+    Undescribed,
+}
+
 /// One method's metric handles, looked up once rather than on every call.
 struct MethodMetrics {
     method: String,
+    shape: Shape,
     in_flight: Gauge,
     duration: Histogram,
     ok: Counter,
@@ -187,7 +211,8 @@ struct MethodMetrics {
 }
 
 impl MethodMetrics {
-    fn new(method: &str, streaming: bool) -> Arc<Self> {
+    fn new(method: &str, shape: Shape) -> Arc<Self> {
+        let streaming = shape == Shape::Streaming;
         let m = metrics();
         let labels = MethodLabels { method: method.to_owned() };
         let ok = RequestLabels { method: method.to_owned(), code: "OK".into() };
@@ -197,6 +222,7 @@ impl MethodMetrics {
         };
         Arc::new(MethodMetrics {
             method: method.to_owned(),
+            shape,
             in_flight: m.server_in_flight.get_or_create(&labels).clone(),
             duration: m.server_duration.get_or_create(&labels).clone(),
             ok: m.server_requests.get_or_create(&ok).clone(),
@@ -272,7 +298,7 @@ where
                     }
                     None => new_request_id(),
                 };
-                request.headers_mut().insert(REQUEST_ID_HEADER, id.clone());
+                request.headers_mut().insert(REQUEST_ID, id.clone());
                 id
             }
         };
@@ -380,13 +406,15 @@ impl OnStatus for Finish {
     }
 
     fn complete(mut self, headers: &HeaderMap) {
-        let status = tonic::Status::from_header_map(headers);
-        let code = status.as_ref().map_or(tonic::Code::Ok, tonic::Status::code);
+        let code = status_code(headers).unwrap_or(tonic::Code::Ok);
         self.record(code);
+        if code == tonic::Code::Ok {
+            return;
+        }
         // Refusals over a concurrency limit are counted, not logged: under a spike they come
         // by the thousand, when the server can least afford a line each.
         let refused = crate::server::is_refusal(headers);
-        if let Some(status) = status.filter(|s| s.code() != tonic::Code::Ok && !refused) {
+        if let Some(status) = tonic::Status::from_header_map(headers).filter(|_| !refused) {
             let method = self.unknown_path.as_deref().unwrap_or(&self.metrics.method);
             tracing::info!(parent: &self.span, %method, request_id = self.request_id.to_str().unwrap_or("?"),
                 grpc_status = code_name(status.code()), grpc_message = status.message(),

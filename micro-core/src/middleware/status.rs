@@ -10,6 +10,12 @@ use http::HeaderMap;
 use http_body::Frame;
 use tonic::body::Body;
 
+/// The gRPC status code in `headers` (response headers or trailers), if there is one; read
+/// without building a [`tonic::Status`], which copies the message and the metadata.
+pub(crate) fn status_code(headers: &HeaderMap) -> Option<tonic::Code> {
+    headers.get("grpc-status").map(|value| tonic::Code::from_bytes(value.as_bytes()))
+}
+
 /// What happens when a call's status is known: from the response headers of a
 /// trailers-only answer, or from the trailers; empty headers when the body ended without
 /// any. Dropping it unfinished means the call was cut off.

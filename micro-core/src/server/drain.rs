@@ -5,6 +5,7 @@
 
 use std::{
     pin::Pin,
+    sync::Arc,
     task::{Context, Poll},
 };
 
@@ -14,18 +15,23 @@ use http_body::Frame;
 use tokio::sync::watch;
 use tonic::{Status, body::Body};
 
+use crate::middleware::ServedMethods;
+
 /// Tells the responses of one server to end: `true` once the shutdown grace is over.
 #[derive(Clone)]
 pub(crate) struct StreamDrainLayer {
     closing: watch::Receiver<bool>,
-    service: std::sync::Arc<str>,
+    service: Arc<str>,
+    /// The answers of methods described as unary are left alone: they end with their
+    /// handler, which the grace waits for.
+    methods: Arc<ServedMethods>,
 }
 
 impl StreamDrainLayer {
     /// A layer for `service`'s responses, and the switch that ends them.
-    pub(crate) fn new(service: &str) -> (Self, watch::Sender<bool>) {
+    pub(crate) fn new(service: &str, methods: Arc<ServedMethods>) -> (Self, watch::Sender<bool>) {
         let (sender, closing) = watch::channel(false);
-        (StreamDrainLayer { closing, service: service.into() }, sender)
+        (StreamDrainLayer { closing, service: service.into(), methods }, sender)
     }
 }
 
@@ -58,12 +64,14 @@ where
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        DrainFuture { inner: self.inner.call(request), layer: Some(self.layer.clone()) }
+        let unary = self.layer.methods.is_unary(request.uri().path());
+        DrainFuture { inner: self.inner.call(request), layer: (!unary).then(|| self.layer.clone()) }
     }
 }
 
 pin_project_lite::pin_project! {
-    /// The answer of a [`StreamDrain`]: the inner service's, its body made to end on time.
+    /// The answer of a [`StreamDrain`]: the inner service's, its body made to end on time
+    /// unless the method is unary.
     pub(crate) struct DrainFuture<F> {
         #[pin]
         inner: F,
@@ -80,13 +88,12 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let response = std::task::ready!(this.inner.poll(cx))?;
-        let layer = this.layer.take().expect("polled after completion");
-        Poll::Ready(Ok(match response.headers().contains_key("grpc-status") {
+        Poll::Ready(Ok(match this.layer.take() {
             // A trailers-only answer: nothing left to end.
-            true => response,
-            false => {
+            Some(layer) if !response.headers().contains_key("grpc-status") => {
                 response.map(|body| Body::new(DrainBody { inner: body, layer, waiting: None, ended: false }))
             }
+            _ => response,
         }))
     }
 }

@@ -305,9 +305,16 @@ impl Server {
         let limits =
             limit::LimitLayer::new(&self.name, advertised, self.config.limit, &self.config.method_limits);
         // Inside the trace layer too, so a stream ended at shutdown is counted as UNAVAILABLE.
-        let (drain, close_streams) = drain::StreamDrainLayer::new(&node.name);
+        let (drain, close_streams) = drain::StreamDrainLayer::new(&node.name, trace.methods());
         let stack = tower::layer::layer_fn(move |routes: Routes| {
-            let inner = layers.iter().rev().fold(HttpService::new(routes), |inner, layer| layer(inner));
+            // Without layers of its own, the routes are called as they are: a boxed service
+            // boxes every call's future.
+            let inner = match layers.is_empty() {
+                true => tower::util::Either::Left(routes),
+                false => tower::util::Either::Right(
+                    layers.iter().rev().fold(HttpService::new(routes), |inner, layer| layer(inner)),
+                ),
+            };
             trace.layer(drain.layer(limits.layer(inner)))
         });
         let router = builder.layer(stack).add_routes(self.routes.routes());
@@ -349,6 +356,7 @@ impl Server {
         let heartbeat =
             Task(tokio::spawn(keep_registered(registry.clone(), node.clone(), self.config.clone())));
         let visibility = Task(tokio::spawn(check_visible(registry.clone(), node.clone())));
+        let timer_anchor = Task(tokio::spawn(crate::client::anchor_timers()));
         Ok(RunningServer {
             node,
             bound,
@@ -356,7 +364,15 @@ impl Server {
             config: self.config,
             health,
             health_names,
-            serving: Some(Serving { stop_serving, close_streams, serve, heartbeat, visibility, metrics }),
+            serving: Some(Serving {
+                stop_serving,
+                close_streams,
+                serve,
+                heartbeat,
+                visibility,
+                timer_anchor,
+                metrics,
+            }),
             subscriptions: std::mem::take(&mut self.subscriptions),
         })
     }

@@ -48,6 +48,8 @@ pub(super) struct Serving {
     pub(super) serve: JoinHandle<Result<(), tonic::transport::Error>>,
     pub(super) heartbeat: Task,
     pub(super) visibility: Task,
+    /// Keeps each call's `grpc-timeout` timer from waking the runtime's time driver.
+    pub(super) timer_anchor: Task,
     pub(super) metrics: Option<MetricsEndpoint>,
 }
 
@@ -87,7 +89,15 @@ impl RunningServer {
     /// closes, stops the metrics endpoint, and unsubscribes the server's broker subscriptions.
     pub async fn stop(mut self) -> Result<()> {
         let Some(serving) = self.serving.take() else { return Ok(()) };
-        let Serving { stop_serving, close_streams, serve, heartbeat, visibility, metrics } = serving;
+        let Serving {
+            stop_serving,
+            close_streams,
+            serve,
+            heartbeat,
+            visibility,
+            timer_anchor: _until_stopped,
+            metrics,
+        } = serving;
         drop((heartbeat, visibility));
         let node = &self.node;
         for name in &self.health_names {

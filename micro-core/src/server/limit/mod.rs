@@ -34,7 +34,9 @@
 use std::{
     collections::HashMap,
     convert::Infallible,
+    future::Ready,
     net::SocketAddr,
+    pin::Pin,
     sync::{
         Arc,
         atomic::{AtomicUsize, Ordering},
@@ -42,7 +44,7 @@ use std::{
     task::{Context, Poll},
 };
 
-use futures::future::BoxFuture;
+use futures::future::Either;
 use http::HeaderValue;
 use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
 use tokio::time::Instant;
@@ -266,7 +268,7 @@ where
 {
     type Response = http::Response<Body>;
     type Error = Infallible;
-    type Future = BoxFuture<'static, Result<http::Response<Body>, Infallible>>;
+    type Future = LimitFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
@@ -279,19 +281,47 @@ where
                 Ok(permit) => Some(permit),
                 Err(full) => {
                     let refusal = self.limits.refusal(limit, request.uri().path(), full);
-                    return Box::pin(async move { Ok(refusal) });
+                    return LimitFuture::refused(refusal);
                 }
             },
         };
-        let call = self.inner.call(request);
-        Box::pin(async move {
-            let mut response = call.await?;
-            drop(permit);
+        LimitFuture { answer: Either::Right(self.inner.call(request)), permit }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The answer of a [`LimitService`]: a refusal, or the call's answer once it holds a
+    /// place within its limit.
+    pub struct LimitFuture<F> {
+        #[pin]
+        answer: Either<Ready<Result<http::Response<Body>, Infallible>>, F>,
+        permit: Option<Permit>,
+    }
+}
+
+impl<F> LimitFuture<F> {
+    fn refused(refusal: http::Response<Body>) -> Self {
+        LimitFuture { answer: Either::Left(std::future::ready(Ok(refusal))), permit: None }
+    }
+}
+
+impl<F> Future for LimitFuture<F>
+where
+    F: Future<Output = Result<http::Response<Body>, Infallible>>,
+{
+    type Output = Result<http::Response<Body>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let started = matches!(this.answer.as_ref().get_ref(), Either::Right(_));
+        let mut response = std::task::ready!(this.answer.poll(cx))?;
+        this.permit.take();
+        if started {
             // Only this layer may say a call never started: a handler that passes on a
             // status it got from a refused call of its own did run.
             response.headers_mut().remove(REFUSED_HEADER);
-            Ok(response)
-        })
+        }
+        Poll::Ready(Ok(response))
     }
 }
 
