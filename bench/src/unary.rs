@@ -83,12 +83,13 @@ pub async fn run(registry: Arc<dyn Registry>) -> anyhow::Result<()> {
     emit(Figure::new("unary_latency_p99", median(&s.p99), median(&b.p99), "us").baseline_is(raw_is));
     let one = Figure::new("unary_throughput_1_caller", median(&s.one), median(&b.one), "calls/s")
         .baseline_is(raw_is);
-    let met = one.sdk >= one.baseline * 0.95;
-    emit(one.target(">= 0.95x raw", met));
+    let met = one.sdk >= one.baseline * 0.97;
+    emit(one.target(">= 0.97x raw", met));
     let many = Figure::new("unary_throughput_64_callers", median(&s.many), median(&b.many), "calls/s")
         .baseline_is(raw_is);
-    let met = many.sdk >= many.baseline * 0.95;
-    emit(many.target(">= 0.95x raw", met));
+    // The SDK may open several connections (MICRO_CLIENT_CONNECTIONS); raw has one.
+    let met = many.sdk >= many.baseline * 1.3;
+    emit(many.target(">= 1.3x one raw connection", met));
     // Where the difference goes: the same raw client sending the SDK's two headers.
     let headers_is = "raw tonic Channel (no headers)";
     emit(

@@ -21,7 +21,6 @@ use std::{
 };
 
 use futures::{StreamExt, stream::FuturesUnordered};
-use http::HeaderMap;
 use prometheus_client::metrics::counter::Counter;
 use rand::Rng;
 use smallvec::SmallVec;
@@ -36,6 +35,7 @@ use super::{
     deadline::{GRPC_TIMEOUT_HEADER, GRPC_TIMEOUT_RESOLUTION, grpc_timeout, requested_timeout},
     endpoints::{Endpoint, InFlight},
     failure::{CallSite, Failure, chain_has, go_away_reason, is_unprocessed, retried},
+    finish::CallFinish,
     outlier::Verdict,
     replay::Replay,
     stream::StreamDeadlineBody,
@@ -43,10 +43,10 @@ use super::{
 use crate::{
     BoxError,
     config::Hedge,
-    metrics::{AttemptLabels, ClientMethod, code_name, metrics},
+    metrics::{AttemptLabels, code_name, metrics},
     middleware::{
         OnStatus, REQUEST_ID, REQUEST_ID_HEADER, StatusBody, current_request_id, inject_trace_context,
-        span_name, status_code,
+        span_name,
     },
     registry::NodeId,
 };
@@ -119,8 +119,7 @@ impl ChannelCore {
             }
             false => Err(Box::new(self.throttled(uri.path())) as BoxError),
         };
-        let finish =
-            CallFinish { core: self, path: uri, span, started, answered: result.is_ok(), done: false };
+        let finish = CallFinish::new(self, uri, span, started, result.is_ok());
         match result {
             Ok(response) if response.headers().contains_key("grpc-status") => {
                 finish.complete(response.headers());
@@ -487,70 +486,6 @@ impl ChannelCore {
             result: result.to_owned(),
         };
         metrics().client_attempts.get_or_create(&labels).clone()
-    }
-}
-
-/// What is recorded when a call's status is known.
-struct CallFinish {
-    core: Arc<ChannelCore>,
-    path: http::Uri,
-    span: tracing::Span,
-    started: std::time::Instant,
-    /// Whether a server answered (the call did not fail in the client).
-    answered: bool,
-    done: bool,
-}
-
-impl CallFinish {
-    fn finish(mut self, code: Code) {
-        self.record(code);
-    }
-
-    fn record(&mut self, code: Code) {
-        self.done = true;
-        let answered = self.answered && code != Code::Unimplemented;
-        let method: Arc<ClientMethod> = metrics().client_method(&self.core.name, self.path.path(), answered);
-        method.record(code, self.started.elapsed().as_secs_f64());
-        if !self.span.is_disabled() {
-            self.span.record("rpc.grpc.status_code", code as i64);
-            if code != Code::Ok {
-                self.span.record("otel.status_code", "ERROR");
-            }
-        }
-    }
-}
-
-impl OnStatus for CallFinish {
-    /// A connection that broke under a response (the instance died, vanished behind a
-    /// partition and missed its keepalive pings, or reset the stream) is `UNAVAILABLE`: the
-    /// caller may open the call again, and the channel picks another instance.
-    fn on_error(&self, status: Status) -> Status {
-        let broken = chain_has::<h2::Error>(&status)
-            || chain_has::<hyper::Error>(&status)
-            || chain_has::<std::io::Error>(&status);
-        if !broken || !matches!(status.code(), Code::Unknown | Code::Internal | Code::Cancelled) {
-            return status;
-        }
-        Status::unavailable(format!(
-            "the connection to {} broke under the response ({}); open the call again (another instance \
-             will take it)",
-            self.core.name,
-            status.message()
-        ))
-    }
-
-    fn complete(mut self, headers: &HeaderMap) {
-        let code = status_code(headers).unwrap_or(Code::Ok);
-        self.record(code);
-    }
-}
-
-impl Drop for CallFinish {
-    fn drop(&mut self) {
-        if !self.done {
-            // The caller dropped the response before its status came.
-            self.record(Code::Cancelled);
-        }
     }
 }
 

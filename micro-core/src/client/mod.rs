@@ -68,6 +68,7 @@ mod connect;
 mod deadline;
 mod endpoints;
 mod failure;
+mod finish;
 mod follow;
 mod latency;
 mod outlier;
