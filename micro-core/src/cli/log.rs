@@ -27,7 +27,10 @@ use tracing_subscriber::{
     util::SubscriberInitExt,
 };
 
-use super::telemetry::{self, TelemetryArgs};
+use super::{
+    json_fields::AppendingJsonFields,
+    telemetry::{self, TelemetryArgs},
+};
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -94,7 +97,7 @@ impl LogArgs {
         let layer = tracing_subscriber::fmt::layer().with_ansi(ansi).with_writer(writer);
         match self.log_format {
             LogFormat::Text => layer.fmt_fields(PlainFields).with_filter(filter).boxed(),
-            LogFormat::Json => layer.json().with_filter(filter).boxed(),
+            LogFormat::Json => layer.json().fmt_fields(AppendingJsonFields).with_filter(filter).boxed(),
         }
     }
 }
@@ -213,6 +216,36 @@ mod tests {
         assert!(line.contains("grpc.client{request_id=7}:"), "{line}");
         assert!(line.contains(r#"call failed service="vessel" code="Unavailable""#), "{line}");
         assert!(!line.contains("otel.kind") && !line.contains("rpc.method"), "{line}");
+    }
+
+    #[test]
+    fn a_json_line_in_a_call_carries_the_fields_its_span_recorded_later() {
+        let captured = Captured::default();
+        let sink = captured.clone();
+        let args = LogArgs { log_format: LogFormat::Json, telemetry: TelemetryArgs::default() };
+        let subscriber =
+            tracing_subscriber::registry()
+                .with(args.layer(EnvFilter::new("info"), false, move || sink.clone()));
+        tracing::subscriber::with_default(subscriber, || {
+            let call = tracing::info_span!(
+                "grpc.server",
+                rpc.method = "a.B/C",
+                request_id = tracing::field::Empty,
+                code = tracing::field::Empty
+            );
+            call.record("request_id", "r-1");
+            call.record("code", 14);
+            let _entered = call.enter();
+            tracing::warn!(elapsed = 1.5, "call failed");
+        });
+        let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        let line: serde_json::Value = serde_json::from_str(text.trim()).expect("one JSON line");
+        let span = &line["span"];
+        assert_eq!(span["name"], "grpc.server", "{line}");
+        assert_eq!(span["rpc.method"], "a.B/C", "{line}");
+        assert_eq!(span["request_id"], "r-1", "{line}");
+        assert_eq!(span["code"], 14, "{line}");
+        assert_eq!(line["fields"]["message"], "call failed", "{line}");
     }
 
     #[test]

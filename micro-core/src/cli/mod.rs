@@ -21,6 +21,7 @@
 mod broker;
 mod client;
 mod duration;
+mod json_fields;
 mod log;
 mod registry;
 mod server;
