@@ -68,6 +68,14 @@ struct Attempts {
 const INLINE_ATTEMPTS: usize = 3;
 
 impl Attempts {
+    /// Runs a retry or a hedge alongside the attempts still running.
+    fn run_alongside(
+        &mut self,
+        attempt: impl Future<Output = (usize, Result<http::Response<Body>, Failure>)> + Send + 'static,
+    ) {
+        self.running.get_or_insert_with(FuturesUnordered::new).push(Box::pin(attempt));
+    }
+
     /// Instances already tried or being tried, which the next pick avoids.
     fn avoid(&self) -> Vec<NodeId> {
         self.endpoints.iter().map(|endpoint| endpoint.node.id.clone()).collect()
@@ -198,7 +206,7 @@ impl ChannelCore {
                     match self.pick(&attempts.avoid(), deadline).await {
                         Ok(endpoint) => {
                             tracing::debug!(service = %self.name, node = %endpoint.node.id, %method, retries, "retrying");
-                            self.start(
+                            let retry = self.prepare(
                                 &mut attempts,
                                 endpoint,
                                 &parts,
@@ -206,6 +214,7 @@ impl ChannelCore {
                                 deadline,
                                 AttemptKind::Retry,
                             );
+                            attempts.run_alongside(retry);
                         }
                         Err(status) if attempts.open.is_empty() => {
                             return Err(Box::new(retried(last_failure.unwrap_or(status), retries)));
@@ -227,7 +236,9 @@ impl ChannelCore {
                         continue;
                     }
                     tracing::debug!(service = %self.name, node = %endpoint.node.id, %method, "hedging");
-                    self.start(&mut attempts, endpoint, &parts, &replay, deadline, AttemptKind::Hedge);
+                    let hedge =
+                        self.prepare(&mut attempts, endpoint, &parts, &replay, deadline, AttemptKind::Hedge);
+                    attempts.run_alongside(hedge);
                     hedge_at = hedge_delay.map(|delay| Instant::now() + delay).filter(|at| *at < deadline);
                 }
                 Event::Finished(index, Ok(response)) => {
@@ -330,20 +341,6 @@ impl ChannelCore {
         }
         self.judge(&endpoint, verdict);
         (index, outcome)
-    }
-
-    /// Starts a retry or a hedge on `endpoint` (see [`ChannelCore::prepare`]).
-    fn start(
-        self: &Arc<Self>,
-        attempts: &mut Attempts,
-        endpoint: Endpoint,
-        parts: &http::request::Parts,
-        replay: &Replay,
-        deadline: Instant,
-        kind: AttemptKind,
-    ) {
-        let attempt = self.prepare(attempts, endpoint, parts, replay, deadline, kind);
-        attempts.running.get_or_insert_with(FuturesUnordered::new).push(Box::pin(attempt));
     }
 
     /// An attempt on `endpoint`, counted in `attempts`, in a `grpc.attempt` span of its own
