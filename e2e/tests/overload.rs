@@ -53,8 +53,11 @@ async fn raw_channel(address: SocketAddr) -> Channel {
 }
 
 /// A call over a raw tonic channel (no SDK client: no retries, no throttling).
-async fn find_raw(vessels: &mut VesselServiceClient<Channel>) -> Result<(), tonic::Status> {
-    vessels.find_available(Specification { capacity: 1, max_weight: 1 }).await.map(drop)
+/// Returns how many calls were waiting for a slot when it reached the fault server.
+async fn find_raw(vessels: &mut VesselServiceClient<Channel>) -> Result<usize, tonic::Status> {
+    let response = vessels.find_available(Specification { capacity: 1, max_weight: 1 }).await?;
+    let queued = response.metadata().get("fault-queued").expect("the fault server reports its queue");
+    Ok(queued.to_str().unwrap().parse().expect("a count"))
 }
 
 /// Fails unless `status` is a refusal by a concurrency limit: `RESOURCE_EXHAUSTED` with the
@@ -147,6 +150,8 @@ fn quantile(sorted: &[Duration], q: f64) -> Duration {
 struct Phase {
     /// Latency of each served call, in the order they ended.
     served: Vec<Duration>,
+    /// How many calls each served call found waiting for a slot, in the order they ended.
+    queued: Vec<usize>,
     /// Latency of each refused call.
     refused: Vec<Duration>,
 }
@@ -173,7 +178,7 @@ async fn raw_phase(
                 if let Err(status) = &outcome {
                     assert_marked_refusal(status, &service);
                 }
-                seen.push((Instant::now(), took, outcome.is_ok()));
+                seen.push((Instant::now(), took, outcome.ok()));
                 tokio::time::sleep(pace).await;
             }
             seen
@@ -185,18 +190,23 @@ async fn raw_phase(
     }
     all.sort_by_key(|(at, _, _)| *at);
     Phase {
-        served: all.iter().filter(|(_, _, ok)| *ok).map(|(_, took, _)| *took).collect(),
-        refused: all.iter().filter(|(_, _, ok)| !*ok).map(|(_, took, _)| *took).collect(),
+        served: all.iter().filter(|(_, _, queued)| queued.is_some()).map(|(_, took, _)| *took).collect(),
+        queued: all.iter().filter_map(|(_, _, queued)| *queued).collect(),
+        refused: all.iter().filter(|(_, _, queued)| queued.is_none()).map(|(_, took, _)| *took).collect(),
     }
 }
 
+/// The spike's fault server serves this many calls at once.
+const SLOTS: usize = 8;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn four_times_the_capacity_is_refused_at_once_while_the_rest_is_served_as_fast_as_unloaded() {
+async fn four_times_the_capacity_is_refused_at_once_and_admitted_calls_barely_queue() {
     let registry = mdns();
     let name = unique_name("overload-spike");
     // Capacity: 8 calls at once, each 20 ms. The limit may go as low as 4.
+    let slots = SLOTS.to_string();
     let env = [
-        ("FAULT_SLOTS", "8"),
+        ("FAULT_SLOTS", slots.as_str()),
         ("FAULT_HOLD_MS", "20"),
         ("MICRO_SERVER_LIMIT_MIN", "4"),
         ("MICRO_SERVER_LIMIT_MAX", "256"),
@@ -206,9 +216,7 @@ async fn four_times_the_capacity_is_refused_at_once_while_the_rest_is_served_as_
 
     let unloaded = raw_phase(address, &name, 4, Duration::ZERO, 400).await;
     assert!(unloaded.refused.is_empty(), "{} calls refused below capacity", unloaded.refused.len());
-    let mut sorted = unloaded.served.clone();
-    sorted.sort();
-    let unloaded_p99 = quantile(&sorted, 0.99);
+    assert_eq!(unloaded.queued.iter().max(), Some(&0), "calls queued below capacity");
 
     // The spike: 32 callers, four times what fits, while health is checked all along.
     let stop_health = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -231,19 +239,19 @@ async fn four_times_the_capacity_is_refused_at_once_while_the_rest_is_served_as_
     assert!(!spike.refused.is_empty(), "nothing refused at four times the capacity");
     assert!(spike.served.len() >= 400, "only {} of 4000 calls served", spike.served.len());
 
-    // Once the limit settled (the second half of the spike), admitted calls did not queue.
-    let mut settled = spike.served[spike.served.len() / 2..].to_vec();
-    settled.sort();
-    let settled_p99 = quantile(&settled, 0.99);
+    // Once the limit settled (the second half of the spike), admitted calls queued only
+    // within the limit's tolerance: on average fewer calls waited for a slot than the slots
+    // serve at once (without a limit, about three times as many would). Counted by the
+    // server, so a busy machine that slows every call does not change it.
+    let settled = &spike.queued[spike.queued.len() / 2..];
+    let mean = settled.iter().sum::<usize>() as f64 / settled.len() as f64;
     eprintln!(
-        "unloaded p99 {unloaded_p99:?}; spike: {} served, {} refused, settled p99 {settled_p99:?}",
+        "spike: {} served, {} refused; calls found waiting for a slot in the settled half: mean {mean:.1}, most {}",
         spike.served.len(),
-        spike.refused.len()
+        spike.refused.len(),
+        settled.iter().max().unwrap()
     );
-    assert!(
-        settled_p99 <= unloaded_p99 * 3,
-        "admitted p99 {settled_p99:?} under the spike, unloaded p99 {unloaded_p99:?}"
-    );
+    assert!(mean <= SLOTS as f64, "admitted calls found {mean:.1} waiting on average for {SLOTS} slots");
     // Refusals waited for no slot: faster than the calls that held one (which a machine
     // busy with other work slows alike).
     let mut refused = spike.refused.clone();
@@ -253,12 +261,10 @@ async fn four_times_the_capacity_is_refused_at_once_while_the_rest_is_served_as_
     let (refusal_p50, served_p50) = (quantile(&refused, 0.5), quantile(&served, 0.5));
     assert!(refusal_p50 < served_p50, "refusal p50 {refusal_p50:?}, served p50 {served_p50:?}");
 
-    // After the spike: served at once, as fast as before.
+    // After the spike: the limit let everything in again, and nothing waited.
     let after = raw_phase(address, &name, 4, Duration::ZERO, 200).await;
     assert!(after.refused.is_empty(), "{} calls refused after the spike", after.refused.len());
-    let mut sorted = after.served.clone();
-    sorted.sort();
-    assert!(quantile(&sorted, 0.99) <= unloaded_p99 * 3, "p99 after the spike {:?}", quantile(&sorted, 0.99));
+    assert_eq!(after.queued.iter().max(), Some(&0), "calls queued after the spike");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -23,7 +23,9 @@
 //! consignment per `CreateConsignment` that arrived, and its response metadata
 //! `fault-arrivals` lists the arrivals per method, e.g. `CreateConsignment=3,FindAvailable=12`.
 //! `FindAvailable`'s response metadata `fault-subjects` lists the `x-micro-subject` values
-//! its call carried (the subject the gateway authenticated), comma-separated, or `none`.
+//! its call carried (the subject the gateway authenticated), comma-separated, or `none`, and
+//! `fault-queued` how many calls were already waiting for a slot when it arrived (0 without
+//! slots): how deep the queue behind the concurrency limit was, whatever the clocks say.
 
 use std::{
     net::SocketAddr,
@@ -45,6 +47,8 @@ use tonic::{Request, Status, metadata::MetadataValue};
 const ARRIVALS_HEADER: &str = "fault-arrivals";
 /// The `FindAvailable` response metadata listing the subjects its call carried.
 const SUBJECTS_HEADER: &str = "fault-subjects";
+/// The `FindAvailable` response metadata: calls waiting for a slot when it arrived.
+const QUEUED_HEADER: &str = "fault-queued";
 /// Listening address when `MICRO_SERVER_ADDRESS` is unset: loopback, a port the system picks.
 const DEFAULT_ADDRESS: &str = "127.0.0.1:0";
 /// How long a call holds its slot when `FAULT_HOLD_MS` is unset.
@@ -83,15 +87,45 @@ struct Faults {
     delay_after: usize,
     hang: bool,
     exit_on_call: bool,
-    /// A fixed capacity: the slots and how long each call holds one.
-    slots: Option<(Arc<tokio::sync::Semaphore>, Duration)>,
+    /// A fixed capacity, when `FAULT_SLOTS` is set.
+    slots: Option<Arc<Slots>>,
     /// Calls that arrived, per [`Method`] (indexed by its discriminant).
     arrived: Arc<[AtomicUsize; 2]>,
 }
 
+/// A fixed capacity: `count` slots, each held by one call for `hold`.
+struct Slots {
+    count: usize,
+    hold: Duration,
+    semaphore: tokio::sync::Semaphore,
+    /// Calls holding a slot or waiting for one.
+    present: AtomicUsize,
+}
+
+impl Slots {
+    /// Waits for a slot and holds it; returns how many calls were waiting when this one came.
+    async fn take(&self) -> usize {
+        let queued = self.present.fetch_add(1, Ordering::SeqCst).saturating_sub(self.count);
+        let _left = Leaves(&self.present);
+        let _slot = self.semaphore.acquire().await.expect("the slots are never closed");
+        tokio::time::sleep(self.hold).await;
+        queued
+    }
+}
+
+/// Counts a call out of [`Slots::present`] however it ends (a cancelled call too).
+struct Leaves<'a>(&'a AtomicUsize);
+
+impl Drop for Leaves<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 impl Faults {
-    /// Counts the call, then misbehaves as configured.
-    async fn arrive(&self, method: Method) {
+    /// Counts the call, then misbehaves as configured; returns how many calls were waiting
+    /// for a slot when it arrived.
+    async fn arrive(&self, method: Method) -> usize {
         let earlier = self.arrived[method as usize].fetch_add(1, Ordering::SeqCst);
         if self.exit_on_call {
             eprintln!("fault-server: exiting on a call, as asked");
@@ -104,9 +138,9 @@ impl Faults {
         if earlier >= self.delay_after {
             tokio::time::sleep(self.delay).await;
         }
-        if let Some((slots, hold)) = &self.slots {
-            let _slot = slots.acquire().await.expect("the slots are never closed");
-            tokio::time::sleep(*hold).await;
+        match &self.slots {
+            Some(slots) => slots.take().await,
+            None => 0,
         }
     }
 
@@ -121,7 +155,7 @@ impl proto::vessel::vessel_service_server::VesselService for Faults {
         &self,
         request: Request<Specification>,
     ) -> Result<tonic::Response<Response>, Status> {
-        self.arrive(Method::FindAvailable).await;
+        let queued = self.arrive(Method::FindAvailable).await;
         let vessel = Vessel {
             id: self.label.clone(),
             capacity: 1,
@@ -139,6 +173,7 @@ impl proto::vessel::vessel_service_server::VesselService for Faults {
         let mut response = tonic::Response::new(Response { vessel: Some(vessel), vessels: vec![] });
         let value = MetadataValue::try_from(subjects).map_err(|_| Status::internal("subjects"))?;
         response.metadata_mut().insert(SUBJECTS_HEADER, value);
+        response.metadata_mut().insert(QUEUED_HEADER, MetadataValue::from(queued as u64));
         Ok(response)
     }
 
@@ -263,7 +298,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let slots = var("FAULT_SLOTS")
         .map(|v| v.parse::<usize>().map_err(|_| format!("FAULT_SLOTS={v:?}: expected a number of slots")))
         .transpose()?
-        .map(|n| (Arc::new(tokio::sync::Semaphore::new(n)), hold));
+        .map(|count| {
+            let semaphore = tokio::sync::Semaphore::new(count);
+            Arc::new(Slots { count, hold, semaphore, present: AtomicUsize::new(0) })
+        });
     let faults = Faults {
         label: var("FAULT_LABEL").unwrap_or_else(|| "fault".into()),
         delay: Duration::from_millis(var("FAULT_DELAY_MS").and_then(|v| v.parse().ok()).unwrap_or(0)),
