@@ -29,6 +29,7 @@ use std::{
 };
 
 use async_trait::async_trait;
+use smallvec::SmallVec;
 use tokio::sync::mpsc;
 
 use super::{
@@ -49,8 +50,8 @@ pub struct MemoryBroker {
 struct Topics {
     next_id: u64,
     subscribers: HashMap<String, Vec<Subscriber>>,
-    /// Turn counter per (topic, queue group).
-    turns: HashMap<(String, String), usize>,
+    /// Turn counter per topic and queue group.
+    turns: HashMap<String, HashMap<String, usize>>,
 }
 
 struct Subscriber {
@@ -77,6 +78,38 @@ impl Drop for Unsubscribe {
     }
 }
 
+/// Who gets a message on `topic`: every subscriber alone, and one member of each queue
+/// group, whose turn it is.
+fn receivers<'a>(
+    list: &'a [Subscriber],
+    turns: &mut HashMap<String, HashMap<String, usize>>,
+    topic: &str,
+) -> SmallVec<[&'a Subscriber; 4]> {
+    let mut receivers: SmallVec<[&Subscriber; 4]> = list.iter().filter(|s| s.queue.is_none()).collect();
+    if receivers.len() == list.len() {
+        return receivers;
+    }
+    let mut groups: BTreeMap<&str, Vec<&Subscriber>> = BTreeMap::new();
+    for subscriber in list {
+        if let Some(queue) = &subscriber.queue {
+            groups.entry(queue).or_default().push(subscriber);
+        }
+    }
+    let topic_turns = match turns.get_mut(topic) {
+        Some(topic_turns) => topic_turns,
+        None => turns.entry(topic.to_owned()).or_default(),
+    };
+    for (queue, members) in groups {
+        let turn = match topic_turns.get_mut(queue) {
+            Some(turn) => turn,
+            None => topic_turns.entry(queue.to_owned()).or_default(),
+        };
+        receivers.push(members[*turn % members.len()]);
+        *turn = turn.wrapping_add(1);
+    }
+    receivers
+}
+
 impl MemoryBroker {
     /// An empty broker.
     pub fn new() -> Self {
@@ -96,36 +129,27 @@ impl Broker for MemoryBroker {
 
     async fn send(&self, message: Message) -> Result<()> {
         let mut full = Vec::new();
+        let mut refused = None;
         {
             let mut topics = self.inner.lock().expect("memory broker lock");
             let Topics { subscribers, turns, .. } = &mut *topics;
             let Some(list) = subscribers.get(&message.topic) else { return Ok(()) };
-            let mut groups: BTreeMap<&str, Vec<&Subscriber>> = BTreeMap::new();
-            let mut receivers = Vec::new();
-            for subscriber in list {
-                match &subscriber.queue {
-                    None => receivers.push(subscriber),
-                    Some(queue) => groups.entry(queue).or_default().push(subscriber),
-                }
-            }
-            for (queue, members) in groups {
-                let turn = turns.entry((message.topic.clone(), queue.to_owned())).or_default();
-                receivers.push(members[*turn % members.len()]);
-                *turn = turn.wrapping_add(1);
-            }
-            for subscriber in receivers {
-                if let Err(mpsc::error::TrySendError::Full(_)) = subscriber.deliver.try_send(message.clone())
-                {
+            let receivers = receivers(list, turns, &message.topic);
+            // Each receiver gets a copy but the last, which gets the message itself.
+            let mut message = Some(message);
+            for (n, subscriber) in receivers.iter().enumerate() {
+                let copy = if n + 1 == receivers.len() { message.take() } else { message.clone() };
+                let copy = copy.expect("the message is moved only to the last receiver");
+                if let Err(mpsc::error::TrySendError::Full(back)) = subscriber.deliver.try_send(copy) {
                     full.push(match &subscriber.queue {
                         Some(queue) => format!("queue group {queue}"),
                         None => format!("subscriber {}", subscriber.id),
                     });
+                    refused = Some(back);
                 }
             }
         }
-        if full.is_empty() {
-            return Ok(());
-        }
+        let Some(message) = refused else { return Ok(()) };
         Err(Error::Broker {
             broker: self.kind().into(),
             address: self.address(),

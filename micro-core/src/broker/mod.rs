@@ -137,7 +137,9 @@ impl Message {
 
 /// A fresh message id: 32 random hex digits.
 pub fn new_message_id() -> String {
-    format!("{:032x}", rand::random::<u128>())
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let bits = rand::random::<u128>();
+    (0..32).rev().map(|nibble| DIGITS[(bits >> (nibble * 4)) as usize & 0xf] as char).collect()
 }
 
 /// How to subscribe. Default: alone (every subscriber gets every message), not durable,
@@ -316,9 +318,9 @@ pub trait Broker: Send + Sync + 'static {
     /// JetStream: once the stream stored it); an error means it may not have been delivered.
     /// Counted in the broker metrics by topic and result; the backend's work is [`Broker::send`].
     async fn publish(&self, message: Message) -> Result<()> {
-        let topic = message.topic.clone();
+        let counts = crate::metrics::metrics().broker_topic(self.kind(), &message.topic);
         let outcome = self.send(message).await;
-        crate::metrics::metrics().broker_published(self.kind(), &topic, outcome.is_ok());
+        counts.published(outcome.is_ok());
         outcome
     }
 
@@ -343,21 +345,23 @@ pub(crate) async fn run_handler(
     message: Message,
 ) -> Result<(), String> {
     use tracing::Instrument;
-    let topic = message.topic.clone();
-    let message_id = message.id().unwrap_or("-").to_owned();
-    let span = tracing::info_span!("broker.handle", topic = %topic, message_id = %message_id);
+    let counts = crate::metrics::metrics().broker_topic(broker, &message.topic);
+    let message_id = message.id().unwrap_or("-");
+    let span = tracing::info_span!("broker.handle", topic = %message.topic, message_id = %message_id);
+    // A failure is logged in the span, which names the topic and the message; without the
+    // span (logs at warn), the warning names them itself.
+    let named = (span.is_disabled() && tracing::enabled!(tracing::Level::WARN))
+        .then(|| (message.topic.clone(), message_id.to_owned()));
     trace::continue_trace(&message.headers, &span);
     let started = std::time::Instant::now();
-    let outcome = handler(message).instrument(span).await;
-    crate::metrics::metrics().broker_handled(
-        broker,
-        &topic,
-        outcome.is_ok(),
-        started.elapsed().as_secs_f64(),
-    );
+    let outcome = handler(message).instrument(span.clone()).await;
+    counts.handled_in(outcome.is_ok(), started.elapsed().as_secs_f64());
     outcome.map_err(|err| {
         let error = crate::error::error_chain(&*err);
-        tracing::warn!(%topic, %message_id, %error, "handler failed");
+        match named {
+            Some((topic, message_id)) => tracing::warn!(%topic, %message_id, %error, "handler failed"),
+            None => span.in_scope(|| tracing::warn!(%error, "handler failed")),
+        }
         error
     })
 }

@@ -166,12 +166,25 @@ pub struct BrokerTopicLabels {
 
 /// One broker topic's metric handles, looked up once rather than on every message; those
 /// of handling made when the topic is first handled in this process.
-struct BrokerTopic {
+pub(crate) struct BrokerTopic {
     broker: &'static str,
     topic: String,
     published_ok: Counter,
     published_error: Counter,
     handled: OnceLock<HandledHandles>,
+}
+
+/// The broker topic a thread looked up last, and its handles.
+struct LastBrokerTopic {
+    /// The [`Metrics`] they belong to, by address.
+    metrics: usize,
+    broker: &'static str,
+    topic: Box<str>,
+    handles: Arc<BrokerTopic>,
+}
+
+thread_local! {
+    static LAST_BROKER_TOPIC: std::cell::RefCell<Option<LastBrokerTopic>> = const { std::cell::RefCell::new(None) };
 }
 
 struct HandledHandles {
@@ -195,6 +208,18 @@ impl BrokerTopic {
             published_error,
             handled: OnceLock::new(),
         }
+    }
+
+    /// Counts a publish to this topic.
+    pub(crate) fn published(&self, ok: bool) {
+        if ok { &self.published_ok } else { &self.published_error }.inc();
+    }
+
+    /// Counts a message of this topic handled in `seconds`.
+    pub(crate) fn handled_in(&self, ok: bool, seconds: f64) {
+        let handled = self.handled(metrics());
+        handled.duration.observe(seconds);
+        if ok { &handled.ok } else { &handled.error }.inc();
     }
 
     fn handled(&self, metrics: &Metrics) -> &HandledHandles {
@@ -419,21 +444,39 @@ impl Metrics {
 
     /// Counts a publish on `broker` to `topic`.
     pub fn broker_published(&self, broker: &'static str, topic: &str, ok: bool) {
-        let handles = self.broker_topic(broker, topic);
-        if ok { &handles.published_ok } else { &handles.published_error }.inc();
+        self.broker_topic(broker, topic).published(ok);
     }
 
     /// Counts a message handled on `broker` from `topic` in `seconds`.
     pub fn broker_handled(&self, broker: &'static str, topic: &str, ok: bool, seconds: f64) {
-        let topic = self.broker_topic(broker, topic);
-        let handled = topic.handled(self);
-        handled.duration.observe(seconds);
-        if ok { &handled.ok } else { &handled.error }.inc();
+        self.broker_topic(broker, topic).handled_in(ok, seconds);
     }
 
     /// The handles of `topic` on `broker`, made once: the topic's own for the first
-    /// [`MAX_BROKER_TOPICS`] topics, then those of [`OTHER_TOPIC`].
-    fn broker_topic(&self, broker: &'static str, topic: &str) -> Arc<BrokerTopic> {
+    /// [`MAX_BROKER_TOPICS`] topics, then those of [`OTHER_TOPIC`]. A thread that asks for
+    /// the same topic as last time (a publisher or a handler loop) finds them without a lock.
+    pub(crate) fn broker_topic(&self, broker: &'static str, topic: &str) -> Arc<BrokerTopic> {
+        let metrics = self as *const Metrics as usize;
+        let last = LAST_BROKER_TOPIC.with_borrow(|last| match last {
+            Some(last) if last.metrics == metrics && last.broker == broker && *last.topic == *topic => {
+                Some(last.handles.clone())
+            }
+            _ => None,
+        });
+        if let Some(handles) = last {
+            return handles;
+        }
+        let handles = self.broker_topic_shared(broker, topic);
+        LAST_BROKER_TOPIC.set(Some(LastBrokerTopic {
+            metrics,
+            broker,
+            topic: topic.into(),
+            handles: handles.clone(),
+        }));
+        handles
+    }
+
+    fn broker_topic_shared(&self, broker: &'static str, topic: &str) -> Arc<BrokerTopic> {
         let other = {
             let known = self.broker_topics.read().expect("metrics lock");
             if let Some(handles) = known.get(broker).and_then(|topics| topics.get(topic)) {
