@@ -249,6 +249,53 @@ mod tests {
     }
 
     #[test]
+    fn json_span_fields_of_every_kind_are_valid_json_with_quotes_and_control_characters_escaped() {
+        struct Tricky;
+        impl fmt::Debug for Tricky {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("say \"hi\"\\\n\t\u{1}é")
+            }
+        }
+        let captured = Captured::default();
+        let sink = captured.clone();
+        let args = LogArgs { log_format: LogFormat::Json, telemetry: TelemetryArgs::default() };
+        let subscriber =
+            tracing_subscriber::registry()
+                .with(args.layer(EnvFilter::new("info"), false, move || sink.clone()));
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!(
+                "s",
+                text = "a \"quoted\" \\ line\nnext",
+                debug = ?Tricky,
+                count = 7u64,
+                delta = -3i64,
+                ratio = 0.5,
+                nan = f64::NAN,
+                yes = true,
+                later = tracing::field::Empty,
+            );
+            span.record("later", "\u{7f}\"");
+            let _entered = span.enter();
+            tracing::warn!("inside");
+        });
+        let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        let line: serde_json::Value = serde_json::from_str(text.trim()).expect("one JSON line");
+        let span = &line["span"];
+        let expected = serde_json::json!({
+            "name": "s",
+            "text": "a \"quoted\" \\ line\nnext",
+            "debug": "say \"hi\"\\\n\t\u{1}é",
+            "count": 7,
+            "delta": -3,
+            "ratio": 0.5,
+            "nan": null,
+            "yes": true,
+            "later": "\u{7f}\"",
+        });
+        assert_eq!(span, &expected, "{text}");
+    }
+
+    #[test]
     fn lines_carry_colour_codes_only_for_a_terminal() {
         let plain = logged(false);
         assert!(plain.contains("heartbeat failed") && !plain.contains('\x1b'), "{plain:?}");
