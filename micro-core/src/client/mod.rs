@@ -38,7 +38,7 @@
 //! | the `tower::Service`, picking | `client/channel.rs` |
 //! | one record per instance | `client/endpoints.rs` |
 //! | following the registry | `client/follow.rs` |
-//! | one call: attempts, retries, hedges | `client/attempt.rs` |
+//! | one call: attempts, retries, hedges | `client/attempt/` (the loop, the set of attempts, refusals) |
 //! | failures and the caller's status | `client/failure.rs` |
 //! | outlier ejection | `client/outlier.rs` |
 //! | latency estimates and the hedge delay | `client/latency.rs` |

@@ -14,14 +14,14 @@
 //! service, method and status (`micro_client_requests_total`) and timed
 //! (`micro_client_request_duration_seconds`).
 
+mod refusal;
+mod set;
+
 use std::{
-    pin::Pin,
     sync::{Arc, atomic::Ordering},
     time::Duration,
 };
 
-use futures::{StreamExt, stream::FuturesUnordered};
-use prometheus_client::metrics::counter::Counter;
 use rand::Rng;
 use smallvec::SmallVec;
 use tokio::time::Instant;
@@ -43,62 +43,13 @@ use super::{
 use crate::{
     BoxError,
     config::Hedge,
-    metrics::{AttemptLabels, code_name, metrics},
     middleware::{
         OnStatus, REQUEST_ID, REQUEST_ID_HEADER, StatusBody, current_request_id, inject_trace_context,
         span_name,
     },
-    registry::NodeId,
 };
 
-type AttemptFuture = Pin<Box<dyn Future<Output = (usize, Result<http::Response<Body>, Failure>)> + Send>>;
-
-/// The attempts of one call so far.
-struct Attempts {
-    /// Every attempt started, in order; an index is an attempt's number.
-    endpoints: SmallVec<[Endpoint; INLINE_ATTEMPTS]>,
-    /// Retries and hedges not finished yet (the first attempt runs on its own, unboxed);
-    /// made with the first of them.
-    running: Option<FuturesUnordered<AttemptFuture>>,
-    /// Indices of the attempts still running.
-    open: SmallVec<[usize; INLINE_ATTEMPTS]>,
-}
-
-/// Attempts a call keeps without allocating: the first, a retry and a hedge.
-const INLINE_ATTEMPTS: usize = 3;
-
-impl Attempts {
-    /// Runs a retry or a hedge alongside the attempts still running.
-    fn run_alongside(
-        &mut self,
-        attempt: impl Future<Output = (usize, Result<http::Response<Body>, Failure>)> + Send + 'static,
-    ) {
-        self.running.get_or_insert_with(FuturesUnordered::new).push(Box::pin(attempt));
-    }
-
-    /// Instances already tried or being tried, which the next pick avoids.
-    fn avoid(&self) -> Vec<NodeId> {
-        self.endpoints.iter().map(|endpoint| endpoint.node.id.clone()).collect()
-    }
-}
-
-/// Why an attempt was started.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum AttemptKind {
-    First,
-    Retry,
-    Hedge,
-}
-
-impl AttemptKind {
-    fn as_str(self) -> &'static str {
-        match self {
-            AttemptKind::First => "first",
-            AttemptKind::Retry => "retry",
-            AttemptKind::Hedge => "hedge",
-        }
-    }
-}
+use self::set::{AttemptKind, Attempts, next_finished};
 
 impl ChannelCore {
     /// One call in its `grpc.client` span, counted when its status is known.
@@ -374,77 +325,6 @@ impl ChannelCore {
         attempt
     }
 
-    /// The attempts still running when the call ends are cancelled, and judged: one still
-    /// unanswered at the deadline failed; one `outrun` by a later attempt failed only if its
-    /// instance has never answered (since it joined or came back from an ejection): that
-    /// one is taken for hung and ejected at once. An instance that answers but was slower
-    /// this time is not held to account here: its latency estimate rises instead, so an
-    /// overload that makes every instance slow ejects none of them.
-    fn give_up(self: &Arc<Self>, attempts: &Attempts, outrun: impl Fn(usize) -> bool) {
-        for &index in &attempts.open {
-            let endpoint = &attempts.endpoints[index];
-            self.attempt_counter(endpoint, "cancelled").inc();
-            let answered = endpoint.stats.latency.has_answered();
-            let verdict = match outrun(index) {
-                true if answered => continue,
-                true => Verdict::Dead,
-                false => Verdict::Failed,
-            };
-            tracing::debug!(service = %self.name, node = %endpoint.node.id, answered, ?verdict, "unanswered attempt cancelled");
-            self.judge(endpoint, verdict);
-        }
-    }
-
-    /// Whether an instance not in `avoid` could be picked now.
-    fn has_untried(&self, avoid: &[NodeId]) -> bool {
-        let set = self.endpoints.borrow().clone();
-        let pool = if set.pickable.is_empty() { &set.eligible } else { &set.pickable };
-        pool.iter().any(|&i| !avoid.contains(&set.endpoints[i].node.id))
-    }
-
-    /// `endpoint` refused a call as overloaded: it looks slower to the latency-aware
-    /// strategy, twice as slow each time it refuses again (from the name's recent p95 or
-    /// [`MIN_REFUSAL_PENALTY`], up to [`MAX_REFUSAL_PENALTY`]), and the estimate decays back
-    /// as it would after any slow answer, so it is tried again a few seconds later.
-    fn refused_by(&self, endpoint: &Endpoint) {
-        let now = Instant::now();
-        let known = endpoint.stats.latency.estimate(now).unwrap_or_default();
-        let recent = self.latencies.quantile().unwrap_or_default();
-        let penalty = (known.max(recent) * 2).clamp(MIN_REFUSAL_PENALTY, MAX_REFUSAL_PENALTY);
-        endpoint.stats.latency.raise(now, penalty);
-        tracing::debug!(service = %self.name, node = %endpoint.node.id, ?penalty, "refused as overloaded");
-    }
-
-    /// The status of a call every instance tried refused as overloaded.
-    fn refused_everywhere(&self, attempts: &Attempts, method: &str) -> Status {
-        let tried: Vec<String> =
-            attempts.endpoints.iter().map(|e| format!("{} at {}", e.node.id, e.node.address)).collect();
-        crate::Error::Overloaded {
-            service: self.name.clone(),
-            reason: format!(
-                "every instance tried refused {method} over its concurrency limit ({}), and no other \
-                 instance is left to try; the call was not started anywhere. Add instances or send \
-                 fewer calls",
-                tried.join(", ")
-            ),
-        }
-        .into()
-    }
-
-    /// The status of a call this client refused itself (adaptive throttling).
-    fn throttled(&self, method: &str) -> Status {
-        crate::Error::Overloaded {
-            service: self.name.clone(),
-            reason: format!(
-                "{method} was not sent: its instances refused many recent calls as overloaded, so this \
-                 client refuses {:.0}% of calls to them itself until they accept more \
-                 (adaptive throttling, MICRO_CLIENT_THROTTLE)",
-                self.throttle.probability() * 100.0
-            ),
-        }
-        .into()
-    }
-
     /// How long an attempt may go unanswered before the call is hedged.
     fn hedge_delay(&self) -> Option<Duration> {
         match self.config.hedge {
@@ -457,32 +337,6 @@ impl ChannelCore {
     fn backoff(&self, retries: u32) -> Duration {
         let ceiling = self.config.backoff.saturating_mul(2u32.saturating_pow(retries.min(16)));
         ceiling.mul_f64(rand::rng().random_range(0.0..=1.0))
-    }
-
-    fn count_attempt(&self, endpoint: &Endpoint, result: &Result<http::Response<Body>, BoxError>) {
-        let result = match result {
-            Err(err) if chain_has::<tonic::TimeoutExpired>(&**err) => "deadline",
-            Err(_) => "transport_error",
-            // No status in the headers: an answer whose status follows in the trailers.
-            Ok(response) => match Status::from_header_map(response.headers()) {
-                None => {
-                    endpoint.stats.ok_attempts.get_or_init(|| self.attempt_counter(endpoint, "ok")).inc();
-                    return;
-                }
-                Some(status) if status.code() == Code::Ok => "ok",
-                Some(status) => code_name(status.code()),
-            },
-        };
-        self.attempt_counter(endpoint, result).inc();
-    }
-
-    fn attempt_counter(&self, endpoint: &Endpoint, result: &str) -> Counter {
-        let labels = AttemptLabels {
-            service: self.name.clone(),
-            node: endpoint.node.id.clone(),
-            result: result.to_owned(),
-        };
-        metrics().client_attempts.get_or_create(&labels).clone()
     }
 }
 
@@ -514,21 +368,6 @@ fn attempt_request(
 /// `CANCELLED` before then is the handler's answer, whatever it says.
 fn is_server_timeout(status: &Status, deadline: Instant) -> bool {
     status.code() == Code::Cancelled && Instant::now() + GRPC_TIMEOUT_RESOLUTION >= deadline
-}
-
-/// The least an overload refusal makes its instance look slow.
-const MIN_REFUSAL_PENALTY: Duration = Duration::from_millis(10);
-/// The most an overload refusal makes its instance look slow.
-const MAX_REFUSAL_PENALTY: Duration = Duration::from_secs(2);
-
-/// The next retry or hedge to finish; none while none was started.
-async fn next_finished(
-    running: &mut Option<FuturesUnordered<AttemptFuture>>,
-) -> Option<(usize, Result<http::Response<Body>, Failure>)> {
-    match running {
-        Some(running) => running.next().await,
-        None => None,
-    }
 }
 
 /// Sleeps until `at`, or forever when there is nothing to wait for.
