@@ -53,10 +53,15 @@ use prometheus_client::{
     registry::Registry,
 };
 
+mod broker;
 mod page;
 
+pub(crate) use self::broker::BrokerTopic;
 use self::page::openmetrics_to_prometheus;
-pub use self::page::{Format, MetricsEndpoint, serve};
+pub use self::{
+    broker::{BrokerLabels, BrokerTopicLabels, MAX_BROKER_TOPICS, OTHER_TOPIC},
+    page::{Format, MetricsEndpoint, serve},
+};
 
 /// Labels of a served method.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -143,107 +148,6 @@ pub struct RegistryLabels {
     /// `refused` (mDNS: an instance past the cache limit; service `*`).
     pub event: String,
 }
-
-/// Labels of a broker's messages by outcome.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct BrokerLabels {
-    /// The broker kind: `registry`, `memory`, `nats`, `rabbitmq`.
-    pub broker: String,
-    /// The topic, or [`OTHER_TOPIC`].
-    pub topic: String,
-    /// `ok` or `error`.
-    pub result: String,
-}
-
-/// Labels of a broker topic.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct BrokerTopicLabels {
-    /// The broker kind.
-    pub broker: String,
-    /// The topic, or [`OTHER_TOPIC`].
-    pub topic: String,
-}
-
-/// One broker topic's metric handles, looked up once rather than on every message; those
-/// of handling made when the topic is first handled in this process.
-pub(crate) struct BrokerTopic {
-    broker: &'static str,
-    topic: String,
-    published_ok: Counter,
-    published_error: Counter,
-    handled: OnceLock<HandledHandles>,
-}
-
-/// The broker topic a thread looked up last, and its handles.
-struct LastBrokerTopic {
-    /// The [`Metrics`] they belong to, by address.
-    metrics: usize,
-    broker: &'static str,
-    topic: Box<str>,
-    handles: Arc<BrokerTopic>,
-}
-
-thread_local! {
-    static LAST_BROKER_TOPIC: std::cell::RefCell<Option<LastBrokerTopic>> = const { std::cell::RefCell::new(None) };
-}
-
-struct HandledHandles {
-    ok: Counter,
-    error: Counter,
-    duration: Histogram,
-}
-
-impl BrokerTopic {
-    fn new(metrics: &Metrics, broker: &'static str, topic: &str) -> Self {
-        // One statement per handle: a family's read guard lives to the end of its statement,
-        // and the next new series needs the family's write lock.
-        let published_ok =
-            metrics.broker_published.get_or_create(&broker_labels(broker, topic, "ok")).clone();
-        let published_error =
-            metrics.broker_published.get_or_create(&broker_labels(broker, topic, "error")).clone();
-        BrokerTopic {
-            broker,
-            topic: topic.to_owned(),
-            published_ok,
-            published_error,
-            handled: OnceLock::new(),
-        }
-    }
-
-    /// Counts a publish to this topic.
-    pub(crate) fn published(&self, ok: bool) {
-        if ok { &self.published_ok } else { &self.published_error }.inc();
-    }
-
-    /// Counts a message of this topic handled in `seconds`.
-    pub(crate) fn handled_in(&self, ok: bool, seconds: f64) {
-        let handled = self.handled(metrics());
-        handled.duration.observe(seconds);
-        if ok { &handled.ok } else { &handled.error }.inc();
-    }
-
-    fn handled(&self, metrics: &Metrics) -> &HandledHandles {
-        self.handled.get_or_init(|| {
-            let (broker, topic) = (self.broker, self.topic.as_str());
-            let labels = BrokerTopicLabels { broker: broker.to_owned(), topic: topic.to_owned() };
-            let ok = metrics.broker_handled.get_or_create(&broker_labels(broker, topic, "ok")).clone();
-            let error = metrics.broker_handled.get_or_create(&broker_labels(broker, topic, "error")).clone();
-            let duration = metrics.broker_handle_duration.get_or_create(&labels).clone();
-            HandledHandles { ok, error, duration }
-        })
-    }
-}
-
-fn broker_labels(broker: &str, topic: &str, result: &str) -> BrokerLabels {
-    BrokerLabels { broker: broker.to_owned(), topic: topic.to_owned(), result: result.to_owned() }
-}
-
-/// At most this many topics per process get a label of their own; the others count as
-/// [`OTHER_TOPIC`].
-pub const MAX_BROKER_TOPICS: usize = 256;
-
-/// The `topic` label of messages of topics beyond [`MAX_BROKER_TOPICS`].
-pub const OTHER_TOPIC: &str = "other";
 
 /// The process's metrics.
 pub struct Metrics {
@@ -440,58 +344,6 @@ impl Metrics {
             event: event.to_owned(),
         };
         self.registry_events.get_or_create(&labels).inc();
-    }
-
-    /// Counts a publish on `broker` to `topic`.
-    pub fn broker_published(&self, broker: &'static str, topic: &str, ok: bool) {
-        self.broker_topic(broker, topic).published(ok);
-    }
-
-    /// Counts a message handled on `broker` from `topic` in `seconds`.
-    pub fn broker_handled(&self, broker: &'static str, topic: &str, ok: bool, seconds: f64) {
-        self.broker_topic(broker, topic).handled_in(ok, seconds);
-    }
-
-    /// The handles of `topic` on `broker`, made once: the topic's own for the first
-    /// [`MAX_BROKER_TOPICS`] topics, then those of [`OTHER_TOPIC`]. A thread that asks for
-    /// the same topic as last time (a publisher or a handler loop) finds them without a lock.
-    pub(crate) fn broker_topic(&self, broker: &'static str, topic: &str) -> Arc<BrokerTopic> {
-        let metrics = self as *const Metrics as usize;
-        let last = LAST_BROKER_TOPIC.with_borrow(|last| match last {
-            Some(last) if last.metrics == metrics && last.broker == broker && *last.topic == *topic => {
-                Some(last.handles.clone())
-            }
-            _ => None,
-        });
-        if let Some(handles) = last {
-            return handles;
-        }
-        let handles = self.broker_topic_shared(broker, topic);
-        LAST_BROKER_TOPIC.set(Some(LastBrokerTopic {
-            metrics,
-            broker,
-            topic: topic.into(),
-            handles: handles.clone(),
-        }));
-        handles
-    }
-
-    fn broker_topic_shared(&self, broker: &'static str, topic: &str) -> Arc<BrokerTopic> {
-        let other = {
-            let known = self.broker_topics.read().expect("metrics lock");
-            if let Some(handles) = known.get(broker).and_then(|topics| topics.get(topic)) {
-                return handles.clone();
-            }
-            known.values().map(HashMap::len).sum::<usize>() >= MAX_BROKER_TOPICS
-        };
-        let key = if other { OTHER_TOPIC } else { topic };
-        let mut known = self.broker_topics.write().expect("metrics lock");
-        known
-            .entry(broker)
-            .or_default()
-            .entry(key.to_owned())
-            .or_insert_with(|| Arc::new(BrokerTopic::new(self, broker, key)))
-            .clone()
     }
 
     /// The handles of a client's calls to `method` of `service`. `method` has a label of
