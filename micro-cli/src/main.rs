@@ -166,10 +166,25 @@ pub(crate) enum Output {
     Json,
 }
 
-#[tokio::main(flavor = "current_thread")]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|err| err.exit());
+    // The gateway serves many callers at once, on every core; the other commands make a few
+    // calls and need one thread.
+    let mut runtime = match cli.command {
+        Command::Gateway(_) => tokio::runtime::Builder::new_multi_thread(),
+        _ => tokio::runtime::Builder::new_current_thread(),
+    };
+    match runtime.enable_all().build() {
+        Ok(runtime) => runtime.block_on(command(matches, cli)),
+        Err(err) => {
+            eprintln!("micro: cannot start the async runtime: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn command(matches: clap::ArgMatches, cli: Cli) -> ExitCode {
     let quiet = !matches!(cli.command, Command::Gateway(_));
     cli.log.init(if quiet { "micro_core=error" } else { "micro=info,micro_core=info" });
     // What needs no registry is answered before one is opened.

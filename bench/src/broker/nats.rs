@@ -10,6 +10,9 @@
 //!   publish and a durable pull consumer with explicit acks, acknowledged after the handler.
 //! - `diag_broker_nats_vs_core_*`: the SDK's plain subscriber again against async-nats core
 //!   publish and subscribe (no JetStream at all): what the stored publish costs.
+//! - `diag_broker_nats_vs_stored_with_id_*`: the SDK's plain subscriber again against the
+//!   stored publish of `broker_nats_*` whose messages carry a fresh 32-digit `message-id`
+//!   header as the SDK's do: what the header costs, apart from the SDK's own work.
 
 use std::sync::Arc;
 
@@ -39,12 +42,24 @@ impl Publish for CorePublisher {
 struct StoredPublisher {
     jetstream: jetstream::Context,
     topic: String,
+    /// Each message carries a fresh `message-id` header, as the SDK's do.
+    with_id: bool,
 }
 
 impl Publish for StoredPublisher {
     fn publish(&self, body: Bytes) -> BoxFuture<'_, anyhow::Result<()>> {
         Box::pin(async move {
-            self.jetstream.publish(self.topic.clone(), body).await?.await?;
+            let topic = self.topic.clone();
+            let stored = match self.with_id {
+                true => {
+                    let mut headers = async_nats::HeaderMap::new();
+                    let id = micro_core::broker::new_message_id();
+                    headers.insert(micro_core::broker::headers::MESSAGE_ID, id.as_str());
+                    self.jetstream.publish_with_headers(topic, headers, body).await?
+                }
+                false => self.jetstream.publish(topic, body).await?,
+            };
+            stored.await?;
             Ok(())
         })
     }
@@ -85,13 +100,13 @@ async fn core_side(client: &async_nats::Client) -> anyhow::Result<Side> {
     Ok(Side::new(CorePublisher { client: client.clone(), topic }, probe, subscriber))
 }
 
-async fn stored_side(client: &async_nats::Client) -> anyhow::Result<Side> {
+async fn stored_side(client: &async_nats::Client, with_id: bool) -> anyhow::Result<Side> {
     let probe = Arc::new(Probe::default());
-    let topic = topic("nats-plain");
+    let topic = topic(if with_id { "nats-plain-id" } else { "nats-plain" });
     let jetstream = jetstream::new(client.clone());
     stream_for(&jetstream, &topic).await?;
     let subscriber = core_subscriber(client, &topic, &probe).await?;
-    Ok(Side::new(StoredPublisher { jetstream, topic }, probe, subscriber))
+    Ok(Side::new(StoredPublisher { jetstream, topic, with_id }, probe, subscriber))
 }
 
 async fn durable_side(client: &async_nats::Client) -> anyhow::Result<Side> {
@@ -116,7 +131,7 @@ async fn durable_side(client: &async_nats::Client) -> anyhow::Result<Side> {
             }
         }
     });
-    Ok(Side::new(StoredPublisher { jetstream, topic }, probe, Task(reader)))
+    Ok(Side::new(StoredPublisher { jetstream, topic, with_id: false }, probe, Task(reader)))
 }
 
 /// The nats broker's figures, against a nats-server started (and stopped) here.
@@ -142,14 +157,19 @@ async fn measure(address: &str) -> anyhow::Result<()> {
         prefix: "broker_nats".into(),
         is: "async-nats: JetStream publish (awaited until stored, same stream settings), core subscriber"
             .into(),
-        side: stored_side(&plain).await?,
+        side: stored_side(&plain, false).await?,
+    };
+    let stored_with_id = Baseline {
+        prefix: "diag_broker_nats_vs_stored_with_id".into(),
+        is: "async-nats: JetStream publish with a message-id header, core subscriber".into(),
+        side: stored_side(&plain, true).await?,
     };
     let core = Baseline {
         prefix: "diag_broker_nats_vs_core".into(),
         is: "async-nats: core publish and core subscriber, no JetStream".into(),
         side: core_side(&plain).await?,
     };
-    contest("nats", sdk, vec![stored, core]).await?;
+    contest("nats", sdk, vec![stored, stored_with_id, core]).await?;
 
     let durable = SubscribeOptions::default().queue("bench").durable();
     let sdk = sdk_side(broker, &topic("nats-durable"), durable).await?;
