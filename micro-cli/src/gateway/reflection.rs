@@ -65,8 +65,10 @@ pub struct Entry {
     pub channel: NamedChannel,
     /// Bumped on every registry change of the name.
     generation: Arc<AtomicU64>,
-    /// The API and the generation it was fetched at.
-    api: tokio::sync::Mutex<Option<(u64, Arc<Api>)>>,
+    /// The API and the generation it was fetched at: read by every call without waiting.
+    api: std::sync::Mutex<Option<(u64, Arc<Api>)>>,
+    /// Held while the API is fetched, so concurrent calls wait for one fetch.
+    fetching: tokio::sync::Mutex<()>,
     /// When it was last used, for eviction.
     used: AtomicU64,
     watch: JoinHandle<()>,
@@ -82,17 +84,27 @@ impl Entry {
     /// The service's API, fetched by reflection unless known since the last change of
     /// its instances.
     pub async fn api(&self) -> Result<Arc<Api>, GatewayError> {
-        let mut api = self.api.lock().await;
         let generation = self.generation.load(Ordering::SeqCst);
-        if let Some((seen, known)) = api.as_ref()
-            && *seen == generation
-        {
-            return Ok(known.clone());
+        if let Some(known) = self.known(generation) {
+            return Ok(known);
+        }
+        let _fetching = self.fetching.lock().await;
+        // Another call may have fetched it meanwhile.
+        if let Some(known) = self.known(generation) {
+            return Ok(known);
         }
         let fetched = Arc::new(fetch(self.channel.clone()).await?);
         tracing::debug!(service = %self.channel.name(), generation, "reflection refreshed");
-        *api = Some((generation, fetched.clone()));
+        *self.api.lock().expect("api lock") = Some((generation, fetched.clone()));
         Ok(fetched)
+    }
+
+    /// The API, when it was fetched at `generation`.
+    fn known(&self, generation: u64) -> Option<Arc<Api>> {
+        match self.api.lock().expect("api lock").as_ref() {
+            Some((seen, known)) if *seen == generation => Some(known.clone()),
+            _ => None,
+        }
     }
 }
 
@@ -215,7 +227,8 @@ impl ReflectionCache {
         Entry {
             channel: self.client.channel(name),
             generation,
-            api: tokio::sync::Mutex::new(None),
+            api: std::sync::Mutex::new(None),
+            fetching: tokio::sync::Mutex::new(()),
             used: AtomicU64::new(now),
             watch,
         }
