@@ -259,6 +259,9 @@ where
         let metrics = self.methods.lookup(path);
         let known = !Arc::ptr_eq(&metrics, &self.methods.unknown);
         let remote = extract_trace_context(request.headers());
+        // A caller's request id (the SDK's client always sends one) is in the span from the
+        // start: one record fewer per call.
+        let asked_id = request.headers().get(REQUEST_ID_HEADER).map(|id| id.to_str().unwrap_or("?"));
         let span = tracing::info_span!(
             "grpc.server",
             otel.name = if known { span_name(path) } else { UNKNOWN_METHOD },
@@ -267,7 +270,7 @@ where
             rpc.method = %span_name(path),
             rpc.grpc.status_code = Empty,
             otel.status_code = Empty,
-            request_id = Empty,
+            request_id = asked_id,
             trace_id = Empty,
             span_id = Empty,
         );
@@ -289,6 +292,7 @@ where
         } else if remote.span().span_context().is_valid() {
             trace_id = Some(remote.span().span_context().trace_id());
         }
+        let asked = asked_id.is_some();
         let request_id = match request.headers().get(REQUEST_ID_HEADER) {
             Some(id) => id.clone(),
             None => {
@@ -302,7 +306,7 @@ where
                 id
             }
         };
-        if !span.is_disabled() {
+        if !span.is_disabled() && !asked {
             span.record("request_id", request_id.to_str().unwrap_or("?"));
         }
         let unknown_path = (!known).then(|| path.to_owned());
@@ -445,6 +449,51 @@ mod tests {
     use opentelemetry_sdk::propagation::TraceContextPropagator;
 
     use super::{propagation::HeaderInjector, *};
+
+    /// The log lines a served call to `/x.Y/Z` writes from inside its handler, with the
+    /// caller's `x-request-id` when `asked` is given.
+    fn handler_log(asked: Option<&'static str>) -> String {
+        #[derive(Clone, Default)]
+        struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Captured {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(bytes);
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let captured = Captured::default();
+        let sink = captured.clone();
+        let subscriber =
+            tracing_subscriber::fmt().with_ansi(false).with_writer(move || sink.clone()).finish();
+        let handler = tower::service_fn(|_request: http::Request<Body>| async {
+            tracing::info!("inside the handler");
+            Ok::<_, Infallible>(http::Response::new(Body::empty()))
+        });
+        let mut service =
+            tower::Layer::layer(&ServerTraceLayer::new(ServedMethods::new(["x.Y"], &[])), handler);
+        let mut request = http::Request::builder().uri("/x.Y/Z").body(Body::empty()).unwrap();
+        if let Some(id) = asked {
+            request.headers_mut().insert(REQUEST_ID_HEADER, HeaderValue::from_static(id));
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        tracing::subscriber::with_default(subscriber, || {
+            runtime.block_on(tower::Service::call(&mut service, request)).unwrap();
+        });
+        String::from_utf8(captured.0.lock().unwrap().clone()).unwrap()
+    }
+
+    #[test]
+    fn a_line_inside_a_call_names_the_callers_request_id_or_a_fresh_one() {
+        let log = handler_log(Some("r-from-the-caller"));
+        let line = log.lines().find(|l| l.contains("inside the handler")).unwrap_or_else(|| panic!("{log}"));
+        assert!(line.contains("grpc.server{") && line.contains("r-from-the-caller"), "{line}");
+        let log = handler_log(None);
+        let line = log.lines().find(|l| l.contains("inside the handler")).unwrap_or_else(|| panic!("{log}"));
+        assert!(line.contains("request_id="), "a fresh request id: {line}");
+    }
 
     #[test]
     fn descriptor_sets_name_their_methods() {
