@@ -53,7 +53,9 @@ bench: build-deps
 bench-peers: build-deps
 	$(CARGO) build --release -p vessel-service
 	$(CARGO) build --release --manifest-path bench/peers/Cargo.toml --target-dir target/peers
-	scripts/netns-run target/peers/release/micro-bench-peers | tee bench/peers/results.txt
+	scripts/netns-run target/peers/release/micro-bench-peers > target/peers/results.txt
+	mv target/peers/results.txt bench/peers/results.txt
+	cat bench/peers/results.txt
 
 ## fmt: format the code.
 fmt:

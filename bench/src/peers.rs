@@ -87,16 +87,7 @@ pub fn start(program: &Path, args: &[&str], env: &[(&str, &str)]) -> anyhow::Res
     let server = Server(child);
     for line in lines.by_ref() {
         let line = line.context("reading the child's log")?;
-        let address = match line.strip_prefix("listening ") {
-            Some(rest) => Some(rest.trim().to_owned()),
-            None => {
-                let json: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-                let registered = json["fields"]["message"] == "registered";
-                registered.then(|| json["fields"]["address"].as_str().map(str::to_owned)).flatten()
-            }
-        };
-        if let Some(address) = address {
-            let address = address.parse().with_context(|| format!("{address:?} is not an address"))?;
+        if let Some(address) = crate::procs::ready_address(&line) {
             std::thread::spawn(move || lines.for_each(drop));
             return Ok((server, address));
         }
@@ -123,16 +114,20 @@ pub fn vessel_service_bin() -> anyhow::Result<PathBuf> {
 /// vessel-service on a free loopback port, on the memory registry (nothing to discover: the
 /// client is told its address), and the address it serves on.
 pub fn start_vessel_service() -> anyhow::Result<(Server, SocketAddr)> {
-    start(
-        &vessel_service_bin()?,
-        &[],
-        &[
-            ("MICRO_REGISTRY", "memory"),
-            ("MICRO_SERVER_ADDRESS", "127.0.0.1:0"),
-            ("MICRO_LOG_FORMAT", "json"),
-        ],
-    )
+    start(&vessel_service_bin()?, &[], &VESSEL_SERVICE_ENV)
 }
+
+/// vessel-service's settings here: events through the in-process broker (so no
+/// subscriber's server registers before the service's own), bookings in memory, as in
+/// `make bench`.
+const VESSEL_SERVICE_ENV: [(&str, &str); 6] = [
+    ("MICRO_REGISTRY", "memory"),
+    ("MICRO_BROKER", "memory"),
+    ("VESSEL_DB", ":memory:"),
+    ("MICRO_SERVER_ADDRESS", "127.0.0.1:0"),
+    ("MICRO_LOG_FORMAT", "json"),
+    ("RUST_LOG", "info"),
+];
 
 /// micro's named client to the vessel-service at `address`: a memory registry that lists
 /// it, and a channel by name with shippy's idempotent methods.
@@ -191,6 +186,16 @@ pub fn print(peer: &str, sdk: &Side, baseline: &Side) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What `make bench-peers` runs on the SDK's side, with the debug vessel-service, so a
+    /// change that breaks it is seen by `make test` (volo-grpc's side is built only there).
+    #[tokio::test]
+    async fn the_sdk_side_starts_vessel_service_and_calls_it_by_name() {
+        let (_server, address) = start(&e2e::process::binary("vessel-service"), &[], &VESSEL_SERVICE_ENV)
+            .expect("vessel-service starts");
+        let mut client = micro_client(address).await.expect("a client");
+        client.call().await.expect("a call by name");
+    }
 
     #[tokio::test]
     async fn the_shared_handler_answers_as_vessel_service_does() {

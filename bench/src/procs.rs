@@ -230,7 +230,7 @@ impl Drop for Service {
 
 /// The address in a `registered` JSON log line of the SDK's server, or in raw-vessel's
 /// `listening ADDRESS` line.
-fn ready_address(line: &str) -> Option<SocketAddr> {
+pub(crate) fn ready_address(line: &str) -> Option<SocketAddr> {
     if let Some(rest) = line.strip_prefix("listening ") {
         return rest.trim().parse().ok();
     }
