@@ -67,6 +67,8 @@ pub mod selector;
 pub mod server;
 #[cfg(feature = "cli")]
 pub mod service;
+#[cfg(test)]
+mod test_log;
 pub mod tls;
 
 pub use client::{Client, NamedChannel};

@@ -196,8 +196,6 @@ impl Broker for MemoryBroker {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Mutex;
-
     use super::*;
     use crate::broker::{handler, headers};
 
@@ -229,36 +227,10 @@ mod tests {
         assert_eq!(&rx.recv().await.unwrap()[..], b"room again");
     }
 
-    /// Everything logged while `work` runs on this thread, as plain text.
-    async fn logged<F: Future<Output = ()>>(work: F) -> String {
-        let buffer = Arc::new(Mutex::new(Vec::new()));
-        let writer = buffer.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_ansi(false)
-            .with_writer(move || LogWriter(writer.clone()))
-            .finish();
-        let _default = tracing::subscriber::set_default(subscriber);
-        work.await;
-        String::from_utf8(buffer.lock().unwrap().clone()).unwrap()
-    }
-
-    struct LogWriter(Arc<Mutex<Vec<u8>>>);
-
-    impl std::io::Write for LogWriter {
-        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(bytes);
-            Ok(bytes.len())
-        }
-
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
     #[tokio::test(flavor = "current_thread")]
     async fn a_failed_handler_and_a_malformed_body_are_logged_with_topic_id_and_type() {
         let broker = MemoryBroker::new();
-        let log = logged(async {
+        let log = crate::test_log::logged(async {
             let (done, mut finished) = mpsc::unbounded_channel();
             let failing_done = done.clone();
             let _failing = broker

@@ -164,45 +164,28 @@ fn binary_name() -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::{Arc, Mutex};
-
     use super::*;
+    use crate::test_log::Captured;
 
-    /// A writer that keeps what is written.
-    #[derive(Clone, Default)]
-    struct Captured(Arc<Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Captured {
-        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(bytes);
-            Ok(bytes.len())
-        }
-
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    fn logged(ansi: bool) -> String {
+    /// What the log layer of `format` writes while `emit` runs, colours when `ansi`.
+    fn logged_as(format: LogFormat, ansi: bool, emit: impl FnOnce()) -> String {
         let captured = Captured::default();
         let sink = captured.clone();
-        let args = LogArgs { log_format: LogFormat::Text, telemetry: TelemetryArgs::default() };
+        let args = LogArgs { log_format: format, telemetry: TelemetryArgs::default() };
         let subscriber =
             tracing_subscriber::registry()
                 .with(args.layer(EnvFilter::new("info"), ansi, move || sink.clone()));
-        tracing::subscriber::with_default(subscriber, || tracing::warn!(service = "svc", "heartbeat failed"));
-        String::from_utf8(captured.0.lock().unwrap().clone()).unwrap()
+        tracing::subscriber::with_default(subscriber, emit);
+        captured.text()
+    }
+
+    fn logged(ansi: bool) -> String {
+        logged_as(LogFormat::Text, ansi, || tracing::warn!(service = "svc", "heartbeat failed"))
     }
 
     #[test]
     fn a_line_in_a_call_leaves_the_spans_opentelemetry_attributes_out() {
-        let captured = Captured::default();
-        let sink = captured.clone();
-        let args = LogArgs { log_format: LogFormat::Text, telemetry: TelemetryArgs::default() };
-        let subscriber =
-            tracing_subscriber::registry()
-                .with(args.layer(EnvFilter::new("info"), false, move || sink.clone()));
-        tracing::subscriber::with_default(subscriber, || {
+        let logged = logged_as(LogFormat::Text, false, || {
             let call = tracing::info_span!(
                 "grpc.client",
                 otel.kind = "client",
@@ -212,7 +195,7 @@ mod tests {
             let _entered = call.enter();
             tracing::warn!(service = "vessel", code = "Unavailable", "call failed");
         });
-        let line = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        let line = logged;
         assert!(line.contains("grpc.client{request_id=7}:"), "{line}");
         assert!(line.contains(r#"call failed service="vessel" code="Unavailable""#), "{line}");
         assert!(!line.contains("otel.kind") && !line.contains("rpc.method"), "{line}");
@@ -220,13 +203,7 @@ mod tests {
 
     #[test]
     fn a_json_line_in_a_call_carries_the_fields_its_span_recorded_later() {
-        let captured = Captured::default();
-        let sink = captured.clone();
-        let args = LogArgs { log_format: LogFormat::Json, telemetry: TelemetryArgs::default() };
-        let subscriber =
-            tracing_subscriber::registry()
-                .with(args.layer(EnvFilter::new("info"), false, move || sink.clone()));
-        tracing::subscriber::with_default(subscriber, || {
+        let logged = logged_as(LogFormat::Json, false, || {
             let call = tracing::info_span!(
                 "grpc.server",
                 rpc.method = "a.B/C",
@@ -238,7 +215,7 @@ mod tests {
             let _entered = call.enter();
             tracing::warn!(elapsed = 1.5, "call failed");
         });
-        let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        let text = logged;
         let line: serde_json::Value = serde_json::from_str(text.trim()).expect("one JSON line");
         let span = &line["span"];
         assert_eq!(span["name"], "grpc.server", "{line}");
@@ -256,13 +233,7 @@ mod tests {
                 f.write_str("say \"hi\"\\\n\t\u{1}é")
             }
         }
-        let captured = Captured::default();
-        let sink = captured.clone();
-        let args = LogArgs { log_format: LogFormat::Json, telemetry: TelemetryArgs::default() };
-        let subscriber =
-            tracing_subscriber::registry()
-                .with(args.layer(EnvFilter::new("info"), false, move || sink.clone()));
-        tracing::subscriber::with_default(subscriber, || {
+        let logged = logged_as(LogFormat::Json, false, || {
             let span = tracing::info_span!(
                 "s",
                 text = "a \"quoted\" \\ line\nnext",
@@ -278,7 +249,7 @@ mod tests {
             let _entered = span.enter();
             tracing::warn!("inside");
         });
-        let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        let text = logged;
         let line: serde_json::Value = serde_json::from_str(text.trim()).expect("one JSON line");
         let span = &line["span"];
         let expected = serde_json::json!({

@@ -452,22 +452,7 @@ mod tests {
 
     /// The log lines a served call to `/x.Y/Z` writes from inside its handler, with the
     /// caller's `x-request-id` when `asked` is given.
-    fn handler_log(asked: Option<&'static str>) -> String {
-        #[derive(Clone, Default)]
-        struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
-        impl std::io::Write for Captured {
-            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(bytes);
-                Ok(bytes.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let captured = Captured::default();
-        let sink = captured.clone();
-        let subscriber =
-            tracing_subscriber::fmt().with_ansi(false).with_writer(move || sink.clone()).finish();
+    async fn handler_log(asked: Option<&'static str>) -> String {
         let handler = tower::service_fn(|_request: http::Request<Body>| async {
             tracing::info!("inside the handler");
             Ok::<_, Infallible>(http::Response::new(Body::empty()))
@@ -478,19 +463,18 @@ mod tests {
         if let Some(id) = asked {
             request.headers_mut().insert(REQUEST_ID_HEADER, HeaderValue::from_static(id));
         }
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        tracing::subscriber::with_default(subscriber, || {
-            runtime.block_on(tower::Service::call(&mut service, request)).unwrap();
-        });
-        String::from_utf8(captured.0.lock().unwrap().clone()).unwrap()
+        crate::test_log::logged(async {
+            tower::Service::call(&mut service, request).await.unwrap();
+        })
+        .await
     }
 
-    #[test]
-    fn a_line_inside_a_call_names_the_callers_request_id_or_a_fresh_one() {
-        let log = handler_log(Some("r-from-the-caller"));
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_line_inside_a_call_names_the_callers_request_id_or_a_fresh_one() {
+        let log = handler_log(Some("r-from-the-caller")).await;
         let line = log.lines().find(|l| l.contains("inside the handler")).unwrap_or_else(|| panic!("{log}"));
         assert!(line.contains("grpc.server{") && line.contains("r-from-the-caller"), "{line}");
-        let log = handler_log(None);
+        let log = handler_log(None).await;
         let line = log.lines().find(|l| l.contains("inside the handler")).unwrap_or_else(|| panic!("{log}"));
         assert!(line.contains("request_id="), "a fresh request id: {line}");
     }
