@@ -1,5 +1,5 @@
 //! A broker topic's metric handles: made once per topic (at most [`MAX_BROKER_TOPICS`]),
-//! and found without a lock by a thread that asks for the same topic as last time.
+//! and found without a lock by a thread that used the topic recently.
 
 use std::{
     collections::HashMap,
@@ -43,17 +43,21 @@ pub(crate) struct BrokerTopic {
     handled: OnceLock<HandledHandles>,
 }
 
-/// The broker topic a thread looked up last, and its handles.
-struct LastBrokerTopic {
-    /// The [`Metrics`] they belong to, by address.
-    metrics: usize,
-    broker: &'static str,
-    topic: Box<str>,
-    handles: Arc<BrokerTopic>,
+/// Topics a thread keeps the handles of, the ones it used last.
+const RECENT_TOPICS: usize = 4;
+
+/// The handles a thread used last, by the address of the [`Metrics`] they belong to; a
+/// topic beyond [`MAX_BROKER_TOPICS`] is never among them (its handles are named
+/// [`OTHER_TOPIC`]), so it is looked up each time.
+#[derive(Default)]
+struct RecentTopics {
+    handles: [Option<(usize, Arc<BrokerTopic>)>; RECENT_TOPICS],
+    /// The slot the next new topic takes.
+    next: usize,
 }
 
 thread_local! {
-    static LAST_BROKER_TOPIC: std::cell::RefCell<Option<LastBrokerTopic>> = const { std::cell::RefCell::new(None) };
+    static RECENT: std::cell::RefCell<RecentTopics> = std::cell::RefCell::default();
 }
 
 struct HandledHandles {
@@ -126,26 +130,26 @@ impl Metrics {
     }
 
     /// The handles of `topic` on `broker`, made once: the topic's own for the first
-    /// [`MAX_BROKER_TOPICS`] topics, then those of [`OTHER_TOPIC`]. A thread that asks for
-    /// the same topic as last time (a publisher or a handler loop) finds them without a lock.
+    /// [`MAX_BROKER_TOPICS`] topics, then those of [`OTHER_TOPIC`]. A thread finds the
+    /// handles of the [`RECENT_TOPICS`] topics it used last (a publisher's, a handler
+    /// loop's) without a lock and without hashing.
     pub(crate) fn broker_topic(&self, broker: &'static str, topic: &str) -> Arc<BrokerTopic> {
         let metrics = self as *const Metrics as usize;
-        let last = LAST_BROKER_TOPIC.with_borrow(|last| match last {
-            Some(last) if last.metrics == metrics && last.broker == broker && *last.topic == *topic => {
-                Some(last.handles.clone())
-            }
-            _ => None,
+        let recent = RECENT.with_borrow(|recent| {
+            recent.handles.iter().flatten().find_map(|(owner, handles)| {
+                (*owner == metrics && handles.broker == broker && handles.topic == topic)
+                    .then(|| handles.clone())
+            })
         });
-        if let Some(handles) = last {
+        if let Some(handles) = recent {
             return handles;
         }
         let handles = self.broker_topic_shared(broker, topic);
-        LAST_BROKER_TOPIC.set(Some(LastBrokerTopic {
-            metrics,
-            broker,
-            topic: topic.into(),
-            handles: handles.clone(),
-        }));
+        RECENT.with_borrow_mut(|recent| {
+            let slot = recent.next;
+            recent.handles[slot] = Some((metrics, handles.clone()));
+            recent.next = (slot + 1) % RECENT_TOPICS;
+        });
         handles
     }
 
