@@ -126,7 +126,7 @@ mod tests {
         let message = revived(dead, "ignored");
         assert_eq!(message.topic, "orders");
         assert_eq!(message.id(), Some(id.as_str()));
-        let names: Vec<&str> = message.headers.keys().map(String::as_str).collect();
+        let names: Vec<&str> = message.headers.keys().collect();
         assert_eq!(names, [headers::MESSAGE_ID, "tenant"]);
     }
 }

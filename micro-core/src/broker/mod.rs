@@ -33,10 +33,9 @@
 //! # Ok(()) }
 //! ```
 
-use std::{collections::BTreeMap, future::Future, sync::Arc};
+use std::{future::Future, sync::Arc};
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use futures::future::BoxFuture;
 
 use crate::{BoxError, Error, Result};
@@ -44,6 +43,7 @@ use crate::{BoxError, Error, Result};
 #[cfg(any(feature = "nats", feature = "rabbitmq"))]
 mod backend_error;
 mod memory;
+mod message;
 #[cfg(feature = "nats")]
 mod nats;
 #[cfg(feature = "rabbitmq")]
@@ -54,6 +54,7 @@ mod tests;
 mod trace;
 
 pub use memory::MemoryBroker;
+pub use message::{Headers, HeadersIter, INLINE_HEADERS, Message, new_message_id};
 #[cfg(feature = "nats")]
 pub use nats::{DEFAULT_NATS_ADDRESS, NatsBroker};
 #[cfg(feature = "rabbitmq")]
@@ -96,50 +97,6 @@ pub const DEAD_LETTERS: &str = "dead-letters";
 /// Where the messages of `topic` go that a group gave up on: `<topic>.dead`.
 pub fn dead_letter_topic(topic: &str) -> String {
     format!("{topic}.dead")
-}
-
-/// One event: its topic, headers and body.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Message {
-    /// Where it is published, e.g. `consignment.created`.
-    pub topic: String,
-    /// Text headers ([`headers`] names the well-known ones).
-    pub headers: BTreeMap<String, String>,
-    /// The payload.
-    pub body: Bytes,
-}
-
-impl Message {
-    /// A message on `topic` with `body`, a fresh [`headers::MESSAGE_ID`] and, when made
-    /// while handling a traced call, its trace context ([`current_trace_headers`]).
-    pub fn new(topic: impl Into<String>, body: impl Into<Bytes>) -> Self {
-        let mut headers = current_trace_headers();
-        headers.insert(headers::MESSAGE_ID.to_owned(), new_message_id());
-        Message { topic: topic.into(), headers, body: body.into() }
-    }
-
-    /// Sets a header. Default: only a message id.
-    pub fn header(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
-        self.headers.insert(key.into(), value.into());
-        self
-    }
-
-    /// The message id, when it has one.
-    pub fn id(&self) -> Option<&str> {
-        self.headers.get(headers::MESSAGE_ID).map(String::as_str)
-    }
-
-    /// The content type, when it has one.
-    pub fn content_type(&self) -> Option<&str> {
-        self.headers.get(headers::CONTENT_TYPE).map(String::as_str)
-    }
-}
-
-/// A fresh message id: 32 random hex digits.
-pub fn new_message_id() -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let bits = rand::random::<u128>();
-    (0..32).rev().map(|nibble| DIGITS[(bits >> (nibble * 4)) as usize & 0xf] as char).collect()
 }
 
 /// How to subscribe. Default: alone (every subscriber gets every message), not durable,
@@ -209,10 +166,10 @@ pub(crate) fn dead_letter(message: &Message, group: &str, deliveries: u64, error
         error.chars().map(|c| if c.is_control() { ' ' } else { c }).take(MAX_DEAD_LETTER_ERROR).collect();
     let mut dead = message.clone();
     dead.topic = dead_letter_topic(&message.topic);
-    dead.headers.insert(headers::DEAD_LETTER_TOPIC.to_owned(), message.topic.clone());
-    dead.headers.insert(headers::DEAD_LETTER_GROUP.to_owned(), group.to_owned());
-    dead.headers.insert(headers::DEAD_LETTER_ERROR.to_owned(), error);
-    dead.headers.insert(headers::DELIVERY_COUNT.to_owned(), deliveries.to_string());
+    dead.headers.insert(headers::DEAD_LETTER_TOPIC, message.topic.clone());
+    dead.headers.insert(headers::DEAD_LETTER_GROUP, group);
+    dead.headers.insert(headers::DEAD_LETTER_ERROR, error);
+    dead.headers.insert(headers::DELIVERY_COUNT, deliveries.to_string());
     dead
 }
 
@@ -225,7 +182,7 @@ const MAX_DEAD_LETTER_ERROR: usize = 1000;
 pub(crate) fn log_dead_lettered(broker: &str, dead: &Message, group: &str, deliveries: u64) {
     tracing::error!(
         broker,
-        topic = dead.headers.get(headers::DEAD_LETTER_TOPIC).map_or("-", String::as_str),
+        topic = dead.headers.get(headers::DEAD_LETTER_TOPIC).unwrap_or("-"),
         message_id = dead.id().unwrap_or("-"),
         group,
         deliveries,
@@ -387,7 +344,7 @@ pub async fn publish_proto<M: prost::Message>(
     let mut message =
         Message::new(topic, value.encode_to_vec()).header(headers::CONTENT_TYPE, headers::PROTOBUF);
     if let Some(id) = message_id {
-        message.headers.insert(headers::MESSAGE_ID.to_owned(), id);
+        message.headers.insert(headers::MESSAGE_ID, id);
     }
     let id = message.id().unwrap_or_default().to_owned();
     broker.publish(message).await?;

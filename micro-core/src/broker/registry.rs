@@ -316,7 +316,7 @@ impl Broker for RegistryBroker {
             return Ok(());
         }
         let delivery =
-            Delivery { topic: message.topic.clone(), headers: message.headers, body: message.body };
+            Delivery { topic: message.topic.clone(), headers: message.headers.into(), body: message.body };
         let calls = targets.into_iter().map(|(key, channel)| {
             let delivery = delivery.clone();
             async move { (key, deliver(channel, delivery).await) }
@@ -398,9 +398,13 @@ impl tonic::server::UnaryService<Delivery> for DeliverMethod {
         Box::pin(async move {
             let Delivery { topic, headers, body } = request.into_inner();
             let message_id = headers.get(super::headers::MESSAGE_ID).cloned().unwrap_or_default();
-            if run_handler("registry", &handler, Message { topic: topic.clone(), headers, body })
-                .await
-                .is_ok()
+            if run_handler(
+                "registry",
+                &handler,
+                Message { topic: topic.clone(), headers: headers.into(), body },
+            )
+            .await
+            .is_ok()
             {
                 Ok(tonic::Response::new(Ack {}))
             } else {

@@ -3,19 +3,17 @@
 //! the subscriber's `broker.handle` span continues that trace. Without tracing, messages
 //! carry no trace headers.
 
-use std::collections::BTreeMap;
-
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use super::headers;
+use super::{Headers, headers};
 
 /// The trace headers of the work in progress (the current span, else the call being
 /// handled): empty when nothing is traced. Store them beside an event written now and
 /// published later (an outbox) so its subscribers join this trace.
-pub fn current_trace_headers() -> BTreeMap<String, String> {
-    let mut trace = BTreeMap::new();
+pub fn current_trace_headers() -> Headers {
+    let mut trace = Headers::new();
     if let Some(cx) = crate::middleware::outgoing_context(&tracing::Span::current()) {
         TraceContextPropagator::new().inject_context(&cx, &mut MapInjector(&mut trace));
     }
@@ -23,13 +21,13 @@ pub fn current_trace_headers() -> BTreeMap<String, String> {
 }
 
 /// Makes the trace `message_headers` carry, if any, the parent of `span`.
-pub(crate) fn continue_trace(message_headers: &BTreeMap<String, String>, span: &tracing::Span) {
+pub(crate) fn continue_trace(message_headers: &Headers, span: &tracing::Span) {
     if message_headers.contains_key(headers::TRACEPARENT) {
         let _ = span.set_parent(TraceContextPropagator::new().extract(&MapExtractor(message_headers)));
     }
 }
 
-struct MapInjector<'a>(&'a mut BTreeMap<String, String>);
+struct MapInjector<'a>(&'a mut Headers);
 
 impl Injector for MapInjector<'_> {
     fn set(&mut self, key: &str, value: String) {
@@ -37,15 +35,15 @@ impl Injector for MapInjector<'_> {
     }
 }
 
-struct MapExtractor<'a>(&'a BTreeMap<String, String>);
+struct MapExtractor<'a>(&'a Headers);
 
 impl Extractor for MapExtractor<'_> {
     fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).map(String::as_str)
+        self.0.get(key)
     }
 
     fn keys(&self) -> Vec<&str> {
-        self.0.keys().map(String::as_str).collect()
+        self.0.keys().collect()
     }
 }
 

@@ -1,13 +1,11 @@
 //! Messages between the SDK's form and NATS's: headers one value each.
 
-use std::collections::BTreeMap;
+use crate::broker::{Headers, Message};
 
-use crate::broker::Message;
-
-pub(super) fn to_nats_headers(headers: &BTreeMap<String, String>) -> async_nats::HeaderMap {
+pub(super) fn to_nats_headers(headers: &Headers) -> async_nats::HeaderMap {
     let mut map = async_nats::HeaderMap::new();
     for (key, value) in headers {
-        map.insert(key.as_str(), value.as_str());
+        map.insert(key, value);
     }
     map
 }

@@ -1,8 +1,6 @@
 //! A message in AMQP form: its headers as an AMQP table, its id and content type as
 //! properties, and the SDK's own headers on a copy delivered again.
 
-use std::collections::BTreeMap;
-
 use lapin::{
     BasicProperties,
     message::Delivery,
@@ -12,14 +10,14 @@ use lapin::{
 use super::{DELIVERY_HEADER, PERSISTENT, TOPIC_HEADER, short};
 use crate::{
     Result,
-    broker::{Message, headers},
+    broker::{Headers, Message, headers},
 };
 
 /// The AMQP properties of `message`: persistent, its headers, message id and content type.
 pub(super) fn properties(message: &Message) -> Result<BasicProperties> {
     let mut table = FieldTable::default();
     for (key, value) in &message.headers {
-        table.insert(short(key, "header name")?, AMQPValue::LongString(LongString::from(value.as_str())));
+        table.insert(short(key, "header name")?, AMQPValue::LongString(LongString::from(value)));
     }
     let mut properties = BasicProperties::default().with_delivery_mode(PERSISTENT).with_headers(table);
     if let Some(id) = message.id().and_then(|id| ShortString::try_new(id).ok()) {
@@ -34,7 +32,7 @@ pub(super) fn properties(message: &Message) -> Result<BasicProperties> {
 /// A delivery as a [`Message`]: text headers, then the id and content type properties
 /// where the headers lack them (a publisher outside the SDK).
 pub(super) fn from_delivery(delivery: &Delivery) -> Message {
-    let mut headers: BTreeMap<String, String> = BTreeMap::new();
+    let mut headers = Headers::new();
     for (key, value) in delivery.properties.headers().iter().flat_map(|table| table.inner()) {
         let text = match value {
             AMQPValue::LongString(text) => String::from_utf8_lossy(text.as_bytes()).into_owned(),
@@ -43,11 +41,15 @@ pub(super) fn from_delivery(delivery: &Delivery) -> Message {
         };
         headers.insert(key.as_str().to_owned(), text);
     }
-    if let Some(id) = delivery.properties.message_id() {
-        headers.entry(headers::MESSAGE_ID.to_owned()).or_insert_with(|| id.as_str().to_owned());
+    if let Some(id) = delivery.properties.message_id()
+        && !headers.contains_key(headers::MESSAGE_ID)
+    {
+        headers.insert(headers::MESSAGE_ID, id.as_str());
     }
-    if let Some(content_type) = delivery.properties.content_type() {
-        headers.entry(headers::CONTENT_TYPE.to_owned()).or_insert_with(|| content_type.as_str().to_owned());
+    if let Some(content_type) = delivery.properties.content_type()
+        && !headers.contains_key(headers::CONTENT_TYPE)
+    {
+        headers.insert(headers::CONTENT_TYPE, content_type.as_str());
     }
     headers.remove(DELIVERY_HEADER);
     Message {

@@ -162,8 +162,8 @@ impl Binding {
         later.spawn(async move {
             tokio::time::sleep(REQUEUE_DELAY).await;
             let mut copy = message;
-            copy.headers.insert(DELIVERY_HEADER.to_owned(), (deliveries + 1).to_string());
-            copy.headers.insert(TOPIC_HEADER.to_owned(), copy.topic.clone());
+            copy.headers.insert(DELIVERY_HEADER, (deliveries + 1).to_string());
+            copy.headers.insert(TOPIC_HEADER, copy.topic.clone());
             let answer = match store(&live, DEFAULT_EXCHANGE, queue.as_str(), &copy).await {
                 Ok(()) => delivery.ack(BasicAckOptions::default()).await,
                 Err(err) => {
