@@ -191,6 +191,7 @@ async fn a_retried_attempt_is_a_span_of_its_own_in_the_calls_trace() {
         assert_eq!(span.trace_id, call.trace_id);
     }
     assert_eq!(call.attribute("rpc.grpc.status_code"), Some("0"), "the call succeeded");
+    assert_eq!(served.attribute("rpc.grpc.status_code"), Some("0"), "the server span has its status");
 }
 
 #[tokio::test(flavor = "multi_thread")]

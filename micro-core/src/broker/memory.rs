@@ -29,11 +29,13 @@ use std::{
 };
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use smallvec::SmallVec;
 use tokio::sync::mpsc;
 
 use super::{
-    AbortOnDrop, Broker, Handler, Message, SubscribeOptions, Subscription, refuse_durable, run_handler,
+    AbortOnDrop, Broker, Handler, Headers, Message, SubscribeOptions, Subscription, refuse_durable,
+    run_handler,
 };
 use crate::{Error, Result};
 
@@ -57,7 +59,14 @@ struct Topics {
 struct Subscriber {
     id: u64,
     queue: Option<String>,
-    deliver: mpsc::Sender<Message>,
+    deliver: mpsc::Sender<Delivery>,
+}
+
+/// A message in an inbox: its topic stays behind, as the subscriber knows it, so a
+/// publisher's topic is freed by the thread that made it.
+struct Delivery {
+    headers: Headers,
+    body: Bytes,
 }
 
 /// Removes its subscriber from the broker when dropped.
@@ -136,9 +145,14 @@ impl Broker for MemoryBroker {
             let Some(list) = subscribers.get(&message.topic) else { return Ok(()) };
             let receivers = receivers(list, turns, &message.topic);
             // Each receiver gets a copy but the last, which gets the message itself.
-            let mut message = Some(message);
+            let mut delivery = Some(Delivery { headers: message.headers, body: message.body });
             for (n, subscriber) in receivers.iter().enumerate() {
-                let copy = if n + 1 == receivers.len() { message.take() } else { message.clone() };
+                let copy = match n + 1 == receivers.len() {
+                    true => delivery.take(),
+                    false => delivery
+                        .as_ref()
+                        .map(|d| Delivery { headers: d.headers.clone(), body: d.body.clone() }),
+                };
                 let copy = copy.expect("the message is moved only to the last receiver");
                 if let Err(mpsc::error::TrySendError::Full(back)) = subscriber.deliver.try_send(copy) {
                     full.push(match &subscriber.queue {
@@ -149,7 +163,7 @@ impl Broker for MemoryBroker {
                 }
             }
         }
-        let Some(message) = refused else { return Ok(()) };
+        let Some(Delivery { headers, .. }) = refused else { return Ok(()) };
         Err(Error::Broker {
             broker: self.kind().into(),
             address: self.address(),
@@ -157,7 +171,7 @@ impl Broker for MemoryBroker {
                 "topic {} message {}: not delivered to {}: inbox full ({INBOX_CAPACITY} messages waiting); \
                  its handler is slower than the publishers",
                 message.topic,
-                message.id().unwrap_or("-"),
+                headers.get(super::headers::MESSAGE_ID).unwrap_or("-"),
                 full.join(", ")
             ),
             source: None,
@@ -174,9 +188,11 @@ impl Broker for MemoryBroker {
         if options.durable || options.max_deliveries.is_some() {
             return Err(refuse_durable(self));
         }
-        let (deliver, mut inbox) = mpsc::channel::<Message>(INBOX_CAPACITY);
+        let (deliver, mut inbox) = mpsc::channel::<Delivery>(INBOX_CAPACITY);
+        let subscribed = topic.to_owned();
         let task = tokio::spawn(async move {
-            while let Some(message) = inbox.recv().await {
+            while let Some(Delivery { headers, body }) = inbox.recv().await {
+                let message = Message { topic: subscribed.clone(), headers, body };
                 let _ = run_handler("memory", &handler, message).await;
             }
         });

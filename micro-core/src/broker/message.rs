@@ -1,6 +1,6 @@
-//! One event and its headers. A message made by [`Message::new`] costs two allocations, its
-//! topic and its id: the well-known header names are `&'static str`, and up to
-//! [`INLINE_HEADERS`] headers live inside the message.
+//! One event and its headers. A message made by [`Message::new`] costs one allocation, its
+//! topic: the well-known header names are `&'static str`, and up to [`INLINE_HEADERS`]
+//! headers live inside the message, their values too when no longer than a message id.
 
 use std::{borrow::Cow, collections::BTreeMap, fmt};
 
@@ -12,6 +12,9 @@ use super::{current_trace_headers, headers};
 /// Headers kept inside a [`Headers`] before it allocates: an id, a content type and a
 /// trace context.
 pub const INLINE_HEADERS: usize = 4;
+
+/// Bytes of a header value kept inside a [`Headers`]: a message id's 32 hex digits.
+const INLINE_VALUE: usize = 32;
 
 /// One event: its topic, headers and body.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,12 +32,17 @@ impl Message {
     /// while handling a traced call, its trace context ([`current_trace_headers`]).
     pub fn new(topic: impl Into<String>, body: impl Into<Bytes>) -> Self {
         let mut headers = current_trace_headers();
-        headers.insert(headers::MESSAGE_ID, new_message_id());
+        let id = message_id_digits();
+        headers.insert(headers::MESSAGE_ID, std::str::from_utf8(&id).expect("hex digits are ASCII"));
         Message { topic: topic.into(), headers, body: body.into() }
     }
 
     /// Sets a header. Default: only a message id.
-    pub fn header(mut self, name: impl Into<Cow<'static, str>>, value: impl Into<String>) -> Self {
+    pub fn header(
+        mut self,
+        name: impl Into<Cow<'static, str>>,
+        value: impl AsRef<str> + Into<String>,
+    ) -> Self {
         self.headers.insert(name, value);
         self
     }
@@ -52,21 +60,69 @@ impl Message {
 
 /// A fresh message id: 32 random hex digits.
 pub fn new_message_id() -> String {
+    message_id_digits().iter().map(|&digit| digit as char).collect()
+}
+
+/// The digits of a fresh message id.
+fn message_id_digits() -> [u8; 32] {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let bits = rand::random::<u128>();
     let mut id = [0u8; 32];
     for (nibble, digit) in id.iter_mut().rev().enumerate() {
         *digit = DIGITS[(bits >> (nibble * 4)) as usize & 0xf];
     }
-    id.iter().map(|&digit| digit as char).collect()
+    id
 }
 
 /// A message's text headers, one value per name, in name order (as a `BTreeMap` keeps
 /// them). Names are case-sensitive; the [`headers`] constants are stored without a copy.
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct Headers {
-    entries: SmallVec<[(Cow<'static, str>, String); INLINE_HEADERS]>,
+    entries: SmallVec<[(Cow<'static, str>, Value); INLINE_HEADERS]>,
 }
+
+/// A header value: inside when it fits in [`INLINE_VALUE`] bytes, else on the heap.
+#[derive(Clone)]
+enum Value {
+    Inline { len: u8, bytes: [u8; INLINE_VALUE] },
+    Heap(String),
+}
+
+impl Value {
+    fn new(text: impl AsRef<str> + Into<String>) -> Self {
+        let len = text.as_ref().len();
+        if len > INLINE_VALUE {
+            return Value::Heap(text.into());
+        }
+        let mut bytes = [0; INLINE_VALUE];
+        bytes[..len].copy_from_slice(text.as_ref().as_bytes());
+        Value::Inline { len: len as u8, bytes }
+    }
+
+    fn as_str(&self) -> &str {
+        match self {
+            Value::Inline { len, bytes } => {
+                std::str::from_utf8(&bytes[..*len as usize]).expect("copied from a str")
+            }
+            Value::Heap(text) => text,
+        }
+    }
+
+    fn into_string(self) -> String {
+        match self {
+            Value::Heap(text) => text,
+            inline => inline.as_str().to_owned(),
+        }
+    }
+}
+
+impl PartialEq for Value {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for Value {}
 
 impl Headers {
     /// No headers.
@@ -85,12 +141,17 @@ impl Headers {
     }
 
     /// Sets `name` to `value`; returns the value it replaces.
-    pub fn insert(&mut self, name: impl Into<Cow<'static, str>>, value: impl Into<String>) -> Option<String> {
+    pub fn insert(
+        &mut self,
+        name: impl Into<Cow<'static, str>>,
+        value: impl AsRef<str> + Into<String>,
+    ) -> Option<String> {
         let name = name.into();
+        let value = Value::new(value);
         match self.position(&name) {
-            Ok(at) => Some(std::mem::replace(&mut self.entries[at].1, value.into())),
+            Ok(at) => Some(std::mem::replace(&mut self.entries[at].1, value).into_string()),
             Err(at) => {
-                self.entries.insert(at, (name, value.into()));
+                self.entries.insert(at, (name, value));
                 None
             }
         }
@@ -98,7 +159,7 @@ impl Headers {
 
     /// Removes `name`; returns its value.
     pub fn remove(&mut self, name: &str) -> Option<String> {
-        self.position(name).ok().map(|at| self.entries.remove(at).1)
+        self.position(name).ok().map(|at| self.entries.remove(at).1.into_string())
     }
 
     /// Removes every header.
@@ -132,7 +193,7 @@ impl Headers {
 }
 
 /// The headers of a [`Headers`] as `(name, value)`, in name order.
-pub struct HeadersIter<'a>(std::slice::Iter<'a, (Cow<'static, str>, String)>);
+pub struct HeadersIter<'a>(std::slice::Iter<'a, (Cow<'static, str>, Value)>);
 
 impl<'a> Iterator for HeadersIter<'a> {
     type Item = (&'a str, &'a str);
@@ -161,7 +222,7 @@ impl fmt::Debug for Headers {
     }
 }
 
-impl<N: Into<Cow<'static, str>>, V: Into<String>> Extend<(N, V)> for Headers {
+impl<N: Into<Cow<'static, str>>, V: AsRef<str> + Into<String>> Extend<(N, V)> for Headers {
     fn extend<I: IntoIterator<Item = (N, V)>>(&mut self, headers: I) {
         for (name, value) in headers {
             self.insert(name, value);
@@ -169,7 +230,7 @@ impl<N: Into<Cow<'static, str>>, V: Into<String>> Extend<(N, V)> for Headers {
     }
 }
 
-impl<N: Into<Cow<'static, str>>, V: Into<String>> FromIterator<(N, V)> for Headers {
+impl<N: Into<Cow<'static, str>>, V: AsRef<str> + Into<String>> FromIterator<(N, V)> for Headers {
     fn from_iter<I: IntoIterator<Item = (N, V)>>(headers: I) -> Self {
         let mut all = Headers::new();
         all.extend(headers);
@@ -180,13 +241,15 @@ impl<N: Into<Cow<'static, str>>, V: Into<String>> FromIterator<(N, V)> for Heade
 impl From<BTreeMap<String, String>> for Headers {
     fn from(map: BTreeMap<String, String>) -> Self {
         // Already in name order.
-        Headers { entries: map.into_iter().map(|(name, value)| (Cow::Owned(name), value)).collect() }
+        Headers {
+            entries: map.into_iter().map(|(name, value)| (Cow::Owned(name), Value::new(value))).collect(),
+        }
     }
 }
 
 impl From<Headers> for BTreeMap<String, String> {
     fn from(headers: Headers) -> Self {
-        headers.entries.into_iter().map(|(name, value)| (name.into_owned(), value)).collect()
+        headers.entries.into_iter().map(|(name, value)| (name.into_owned(), value.into_string())).collect()
     }
 }
 
@@ -209,6 +272,13 @@ mod tests {
             assert_eq!(headers.insert(name, value), None);
         }
         assert_eq!(headers.insert("tenant".to_owned(), "b"), Some("a".to_owned()), "replaced");
+        let long = "x".repeat(INLINE_VALUE + 1);
+        assert_eq!(
+            headers.insert("z", long.clone()),
+            Some("9".to_owned()),
+            "a long value replaces a short one"
+        );
+        assert_eq!(headers.insert("z", "9"), Some(long), "and is given back whole");
         assert_eq!(headers.keys().collect::<Vec<_>>(), ["a", "b", headers::MESSAGE_ID, "tenant", "z"]);
         assert_eq!(headers.get("tenant"), Some("b"));
         assert_eq!(headers.remove("b"), Some("1".to_owned()));

@@ -52,19 +52,24 @@ struct JsonObject {
 }
 
 impl JsonObject {
-    /// Writes `"name":` after a comma when a field came before.
-    fn key(&mut self, field: &Field) {
+    /// Writes `"name":` after a comma when a field came before; false, writing nothing,
+    /// for a directive to the trace exporter (`otel.name`, `otel.kind`, `otel.status_code`),
+    /// which says nothing the line does not.
+    fn key(&mut self, field: &Field) -> bool {
+        if field.name().starts_with("otel.") {
+            return false;
+        }
         if self.text.len() > 1 {
             self.text.push(',');
         }
         self.text.push('"');
         escape_into(&mut self.text, field.name());
         self.text.push_str("\":");
+        true
     }
 
     fn number(&mut self, field: &Field, value: impl fmt::Display) {
-        self.key(field);
-        if self.result.is_ok() {
+        if self.key(field) && self.result.is_ok() {
             self.result = write!(self.text, "{value}");
         }
     }
@@ -74,9 +79,8 @@ impl Visit for JsonObject {
     fn record_f64(&mut self, field: &Field, value: f64) {
         if value.is_finite() {
             self.number(field, value);
-        } else {
+        } else if self.key(field) {
             // JSON has no NaN or infinity: as serde_json writes them.
-            self.key(field);
             self.text.push_str("null");
         }
     }
@@ -90,19 +94,25 @@ impl Visit for JsonObject {
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
-        self.key(field);
+        if !self.key(field) {
+            return;
+        }
         self.text.push_str(if value { "true" } else { "false" });
     }
 
     fn record_str(&mut self, field: &Field, value: &str) {
-        self.key(field);
+        if !self.key(field) {
+            return;
+        }
         self.text.push('"');
         escape_into(&mut self.text, value);
         self.text.push('"');
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        self.key(field);
+        if !self.key(field) {
+            return;
+        }
         self.text.push('"');
         if self.result.is_ok() {
             self.result = write!(Escaping(&mut self.text), "{value:?}");

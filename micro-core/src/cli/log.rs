@@ -82,22 +82,29 @@ impl LogArgs {
                 .with_filter(LevelFilter::INFO)
         });
         // try_init also forwards the `log` records of dependencies (mdns-sd) to tracing.
-        let _ = tracing_subscriber::registry()
-            .with(otel)
-            .with(self.layer(filter, ansi, std::io::stderr))
-            .try_init();
+        let _ = match otel {
+            // RUST_LOG filters the whole subscriber: a span nobody logs is never made, and one
+            // that is costs no per-layer filter bookkeeping.
+            None => {
+                tracing_subscriber::registry().with(filter).with(self.layer(ansi, std::io::stderr)).try_init()
+            }
+            Some(otel) => tracing_subscriber::registry()
+                .with(otel)
+                .with(self.layer(ansi, std::io::stderr).with_filter(filter))
+                .try_init(),
+        };
     }
 
     /// The log layer [`LogArgs::init`] installs, writing to `writer`, with colours when `ansi`.
-    fn layer<S, W>(&self, filter: EnvFilter, ansi: bool, writer: W) -> Box<dyn Layer<S> + Send + Sync>
+    fn layer<S, W>(&self, ansi: bool, writer: W) -> Box<dyn Layer<S> + Send + Sync>
     where
         S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
         W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
     {
         let layer = tracing_subscriber::fmt::layer().with_ansi(ansi).with_writer(writer);
         match self.log_format {
-            LogFormat::Text => layer.fmt_fields(PlainFields).with_filter(filter).boxed(),
-            LogFormat::Json => layer.json().fmt_fields(AppendingJsonFields).with_filter(filter).boxed(),
+            LogFormat::Text => layer.fmt_fields(PlainFields).boxed(),
+            LogFormat::Json => layer.json().fmt_fields(AppendingJsonFields).boxed(),
         }
     }
 }
@@ -172,9 +179,9 @@ mod tests {
         let captured = Captured::default();
         let sink = captured.clone();
         let args = LogArgs { log_format: format, telemetry: TelemetryArgs::default() };
-        let subscriber =
-            tracing_subscriber::registry()
-                .with(args.layer(EnvFilter::new("info"), ansi, move || sink.clone()));
+        let subscriber = tracing_subscriber::registry()
+            .with(EnvFilter::new("info"))
+            .with(args.layer(ansi, move || sink.clone()));
         tracing::subscriber::with_default(subscriber, emit);
         captured.text()
     }
@@ -236,6 +243,7 @@ mod tests {
         let logged = logged_as(LogFormat::Json, false, || {
             let span = tracing::info_span!(
                 "s",
+                otel.kind = "server",
                 text = "a \"quoted\" \\ line\nnext",
                 debug = ?Tricky,
                 count = 7u64,

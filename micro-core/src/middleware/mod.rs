@@ -275,6 +275,8 @@ where
             span_id = Empty,
         );
         let mut trace_id = None;
+        // Whether the span goes to a trace exporter, which wants its status.
+        let mut exported = false;
         if !span.is_disabled() {
             if remote.span().span_context().is_valid() {
                 let _ = span.set_parent(remote.clone());
@@ -282,6 +284,7 @@ where
             let own = span.context();
             let own = own.span().span_context().clone();
             if own.is_valid() {
+                exported = true;
                 trace_id = Some(own.trace_id());
                 span.record("trace_id", tracing::field::display(own.trace_id()));
                 span.record("span_id", tracing::field::display(own.span_id()));
@@ -321,6 +324,7 @@ where
         let mut finish =
             Finish::start(metrics, self.methods.clone(), unknown_path, request_id.clone(), span.clone());
         finish.sent = sent;
+        finish.exported = exported;
         let call = self.inner.call(request);
         let context = CallContext { request_id, remote };
         Box::pin(
@@ -348,6 +352,9 @@ struct Finish {
     unknown_path: Option<String>,
     request_id: HeaderValue,
     span: tracing::Span,
+    /// Whether `span` goes to a trace exporter: only then is the status recorded on it (a
+    /// failed call's log line names the status itself).
+    exported: bool,
     started: Instant,
     done: bool,
     /// Counts the messages sent, for a streaming method.
@@ -369,6 +376,7 @@ impl Finish {
             unknown_path,
             request_id,
             span,
+            exported: false,
             started: Instant::now(),
             done: false,
             sent: None,
@@ -390,7 +398,7 @@ impl Finish {
             let labels = RequestLabels { method: method.method.clone(), code: code_name(code).to_owned() };
             metrics().server_requests.get_or_create(&labels).inc();
         }
-        if !self.span.is_disabled() {
+        if self.exported {
             self.span.record("rpc.grpc.status_code", code as i64);
             if is_server_error(code) {
                 self.span.record("otel.status_code", "ERROR");
