@@ -46,7 +46,7 @@ docker-check: build-deps
 ## bench: release build, then the SDK against its baselines in a private network namespace (about 250 s; the run stops itself at 360 s); writes bench/results.md.
 bench: build-deps
 	scripts/install-consul >/dev/null
-	$(CARGO) build --release -p bench -p vessel-service -p e2e -p micro-cli
+	$(CARGO) build --release -p bench -p vessel-service -p consignment-service -p e2e -p micro-cli
 	scripts/netns-run target/release/micro-bench --results bench/results.md
 
 ## bench-peers: the SDK against volo-grpc (bench/peers, built on its own into target/peers); writes bench/peers/results.txt.
