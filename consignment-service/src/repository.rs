@@ -257,17 +257,11 @@ impl SqliteRepository {
         }
         let shown = path.display().to_string();
         let db = |source| RepositoryError::Database { path: shown.clone(), source };
-        let connection = Connection::open(path).map_err(db)?;
-        connection.busy_timeout(BUSY_TIMEOUT).map_err(db)?;
-        // WAL: a commit appends to the log; readers never block the writer. FULL: the log is
-        // synced at every commit, so a reported consignment survives a crash or power loss.
-        let mode: String =
-            again_while_busy(|| connection.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0)))
-                .map_err(db)?;
-        if !mode.eq_ignore_ascii_case("wal") {
+        // WAL and full sync: a reported consignment survives a crash or power loss.
+        let (connection, mode) = shippy_sqlite::open_wal(path, BUSY_TIMEOUT).map_err(db)?;
+        if mode != "wal" {
             tracing::warn!(path = %shown, journal_mode = %mode, "the database is not in WAL mode");
         }
-        again_while_busy(|| connection.pragma_update(None, "synchronous", "FULL")).map_err(db)?;
         Self::ready(connection, shown)
     }
 
@@ -302,24 +296,6 @@ impl SqliteRepository {
         })
         .await
         .map_err(RepositoryError::Task)?
-    }
-}
-
-/// Runs `step` again while another connection holds the lock it needs, for up to
-/// [`BUSY_TIMEOUT`]: switching a new file to WAL fails at once instead of waiting in the busy
-/// handler when replicas open it together.
-fn again_while_busy<T>(mut step: impl FnMut() -> rusqlite::Result<T>) -> rusqlite::Result<T> {
-    let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
-    loop {
-        match step() {
-            Err(rusqlite::Error::SqliteFailure(error, _))
-                if error.code == rusqlite::ErrorCode::DatabaseBusy
-                    && std::time::Instant::now() < deadline =>
-            {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            outcome => return outcome,
-        }
     }
 }
 
@@ -733,28 +709,6 @@ mod tests {
         let mode: String = connection.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
         let sync: i64 = connection.query_row("PRAGMA synchronous", [], |r| r.get(0)).unwrap();
         assert_eq!((mode.as_str(), sync), ("wal", 2));
-    }
-
-    #[test]
-    fn replicas_opening_one_new_file_at_once_all_open_it() {
-        for _ in 0..20 {
-            let dir = tempfile::tempdir().unwrap();
-            let path = default_path_in(dir.path());
-            let start = std::sync::Barrier::new(8);
-            std::thread::scope(|scope| {
-                let opening: Vec<_> = (0..8)
-                    .map(|_| {
-                        scope.spawn(|| {
-                            start.wait();
-                            SqliteRepository::open(&path).map(|_| ())
-                        })
-                    })
-                    .collect();
-                for replica in opening {
-                    replica.join().unwrap().expect("each replica opens the database");
-                }
-            });
-        }
     }
 
     #[tokio::test]

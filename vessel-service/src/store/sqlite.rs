@@ -97,24 +97,6 @@ pub struct SqliteStore {
     instance: String,
 }
 
-/// Runs `step` again while another connection holds the lock it needs, for up to
-/// [`BUSY_TIMEOUT`]: switching a new file to WAL fails at once instead of waiting in the busy
-/// handler when replicas open it together.
-fn again_while_busy<T>(mut step: impl FnMut() -> rusqlite::Result<T>) -> rusqlite::Result<T> {
-    let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
-    loop {
-        match step() {
-            Err(rusqlite::Error::SqliteFailure(error, _))
-                if error.code == rusqlite::ErrorCode::DatabaseBusy
-                    && std::time::Instant::now() < deadline =>
-            {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            outcome => return outcome,
-        }
-    }
-}
-
 impl SqliteStore {
     /// Opens (or creates) the database at `path` and runs the migrations it lacks; the path
     /// `:memory:` ([`IN_MEMORY`]) keeps everything in memory instead. Blocking: call it from
@@ -126,16 +108,11 @@ impl SqliteStore {
         }
         let shown = path.display().to_string();
         let db = database_error(&shown);
-        let connection = Connection::open(path).map_err(&db)?;
-        connection.busy_timeout(BUSY_TIMEOUT).map_err(&db)?;
-        // WAL: readers never block the writer. FULL: a reservation answered survives a crash.
-        let mode: String =
-            again_while_busy(|| connection.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0)))
-                .map_err(&db)?;
-        if !mode.eq_ignore_ascii_case("wal") {
+        // WAL and full sync: a reservation answered survives a crash.
+        let (connection, mode) = shippy_sqlite::open_wal(path, BUSY_TIMEOUT).map_err(&db)?;
+        if mode != "wal" {
             tracing::warn!(path = %shown, journal_mode = %mode, "the reservations database is not in WAL mode");
         }
-        again_while_busy(|| connection.pragma_update(None, "synchronous", "FULL")).map_err(&db)?;
         drop(db);
         Self::ready(connection, shown)
     }

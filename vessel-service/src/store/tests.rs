@@ -158,25 +158,3 @@ fn a_newer_schema_is_refused() {
     let err = SqliteStore::open(&path).unwrap_err();
     assert!(matches!(err, StoreError::SchemaTooNew { found: 99, .. }), "{err:?}");
 }
-
-#[test]
-fn replicas_opening_one_new_file_at_once_all_open_it() {
-    for _ in 0..20 {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("vessels.db");
-        let start = std::sync::Barrier::new(8);
-        std::thread::scope(|scope| {
-            let opening: Vec<_> = (0..8)
-                .map(|_| {
-                    scope.spawn(|| {
-                        start.wait();
-                        SqliteStore::open(&path).map(|_| ())
-                    })
-                })
-                .collect();
-            for replica in opening {
-                replica.join().unwrap().expect("each replica opens the database");
-            }
-        });
-    }
-}
