@@ -64,6 +64,7 @@ struct Subscriber {
 
 /// A message in an inbox: its topic stays behind, as the subscriber knows it, so a
 /// publisher's topic is freed by the thread that made it.
+#[derive(Clone)]
 struct Delivery {
     headers: Headers,
     body: Bytes,
@@ -147,12 +148,7 @@ impl Broker for MemoryBroker {
             // Each receiver gets a copy but the last, which gets the message itself.
             let mut delivery = Some(Delivery { headers: message.headers, body: message.body });
             for (n, subscriber) in receivers.iter().enumerate() {
-                let copy = match n + 1 == receivers.len() {
-                    true => delivery.take(),
-                    false => delivery
-                        .as_ref()
-                        .map(|d| Delivery { headers: d.headers.clone(), body: d.body.clone() }),
-                };
+                let copy = if n + 1 == receivers.len() { delivery.take() } else { delivery.clone() };
                 let copy = copy.expect("the message is moved only to the last receiver");
                 if let Err(mpsc::error::TrySendError::Full(back)) = subscriber.deliver.try_send(copy) {
                     full.push(match &subscriber.queue {
