@@ -97,6 +97,7 @@ async fn run(only: Option<&str>, brokers: &[String]) -> anyhow::Result<()> {
     if wanted("unary") {
         unary::run(registry.clone()).await.context("figure 1 (unary)")?;
         unary::run_under_mimalloc().await.context("figure 1 again, under mimalloc")?;
+        unary::run_logged().await.context("figure 1 again, logging as a service does")?;
     }
     if wanted("alloc") {
         alloc::run_in_child().await.context("figure 14 (allocations per call)")?;

@@ -108,7 +108,7 @@ pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
             "{} not found: build it first with `cargo build --release -p {} -p bench` (`make bench` does)",
             path.display(),
             match name {
-                "raw-vessel" | "unary-mimalloc" | "alloc-per-call" => "bench",
+                "raw-vessel" | "unary-mimalloc" | "unary-logged" | "alloc-per-call" => "bench",
                 "fault-server" => "e2e",
                 "micro" => "micro-cli",
                 package => package,

@@ -123,24 +123,47 @@ pub async fn run(registry: Arc<dyn Registry>) -> anyhow::Result<()> {
 /// between the worker threads, and the SDK allocates a few blocks per call more than raw
 /// tonic does.
 pub async fn run_under_mimalloc() -> anyhow::Result<()> {
-    eprintln!("[1/6 unary] again in unary-mimalloc");
-    let child = tokio::process::Command::new(procs::binary("unary-mimalloc")?)
+    run_in_child(
+        "unary-mimalloc",
+        "diag_mimalloc",
+        "raw tonic Channel; the calling process allocates with mimalloc",
+    )
+    .await
+}
+
+/// Figure 1 again in `unary-logged`, a child process that logs as a service does (JSON lines
+/// at info): what the SDK client's spans cost, as `diag_logged_*`. Figure 1 itself runs
+/// with no log subscriber, so the client makes no spans there.
+pub async fn run_logged() -> anyhow::Result<()> {
+    run_in_child(
+        "unary-logged",
+        "diag_logged",
+        "raw tonic Channel; the calling process logs JSON lines at info",
+    )
+    .await
+}
+
+/// Runs `binary`, which prints figure 1's lines, and reports them as `PREFIX_NAME`.
+async fn run_in_child(binary: &str, prefix: &str, baseline_is: &str) -> anyhow::Result<()> {
+    eprintln!("[1/6 unary] again in {binary}");
+    let child = tokio::process::Command::new(procs::binary(binary)?)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
+        // Its own progress lines, and its log lines when it logs.
+        .stderr(std::process::Stdio::null())
         .kill_on_drop(true)
         .spawn()?;
     if let Some(pid) = child.id() {
         procs::track(pid);
     }
     let output = child.wait_with_output().await?;
-    anyhow::ensure!(output.status.success(), "unary-mimalloc failed: {}", output.status);
+    anyhow::ensure!(output.status.success(), "{binary} failed: {}", output.status);
     for line in String::from_utf8_lossy(&output.stdout).lines() {
         let Some((name, sdk, baseline, unit)) = parse_figure(line) else { continue };
         if name.starts_with("diag_") {
             continue;
         }
-        let baseline_is = "raw tonic Channel; the calling process allocates with mimalloc";
-        emit(Figure::new(format!("diag_mimalloc_{name}"), sdk, baseline, unit).baseline_is(baseline_is));
+        emit(Figure::new(format!("{prefix}_{name}"), sdk, baseline, unit).baseline_is(baseline_is));
     }
     Ok(())
 }

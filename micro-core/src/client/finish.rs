@@ -46,7 +46,7 @@ impl CallFinish {
         let answered = self.answered && code != Code::Unimplemented;
         let method: Arc<ClientMethod> = metrics().client_method(&self.core.name, self.path.path(), answered);
         method.record(code, self.started.elapsed().as_secs_f64());
-        if !self.span.is_disabled() {
+        if crate::middleware::is_exported(&self.span) {
             self.span.record("rpc.grpc.status_code", code as i64);
             if code != Code::Ok {
                 self.span.record("otel.status_code", "ERROR");

@@ -143,7 +143,7 @@ pub use self::{
     propagation::{extract_trace_context, span_context},
 };
 pub(crate) use self::{
-    propagation::{inject_trace_context, outgoing_context},
+    propagation::{inject_trace_context, is_exported, outgoing_context},
     status::{OnStatus, StatusBody, status_code},
 };
 

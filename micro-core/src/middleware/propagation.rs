@@ -28,6 +28,12 @@ pub(crate) fn inject_trace_context(headers: &mut HeaderMap, span: &tracing::Span
     }
 }
 
+/// Whether `span` goes to a trace exporter (an OpenTelemetry layer gave it a context): only
+/// then are a call's status fields recorded on it, since a log line names a status itself.
+pub(crate) fn is_exported(span: &tracing::Span) -> bool {
+    !span.is_disabled() && span.context().span().span_context().is_valid()
+}
+
 /// The context work done in `span` continues: `span`'s own when spans are exported, else the
 /// context of the call being handled; `None` when neither is valid.
 pub(crate) fn outgoing_context(span: &tracing::Span) -> Option<opentelemetry::Context> {

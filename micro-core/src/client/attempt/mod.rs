@@ -278,7 +278,7 @@ impl ChannelCore {
             Err(failure) => failure.verdict(),
         };
         let span = tracing::Span::current();
-        if !span.is_disabled() {
+        if crate::middleware::is_exported(&span) {
             match &outcome {
                 Ok(response) => match Status::from_header_map(response.headers()) {
                     Some(status) => span.record("rpc.grpc.status_code", status.code() as i64),
