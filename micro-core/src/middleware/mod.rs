@@ -261,7 +261,7 @@ where
         let remote = extract_trace_context(request.headers());
         // A caller's request id (the SDK's client always sends one) is in the span from the
         // start: one record fewer per call.
-        let asked_id = request.headers().get(REQUEST_ID_HEADER).map(|id| id.to_str().unwrap_or("?"));
+        let asked_id = request.headers().get(REQUEST_ID_HEADER).cloned();
         let span = tracing::info_span!(
             "grpc.server",
             otel.name = if known { span_name(path) } else { UNKNOWN_METHOD },
@@ -270,7 +270,7 @@ where
             rpc.method = %span_name(path),
             rpc.grpc.status_code = Empty,
             otel.status_code = Empty,
-            request_id = asked_id,
+            request_id = asked_id.as_ref().map(|id| id.to_str().unwrap_or("?")),
             trace_id = Empty,
             span_id = Empty,
         );
@@ -295,9 +295,8 @@ where
         } else if remote.span().span_context().is_valid() {
             trace_id = Some(remote.span().span_context().trace_id());
         }
-        let asked = asked_id.is_some();
-        let request_id = match request.headers().get(REQUEST_ID_HEADER) {
-            Some(id) => id.clone(),
+        let request_id = match asked_id {
+            Some(id) => id,
             None => {
                 let id = match trace_id {
                     Some(trace_id) => {
@@ -306,12 +305,12 @@ where
                     None => new_request_id(),
                 };
                 request.headers_mut().insert(REQUEST_ID, id.clone());
+                if !span.is_disabled() {
+                    span.record("request_id", id.to_str().unwrap_or("?"));
+                }
                 id
             }
         };
-        if !span.is_disabled() && !asked {
-            span.record("request_id", request_id.to_str().unwrap_or("?"));
-        }
         let unknown_path = (!known).then(|| path.to_owned());
         let sent = match &metrics.messages {
             Some((received, sent)) => {
