@@ -83,7 +83,7 @@ use std::{
     time::Duration,
 };
 
-pub(crate) use self::deadline::anchor_timers;
+pub(crate) use self::deadline::{anchor_timers, requested_timeout};
 use self::{channel::ChannelCore, follow::follow_registry};
 pub use self::{
     channel::{InstanceView, NamedChannel},

@@ -43,6 +43,7 @@ use crate::{
 };
 
 mod advertise;
+mod deadline;
 mod drain;
 pub mod limit;
 mod running;
@@ -306,6 +307,8 @@ impl Server {
             limit::LimitLayer::new(&self.name, advertised, self.config.limit, &self.config.method_limits);
         // Inside the trace layer too, so a stream ended at shutdown is counted as UNAVAILABLE.
         let (drain, close_streams) = drain::StreamDrainLayer::new(&node.name, trace.methods());
+        // Inside the trace layer too, so a call past its deadline is counted and logged so.
+        let deadline = deadline::DeadlineLayer::new(&node.name);
         let stack = tower::layer::layer_fn(move |routes: Routes| {
             // Without layers of its own, the routes are called as they are: a boxed service
             // boxes every call's future.
@@ -315,7 +318,7 @@ impl Server {
                     layers.iter().rev().fold(HttpService::new(routes), |inner, layer| layer(inner)),
                 ),
             };
-            trace.layer(drain.layer(limits.layer(inner)))
+            trace.layer(deadline.layer(drain.layer(limits.layer(inner))))
         });
         let router = builder.layer(stack).add_routes(self.routes.routes());
         let stopped = async {
