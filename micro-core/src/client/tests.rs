@@ -254,6 +254,8 @@ async fn deadline_ends_the_call_at_about_the_deadline() {
     let status = call(&mut vessels).await.unwrap_err();
     let elapsed = started.elapsed();
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    // The client's words, whichever timer fired first (the server keeps the deadline too).
+    assert!(status.message().contains("exceeded its 300ms deadline"), "{status:?}");
     assert!(elapsed >= Duration::from_millis(290) && elapsed < Duration::from_millis(800), "{elapsed:?}");
 }
 

@@ -361,13 +361,15 @@ fn attempt_request(
     (request, polled)
 }
 
-/// Whether the server ended the call because its `grpc-timeout` passed: tonic's server
-/// says so with `CANCELLED` where gRPC means `DEADLINE_EXCEEDED`. Told by the clock, not the
-/// text: the server's timer started after the attempt left, so it fires no sooner than the
-/// call's deadline, less the millisecond `grpc-timeout` rounds down. A handler's own
-/// `CANCELLED` before then is the handler's answer, whatever it says.
+/// Whether the server ended the call because its `grpc-timeout` passed: the SDK's server
+/// says so with `DEADLINE_EXCEEDED`, a plain tonic server with `CANCELLED`. Told by the
+/// clock, not the text: the server's timer started after the attempt left, so it fires no
+/// sooner than the call's deadline, less the millisecond `grpc-timeout` rounds down. A
+/// handler's own answer before then is the handler's, whatever it says. The caller then
+/// sees the client's own deadline status, which names the method and the instance.
 fn is_server_timeout(status: &Status, deadline: Instant) -> bool {
-    status.code() == Code::Cancelled && Instant::now() + GRPC_TIMEOUT_RESOLUTION >= deadline
+    matches!(status.code(), Code::Cancelled | Code::DeadlineExceeded)
+        && Instant::now() + GRPC_TIMEOUT_RESOLUTION >= deadline
 }
 
 /// Sleeps until `at`, or forever when there is nothing to wait for.
