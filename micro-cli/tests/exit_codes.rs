@@ -129,7 +129,8 @@ async fn each_exit_code_is_caused_by_its_situation() {
     assert_exit(&micro(addr, &["describe", &vessels, "--no-such-flag"], &[]), 2, "--no-such-flag");
 
     // 3: not found, with the registered name for a one-letter typo, in every command that
-    // takes a name, without waiting for the look-up timeout (3 s by default).
+    // takes a name, without waiting for the look-up timeout (set to 10 minutes here, so a
+    // command that waited for it is caught by a generous bound).
     let typo = vessels.replacen("vessels", "vesels", 1);
     for command in ["describe", "health", "call", "why"] {
         let mut args = vec![command, &typo];
@@ -137,12 +138,12 @@ async fn each_exit_code_is_caused_by_its_situation() {
             args.push("vessel.VesselService/FindAvailable");
         }
         let started = Instant::now();
-        let output = micro(addr, &args, &[]);
+        let output = micro(addr, &args, &[("MICRO_LOOKUP_TIMEOUT", "600000")]);
         let hint = format!("did you mean {vessels}?");
         let shown = if command == "why" { text(&output.stdout) } else { text(&output.stderr) };
         assert_eq!(output.status.code(), Some(3), "{command}: {shown}{}", text(&output.stderr));
         assert!(shown.contains(&hint), "{command}: {shown}");
-        assert!(started.elapsed() < Duration::from_secs(2), "{command} took {:?}", started.elapsed());
+        assert!(started.elapsed() < Duration::from_secs(60), "{command} took {:?}", started.elapsed());
     }
     // watch keeps watching the name asked for (it may come), with the suggestion.
     let watch = Process::spawn("micro-watch", Command::new(MICRO), &["watch", &typo], &consul_env);
