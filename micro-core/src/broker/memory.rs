@@ -35,7 +35,7 @@ use tokio::sync::mpsc;
 
 use super::{
     AbortOnDrop, Broker, Handler, Headers, Message, SubscribeOptions, Subscription, refuse_durable,
-    run_handler,
+    run_counted_handler,
 };
 use crate::{Error, Result};
 
@@ -137,7 +137,55 @@ impl Broker for MemoryBroker {
         "this process".into()
     }
 
+    /// Counts and delivers in one step: nothing here waits, so [`Broker::publish`]'s own
+    /// future around [`Broker::send`]'s would only cost an allocation per message.
+    async fn publish(&self, message: Message) -> Result<()> {
+        let counts = crate::metrics::metrics().broker_topic(self.kind(), &message.topic);
+        let outcome = self.deliver(message);
+        counts.published(outcome.is_ok());
+        outcome
+    }
+
     async fn send(&self, message: Message) -> Result<()> {
+        self.deliver(message)
+    }
+
+    async fn subscribe(
+        &self,
+        topic: &str,
+        options: SubscribeOptions,
+        handler: Handler,
+    ) -> Result<Subscription> {
+        // Nothing is kept, so nothing is delivered again either.
+        if options.durable || options.max_deliveries.is_some() {
+            return Err(refuse_durable(self));
+        }
+        let (deliver, mut inbox) = mpsc::channel::<Delivery>(INBOX_CAPACITY);
+        let subscribed = topic.to_owned();
+        let counts = crate::metrics::metrics().broker_topic(self.kind(), topic);
+        let task = tokio::spawn(async move {
+            while let Some(Delivery { headers, body }) = inbox.recv().await {
+                let message = Message { topic: subscribed.clone(), headers, body };
+                let _ = run_counted_handler(&counts, &handler, message).await;
+            }
+        });
+        let mut topics = self.inner.lock().expect("memory broker lock");
+        topics.next_id += 1;
+        let id = topics.next_id;
+        topics.subscribers.entry(topic.to_owned()).or_default().push(Subscriber {
+            id,
+            queue: options.queue.clone(),
+            deliver,
+        });
+        let guard =
+            Unsubscribe { inner: self.inner.clone(), topic: topic.to_owned(), id, _task: AbortOnDrop(task) };
+        Ok(Subscription::new(topic, options.queue, guard))
+    }
+}
+
+impl MemoryBroker {
+    /// Hands `message` to every receiver whose inbox has room.
+    fn deliver(&self, message: Message) -> Result<()> {
         let mut full = Vec::new();
         let mut refused = None;
         {
@@ -172,37 +220,6 @@ impl Broker for MemoryBroker {
             ),
             source: None,
         })
-    }
-
-    async fn subscribe(
-        &self,
-        topic: &str,
-        options: SubscribeOptions,
-        handler: Handler,
-    ) -> Result<Subscription> {
-        // Nothing is kept, so nothing is delivered again either.
-        if options.durable || options.max_deliveries.is_some() {
-            return Err(refuse_durable(self));
-        }
-        let (deliver, mut inbox) = mpsc::channel::<Delivery>(INBOX_CAPACITY);
-        let subscribed = topic.to_owned();
-        let task = tokio::spawn(async move {
-            while let Some(Delivery { headers, body }) = inbox.recv().await {
-                let message = Message { topic: subscribed.clone(), headers, body };
-                let _ = run_handler("memory", &handler, message).await;
-            }
-        });
-        let mut topics = self.inner.lock().expect("memory broker lock");
-        topics.next_id += 1;
-        let id = topics.next_id;
-        topics.subscribers.entry(topic.to_owned()).or_default().push(Subscriber {
-            id,
-            queue: options.queue.clone(),
-            deliver,
-        });
-        let guard =
-            Unsubscribe { inner: self.inner.clone(), topic: topic.to_owned(), id, _task: AbortOnDrop(task) };
-        Ok(Subscription::new(topic, options.queue, guard))
     }
 }
 

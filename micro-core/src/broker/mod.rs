@@ -301,8 +301,18 @@ pub(crate) async fn run_handler(
     handler: &Handler,
     message: Message,
 ) -> Result<(), String> {
-    use tracing::Instrument;
     let counts = crate::metrics::metrics().broker_topic(broker, &message.topic);
+    run_counted_handler(&counts, handler, message).await
+}
+
+/// [`run_handler`] for a subscriber that looked up its topic's metric handles once: every
+/// message it gets is on that one topic.
+pub(crate) async fn run_counted_handler(
+    counts: &crate::metrics::BrokerTopic,
+    handler: &Handler,
+    message: Message,
+) -> Result<(), String> {
+    use tracing::Instrument;
     let message_id = message.id().unwrap_or("-");
     let span = tracing::info_span!("broker.handle", topic = %message.topic, message_id = %message_id);
     // A failure is logged in the span, which names the topic and the message; without the
