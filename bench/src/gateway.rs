@@ -13,7 +13,7 @@ use tonic::Status;
 use crate::{
     load::{Caller, concurrent, sequential},
     procs::{self, Service},
-    report::{Figure, emit, median, quantile},
+    report::{Figure, emit, median, note, quantile},
     wait_pickable,
 };
 
@@ -55,15 +55,38 @@ impl Caller for ThroughGateway {
 struct Side {
     p50: Vec<f64>,
     many: Vec<f64>,
+    /// CPU time per call under load, of every process taking part, in microseconds.
+    cpu: Vec<f64>,
+    /// The same, process by process (in the order of the round's `pids`).
+    cpu_by_process: Vec<Vec<f64>>,
 }
 
-async fn round<C: Caller>(caller: &mut C, side: &mut Side) -> anyhow::Result<()> {
+/// The CPU time each of `pids` has used so far.
+fn cpu_seconds(pids: &[u32]) -> anyhow::Result<Vec<f64>> {
+    pids.iter().map(|&pid| procs::cpu_seconds(pid)).collect()
+}
+
+/// One round of `caller`; `pids` are the processes its calls run through (this one, the
+/// service, and the gateway when it is on the way), whose CPU time is shared out per call.
+async fn round<C: Caller>(caller: &mut C, side: &mut Side, pids: &[u32]) -> anyhow::Result<()> {
     let mut latencies = sequential(caller, SEQUENTIAL_CALLS).await?;
     latencies.sort_by(f64::total_cmp);
     side.p50.push(quantile(&latencies, 0.50));
+    let before = cpu_seconds(pids)?;
     let run = concurrent(caller, CONCURRENT_CALLERS, CONCURRENT_LENGTH).await;
+    let after = cpu_seconds(pids)?;
     anyhow::ensure!(run.failed == 0, "{} calls failed under load", run.failed);
     side.many.push(run.per_second());
+    let per_call: Vec<f64> = after
+        .iter()
+        .zip(&before)
+        .map(|(after, before)| (after - before) * 1e6 / run.ok.max(1) as f64)
+        .collect();
+    side.cpu.push(per_call.iter().sum());
+    side.cpu_by_process.resize(per_call.len(), Vec::new());
+    for (process, cpu) in side.cpu_by_process.iter_mut().zip(per_call) {
+        process.push(cpu);
+    }
     Ok(())
 }
 
@@ -87,9 +110,8 @@ pub async fn run(registry: Arc<dyn Registry>) -> anyhow::Result<()> {
         .kill_on_drop(true)
         .spawn()
         .context("could not start micro gateway")?;
-    if let Some(pid) = gateway.id() {
-        procs::track(pid);
-    }
+    let gateway_pid = gateway.id().context("micro gateway's pid")?;
+    procs::track(gateway_pid);
     let http = reqwest::Client::builder().pool_max_idle_per_host(CONCURRENT_CALLERS).build()?;
     let mut through =
         ThroughGateway { http, url: format!("http://{address}/{name}/vessel.VesselService/FindAvailable") };
@@ -106,14 +128,16 @@ pub async fn run(registry: Arc<dyn Registry>) -> anyhow::Result<()> {
     sequential(&mut through, WARM_UP_CALLS).await?;
 
     let (mut g, mut d) = (Side::default(), Side::default());
+    let direct_pids = [std::process::id(), server.pid()];
+    let gateway_pids = [std::process::id(), server.pid(), gateway_pid];
     for r in 0..ROUNDS {
         eprintln!("[8 gateway] round {}/{ROUNDS}", r + 1);
         if r % 2 == 0 {
-            round(&mut through, &mut g).await?;
-            round(&mut direct, &mut d).await?;
+            round(&mut through, &mut g, &gateway_pids).await?;
+            round(&mut direct, &mut d, &direct_pids).await?;
         } else {
-            round(&mut direct, &mut d).await?;
-            round(&mut through, &mut g).await?;
+            round(&mut direct, &mut d, &direct_pids).await?;
+            round(&mut through, &mut g, &gateway_pids).await?;
         }
     }
     let _ = gateway.kill().await;
@@ -125,5 +149,19 @@ pub async fn run(registry: Arc<dyn Registry>) -> anyhow::Result<()> {
         Figure::new("gateway_throughput_32_callers", median(&g.many), median(&d.many), "calls/s")
             .baseline_is(direct_is),
     );
+    // With every core busy, throughput is at most the inverse of the CPU a call costs: the
+    // gateway's share of the direct figure cannot pass direct / gateway here.
+    let cpu = Figure::new("diag_gateway_cpu_per_call", median(&g.cpu), median(&d.cpu), "us");
+    emit(cpu.baseline_is(format!(
+        "{direct_is}; CPU time of this process, the service and the gateway under load, per call"
+    )));
+    let by_process =
+        |side: &Side| side.cpu_by_process.iter().map(|cpu| format!("{:.0}", median(cpu))).collect::<Vec<_>>();
+    let (gateway, direct) = (by_process(&g), by_process(&d));
+    note(format!(
+        "gateway CPU per call (us): through the gateway, caller {} + service {} + gateway {}; \
+         direct, caller {} + service {}",
+        gateway[0], gateway[1], gateway[2], direct[0], direct[1]
+    ));
     Ok(())
 }

@@ -199,6 +199,11 @@ impl Service {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
     /// SIGKILL, then reap.
     pub async fn kill(mut self) {
         let _ = self.child.kill().await;
@@ -226,6 +231,19 @@ impl Drop for Service {
         let _ = self.child.start_kill();
         CHILDREN.lock().expect("children lock").retain(|&p| p != self.pid);
     }
+}
+
+/// The CPU time `pid` has used so far, user and system, all its threads together, in
+/// seconds (Linux counts it in ticks of 10 ms).
+pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    const TICKS_PER_SECOND: f64 = 100.0;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name: state is the first, utime the 12th, stime the 13th.
+    let (_, rest) = stat.rsplit_once(')').context("a /proc stat line")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks =
+        |n: usize| -> anyhow::Result<f64> { Ok(fields.get(n).context("a short stat line")?.parse::<f64>()?) };
+    Ok((ticks(11)? + ticks(12)?) / TICKS_PER_SECOND)
 }
 
 /// The address in a `registered` JSON log line of the SDK's server, or in raw-vessel's
