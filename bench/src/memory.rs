@@ -11,7 +11,7 @@ use tokio::time::Instant;
 
 use crate::{
     load::{Caller, concurrent, raw_channel, sequential},
-    procs::Service,
+    procs::{self, Service},
     report::{Figure, emit, median},
 };
 
@@ -25,10 +25,12 @@ fn mb(kib: u64) -> f64 {
     kib as f64 * 1024.0 / 1e6
 }
 
-/// Loads `service` for [`LOAD`]; the highest RSS seen (MB) and the calls per second.
-async fn loaded(service: &Service, address: std::net::SocketAddr) -> anyhow::Result<(f64, f64)> {
+/// Loads `service` for [`LOAD`]; the highest RSS seen (MB), the calls per second and the
+/// service's CPU time per call (microseconds).
+async fn loaded(service: &Service, address: std::net::SocketAddr) -> anyhow::Result<(f64, f64, f64)> {
     let mut vessels = VesselServiceClient::new(raw_channel(address).await?);
     vessels.call().await?;
+    let cpu_before = procs::cpu_seconds(service.pid())?;
     let load = tokio::spawn(async move { concurrent(&vessels, CALLERS, LOAD).await });
     let mut highest = 0;
     let until = Instant::now() + LOAD;
@@ -37,15 +39,17 @@ async fn loaded(service: &Service, address: std::net::SocketAddr) -> anyhow::Res
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let run = load.await?;
+    let cpu = (procs::cpu_seconds(service.pid())? - cpu_before) * 1e6 / run.ok.max(1) as f64;
     anyhow::ensure!(run.failed == 0, "{} calls failed under load", run.failed);
     highest = highest.max(service.memory_kib()?.0);
-    Ok((mb(highest), run.per_second()))
+    Ok((mb(highest), run.per_second(), cpu))
 }
 
 /// Figure 5: the RSS of an idle vessel-service and under load.
 pub async fn run() -> anyhow::Result<()> {
     let (mut idle, mut busy, mut rate) = ((vec![], vec![]), (vec![], vec![]), (vec![], vec![]));
     let mut private = (vec![], vec![]);
+    let mut cpu = (vec![], vec![]);
     for r in 0..ROUNDS {
         eprintln!("[5/6 memory] round {}/{ROUNDS}", r + 1);
         let name = format!("vessel-memory-{}-{r}", std::process::id());
@@ -66,13 +70,15 @@ pub async fn run() -> anyhow::Result<()> {
         let order = if r % 2 == 0 { [true, false] } else { [false, true] };
         for is_sdk in order {
             let (service, address) = if is_sdk { (&sdk, sdk_address) } else { (&raw, raw_address) };
-            let (highest, per_second) = loaded(service, address).await?;
+            let (highest, per_second, per_call) = loaded(service, address).await?;
             if is_sdk {
                 busy.0.push(highest);
                 rate.0.push(per_second);
+                cpu.0.push(per_call);
             } else {
                 busy.1.push(highest);
                 rate.1.push(per_second);
+                cpu.1.push(per_call);
             }
         }
         sdk.kill().await;
@@ -89,6 +95,10 @@ pub async fn run() -> anyhow::Result<()> {
     emit(
         Figure::new("server_throughput_64_callers", median(&rate.0), median(&rate.1), "calls/s")
             .baseline_is(format!("{raw_is} (load from raw tonic clients)")),
+    );
+    emit(
+        Figure::new("diag_server_cpu_per_call_raw_callers", median(&cpu.0), median(&cpu.1), "us")
+            .baseline_is(format!("{raw_is}; the server's CPU time per call under the same load")),
     );
     Ok(())
 }

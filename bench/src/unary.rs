@@ -27,18 +27,29 @@ struct Side {
     p99: Vec<f64>,
     one: Vec<f64>,
     many: Vec<f64>,
+    /// CPU time per call at 64 callers, in microseconds: the calling process's, the server's.
+    client_cpu: Vec<f64>,
+    server_cpu: Vec<f64>,
 }
 
-async fn round<C: Caller>(caller: &mut C, side: &mut Side) -> anyhow::Result<()> {
+async fn round<C: Caller>(caller: &mut C, side: &mut Side, server: u32) -> anyhow::Result<()> {
     let started = tokio::time::Instant::now();
     let mut latencies = sequential(caller, SEQUENTIAL_CALLS).await?;
     side.one.push(SEQUENTIAL_CALLS as f64 / started.elapsed().as_secs_f64());
     latencies.sort_by(f64::total_cmp);
     side.p50.push(quantile(&latencies, 0.50));
     side.p99.push(quantile(&latencies, 0.99));
+    let cpu = || -> anyhow::Result<(f64, f64)> {
+        Ok((procs::cpu_seconds(std::process::id())?, procs::cpu_seconds(server)?))
+    };
+    let before = cpu()?;
     let run = concurrent(caller, CONCURRENT_CALLERS, CONCURRENT_LENGTH).await;
+    let after = cpu()?;
     anyhow::ensure!(run.failed == 0, "{} calls failed under load", run.failed);
     side.many.push(run.per_second());
+    let per_call = |used: f64| used * 1e6 / run.ok.max(1) as f64;
+    side.client_cpu.push(per_call(after.0 - before.0));
+    side.server_cpu.push(per_call(after.1 - before.1));
     Ok(())
 }
 
@@ -62,15 +73,16 @@ pub async fn run(registry: Arc<dyn Registry>) -> anyhow::Result<()> {
     sequential(&mut pooled, WARM_UP_CALLS).await?;
 
     let (mut s, mut b, mut h, mut p) = (Side::default(), Side::default(), Side::default(), Side::default());
+    let server_pid = server.pid();
     for r in 0..ROUNDS {
         eprintln!("[1/6 unary] round {}/{ROUNDS}", r + 1);
         // Rotate which goes first, so a drift of the machine hits all alike.
         for turn in 0..4 {
             match (r + turn) % 4 {
-                0 => round(&mut sdk, &mut s).await?,
-                1 => round(&mut raw, &mut b).await?,
-                2 => round(&mut headers, &mut h).await?,
-                _ => round(&mut pooled, &mut p).await?,
+                0 => round(&mut sdk, &mut s, server_pid).await?,
+                1 => round(&mut raw, &mut b, server_pid).await?,
+                2 => round(&mut headers, &mut h, server_pid).await?,
+                _ => round(&mut pooled, &mut p, server_pid).await?,
             }
         }
     }
@@ -114,8 +126,28 @@ pub async fn run(registry: Arc<dyn Registry>) -> anyhow::Result<()> {
         )
         .baseline_is("raw tonic Channel (one connection)"),
     );
+    // What a call costs each side in CPU, which the machine's noise leaves steadier than
+    // calls per second: the calling process (this one), and the server it calls.
+    emit(
+        Figure::new(CLIENT_CPU, median(&s.client_cpu), median(&b.client_cpu), "us")
+            .baseline_is(format!("{raw_is}; CPU time of the calling process per call, 64 callers")),
+    );
+    emit(
+        Figure::new(
+            "diag_server_cpu_per_call_64_callers",
+            median(&s.server_cpu),
+            median(&b.server_cpu),
+            "us",
+        )
+        .baseline_is(
+            "the same vessel-service called by a raw tonic Channel; its CPU time per call, 64 callers",
+        ),
+    );
     Ok(())
 }
+
+/// The client's CPU time per call: a diagnostic that the runs in child processes report too.
+const CLIENT_CPU: &str = "diag_client_cpu_per_call_64_callers";
 
 /// Figure 1 again in `unary-mimalloc`, a child process that allocates with mimalloc (the
 /// server keeps glibc's malloc); its figures come back here as `diag_mimalloc_*`. At 64
@@ -160,7 +192,7 @@ async fn run_in_child(binary: &str, prefix: &str, baseline_is: &str) -> anyhow::
     anyhow::ensure!(output.status.success(), "{binary} failed: {}", output.status);
     for line in String::from_utf8_lossy(&output.stdout).lines() {
         let Some((name, sdk, baseline, unit)) = parse_figure(line) else { continue };
-        if name.starts_with("diag_") {
+        if name.starts_with("diag_") && name != CLIENT_CPU {
             continue;
         }
         emit(Figure::new(format!("{prefix}_{name}"), sdk, baseline, unit).baseline_is(baseline_is));
