@@ -195,6 +195,7 @@ async fn run_in_child(binary: &str, prefix: &str, baseline_is: &str) -> anyhow::
         if name.starts_with("diag_") && name != CLIENT_CPU {
             continue;
         }
+        let name = name.strip_prefix("diag_").unwrap_or(name);
         emit(Figure::new(format!("{prefix}_{name}"), sdk, baseline, unit).baseline_is(baseline_is));
     }
     Ok(())
