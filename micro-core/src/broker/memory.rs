@@ -125,6 +125,44 @@ impl MemoryBroker {
     pub fn new() -> Self {
         Self::default()
     }
+
+    /// Hands `message` to every receiver whose inbox has room.
+    fn deliver(&self, message: Message) -> Result<()> {
+        let mut full = Vec::new();
+        let mut refused = None;
+        {
+            let mut topics = self.inner.lock().expect("memory broker lock");
+            let Topics { subscribers, turns, .. } = &mut *topics;
+            let Some(list) = subscribers.get(&message.topic) else { return Ok(()) };
+            let receivers = receivers(list, turns, &message.topic);
+            // Each receiver gets a copy but the last, which gets the message itself.
+            let mut delivery = Some(Delivery { headers: message.headers, body: message.body });
+            for (n, subscriber) in receivers.iter().enumerate() {
+                let copy = if n + 1 == receivers.len() { delivery.take() } else { delivery.clone() };
+                let copy = copy.expect("the message is moved only to the last receiver");
+                if let Err(mpsc::error::TrySendError::Full(back)) = subscriber.deliver.try_send(copy) {
+                    full.push(match &subscriber.queue {
+                        Some(queue) => format!("queue group {queue}"),
+                        None => format!("subscriber {}", subscriber.id),
+                    });
+                    refused = Some(back);
+                }
+            }
+        }
+        let Some(Delivery { headers, .. }) = refused else { return Ok(()) };
+        Err(Error::Broker {
+            broker: self.kind().into(),
+            address: self.address(),
+            message: format!(
+                "topic {} message {}: not delivered to {}: inbox full ({INBOX_CAPACITY} messages waiting); \
+                 its handler is slower than the publishers",
+                message.topic,
+                headers.get(super::headers::MESSAGE_ID).unwrap_or("-"),
+                full.join(", ")
+            ),
+            source: None,
+        })
+    }
 }
 
 #[async_trait]
@@ -180,46 +218,6 @@ impl Broker for MemoryBroker {
         let guard =
             Unsubscribe { inner: self.inner.clone(), topic: topic.to_owned(), id, _task: AbortOnDrop(task) };
         Ok(Subscription::new(topic, options.queue, guard))
-    }
-}
-
-impl MemoryBroker {
-    /// Hands `message` to every receiver whose inbox has room.
-    fn deliver(&self, message: Message) -> Result<()> {
-        let mut full = Vec::new();
-        let mut refused = None;
-        {
-            let mut topics = self.inner.lock().expect("memory broker lock");
-            let Topics { subscribers, turns, .. } = &mut *topics;
-            let Some(list) = subscribers.get(&message.topic) else { return Ok(()) };
-            let receivers = receivers(list, turns, &message.topic);
-            // Each receiver gets a copy but the last, which gets the message itself.
-            let mut delivery = Some(Delivery { headers: message.headers, body: message.body });
-            for (n, subscriber) in receivers.iter().enumerate() {
-                let copy = if n + 1 == receivers.len() { delivery.take() } else { delivery.clone() };
-                let copy = copy.expect("the message is moved only to the last receiver");
-                if let Err(mpsc::error::TrySendError::Full(back)) = subscriber.deliver.try_send(copy) {
-                    full.push(match &subscriber.queue {
-                        Some(queue) => format!("queue group {queue}"),
-                        None => format!("subscriber {}", subscriber.id),
-                    });
-                    refused = Some(back);
-                }
-            }
-        }
-        let Some(Delivery { headers, .. }) = refused else { return Ok(()) };
-        Err(Error::Broker {
-            broker: self.kind().into(),
-            address: self.address(),
-            message: format!(
-                "topic {} message {}: not delivered to {}: inbox full ({INBOX_CAPACITY} messages waiting); \
-                 its handler is slower than the publishers",
-                message.topic,
-                headers.get(super::headers::MESSAGE_ID).unwrap_or("-"),
-                full.join(", ")
-            ),
-            source: None,
-        })
     }
 }
 
