@@ -77,11 +77,8 @@ async fn round<C: Caller>(caller: &mut C, side: &mut Side, pids: &[u32]) -> anyh
     let after = cpu_seconds(pids)?;
     anyhow::ensure!(run.failed == 0, "{} calls failed under load", run.failed);
     side.many.push(run.per_second());
-    let per_call: Vec<f64> = after
-        .iter()
-        .zip(&before)
-        .map(|(after, before)| (after - before) * 1e6 / run.ok.max(1) as f64)
-        .collect();
+    let per_call: Vec<f64> =
+        after.iter().zip(&before).map(|(after, before)| run.micros_per_call(after - before)).collect();
     side.cpu.push(per_call.iter().sum());
     side.cpu_by_process.resize(per_call.len(), Vec::new());
     for (process, cpu) in side.cpu_by_process.iter_mut().zip(per_call) {

@@ -123,6 +123,12 @@ impl Run {
     pub fn per_second(&self) -> f64 {
         self.ok as f64 / self.seconds
     }
+
+    /// `cpu_seconds` used during the run, shared out over its successful calls, in
+    /// microseconds per call.
+    pub fn micros_per_call(&self, cpu_seconds: f64) -> f64 {
+        cpu_seconds * 1e6 / self.ok.max(1) as f64
+    }
 }
 
 /// `callers` tasks calling back to back for `length` (at most `limit` calls each).

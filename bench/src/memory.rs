@@ -39,7 +39,7 @@ async fn loaded(service: &Service, address: std::net::SocketAddr) -> anyhow::Res
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let run = load.await?;
-    let cpu = (procs::cpu_seconds(service.pid())? - cpu_before) * 1e6 / run.ok.max(1) as f64;
+    let cpu = run.micros_per_call(procs::cpu_seconds(service.pid())? - cpu_before);
     anyhow::ensure!(run.failed == 0, "{} calls failed under load", run.failed);
     highest = highest.max(service.memory_kib()?.0);
     Ok((mb(highest), run.per_second(), cpu))

@@ -47,9 +47,8 @@ async fn round<C: Caller>(caller: &mut C, side: &mut Side, server: u32) -> anyho
     let after = cpu()?;
     anyhow::ensure!(run.failed == 0, "{} calls failed under load", run.failed);
     side.many.push(run.per_second());
-    let per_call = |used: f64| used * 1e6 / run.ok.max(1) as f64;
-    side.client_cpu.push(per_call(after.0 - before.0));
-    side.server_cpu.push(per_call(after.1 - before.1));
+    side.client_cpu.push(run.micros_per_call(after.0 - before.0));
+    side.server_cpu.push(run.micros_per_call(after.1 - before.1));
     Ok(())
 }
 
@@ -126,8 +125,8 @@ pub async fn run(registry: Arc<dyn Registry>) -> anyhow::Result<()> {
         )
         .baseline_is("raw tonic Channel (one connection)"),
     );
-    // What a call costs each side in CPU, which the machine's noise leaves steadier than
-    // calls per second: the calling process (this one), and the server it calls.
+    // What a call costs each side in CPU: the calling process (this one), and the server it
+    // calls. It tells which side a throughput gap comes from.
     emit(
         Figure::new(CLIENT_CPU, median(&s.client_cpu), median(&b.client_cpu), "us")
             .baseline_is(format!("{raw_is}; CPU time of the calling process per call, 64 callers")),
